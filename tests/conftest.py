@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny random glm / glm4 checkpoints and the converted demo model."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+GPL3 = "/usr/share/common-licenses/GPL-3"
+
+
+def _save_tiny(kind: str, folder) -> str:
+    from transformers import Glm4Config, Glm4ForCausalLM, GlmConfig, GlmForCausalLM
+
+    config_cls, model_cls = {"glm": (GlmConfig, GlmForCausalLM), "glm4": (Glm4Config, Glm4ForCausalLM)}[kind]
+    config = config_cls(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        eos_token_id=None,
+        pad_token_id=None,
+        bos_token_id=None,
+    )
+    torch.manual_seed(0)
+    model = model_cls(config).eval()
+    with torch.no_grad():  # random biases too, so the bias path is exercised
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="session", params=["glm", "glm4"])
+def tiny_checkpoint(request, tmp_path_factory) -> str:
+    return _save_tiny(request.param, tmp_path_factory.mktemp(f"tiny-{request.param}"))
+
+
+@pytest.fixture(scope="session")
+def tiny_glm(tmp_path_factory) -> str:
+    return _save_tiny("glm", tmp_path_factory.mktemp("tiny-glm-single"))
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint() -> str:
+    from partitioner.convert import demo_model
+
+    return str(demo_model())
+
+
+@pytest.fixture(scope="session")
+def gpl3_text() -> str:
+    with open(GPL3) as f:
+        return f.read()
