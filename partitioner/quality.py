@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from protos.frames import decode_frame_hidden, frame_from_bytes, frame_to_bytes, make_frame
+from protos.frames import frame_from_bytes, frame_to_bytes, make_frame
 
 from .segment import Segment, SegmentInput
 
@@ -67,7 +67,7 @@ class FrameLink:
         data = frame_to_bytes(make_frame(uuid.uuid4().hex, 0, 0, hidden, self.codec))
         self.bytes += len(data)
         self.elements += hidden.numel()
-        return decode_frame_hidden(frame_from_bytes(data, self.hidden_size), self.hidden_size)
+        return frame_from_bytes(data, self.hidden_size).hidden
 
     @property
     def bytes_per_element(self) -> float:

@@ -60,3 +60,15 @@ def demo_checkpoint() -> str:
 def gpl3_text() -> str:
     with open(GPL3) as f:
         return f.read()
+
+
+def _hypothesis_profiles() -> None:
+    """CI runs the property tests derandomized, so a red build is reproducible; locally they explore."""
+    from hypothesis import settings
+
+    settings.register_profile("ci", derandomize=True, print_blob=True)
+    if os.environ.get("CI"):
+        settings.load_profile("ci")
+
+
+_hypothesis_profiles()
