@@ -1,0 +1,78 @@
+"""The ``splitglm`` command as a user runs it: a real subprocess, real files, real model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import GPL3
+
+
+def splitglm(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "splitglm.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_bad_arguments_fail_clearly(tmp_path):
+    r = splitglm("eval", "--model", str(tmp_path), "--text", GPL3, "--splits", "20,10")
+    assert r.returncode == 2 and "K1 <= K2" in r.stderr
+    r = splitglm("eval", "--model", str(tmp_path), "--text", GPL3, "--splits", "1,2", "--codecs", "zip9")
+    assert r.returncode == 2 and "unknown codec" in r.stderr
+    r = splitglm("eval", "--model", "org/some-model", "--text", GPL3, "--splits", "1,2")
+    assert r.returncode == 1 and "hub id" in r.stderr
+    r = splitglm("convert", "--gguf", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "out"))
+    assert r.returncode == 1 and "does not exist" in r.stderr
+
+
+def test_demo_model_prints_its_folder_last(demo_checkpoint):
+    r = splitglm("demo-model")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == demo_checkpoint
+
+
+@pytest.mark.slow
+def test_convert_checks_itself(tmp_path):
+    from partitioner.convert import find_demo_gguf
+
+    out = tmp_path / "glm"
+    r = splitglm("convert", "--gguf", str(find_demo_gguf()), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    diff = float(r.stdout.split("load: ")[1].split()[0])
+    assert diff <= 1e-3
+    assert json.loads((out / "config.json").read_text())["model_type"] == "glm"
+    assert (out / "tokenizer.json").is_file()
+    r = splitglm("convert", "--gguf", str(find_demo_gguf()), "--out", str(out))
+    assert r.returncode == 1 and "not empty" in r.stderr
+
+
+@pytest.mark.slow
+def test_eval_json_on_the_demo_model(demo_checkpoint):
+    r = splitglm(
+        "eval", "--model", demo_checkpoint, "--text", GPL3, "--splits", "10,20",
+        "--codecs", "fp32,fp16,int8,int8+outliers", "--tokens", "600", "--window", "300", "--json", "--quiet",
+    )
+    assert r.returncode == 0, r.stderr
+    rows = {row["codec"]: row for row in json.loads(r.stdout)}
+    assert list(rows) == ["fp32", "fp16", "int8", "int8+outliers"]
+    for row in rows.values():
+        assert set(row) >= {"codec", "bytes_per_element", "perplexity", "perplexity_delta_pct", "token_agreement"}
+        assert row["tokens"] == 598  # two windows of 300, each predicting 299 tokens
+    assert rows["fp32"]["perplexity_delta_pct"] == 0 and rows["fp32"]["token_agreement"] == 1.0
+    assert 4 < rows["fp32"]["bytes_per_element"] < 4.1
+    assert 2 < rows["fp16"]["bytes_per_element"] < 2.1
+    assert rows["int8"]["bytes_per_element"] < 1.1
+    assert rows["int8+outliers"]["bytes_per_element"] < 1.1
+    assert abs(rows["int8+outliers"]["perplexity_delta_pct"]) < 1.0
+
+
+@pytest.mark.slow
+def test_demo_generates_through_three_segments(demo_checkpoint):
+    r = splitglm("demo", "--max-tokens", "12")
+    assert r.returncode == 0, r.stderr
+    answer = r.stdout.split("answer: ", 1)[1].split("\n\nsplits")[0]
+    assert len(answer.strip()) > 0
+    assert "frame bytes device->edge" in r.stdout
