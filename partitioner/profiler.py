@@ -46,11 +46,13 @@ class Profile:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Profile:
-        data = json.loads(Path(path).read_text())
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Profile:
         stage = lambda d: StageCost(**d) if d else None  # noqa: E731
-        data["layers"] = {int(k): StageCost(**v) for k, v in data["layers"].items()}
-        data["embed"], data["head"] = stage(data["embed"]), stage(data["head"])
-        return cls(**data)
+        layers = {int(k): StageCost(**v) for k, v in data["layers"].items()}
+        return cls(**{**data, "layers": layers, "embed": stage(data["embed"]), "head": stage(data["head"])})
 
 
 class _Stopwatch:

@@ -84,7 +84,7 @@ def _run(segment: Segment, rows: torch.Tensor, embed: bool = False) -> torch.Ten
         segment.close_session(session)
 
 
-def _scores(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def scores(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(T, V) logits of (T,) ids -> next-token NLL (T - 1,) and greedy choices (T - 1,)."""
     logprobs = torch.log_softmax(logits[:-1].float(), dim=-1)
     nll = -logprobs.gather(1, ids[1:, None])[:, 0]
@@ -101,7 +101,7 @@ def _prepare(segments: list[Segment], ids: torch.Tensor, window: int, progress: 
     out = []
     for chunk in tqdm(windows_of(ids, window), desc="baseline", disable=not progress, leave=False):
         hidden = _run(device, chunk, embed=True)
-        nll, greedy = _scores(_run(cloud, _run(edge, hidden)), chunk)
+        nll, greedy = scores(_run(cloud, _run(edge, hidden)), chunk)
         out.append(_Window(chunk, hidden, nll, greedy))
     return out
 
@@ -130,7 +130,7 @@ def evaluate_codecs(
         nll, agree = [], []
         for w in tqdm(windows, desc=codec, disable=not progress, leave=False):
             logits = _run(cloud, link(_run(edge, link(w.device_out))))
-            n, greedy = _scores(logits, w.ids)
+            n, greedy = scores(logits, w.ids)
             nll.append(n)
             agree.append(greedy == w.greedy)
         ppl = math.exp(float(torch.cat(nll).mean()))

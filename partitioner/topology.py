@@ -52,6 +52,9 @@ class Topology(_Strict):
     workload: list[Workload] = Field(min_length=1)
     max_perplexity_increase_pct: float = Field(1.0, ge=0, description="quality floor for codecs + compression")
     context_tokens: int = Field(2048, ge=1, description="longest prompt + output a session may reach (KV memory)")
+    min_device_layers: int = Field(
+        1, ge=0, description="layers the device must run: embeddings map back to tokens, so with 0 raw text leaves it"
+    )
 
     @model_validator(mode="after")
     def _names(self) -> Topology:

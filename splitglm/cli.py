@@ -80,6 +80,36 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_partition(args) -> int:
+    from partitioner.partition import partition
+
+    plan = partition(args.model, args.topology, args.out, args.text, top=args.top)
+    k1, k2 = plan["splits"]
+    p = plan["predicted"]
+    print(f"plan {plan['plan_id']} for topology {plan['topology']}: splits {k1},{k2}, codecs "
+          f"{plan['codecs']['device_edge']} / {plan['codecs']['edge_cloud']}, compression "
+          f"{plan['compression']['device']['name']} / {plan['compression']['edge']['name']}")
+    print(f"predicted TTFT {p['ttft_ms']:.1f} ms, {p['per_token_ms']:.2f} ms/token, "
+          f"expected {p['expected_ms']:.1f} ms per request; +{plan['perplexity_delta_pct']:.2f}% perplexity")
+    print(f"wrote {args.out}/plan.json, report.md, device/, edge/, cloud/")
+    return 0
+
+
+def cmd_profile(args) -> int:
+    from partitioner.measure import whole_model
+    from partitioner.profiler import profile_segment
+
+    prof = profile_segment(whole_model(args.model, args.compression), args.model, threads=args.threads,
+                           compression=args.compression)
+    prof.save(args.out)
+    decode = sum(c.decode_ms for c in prof.layers.values())
+    prefill = sum(c.prefill_ms_per_token for c in prof.layers.values())
+    print(f"{len(prof.layers)} layers at {args.threads} threads ({args.compression}): decode step {decode:.2f} ms, "
+          f"prefill {prefill:.3f} ms/token (layers only); head decode {prof.head.decode_ms:.2f} ms")
+    print(args.out)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from partitioner.demo import run_local_demo
 
@@ -134,6 +164,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("profile", help="measure per-layer time and memory of a model on this machine")
+    p.add_argument("--model", required=True, help="GLM checkpoint folder")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    p.add_argument("--compression", default="none", choices=["none", "int8", "int4"])
+    p.add_argument("--out", required=True, help="profile JSON to write (a tier's `profile:` in a topology)")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("partition", help="plan device/edge/cloud cuts for a topology and export the artifacts")
+    p.add_argument("--model", required=True, help="GLM checkpoint folder")
+    p.add_argument("--topology", required=True, help="topology YAML (see examples/topologies/)")
+    p.add_argument("--out", required=True, help="new (or empty) plan folder")
+    p.add_argument("--text", default="/usr/share/common-licenses/GPL-3", help="text for quality measurements")
+    p.add_argument("--top", type=int, default=8, help="candidates listed in the report")
+    p.set_defaults(func=cmd_partition)
 
     p = sub.add_parser("demo", help="convert the demo model and generate through device/edge/cloud segments")
     p.add_argument("--model", help="GLM checkpoint folder (default: the demo model)")

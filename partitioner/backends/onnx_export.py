@@ -16,15 +16,21 @@ graph inputs with the new keys and values.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import fnmatch
 import json
 import logging
+import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
+import onnx
 import torch
 from torch import nn
 
 from ..checkpoint import GlmSpec
+from ..compress.quant import Int4Linear, Int8Linear
 from ..layers import AttentionBatch, rotary_cos_sin
 from ..segment import Segment
 
@@ -40,26 +46,32 @@ _EXAMPLE_TOKENS, _EXAMPLE_PAST = 7, 11
 
 
 class _GraphKV:
-    """Stands in for a KVCache while tracing: past (graph input) + new keys/values = present (graph output)."""
+    """A KVCache stand-in for tracing: past (graph input) + new keys/values = present (graph output)."""
 
     def __init__(self, past: dict[int, tuple[torch.Tensor, torch.Tensor]]):
         self.past = past  # layer -> 2 x (K, P, D)
         self.present: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def write(
+        self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         past_k, past_v = self.past[layer]
         keys, values = torch.cat((past_k, k), dim=1), torch.cat((past_v, v), dim=1)  # (K, P + T, D)
         self.present[layer] = (keys, values)
         return keys, values
 
 
-def graph_attention_batch(position_offset: torch.Tensor, past: int, tokens: int, spec: GlmSpec, kv) -> AttentionBatch:
+def graph_attention_batch(
+    position_offset: torch.Tensor, past: int, tokens: int, spec: GlmSpec, kv
+) -> AttentionBatch:
     """Rotary angles and the causal mask of T new rows attending to P cached + T new keys."""
     positions = position_offset[:, None] + torch.arange(tokens)  # (1, T)
     cos, sin = rotary_cos_sin(positions, spec.rotary_dim, spec.rope_theta)  # 2 x (1, 1, T, R/2)
     keys = torch.arange(past + tokens)  # (P + T,)
     mask = keys[None, :] <= (past + torch.arange(tokens))[:, None]  # (T, P + T)
-    return AttentionBatch(cos=cos, sin=sin, mask=mask[None, None], caches=[kv], starts=[past], lengths=[tokens])
+    return AttentionBatch(
+        cos=cos, sin=sin, mask=mask[None, None], caches=[kv], starts=[past], lengths=[tokens]
+    )
 
 
 class SegmentGraph(nn.Module):
@@ -97,7 +109,9 @@ def _example_args(segment: Segment) -> tuple[torch.Tensor, ...]:
         first = torch.randint(0, spec.vocab_size, (1, T))  # (1, T)
     else:
         first = torch.randn(1, T, spec.hidden_size)  # (1, T, C)
-    past = [torch.randn(1, spec.num_kv_heads, P, spec.head_dim) for _ in range(2 * (segment.end - segment.start))]
+    past = [
+        torch.randn(1, spec.num_kv_heads, P, spec.head_dim) for _ in range(2 * (segment.end - segment.start))
+    ]
     return (first, torch.tensor([P]), *past)
 
 
@@ -113,7 +127,15 @@ def _weight_bytes(segment: Segment) -> int:
 
 def _export_fp32(segment: Segment, path: Path) -> None:
     inputs, outputs = io_names(segment)
-    program = torch.onnx.export(
+    with warnings.catch_warnings():  # the exporter's notes on its own internals (treespec, axis renaming)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
+        program = _trace(segment, inputs, outputs)
+    program.save(str(path), external_data=_weight_bytes(segment) > _PROTOBUF_LIMIT)
+
+
+def _trace(segment: Segment, inputs: list[str], outputs: list[str]):
+    return torch.onnx.export(
         SegmentGraph(segment).eval(),
         _example_args(segment),
         input_names=inputs,
@@ -121,51 +143,107 @@ def _export_fp32(segment: Segment, path: Path) -> None:
         dynamic_shapes=_dynamic_shapes(segment),
         opset_version=OPSET,
         dynamo=True,
+        verbose=False,
     )
-    program.save(str(path), external_data=_weight_bytes(segment) > _PROTOBUF_LIMIT)
 
 
-def quantize_onnx_int8(src: Path, dst: Path) -> None:
-    """Dynamic int8 quantisation with onnxruntime: int8 per-channel weights of every MatMul / Gemm."""
+def module_path(node) -> str | None:
+    """The module an exported node came from (``layers.3.mlp.down_proj``), from the exporter's metadata."""
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            # ['', 'segment.layers.0', ..., 'segment.layers.0.mlp.down_proj', 'linear_5']
+            scopes = ast.literal_eval(prop.value)
+            modules = [s for s in scopes if s.startswith("segment.")]
+            return modules[-1].removeprefix("segment.") if modules else None
+    return None
+
+
+def nodes_of_modules(model_path: Path, patterns: Iterable[str]) -> dict[str, str]:
+    """MatMul / Gemm nodes whose module path matches a glob (``layers.*.mlp.down_proj``): node -> module."""
+    patterns = list(patterns)
+    if not patterns:
+        return {}
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    found = {}
+    for node in graph.node:
+        path = module_path(node) if node.op_type in ("MatMul", "Gemm") else None
+        if path and any(fnmatch.fnmatchcase(path, p) for p in patterns):
+            found[node.name] = path
+    if not found:
+        logger.warning("no linear of %s matches keep_fp32 %s: everything is quantised", model_path, patterns)
+    return found
+
+
+def quantize_onnx_int8(src: Path, dst: Path, keep_fp32: Iterable[str] = ()) -> list[str]:
+    """Dynamic int8 quantisation with onnxruntime: per-channel int8 weights of every MatMul / Gemm.
+
+    Only products with a constant weight are quantised (``MatMulConstBOnly``):
+    attention's query-key and score-value products stay fp32. Linears whose
+    module path matches a ``keep_fp32`` glob stay fp32 too. Returns those modules' paths.
+    """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    kept = nodes_of_modules(src, keep_fp32)
     quantize_dynamic(
         src,
         dst,
         weight_type=QuantType.QInt8,
         per_channel=True,
         op_types_to_quantize=["MatMul", "Gemm"],
+        nodes_to_exclude=list(kept),
+        extra_options={"MatMulConstBOnly": True},
         use_external_data_format=src.with_name(src.name + ".data").exists(),
     )
+    return sorted(kept.values())
 
 
-def _is_plain_fp32(segment: Segment) -> None:
-    """Compressed segments hold custom kernels the exporter cannot trace: export fp32 and quantise in ONNX."""
-    odd = {type(m).__name__ for m in segment.modules() if type(m).__module__.startswith("partitioner.compress")}
-    if odd:
-        raise ValueError(f"export the uncompressed fp32 segment (found {sorted(odd)}); use quantize_int8=True")
-    dtypes = {p.dtype for p in segment.parameters()}
-    if dtypes - {torch.float32}:
-        raise ValueError(f"export an fp32 segment, not {sorted(map(str, dtypes))}")
+def _check_exportable(segment: Segment) -> None:
+    """Int8/int4 kernels cannot be traced to ONNX: export the fp32 segment and quantise it in ONNX instead."""
+    custom = sorted({type(m).__name__ for m in segment.modules() if isinstance(m, (Int8Linear, Int4Linear))})
+    if custom:
+        raise ValueError(
+            f"export the uncompressed fp32 segment (it holds {custom}); ask for quantize_int8=True"
+        )
+    dtypes = {p.dtype for p in segment.parameters()} - {torch.float32}
+    if dtypes:
+        raise ValueError(f"export an fp32 segment, not one holding {sorted(map(str, dtypes))}")
 
 
-def export_onnx(segment: Segment, out_dir, quantize_int8: bool = False) -> dict:
+def export_onnx(
+    segment: Segment, out_dir, quantize_int8: bool = False, keep_fp32: Iterable[str] = ()
+) -> dict:
     """Write ``segment`` as ONNX (and optionally an int8 copy) plus ``segment.json`` into ``out_dir``.
+
+    ``keep_fp32``: globs of module paths (``layers.*.mlp.down_proj``) left
+    unquantised in the int8 model, for the layers measurements call sensitive.
 
     Returns the metadata written to ``segment.json``: the spec, the layer
     range, which ends the segment has, the graph's inputs/outputs and the
     model files by precision.
     """
-    _is_plain_fp32(segment)
+    _check_exportable(segment)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _export_fp32(segment, out / MODEL_FILES["fp32"])
-    models = {"fp32": MODEL_FILES["fp32"]}
+    meta = _metadata(segment)
     if quantize_int8:
-        quantize_onnx_int8(out / MODEL_FILES["fp32"], out / MODEL_FILES["int8"])
-        models["int8"] = MODEL_FILES["int8"]
+        kept = quantize_onnx_int8(out / MODEL_FILES["fp32"], out / MODEL_FILES["int8"], keep_fp32)
+        meta["models"]["int8"] = MODEL_FILES["int8"]
+        meta["int8"] = {
+            "weights": "int8 per output channel",
+            "activations": "uint8 per tensor, dynamic",
+            "kept_fp32": kept,
+        }
+    (out / META_FILE).write_text(json.dumps(meta, indent=2))
+    logger.info(
+        "exported layers [%d, %d) as ONNX %s to %s", segment.start, segment.end, sorted(meta["models"]), out
+    )
+    return meta
+
+
+def _metadata(segment: Segment) -> dict:
     inputs, outputs = io_names(segment)
-    meta = {
+    return {
         "format": FORMAT_VERSION,
         "spec": dataclasses.asdict(segment.spec),
         "start": segment.start,
@@ -175,8 +253,5 @@ def export_onnx(segment: Segment, out_dir, quantize_int8: bool = False) -> dict:
         "opset": OPSET,
         "inputs": inputs,
         "outputs": outputs,
-        "models": models,
+        "models": {"fp32": MODEL_FILES["fp32"]},
     }
-    (out / META_FILE).write_text(json.dumps(meta, indent=2))
-    logger.info("exported layers [%d, %d) as ONNX %s to %s", segment.start, segment.end, sorted(models), out)
-    return meta

@@ -11,21 +11,12 @@ import torch
 from tqdm import tqdm
 
 from ..pipeline import Chain
+from ..quality import scores as _scores
+from ..quality import windows_of
 from ..segment import Segment
 from .passes import apply_compression
 
 Model = Segment | Chain | list[Segment]  # one whole-model segment, or segments from embedding to head
-
-
-def windows_of(ids: torch.Tensor, window: int) -> list[torch.Tensor]:
-    """Non-overlapping windows of at least two tokens (as ``quality.windows_of``)."""
-    return [ids[i : i + window] for i in range(0, ids.shape[0], window) if ids[i : i + window].shape[0] > 1]
-
-
-def _scores(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(T, V) logits of (T,) ids -> next-token NLL (T - 1,) and greedy choices (T - 1,)."""
-    logprobs = torch.log_softmax(logits[:-1].float(), dim=-1)
-    return -logprobs.gather(1, ids[1:, None])[:, 0], logprobs.argmax(-1)
 
 
 def as_chain(model: Model) -> Chain:

@@ -76,3 +76,23 @@ def test_demo_generates_through_three_segments(demo_checkpoint):
     answer = r.stdout.split("answer: ", 1)[1].split("\n\nsplits")[0]
     assert len(answer.strip()) > 0
     assert "frame bytes device->edge" in r.stdout
+
+
+@pytest.mark.slow
+def test_partition_writes_a_verified_plan(demo_checkpoint, tmp_path):
+    out = tmp_path / "plan"
+    r = splitglm("partition", "--model", demo_checkpoint, "--topology", "examples/topologies/cellular.yaml",
+                 "--out", str(out), timeout=1200)
+    assert r.returncode == 0, r.stderr
+    plan = json.loads((out / "plan.json").read_text())
+    k1, k2 = plan["splits"]
+    assert 1 <= k1 <= k2 <= 30
+    assert set(plan["codecs"]) == {"device_edge", "edge_cloud"}
+    assert set(plan["compression"]) == {"device", "edge", "cloud"}
+    assert plan["predicted"]["ttft_ms"] > 0 and plan["predicted"]["per_token_ms"] > 0
+    assert plan["perplexity_delta_pct"] <= 1.5  # the topology's quality floor
+    for tier in ("device", "edge", "cloud"):
+        manifest = json.loads((out / tier / "manifest.json").read_text())
+        assert manifest["plan_id"] == plan["plan_id"] and manifest["files"]
+    report = (out / "report.md").read_text()
+    assert "Best candidates" in report and (out / "report.png").stat().st_size > 10_000

@@ -1,0 +1,112 @@
+"""Plan folders: ``plan.json`` and one verified artifact folder per tier.
+
+```
+PLAN_DIR/plan.json          splits, codecs, compression, predictions, candidates
+PLAN_DIR/report.md          the choice explained, with report.png
+PLAN_DIR/{device,edge,cloud}/
+    model.safetensors       the tier's weights (checkpoint names), fp32
+    config.json             the model config
+    tokenizer files         device and edge (the session owners)
+    manifest.json           tier, layers, compression, model and plan ids, sha256 of every file
+```
+
+Weights are stored uncompressed; the tier's compression (a list of
+``partitioner.compress`` passes) is applied when the agent loads them, so
+the artifact is exact and the compression deterministic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from .checkpoint import load_spec, resolve_checkpoint
+from .compress import apply_compression
+from .manifest import ArtifactError, model_fingerprint, verify_manifest, write_manifest
+from .segment import Segment
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
+
+
+def tier_layout(num_layers: int, k1: int, k2: int) -> dict[str, dict]:
+    """What each tier's artifact holds (the edge also holds [0, k1) to serve HTTP clients alone)."""
+    return {
+        "device": {"layers": [0, k1], "embed": True, "head": False},
+        "edge": {"layers": [0, k2], "embed": True, "head": False, "runs": [k1, k2]},
+        "cloud": {"layers": [k2, num_layers], "embed": False, "head": True},
+    }
+
+
+def plan_id(plan: dict) -> str:
+    body = {k: v for k, v in plan.items() if k != "plan_id"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _write_tier(model: Path, folder: Path, layout: dict, info: dict) -> None:
+    a, b = layout["layers"]
+    segment = Segment.from_checkpoint(model, a, b, embed=layout["embed"], head=layout["head"])
+    state = {("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v.detach().clone().contiguous()
+             for k, v in segment.state_dict().items()}
+    folder.mkdir(parents=True)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((model / "config.json").read_text())
+    config["tie_word_embeddings"] = False  # each tier stores exactly the tensors it runs
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    if layout["embed"]:
+        for name in TOKENIZER_FILES:
+            if (model / name).is_file():
+                shutil.copy2(model / name, folder / name)
+    write_manifest(folder, {**info, **layout})
+
+
+def export_plan(model: str | os.PathLike, plan: dict, out: str | os.PathLike) -> dict:
+    """Write ``plan.json`` and the three tier folders into ``out`` (new or empty); return the plan."""
+    model, out = resolve_checkpoint(model), Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ArtifactError(f"output folder {str(out)!r} exists and is not empty")
+    spec = load_spec(model)
+    config = json.loads((model / "config.json").read_text())
+    k1, k2 = plan["splits"]
+    plan = {**plan, "model": model_fingerprint(config), "num_layers": spec.num_layers}
+    plan["plan_id"] = plan_id(plan)
+    out.mkdir(parents=True, exist_ok=True)
+    layouts = tier_layout(spec.num_layers, k1, k2)
+    for tier, layout in tqdm(layouts.items(), desc="exporting"):
+        info = {"tier": tier, "model": plan["model"], "plan_id": plan["plan_id"],
+                "compression": plan["compression"].get(tier, {"name": "none", "passes": []})}
+        _write_tier(model, out / tier, layout, info)
+    (out / "plan.json").write_text(json.dumps(plan, indent=2))
+    return plan
+
+
+def load_plan(plan_dir: str | os.PathLike) -> dict:
+    file = Path(plan_dir) / "plan.json"
+    if not file.is_file():
+        raise ArtifactError(f"{str(plan_dir)!r} has no plan.json: not a plan folder (see `splitglm partition`)")
+    return json.loads(file.read_text())
+
+
+def load_tier(plan_dir: str | os.PathLike, tier: str, expect_model: str | None = None) -> Segment:
+    """Verify a tier's artifact against its manifest and the plan, then build its compressed segment.
+
+    ``expect_model``: the model fingerprint this deployment serves; a plan for
+    another model is refused.
+    """
+    plan = load_plan(plan_dir)
+    if expect_model is not None and plan["model"] != expect_model:
+        raise ArtifactError(f"plan {plan_dir} is for model {plan['model']}, this deployment serves {expect_model}")
+    manifest = verify_manifest(Path(plan_dir) / tier, {"tier": tier, "plan_id": plan["plan_id"], "model": plan["model"]})
+    a, b = manifest["layers"]
+    segment = Segment.from_checkpoint(Path(plan_dir) / tier, a, b, embed=manifest["embed"], head=manifest["head"])
+    passes = manifest["compression"]["passes"]
+    if passes:
+        run = manifest.get("runs", manifest["layers"])
+        apply_compression(segment, [{**p, "layers": p.get("layers", run)} for p in passes])
+    return segment

@@ -1,0 +1,88 @@
+"""``splitglm partition``: measure (or reuse measurements), plan, export, report."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from .checkpoint import load_spec, load_tokenizer
+from .export import export_plan
+from .measure import (
+    COMPRESSIONS,
+    QUALITY_TOKENS,
+    codec_costs,
+    compression_costs,
+    ensure_profiles,
+    ensure_quality,
+    load_measurements,
+    save_measurements,
+)
+from .planner import CompressionCost, plan
+from .profiler import Profile
+from .report import write_report
+from .topology import TIERS, Topology, load_topology
+
+logger = logging.getLogger(__name__)
+
+OBJECTIVE = (
+    "expected request latency over the workload mix: mean_w(TTFT(prompt) + (output - 1) * per_token), "
+    "TTFT and per-token time = compute on each tier + frame serialisation + one RTT per link"
+)
+
+
+class PlanError(ValueError):
+    """No choice satisfies the topology's memory caps and quality floor."""
+
+
+def _threads(topo: Topology, tier: str) -> int:
+    """Threads to profile a tier at: what it asks for, at most this machine's cores."""
+    return min(topo.tiers[tier].threads, os.cpu_count() or 1)
+
+
+def _tier_choices(topo: Topology, data: dict, num_layers: int) -> dict[str, list[CompressionCost]]:
+    """Compression choices per tier: all measured ones on device and edge, none on the (GPU) cloud."""
+    choices = {}
+    for tier in TIERS:
+        t = topo.tiers[tier]
+        if t.profile:  # measured on the tier itself: only what was measured there
+            choices[tier] = [CompressionCost("none", Profile.load(t.profile), 0.0)]
+            continue
+        costs = compression_costs(data, _threads(topo, tier), num_layers)
+        choices[tier] = costs if tier != "cloud" else [c for c in costs if c.name == "none"]
+    return choices
+
+
+def partition(model: str | os.PathLike, topology: str | os.PathLike, out: str | os.PathLike,
+              text: str | os.PathLike, top: int = 8) -> dict:
+    """Plan ``model`` for ``topology`` and write the plan folder ``out``; return plan.json's content."""
+    topo = load_topology(topology)
+    spec = load_spec(model)
+    data = load_measurements(model)
+    ensure_profiles(model, data, {_threads(topo, t) for t in TIERS if not topo.tiers[t].profile})
+    ids = load_tokenizer(model)(Path(text).read_text(errors="replace"), return_tensors="pt").input_ids[0]
+    ensure_quality(model, data, ids[:QUALITY_TOKENS])
+    cache = save_measurements(model, data)
+    logger.info("measurements cached in %s", cache)
+    candidates = plan(topo, _tier_choices(topo, data, spec.num_layers), codec_costs(data), spec.num_layers, top)
+    if not candidates:
+        raise PlanError(
+            f"no split of the {spec.num_layers} layers fits topology {topo.name!r}: every choice breaks a "
+            f"tier's memory_mb or the quality floor ({topo.max_perplexity_increase_pct}% perplexity)"
+        )
+    best = candidates[0]
+    result = export_plan(model, {
+        "topology": topo.name,
+        "splits": list(best.splits),
+        "codecs": best.codecs,
+        "compression": {t: {"name": n, "passes": COMPRESSIONS[n]} for t, n in best.compression.items()},
+        "predicted": {"ttft_ms": round(best.ttft_ms, 3), "per_token_ms": round(best.per_token_ms, 3),
+                      "expected_ms": round(best.expected_ms, 3)},
+        "objective": OBJECTIVE,
+        "perplexity_delta_pct": round(best.perplexity_delta_pct, 3),
+        "candidates": [asdict(c) for c in candidates],
+        "measurements": {"codecs": data["codecs"], "compression": data["compression"]},
+    }, out)
+    write_report(Path(out), result, topo, data, spec.num_layers)
+    return result
