@@ -81,8 +81,12 @@ def glm_state_dict(llama) -> dict[str, torch.Tensor]:
         p = f"model.layers.{i}."
         if any(k.startswith(p) and k.endswith(".bias") for k in src):
             raise ConversionError(f"layer {i} has biases; only bias-free llama checkpoints are supported")
-        out[p + "self_attn.q_proj.weight"] = halves_to_pairs(src[p + "self_attn.q_proj.weight"], c.num_attention_heads, head_dim)
-        out[p + "self_attn.k_proj.weight"] = halves_to_pairs(src[p + "self_attn.k_proj.weight"], c.num_key_value_heads, head_dim)
+        out[p + "self_attn.q_proj.weight"] = halves_to_pairs(
+            src[p + "self_attn.q_proj.weight"], c.num_attention_heads, head_dim
+        )
+        out[p + "self_attn.k_proj.weight"] = halves_to_pairs(
+            src[p + "self_attn.k_proj.weight"], c.num_key_value_heads, head_dim
+        )
         out[p + "self_attn.v_proj.weight"] = src[p + "self_attn.v_proj.weight"]
         out[p + "self_attn.o_proj.weight"] = src[p + "self_attn.o_proj.weight"]
         out[p + "mlp.gate_up_proj.weight"] = torch.cat((src[p + "mlp.gate_proj.weight"], src[p + "mlp.up_proj.weight"]))
@@ -135,7 +139,9 @@ def convert_gguf(gguf: str | os.PathLike, out: str | os.PathLike) -> float:
         diff = max_logit_diff(llama, glm, ids)
         logger.info("max logit difference GLM vs GGUF load: %.3g", diff)
         if not diff <= MAX_LOGIT_DIFF:
-            raise ConversionError(f"converted model differs from the GGUF: max logit diff {diff:.3g} > {MAX_LOGIT_DIFF}")
+            raise ConversionError(
+                f"converted model differs from the GGUF: max logit diff {diff:.3g} > {MAX_LOGIT_DIFF}"
+            )
         if out.exists():
             out.rmdir()
         work.chmod(0o755)

@@ -31,8 +31,13 @@ from .compress import apply_compression
 from .manifest import ArtifactError, model_fingerprint, verify_manifest, write_manifest
 from .segment import Segment
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 
 
 def tier_layout(num_layers: int, k1: int, k2: int) -> dict[str, dict]:
@@ -52,8 +57,10 @@ def plan_id(plan: dict) -> str:
 def _write_tier(model: Path, folder: Path, layout: dict, info: dict) -> None:
     a, b = layout["layers"]
     segment = Segment.from_checkpoint(model, a, b, embed=layout["embed"], head=layout["head"])
-    state = {("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v.detach().clone().contiguous()
-             for k, v in segment.state_dict().items()}
+    state = {
+        ("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v.detach().clone().contiguous()
+        for k, v in segment.state_dict().items()
+    }
     folder.mkdir(parents=True)
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((model / "config.json").read_text())
@@ -79,8 +86,12 @@ def export_plan(model: str | os.PathLike, plan: dict, out: str | os.PathLike) ->
     out.mkdir(parents=True, exist_ok=True)
     layouts = tier_layout(spec.num_layers, k1, k2)
     for tier, layout in tqdm(layouts.items(), desc="exporting"):
-        info = {"tier": tier, "model": plan["model"], "plan_id": plan["plan_id"],
-                "compression": plan["compression"].get(tier, {"name": "none", "passes": []})}
+        info = {
+            "tier": tier,
+            "model": plan["model"],
+            "plan_id": plan["plan_id"],
+            "compression": plan["compression"].get(tier, {"name": "none", "passes": []}),
+        }
         _write_tier(model, out / tier, layout, info)
     (out / "plan.json").write_text(json.dumps(plan, indent=2))
     return plan
@@ -102,7 +113,9 @@ def load_tier(plan_dir: str | os.PathLike, tier: str, expect_model: str | None =
     plan = load_plan(plan_dir)
     if expect_model is not None and plan["model"] != expect_model:
         raise ArtifactError(f"plan {plan_dir} is for model {plan['model']}, this deployment serves {expect_model}")
-    manifest = verify_manifest(Path(plan_dir) / tier, {"tier": tier, "plan_id": plan["plan_id"], "model": plan["model"]})
+    manifest = verify_manifest(
+        Path(plan_dir) / tier, {"tier": tier, "plan_id": plan["plan_id"], "model": plan["model"]}
+    )
     a, b = manifest["layers"]
     segment = Segment.from_checkpoint(Path(plan_dir) / tier, a, b, embed=manifest["embed"], head=manifest["head"])
     passes = manifest["compression"]["passes"]

@@ -75,8 +75,9 @@ class Costs:
         self.weights = list(itertools.accumulate((c.weight_bytes for c in layers), initial=0))
         self.hidden_size = profile.hidden_size
 
-    def compute_ms(self, tier: Tier, a: int, b: int, tokens: int, decode: bool,
-                   embed: bool = False, head: bool = False) -> float:
+    def compute_ms(
+        self, tier: Tier, a: int, b: int, tokens: int, decode: bool, embed: bool = False, head: bool = False
+    ) -> float:
         """Predicted time of layers [a, b) on ``tier`` for ``tokens`` new positions (1 when decoding)."""
         p = self.profile
         if decode:
@@ -102,8 +103,16 @@ def send_ms(link: Link, rows: int, hidden_size: int, bytes_per_element: float) -
     return rows * hidden_size * bytes_per_element * 8 / (link.bandwidth_mbit_s * 1e3)
 
 
-def _latency(topo: Topology, costs: dict[str, Costs], k1: int, k2: int, L: int,
-             codecs: tuple[CodecCost, CodecCost], tokens: int, decode: bool) -> float:
+def _latency(
+    topo: Topology,
+    costs: dict[str, Costs],
+    k1: int,
+    k2: int,
+    L: int,
+    codecs: tuple[CodecCost, CodecCost],
+    tokens: int,
+    decode: bool,
+) -> float:
     """Owner -> device -> edge -> cloud -> token back to the owner, for ``tokens`` new positions."""
     t = topo.tiers
     C = costs["device"].hidden_size
@@ -111,16 +120,23 @@ def _latency(topo: Topology, costs: dict[str, Costs], k1: int, k2: int, L: int,
     bpe = [c.step_bytes_per_element if decode else c.bytes_per_element for c in codecs]
     return (
         costs["device"].compute_ms(t["device"], 0, k1, tokens, decode, embed=True)
-        + send_ms(de, tokens, C, bpe[0]) + de.rtt_ms
+        + send_ms(de, tokens, C, bpe[0])
+        + de.rtt_ms
         + costs["edge"].compute_ms(t["edge"], k1, k2, tokens, decode)
-        + send_ms(ec, tokens, C, bpe[1]) + ec.rtt_ms
+        + send_ms(ec, tokens, C, bpe[1])
+        + ec.rtt_ms
         + costs["cloud"].compute_ms(t["cloud"], k2, L, tokens, decode, head=True)
     )
 
 
-def evaluate_candidate(topo: Topology, costs: dict[str, Costs], splits: tuple[int, int],
-                       codecs: tuple[CodecCost, CodecCost], compression: dict[str, CompressionCost],
-                       num_layers: int) -> Candidate | None:
+def evaluate_candidate(
+    topo: Topology,
+    costs: dict[str, Costs],
+    splits: tuple[int, int],
+    codecs: tuple[CodecCost, CodecCost],
+    compression: dict[str, CompressionCost],
+    num_layers: int,
+) -> Candidate | None:
     """Predicted times of one choice, or None when it breaks a memory cap or the quality floor."""
     k1, k2 = splits
     L = num_layers
@@ -140,10 +156,10 @@ def evaluate_candidate(topo: Topology, costs: dict[str, Costs], splits: tuple[in
         return None
     total_w = sum(w.weight for w in topo.workload)
     per_token = _latency(topo, costs, k1, k2, L, codecs, 1, decode=True)
-    ttfts = {w.prompt_tokens: _latency(topo, costs, k1, k2, L, codecs, w.prompt_tokens, False)
-             for w in topo.workload}
-    expected = sum(w.weight * (ttfts[w.prompt_tokens] + (w.output_tokens - 1) * per_token)
-                   for w in topo.workload) / total_w
+    ttfts = {w.prompt_tokens: _latency(topo, costs, k1, k2, L, codecs, w.prompt_tokens, False) for w in topo.workload}
+    expected = (
+        sum(w.weight * (ttfts[w.prompt_tokens] + (w.output_tokens - 1) * per_token) for w in topo.workload) / total_w
+    )
     C = costs["device"].hidden_size
     return Candidate(
         splits=splits,
@@ -152,15 +168,22 @@ def evaluate_candidate(topo: Topology, costs: dict[str, Costs], splits: tuple[in
         ttft_ms=sum(w.weight * ttfts[w.prompt_tokens] for w in topo.workload) / total_w,
         per_token_ms=per_token,
         expected_ms=expected,
-        link_bytes_per_token={"device_edge": C * codecs[0].step_bytes_per_element,
-                              "edge_cloud": C * codecs[1].step_bytes_per_element},
+        link_bytes_per_token={
+            "device_edge": C * codecs[0].step_bytes_per_element,
+            "edge_cloud": C * codecs[1].step_bytes_per_element,
+        },
         perplexity_delta_pct=quality,
         memory_mb=memory,
     )
 
 
-def plan(topo: Topology, compressions: dict[str, list[CompressionCost]], codecs: list[CodecCost],
-         num_layers: int, top: int = 8) -> list[Candidate]:
+def plan(
+    topo: Topology,
+    compressions: dict[str, list[CompressionCost]],
+    codecs: list[CodecCost],
+    num_layers: int,
+    top: int = 8,
+) -> list[Candidate]:
     """The best feasible choices (lowest expected latency first), at most ``top``; exhaustive search."""
     tiers = list(TIERS)
     costs = {(t, c.name): Costs(c.profile, num_layers) for t in tiers for c in compressions[t]}

@@ -146,8 +146,9 @@ def profile_segment(
         torch.set_num_threads(previous)
     spec = segment.spec
     kv_bytes = 2 * spec.num_kv_heads * spec.head_dim * next(segment.parameters()).element_size()
-    profile = Profile(model, backend, compression, threads, platform.processor() or platform.machine(),
-                      spec.hidden_size, kv_bytes)
+    profile = Profile(
+        model, backend, compression, threads, platform.processor() or platform.machine(), spec.hidden_size, kv_bytes
+    )
     for name, module in modules.items():
         cost = StageCost(
             prefill_ms_per_token=statistics.median(p[name] for p, _ in runs),

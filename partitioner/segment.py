@@ -67,7 +67,9 @@ class Segment(nn.Module):
             segment = cls(spec, start, end, embed, head)
         wanted = set(segment.state_dict())
         tied = head and "lm_head.weight" in wanted and spec.tie_word_embeddings
-        tensors = load_tensors(path, lambda name: _local_name(name) in wanted or (tied and name.endswith("embed_tokens.weight")))
+        tensors = load_tensors(
+            path, lambda name: _local_name(name) in wanted or (tied and name.endswith("embed_tokens.weight"))
+        )
         state = {_local_name(k): v.to(dtype) for k, v in tensors.items()}
         if tied:
             state.setdefault("lm_head.weight", tensors["model.embed_tokens.weight"].to(dtype))

@@ -30,7 +30,10 @@ def topology(**over) -> Topology:
             "edge": {"memory_mb": 1000, "speed_factor": 1.0},
             "cloud": {"memory_mb": 1000, "speed_factor": 1.0},
         },
-        "links": {"device_edge": {"bandwidth_mbit_s": 100, "rtt_ms": 1}, "edge_cloud": {"bandwidth_mbit_s": 100, "rtt_ms": 1}},
+        "links": {
+            "device_edge": {"bandwidth_mbit_s": 100, "rtt_ms": 1},
+            "edge_cloud": {"bandwidth_mbit_s": 100, "rtt_ms": 1},
+        },
         "workload": [{"prompt_tokens": 32, "output_tokens": 16}],
         "max_perplexity_increase_pct": 1.0,
     }
@@ -44,7 +47,10 @@ LOSSY = CodecCost("tiny", 0.5, 0.6, 0.8)
 
 
 def choices(device=1.0, edge=1.0, cloud=1.0):
-    return {t: [CompressionCost("none", profile(ms), 0.0)] for t, ms in (("device", device), ("edge", edge), ("cloud", cloud))}
+    return {
+        t: [CompressionCost("none", profile(ms), 0.0)]
+        for t, ms in (("device", device), ("edge", edge), ("cloud", cloud))
+    }
 
 
 def test_layers_go_to_the_fastest_tier():
@@ -64,7 +70,12 @@ def test_memory_cap_limits_the_device():
 
 
 def test_quality_floor_and_bandwidth_pick_the_codec():
-    slow = {"links": {"device_edge": {"bandwidth_mbit_s": 0.1, "rtt_ms": 1}, "edge_cloud": {"bandwidth_mbit_s": 0.1, "rtt_ms": 1}}}
+    slow = {
+        "links": {
+            "device_edge": {"bandwidth_mbit_s": 0.1, "rtt_ms": 1},
+            "edge_cloud": {"bandwidth_mbit_s": 0.1, "rtt_ms": 1},
+        }
+    }
     best = plan(topology(**slow), choices(), [FP32, LOSSY], L)[0]
     assert sorted(best.codecs.values()) == ["fp32", "tiny"]  # tiny on both links (0.8 + 0.8) breaks the 1% floor
     assert best.perplexity_delta_pct == pytest.approx(0.8)
@@ -91,7 +102,9 @@ def test_topology_files_validate(tmp_path):
     for name in ("lan", "wifi_wan", "cellular"):
         assert load_topology(f"examples/topologies/{name}.yaml").name == name
     bad = tmp_path / "bad.yaml"
-    bad.write_text("name: x\ntiers: {device: {memory_mb: 1}}\nlinks: {}\nworkload: [{prompt_tokens: 1, output_tokens: 1}]\n")
+    bad.write_text(
+        "name: x\ntiers: {device: {memory_mb: 1}}\nlinks: {}\nworkload: [{prompt_tokens: 1, output_tokens: 1}]\n"
+    )
     with pytest.raises(TopologyError, match="tiers must be exactly"):
         load_topology(bad)
     with pytest.raises(TopologyError, match="does not exist"):
@@ -101,9 +114,15 @@ def test_topology_files_validate(tmp_path):
 @pytest.fixture()
 def plan_dir(tiny_glm, tmp_path):
     out = tmp_path / "plan"
-    export_plan(tiny_glm, {"splits": [2, 4], "codecs": {"device_edge": "fp16", "edge_cloud": "fp16"},
-                           "compression": {"device": {"name": "int8", "passes": [{"pass": "int8", "activations": "bf16"}]}}},
-                out)
+    export_plan(
+        tiny_glm,
+        {
+            "splits": [2, 4],
+            "codecs": {"device_edge": "fp16", "edge_cloud": "fp16"},
+            "compression": {"device": {"name": "int8", "passes": [{"pass": "int8", "activations": "bf16"}]}},
+        },
+        out,
+    )
     return out
 
 
@@ -117,8 +136,12 @@ def test_exported_tiers_rebuild_the_model(plan_dir, tiny_glm):
     cloud = load_tier(plan_dir, "cloud")
     reference = Segment.from_checkpoint(tiny_glm, 4, 6, head=True)
     hidden = torch.randn(10, C)
-    torch.testing.assert_close(cloud([SegmentInput("s", 0, hidden=hidden)])[0],
-                               reference([SegmentInput("s", 0, hidden=hidden)])[0], atol=0, rtol=0)
+    torch.testing.assert_close(
+        cloud([SegmentInput("s", 0, hidden=hidden)])[0],
+        reference([SegmentInput("s", 0, hidden=hidden)])[0],
+        atol=0,
+        rtol=0,
+    )
     device = load_tier(plan_dir, "device")
     assert type(device.layers["0"].mlp.down_proj).__name__ == "Int8Linear"  # compression applied on load
     assert device([SegmentInput("s", 0, input_ids=ids)])[0].shape == (10, C)

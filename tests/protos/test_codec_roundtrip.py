@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
-from tests.protos.helpers import fp16_field, hidden_tensors, outlier_index, outlier_mask
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protos import CODECS, decode, default_options, encode, quant
+from tests.protos.helpers import fp16_field, hidden_tensors, outlier_index, outlier_mask
 
 FAST = settings(max_examples=40, deadline=None)
 EPS = 1e-6
