@@ -25,7 +25,6 @@ import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
-import onnx
 import torch
 from torch import nn
 
@@ -52,26 +51,20 @@ class _GraphKV:
         self.past = past  # layer -> 2 x (K, P, D)
         self.present: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def write(
-        self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         past_k, past_v = self.past[layer]
         keys, values = torch.cat((past_k, k), dim=1), torch.cat((past_v, v), dim=1)  # (K, P + T, D)
         self.present[layer] = (keys, values)
         return keys, values
 
 
-def graph_attention_batch(
-    position_offset: torch.Tensor, past: int, tokens: int, spec: GlmSpec, kv
-) -> AttentionBatch:
+def graph_attention_batch(position_offset: torch.Tensor, past: int, tokens: int, spec: GlmSpec, kv) -> AttentionBatch:
     """Rotary angles and the causal mask of T new rows attending to P cached + T new keys."""
     positions = position_offset[:, None] + torch.arange(tokens)  # (1, T)
     cos, sin = rotary_cos_sin(positions, spec.rotary_dim, spec.rope_theta)  # 2 x (1, 1, T, R/2)
     keys = torch.arange(past + tokens)  # (P + T,)
     mask = keys[None, :] <= (past + torch.arange(tokens))[:, None]  # (T, P + T)
-    return AttentionBatch(
-        cos=cos, sin=sin, mask=mask[None, None], caches=[kv], starts=[past], lengths=[tokens]
-    )
+    return AttentionBatch(cos=cos, sin=sin, mask=mask[None, None], caches=[kv], starts=[past], lengths=[tokens])
 
 
 class SegmentGraph(nn.Module):
@@ -109,15 +102,15 @@ def _example_args(segment: Segment) -> tuple[torch.Tensor, ...]:
         first = torch.randint(0, spec.vocab_size, (1, T))  # (1, T)
     else:
         first = torch.randn(1, T, spec.hidden_size)  # (1, T, C)
-    past = [
-        torch.randn(1, spec.num_kv_heads, P, spec.head_dim) for _ in range(2 * (segment.end - segment.start))
-    ]
+    past = [torch.randn(1, spec.num_kv_heads, P, spec.head_dim) for _ in range(2 * (segment.end - segment.start))]
     return (first, torch.tensor([P]), *past)
 
 
 def _dynamic_shapes(segment: Segment) -> tuple:
     tokens, cached = torch.export.Dim("tokens"), torch.export.Dim("past")
     past = [{2: cached} for _ in range(2 * (segment.end - segment.start))]
+    if not past:  # a segment of no layers (the embedding alone): no varargs at all
+        return ({1: tokens}, None)
     return ({1: tokens}, None, tuple(past))  # the varargs ``past`` take one tuple
 
 
@@ -160,6 +153,8 @@ def module_path(node) -> str | None:
 
 def nodes_of_modules(model_path: Path, patterns: Iterable[str]) -> dict[str, str]:
     """MatMul / Gemm nodes whose module path matches a glob (``layers.*.mlp.down_proj``): node -> module."""
+    import onnx
+
     patterns = list(patterns)
     if not patterns:
         return {}
@@ -201,17 +196,13 @@ def _check_exportable(segment: Segment) -> None:
     """Int8/int4 kernels cannot be traced to ONNX: export the fp32 segment and quantise it in ONNX instead."""
     custom = sorted({type(m).__name__ for m in segment.modules() if isinstance(m, (Int8Linear, Int4Linear))})
     if custom:
-        raise ValueError(
-            f"export the uncompressed fp32 segment (it holds {custom}); ask for quantize_int8=True"
-        )
+        raise ValueError(f"export the uncompressed fp32 segment (it holds {custom}); ask for quantize_int8=True")
     dtypes = {p.dtype for p in segment.parameters()} - {torch.float32}
     if dtypes:
         raise ValueError(f"export an fp32 segment, not one holding {sorted(map(str, dtypes))}")
 
 
-def export_onnx(
-    segment: Segment, out_dir, quantize_int8: bool = False, keep_fp32: Iterable[str] = ()
-) -> dict:
+def export_onnx(segment: Segment, out_dir, quantize_int8: bool = False, keep_fp32: Iterable[str] = ()) -> dict:
     """Write ``segment`` as ONNX (and optionally an int8 copy) plus ``segment.json`` into ``out_dir``.
 
     ``keep_fp32``: globs of module paths (``layers.*.mlp.down_proj``) left
@@ -235,9 +226,7 @@ def export_onnx(
             "kept_fp32": kept,
         }
     (out / META_FILE).write_text(json.dumps(meta, indent=2))
-    logger.info(
-        "exported layers [%d, %d) as ONNX %s to %s", segment.start, segment.end, sorted(meta["models"]), out
-    )
+    logger.info("exported layers [%d, %d) as ONNX %s to %s", segment.start, segment.end, sorted(meta["models"]), out)
     return meta
 
 

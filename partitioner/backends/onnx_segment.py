@@ -51,9 +51,7 @@ def load_meta(folder: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"{str(folder)!r} holds no {META_FILE}: not an exported ONNX segment")
     meta = json.loads(path.read_text())
     if meta.get("format") != FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: format {meta.get('format')!r}, this splitglm reads format {FORMAT_VERSION}"
-        )
+        raise ValueError(f"{path}: format {meta.get('format')!r}, this splitglm reads format {FORMAT_VERSION}")
     return meta
 
 
@@ -85,9 +83,7 @@ class OnnxSegment:
         self.layer_ids = list(range(self.start, self.end))
         self.input_names, self.output_names = meta["inputs"], meta["outputs"]
         model = str(Path(folder) / meta["models"][precision])
-        self.session = ort.InferenceSession(
-            model, _session_options(threads), providers=["CPUExecutionProvider"]
-        )
+        self.session = ort.InferenceSession(model, _session_options(threads), providers=["CPUExecutionProvider"])
         self.sessions: dict[str, OnnxCache] = {}
 
     # ---- sessions (the same rules as Segment) ---------------------------------------------------
@@ -108,9 +104,7 @@ class OnnxSegment:
         """The session's cache, created at position 0, checked to continue where it left off."""
         if item.session_id not in self.sessions:
             if item.start_pos != 0:
-                raise SessionError(
-                    f"unknown session {item.session_id!r} (a new session starts at position 0)"
-                )
+                raise SessionError(f"unknown session {item.session_id!r} (a new session starts at position 0)")
             self.open_session(item.session_id)
         cache = self.sessions[item.session_id]
         if not 0 <= item.start_pos <= cache.length:

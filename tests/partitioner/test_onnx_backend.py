@@ -38,9 +38,7 @@ def exported(request, tiny_checkpoint, tmp_path_factory):
 def step_input(segment: Segment, session: str, pos: int, n: int, seed: int) -> SegmentInput:
     g = torch.Generator().manual_seed(seed)
     if segment.has_embed:
-        return SegmentInput(
-            session, pos, input_ids=torch.randint(0, segment.spec.vocab_size, (n,), generator=g)
-        )
+        return SegmentInput(session, pos, input_ids=torch.randint(0, segment.spec.vocab_size, (n,), generator=g))
     return SegmentInput(session, pos, hidden=torch.randn(n, segment.spec.hidden_size, generator=g))
 
 
@@ -203,3 +201,12 @@ def test_numpy_caches_start_empty(exported):
     cache = onnx_segment.sessions["z"]
     assert cache.length == 0 and cache.nbytes() == 0
     assert all(a.dtype == np.float32 and a.shape[2] == 0 for a in cache.keys.values())
+
+
+def test_embedding_only_device_segment(tiny_glm, tmp_path):
+    segment = Segment.from_checkpoint(tiny_glm, 0, 0, embed=True)  # k1 = 0: the device only embeds
+    export_onnx(segment, tmp_path)
+    onnx_segment = OnnxSegment(tmp_path, threads=1)
+    for expected, got in run_both(segment, onnx_segment, [4, 1]):
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    assert onnx_segment.cached_length("s") == 5
