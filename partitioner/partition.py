@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import asdict
@@ -54,9 +55,21 @@ def _tier_choices(topo: Topology, data: dict, num_layers: int) -> dict[str, list
     return choices
 
 
-def partition(model: str | os.PathLike, topology: str | os.PathLike, out: str | os.PathLike,
-              text: str | os.PathLike, top: int = 8) -> dict:
-    """Plan ``model`` for ``topology`` and write the plan folder ``out``; return plan.json's content."""
+def partition(
+    model: str | os.PathLike,
+    topology: str | os.PathLike,
+    out: str | os.PathLike,
+    text: str | os.PathLike,
+    top: int = 8,
+    measure: bool = False,
+    measure_top: int = 4,
+    measure_repeats: int = 2,
+) -> dict:
+    """Plan ``model`` for ``topology`` and write the plan folder ``out``; return plan.json's content.
+
+    ``measure``: also run the best ``measure_top`` candidates and a few contrasting splits live
+    (``partitioner.live``) and add predicted vs measured to plan.json ("measured") and report.md.
+    """
     topo = load_topology(topology)
     spec = load_spec(model)
     data = load_measurements(model)
@@ -65,24 +78,45 @@ def partition(model: str | os.PathLike, topology: str | os.PathLike, out: str | 
     ensure_quality(model, data, ids[:QUALITY_TOKENS])
     cache = save_measurements(model, data)
     logger.info("measurements cached in %s", cache)
-    candidates = plan(topo, _tier_choices(topo, data, spec.num_layers), codec_costs(data), spec.num_layers, top)
+    ranked = plan(
+        topo,
+        _tier_choices(topo, data, spec.num_layers),
+        codec_costs(data),
+        spec.num_layers,
+        max(top, 1 << 30) if measure else top,
+    )
+    candidates = ranked[:top]
     if not candidates:
         raise PlanError(
             f"no split of the {spec.num_layers} layers fits topology {topo.name!r}: every choice breaks a "
             f"tier's memory_mb or the quality floor ({topo.max_perplexity_increase_pct}% perplexity)"
         )
     best = candidates[0]
-    result = export_plan(model, {
-        "topology": topo.name,
-        "splits": list(best.splits),
-        "codecs": best.codecs,
-        "compression": {t: {"name": n, "passes": COMPRESSIONS[n]} for t, n in best.compression.items()},
-        "predicted": {"ttft_ms": round(best.ttft_ms, 3), "per_token_ms": round(best.per_token_ms, 3),
-                      "expected_ms": round(best.expected_ms, 3)},
-        "objective": OBJECTIVE,
-        "perplexity_delta_pct": round(best.perplexity_delta_pct, 3),
-        "candidates": [asdict(c) for c in candidates],
-        "measurements": {"codecs": data["codecs"], "compression": data["compression"]},
-    }, out)
+    result = export_plan(
+        model,
+        {
+            "topology": topo.name,
+            "splits": list(best.splits),
+            "codecs": best.codecs,
+            "compression": {t: {"name": n, "passes": COMPRESSIONS[n]} for t, n in best.compression.items()},
+            "predicted": {
+                "ttft_ms": round(best.ttft_ms, 3),
+                "per_token_ms": round(best.per_token_ms, 3),
+                "expected_ms": round(best.expected_ms, 3),
+            },
+            "objective": OBJECTIVE,
+            "perplexity_delta_pct": round(best.perplexity_delta_pct, 3),
+            "candidates": [asdict(c) for c in candidates],
+            "measurements": {"codecs": data["codecs"], "compression": data["compression"]},
+        },
+        out,
+    )
+    if measure:  # added after export: plan_id names the plan, not one machine's timings
+        from .live import contrasting, measure_candidates, summary
+
+        chosen = ranked[:measure_top] + contrasting(ranked, spec.num_layers, ranked[:measure_top])
+        rows = measure_candidates(model, topo, chosen, repeats=measure_repeats, data=data)
+        result["measured"] = {"candidates": rows, "summary": summary(rows)}
+        (Path(out) / "plan.json").write_text(json.dumps(result, indent=2))
     write_report(Path(out), result, topo, data, spec.num_layers)
     return result

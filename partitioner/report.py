@@ -29,8 +29,12 @@ def _plot(path: Path, plan: dict, data: dict, threads: int, num_layers: int) -> 
     cuts = list(range(num_layers + 1))
     twin.plot(cuts, [hidden * 4] * len(cuts), "k--", label="activation per token, fp32 (bytes)")
     if codec:
-        twin.plot(cuts, [hidden * codec["step_bytes_per_element"]] * len(cuts), "k:",
-                  label=f"activation per token, {plan['codecs']['edge_cloud']} (bytes)")
+        twin.plot(
+            cuts,
+            [hidden * codec["step_bytes_per_element"]] * len(cuts),
+            "k:",
+            label=f"activation per token, {plan['codecs']['edge_cloud']} (bytes)",
+        )
     twin.set_ylabel("bytes per token crossing a cut")
     twin.set_ylim(0, hidden * 4 * 1.3)
     for k, name, height in zip(plan["splits"], ("k1 device|edge", "k2 edge|cloud"), (0.95, 0.87)):
@@ -59,6 +63,31 @@ def _candidates_table(plan: dict) -> list[str]:
             f"| {c['link_bytes_per_token']['edge_cloud']:.0f} | {c['perplexity_delta_pct']:.2f} |"
         )
     return rows
+
+
+def _measured_section(measured: dict) -> list[str]:
+    from .live import format_table
+
+    s, rows = measured["summary"], measured["candidates"]
+    verdict = "within" if s["within_5pct"] else "NOT within"
+    return [
+        "## Predicted vs measured",
+        "",
+        "Each candidate ran live: device, edge and cloud as three processes on 127.0.0.1 (TCP, the "
+        "candidate's codecs and compression), links shaped in user space (the sender sleeps RTT/2 + "
+        "bytes*8/bandwidth per message, both directions), one thread per process (they share this "
+        "machine's cores), so predictions are also shown re-evaluated with the 1-thread profiles. Tier "
+        "speed is applied by time dilation: measured = wall + sum over tiers of compute * (1/speed_factor - 1). "
+        f"Medians over {rows[0]['repeats']} runs per workload, at most {rows[0]['max_decode_steps']} decode "
+        "steps (per-token time extrapolated). Rows 1.. are the planner's ranking, then contrasting splits. "
+        "Error: measured expected vs predicted@live-threads.",
+        "",
+        *format_table(rows),
+        "",
+        f"The planner's choice {s['chosen_splits']} is {verdict} 5% of the best measured candidate "
+        f"{s['best_measured_splits']} (gap {s['gap_pct']:+.1f}%).",
+        "",
+    ]
 
 
 def write_report(out: Path, plan: dict, topo: Topology, data: dict, num_layers: int) -> Path:
@@ -93,8 +122,11 @@ def write_report(out: Path, plan: dict, topo: Topology, data: dict, num_layers: 
         "",
         "| codec | bytes/element | step bytes/element | Δ ppl % | agreement |",
         "|---|---|---|---|---|",
-        *[f"| {n} | {r['bytes_per_element']} | {r['step_bytes_per_element']} | {r['perplexity_delta_pct']} "
-          f"| {r['token_agreement']} |" for n, r in data["codecs"].items()],
+        *[
+            f"| {n} | {r['bytes_per_element']} | {r['step_bytes_per_element']} | {r['perplexity_delta_pct']} "
+            f"| {r['token_agreement']} |"
+            for n, r in data["codecs"].items()
+        ],
         "",
         "Compression (whole model; the planner charges it per compressed layer):",
         "",
@@ -103,6 +135,8 @@ def write_report(out: Path, plan: dict, topo: Topology, data: dict, num_layers: 
         *[f"| {n} | {r['perplexity_delta_pct']} | {r['token_agreement']} |" for n, r in data["compression"].items()],
         "",
     ]
+    if plan.get("measured"):
+        lines += _measured_section(plan["measured"])
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path

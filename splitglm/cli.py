@@ -68,7 +68,9 @@ def cmd_eval(args) -> int:
         text = f.read()
     ids = load_tokenizer(args.model)(text, return_tensors="pt").input_ids[0]
     if ids.shape[0] < args.tokens:
-        logger.warning("the text has %d tokens, fewer than --tokens %d: evaluating all of them", ids.shape[0], args.tokens)
+        logger.warning(
+            "the text has %d tokens, fewer than --tokens %d: evaluating all of them", ids.shape[0], args.tokens
+        )
     ids = ids[: args.tokens]
     segments = split_segments(args.model, k1, k2)
     results = evaluate_codecs(segments, ids, args.codecs, window=args.window, progress=not args.quiet)
@@ -83,14 +85,36 @@ def cmd_eval(args) -> int:
 def cmd_partition(args) -> int:
     from partitioner.partition import partition
 
-    plan = partition(args.model, args.topology, args.out, args.text, top=args.top)
+    plan = partition(
+        args.model,
+        args.topology,
+        args.out,
+        args.text,
+        top=args.top,
+        measure=args.measure,
+        measure_top=args.measure_top,
+        measure_repeats=args.measure_repeats,
+    )
     k1, k2 = plan["splits"]
     p = plan["predicted"]
-    print(f"plan {plan['plan_id']} for topology {plan['topology']}: splits {k1},{k2}, codecs "
-          f"{plan['codecs']['device_edge']} / {plan['codecs']['edge_cloud']}, compression "
-          f"{plan['compression']['device']['name']} / {plan['compression']['edge']['name']}")
-    print(f"predicted TTFT {p['ttft_ms']:.1f} ms, {p['per_token_ms']:.2f} ms/token, "
-          f"expected {p['expected_ms']:.1f} ms per request; +{plan['perplexity_delta_pct']:.2f}% perplexity")
+    print(
+        f"plan {plan['plan_id']} for topology {plan['topology']}: splits {k1},{k2}, codecs "
+        f"{plan['codecs']['device_edge']} / {plan['codecs']['edge_cloud']}, compression "
+        f"{plan['compression']['device']['name']} / {plan['compression']['edge']['name']}"
+    )
+    print(
+        f"predicted TTFT {p['ttft_ms']:.1f} ms, {p['per_token_ms']:.2f} ms/token, "
+        f"expected {p['expected_ms']:.1f} ms per request; +{plan['perplexity_delta_pct']:.2f}% perplexity"
+    )
+    if plan.get("measured"):
+        from partitioner.live import format_table
+
+        s = plan["measured"]["summary"]
+        print("\n".join(format_table(plan["measured"]["candidates"])))
+        print(
+            f"planner's choice {s['chosen_splits']} is {'within' if s['within_5pct'] else 'NOT within'} 5% of "
+            f"the best measured {s['best_measured_splits']} (gap {s['gap_pct']:+.1f}%)"
+        )
     print(f"wrote {args.out}/plan.json, report.md, device/, edge/, cloud/")
     return 0
 
@@ -99,13 +123,16 @@ def cmd_profile(args) -> int:
     from partitioner.measure import whole_model
     from partitioner.profiler import profile_segment
 
-    prof = profile_segment(whole_model(args.model, args.compression), args.model, threads=args.threads,
-                           compression=args.compression)
+    prof = profile_segment(
+        whole_model(args.model, args.compression), args.model, threads=args.threads, compression=args.compression
+    )
     prof.save(args.out)
     decode = sum(c.decode_ms for c in prof.layers.values())
     prefill = sum(c.prefill_ms_per_token for c in prof.layers.values())
-    print(f"{len(prof.layers)} layers at {args.threads} threads ({args.compression}): decode step {decode:.2f} ms, "
-          f"prefill {prefill:.3f} ms/token (layers only); head decode {prof.head.decode_ms:.2f} ms")
+    print(
+        f"{len(prof.layers)} layers at {args.threads} threads ({args.compression}): decode step {decode:.2f} ms, "
+        f"prefill {prefill:.3f} ms/token (layers only); head decode {prof.head.decode_ms:.2f} ms"
+    )
     print(args.out)
     return 0
 
@@ -136,7 +163,9 @@ def cmd_bench_codecs(args) -> int:
     print(f"{'codec':<20} {'B/elt':>7} {'encode ms':>10} {'decode ms':>10} {'total ms':>9}")
     for r in rows:
         total = r["encode_ms"] + r["decode_ms"]
-        print(f"{r['codec']:<20} {r['bytes_per_element']:>7.4f} {r['encode_ms']:>10.2f} {r['decode_ms']:>10.2f} {total:>9.2f}")
+        print(
+            f"{r['codec']:<20} {r['bytes_per_element']:>7.4f} {r['encode_ms']:>10.2f} {r['decode_ms']:>10.2f} {total:>9.2f}"
+        )
     return 0
 
 
@@ -178,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="new (or empty) plan folder")
     p.add_argument("--text", default="/usr/share/common-licenses/GPL-3", help="text for quality measurements")
     p.add_argument("--top", type=int, default=8, help="candidates listed in the report")
+    p.add_argument(
+        "--measure",
+        action="store_true",
+        help="run the best candidates live (3 processes on loopback, shaped links) and compare",
+    )
+    p.add_argument("--measure-top", type=int, default=4, help="candidates measured with --measure (default 4)")
+    p.add_argument("--measure-repeats", type=int, default=2, help="runs per workload with --measure (default 2)")
     p.set_defaults(func=cmd_partition)
 
     p = sub.add_parser("demo", help="convert the demo model and generate through device/edge/cloud segments")
