@@ -164,7 +164,8 @@ def cmd_bench_codecs(args) -> int:
     for r in rows:
         total = r["encode_ms"] + r["decode_ms"]
         print(
-            f"{r['codec']:<20} {r['bytes_per_element']:>7.4f} {r['encode_ms']:>10.2f} {r['decode_ms']:>10.2f} {total:>9.2f}"
+            f"{r['codec']:<20} {r['bytes_per_element']:>7.4f} {r['encode_ms']:>10.2f} "
+            f"{r['decode_ms']:>10.2f} {total:>9.2f}"
         )
     return 0
 
