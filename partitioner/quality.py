@@ -118,27 +118,39 @@ def evaluate_codecs(
     codecs: Iterable[str],
     window: int = 1024,
     progress: bool = True,
+    reference: list[Segment] | None = None,
 ) -> list[CodecQuality]:
-    """Measure each codec on both links of a device/edge/cloud split over the token ids ``ids``."""
+    """Measure each codec on both links of a device/edge/cloud split over the token ids ``ids``.
+
+    A codec entry ``"a/b"`` puts codec a on device->edge and b on edge->cloud.
+    With ``reference`` (the uncompressed split), ``segments`` may be compressed:
+    the baseline comes from ``reference``, so compression and codecs are
+    measured together, as deployed.
+    """
     device, edge, cloud = segments
-    windows = _prepare(segments, ids, window, progress)
+    windows = _prepare(reference or segments, ids, window, progress)
+    inputs = (
+        [w.device_out for w in windows] if reference is None else [_run(device, w.ids, embed=True) for w in windows]
+    )
     base_nll = torch.cat([w.nll for w in windows])
     base_ppl = math.exp(float(base_nll.mean()))
     results = []
     for codec in codecs:
-        link = FrameLink(codec, device.spec.hidden_size)
+        names = codec.split("/") if "/" in codec else [codec, codec]
+        links = [FrameLink(name, device.spec.hidden_size) for name in names]
         nll, agree = [], []
-        for w in tqdm(windows, desc=codec, disable=not progress, leave=False):
-            logits = _run(cloud, link(_run(edge, link(w.device_out))))
+        for w, hidden in tqdm(list(zip(windows, inputs)), desc=codec, disable=not progress, leave=False):
+            logits = _run(cloud, links[1](_run(edge, links[0](hidden))))
             n, greedy = scores(logits, w.ids)
             nll.append(n)
             agree.append(greedy == w.greedy)
         ppl = math.exp(float(torch.cat(nll).mean()))
+        step = [_step_bytes_per_element(name, inputs[0]) for name in names]
         results.append(
             CodecQuality(
                 codec=codec,
-                bytes_per_element=round(link.bytes_per_element, 4),
-                step_bytes_per_element=round(_step_bytes_per_element(codec, windows[0].device_out), 4),
+                bytes_per_element=round(sum(link.bytes for link in links) / sum(link.elements for link in links), 4),
+                step_bytes_per_element=round(sum(step) / 2, 4),
                 perplexity=round(ppl, 4),
                 perplexity_delta_pct=round(100 * (ppl / base_ppl - 1), 3),
                 token_agreement=round(float(torch.cat(agree).float().mean()), 4),
@@ -153,7 +165,7 @@ def format_table(results: list[CodecQuality]) -> str:
     """A plain-text table of the measurements, one row per codec."""
     if not results:
         return "no codecs evaluated"
-    head = f"{'codec':<20} {'B/elt':>7} {'step B/elt':>10} {'perplexity':>10} {'delta %':>8} {'agreement':>9}"
+    head = f"{'codec':<24} {'B/elt':>7} {'step B/elt':>10} {'perplexity':>10} {'delta %':>8} {'agreement':>9}"
     lines = [
         f"baseline perplexity {results[0].baseline_perplexity:.4f} over {results[0].tokens} predicted tokens",
         head,
@@ -161,7 +173,7 @@ def format_table(results: list[CodecQuality]) -> str:
     ]
     for r in results:
         lines.append(
-            f"{r.codec:<20} {r.bytes_per_element:>7.4f} {r.step_bytes_per_element:>10.4f} {r.perplexity:>10.4f} "
+            f"{r.codec:<24} {r.bytes_per_element:>7.4f} {r.step_bytes_per_element:>10.4f} {r.perplexity:>10.4f} "
             f"{r.perplexity_delta_pct:>+8.3f} {r.token_agreement:>9.4f}"
         )
     return "\n".join(lines)

@@ -80,6 +80,19 @@ class Segment(nn.Module):
         segment.load_state_dict(state, assign=True)
         return segment.eval()
 
+    def view(self, start: int, end: int) -> Segment:
+        """Layers [start, end) of this segment as a segment of their own, sharing the weights (no copy).
+
+        Its sessions and KV caches are its own: e.g. an edge holding [0, k2)
+        runs [k1, k2) for device frames and all of [0, k2) for HTTP clients.
+        """
+        if not self.start <= start <= end <= self.end:
+            raise ValueError(f"layers [{start}, {end}) are not within this segment's [{self.start}, {self.end})")
+        part = Segment(self.spec, start, start)
+        part.end = end
+        part.layers = nn.ModuleDict({str(i): self.layers[str(i)] for i in range(start, end)})
+        return part.eval()
+
     # ---- sessions -------------------------------------------------------------------------------
 
     def open_session(self, session_id: str) -> None:

@@ -56,28 +56,28 @@ def cmd_demo_model(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from partitioner.checkpoint import load_spec, load_tokenizer
-    from partitioner.pipeline import split_segments
-    from partitioner.quality import evaluate_codecs, format_table
+    from partitioner.assess import evaluate
+    from partitioner.quality import format_table
 
-    spec = load_spec(args.model)
-    k1, k2 = args.splits
-    if k2 > spec.num_layers:
-        raise SystemExit(f"error: --splits {k1},{k2}: the model has {spec.num_layers} layers")
-    with open(args.text, encoding="utf-8", errors="replace") as f:
-        text = f.read()
-    ids = load_tokenizer(args.model)(text, return_tensors="pt").input_ids[0]
-    if ids.shape[0] < args.tokens:
-        logger.warning(
-            "the text has %d tokens, fewer than --tokens %d: evaluating all of them", ids.shape[0], args.tokens
-        )
-    ids = ids[: args.tokens]
-    segments = split_segments(args.model, k1, k2)
-    results = evaluate_codecs(segments, ids, args.codecs, window=args.window, progress=not args.quiet)
+    codecs = args.codecs
+    if codecs is None and not args.compression and not args.plan:
+        codecs = _codec_list("all")
+    results = evaluate(
+        args.model,
+        args.text,
+        args.splits,
+        codecs,
+        args.tokens,
+        args.window,
+        compression=args.compression,
+        plan_dir=args.plan,
+        progress=not args.quiet,
+    )
     if args.json:
         print(json.dumps([r.as_dict() for r in results], indent=2))
     else:
-        print(f"model {args.model}  splits {k1},{k2}  text {args.text}")
+        what = f"plan {args.plan}" if args.plan else f"splits {args.splits[0]},{args.splits[1]}"
+        print(f"model {args.model}  {what}  compression {args.compression or 'none'}  text {args.text}")
         print(format_table(results))
     return 0
 
@@ -187,8 +187,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity and token agreement of hidden-state codecs at the split points")
     p.add_argument("--model", required=True, help="GLM checkpoint folder")
     p.add_argument("--text", required=True, help="UTF-8 text file to measure on")
-    p.add_argument("--splits", required=True, type=_splits, help="K1,K2: device/edge and edge/cloud cut layers")
-    p.add_argument("--codecs", default="all", type=_codec_list, help="comma-separated codec names, or 'all'")
+    p.add_argument("--splits", type=_splits, help="K1,K2: device/edge and edge/cloud cut layers")
+    p.add_argument(
+        "--codecs",
+        type=_codec_list,
+        help="comma-separated codec names, or 'all' (default: all; fp32 with --compression; the plan's with --plan)",
+    )
+    p.add_argument(
+        "--compression",
+        choices=["none", "int8", "int4"],
+        help="compress every segment (partitioner.measure.COMPRESSIONS) and measure it too",
+    )
+    p.add_argument("--plan", help="evaluate a plan folder as deployed: its splits, compression and codecs")
     p.add_argument("--tokens", type=int, default=4096, help="tokens of the text to use (default 4096)")
     p.add_argument("--window", type=int, default=1024, help="tokens per evaluation window (default 1024)")
     p.add_argument("--json", action="store_true", help="print one JSON list instead of a table")

@@ -52,8 +52,21 @@ def test_convert_checks_itself(tmp_path):
 @pytest.mark.slow
 def test_eval_json_on_the_demo_model(demo_checkpoint):
     r = splitglm(
-        "eval", "--model", demo_checkpoint, "--text", GPL3, "--splits", "10,20",
-        "--codecs", "fp32,fp16,int8,int8+outliers", "--tokens", "600", "--window", "300", "--json", "--quiet",
+        "eval",
+        "--model",
+        demo_checkpoint,
+        "--text",
+        GPL3,
+        "--splits",
+        "10,20",
+        "--codecs",
+        "fp32,fp16,int8,int8+outliers",
+        "--tokens",
+        "600",
+        "--window",
+        "300",
+        "--json",
+        "--quiet",
     )
     assert r.returncode == 0, r.stderr
     rows = {row["codec"]: row for row in json.loads(r.stdout)}
@@ -81,8 +94,16 @@ def test_demo_generates_through_three_segments(demo_checkpoint):
 @pytest.mark.slow
 def test_partition_writes_a_verified_plan(demo_checkpoint, tmp_path):
     out = tmp_path / "plan"
-    r = splitglm("partition", "--model", demo_checkpoint, "--topology", "examples/topologies/cellular.yaml",
-                 "--out", str(out), timeout=1200)
+    r = splitglm(
+        "partition",
+        "--model",
+        demo_checkpoint,
+        "--topology",
+        "examples/topologies/cellular.yaml",
+        "--out",
+        str(out),
+        timeout=1200,
+    )
     assert r.returncode == 0, r.stderr
     plan = json.loads((out / "plan.json").read_text())
     k1, k2 = plan["splits"]
@@ -96,3 +117,23 @@ def test_partition_writes_a_verified_plan(demo_checkpoint, tmp_path):
         assert manifest["plan_id"] == plan["plan_id"] and manifest["files"]
     report = (out / "report.md").read_text()
     assert "Best candidates" in report and (out / "report.png").stat().st_size > 10_000
+
+    r = splitglm(
+        "eval",
+        "--model",
+        demo_checkpoint,
+        "--text",
+        GPL3,
+        "--plan",
+        str(out),
+        "--tokens",
+        "300",
+        "--window",
+        "150",
+        "--json",
+        "--quiet",
+    )
+    assert r.returncode == 0, r.stderr
+    (row,) = json.loads(r.stdout)
+    assert row["codec"] == f"{plan['codecs']['device_edge']}/{plan['codecs']['edge_cloud']}"
+    assert 0 < row["token_agreement"] <= 1 and row["tokens"] == 298

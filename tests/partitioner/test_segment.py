@@ -95,3 +95,17 @@ def test_segment_loads_only_its_own_weights(tiny_glm):
     assert not any(n.startswith(("embed_tokens", "lm_head", "norm")) for n in names)
     with pytest.raises(ValueError, match="not within"):
         Segment.from_checkpoint(tiny_glm, 3, spec.num_layers + 1)
+
+
+def test_view_runs_part_of_a_segment_with_its_own_caches(tiny_glm):
+    whole = Segment.from_checkpoint(tiny_glm, 0, 6, embed=True)
+    part = whole.view(2, 5)
+    alone_part = Segment.from_checkpoint(tiny_glm, 2, 5)
+    h = rows(5, whole.spec.hidden_size, 3)
+    torch.testing.assert_close(
+        part([SegmentInput("v", 0, hidden=h)])[0], alone_part([SegmentInput("v", 0, hidden=h)])[0], atol=0, rtol=0
+    )
+    assert "v" in part.sessions and "v" not in whole.sessions
+    assert part.layers["2"] is whole.layers["2"]  # shared weights, no copy
+    with pytest.raises(ValueError, match="not within"):
+        whole.view(4, 7)
