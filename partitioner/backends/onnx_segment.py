@@ -55,10 +55,13 @@ def load_meta(folder: str | os.PathLike) -> dict:
     return meta
 
 
-def _session_options(threads: int | None):
+def _session_options(threads: int | None, profile_prefix: str | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if profile_prefix:  # onnxruntime's per-node trace (JSON), written by ``session.end_profiling()``
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     if threads:
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -67,9 +70,18 @@ def _session_options(threads: int | None):
 
 
 class OnnxSegment:
-    """An exported segment run by ONNX Runtime; call it like ``Segment``."""
+    """An exported segment run by ONNX Runtime; call it like ``Segment``.
 
-    def __init__(self, folder: str | os.PathLike, precision: str = "fp32", threads: int | None = None):
+    ``profile_prefix``: turn on onnxruntime's profiling, its trace file named from this prefix.
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        precision: str = "fp32",
+        threads: int | None = None,
+        profile_prefix: str | None = None,
+    ):
         import onnxruntime as ort
 
         meta = load_meta(folder)
@@ -83,7 +95,9 @@ class OnnxSegment:
         self.layer_ids = list(range(self.start, self.end))
         self.input_names, self.output_names = meta["inputs"], meta["outputs"]
         model = str(Path(folder) / meta["models"][precision])
-        self.session = ort.InferenceSession(model, _session_options(threads), providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            model, _session_options(threads, profile_prefix), providers=["CPUExecutionProvider"]
+        )
         self.sessions: dict[str, OnnxCache] = {}
 
     # ---- sessions (the same rules as Segment) ---------------------------------------------------
