@@ -111,17 +111,7 @@ class Segment(nn.Module):
 
     def _cache_for(self, item: SegmentInput) -> KVCache:
         """The session's cache, created at position 0, checked to continue where it left off."""
-        if item.session_id not in self.sessions:
-            if item.start_pos != 0:
-                raise SessionError(f"unknown session {item.session_id!r} (a new session starts at position 0)")
-            self.open_session(item.session_id)
-        cache = self.sessions[item.session_id]
-        if not 0 <= item.start_pos <= cache.length:
-            raise SessionError(
-                f"session {item.session_id!r} has {cache.length} positions cached; "
-                f"a step cannot start at position {item.start_pos}"
-            )
-        return cache
+        return continue_session(self.sessions, item, self.open_session)
 
     # ---- compute --------------------------------------------------------------------------------
 
@@ -171,6 +161,24 @@ class Segment(nn.Module):
                     raise ValueError(f"hidden states must be (T, {self.spec.hidden_size}), got {tuple(rows.shape)}")
             x[i, : rows.shape[0]] = rows
         return x
+
+
+def continue_session(sessions: dict, item: SegmentInput, open_session):
+    """The cache of ``item``'s session (opened at position 0), checked to continue where it left off.
+
+    Shared by every backend, so they all answer the same errors the same way.
+    """
+    if item.session_id not in sessions:
+        if item.start_pos != 0:
+            raise SessionError(f"unknown session {item.session_id!r} (a new session starts at position 0)")
+        open_session(item.session_id)
+    cache = sessions[item.session_id]
+    if not 0 <= item.start_pos <= cache.length:
+        raise SessionError(
+            f"session {item.session_id!r} has {cache.length} positions cached; "
+            f"a step cannot start at position {item.start_pos}"
+        )
+    return cache
 
 
 def _local_name(checkpoint_name: str) -> str:

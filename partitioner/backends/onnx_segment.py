@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import GlmSpec
-from ..segment import SegmentInput, SessionError
+from ..segment import SegmentInput, SessionError, continue_session
 from .onnx_export import FORMAT_VERSION, META_FILE
 
 logger = logging.getLogger(__name__)
@@ -116,17 +116,7 @@ class OnnxSegment:
 
     def _cache_for(self, item: SegmentInput) -> OnnxCache:
         """The session's cache, created at position 0, checked to continue where it left off."""
-        if item.session_id not in self.sessions:
-            if item.start_pos != 0:
-                raise SessionError(f"unknown session {item.session_id!r} (a new session starts at position 0)")
-            self.open_session(item.session_id)
-        cache = self.sessions[item.session_id]
-        if not 0 <= item.start_pos <= cache.length:
-            raise SessionError(
-                f"session {item.session_id!r} has {cache.length} positions cached; "
-                f"a step cannot start at position {item.start_pos}"
-            )
-        return cache
+        return continue_session(self.sessions, item, self.open_session)
 
     # ---- compute --------------------------------------------------------------------------------
 
