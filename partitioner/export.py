@@ -12,7 +12,10 @@ PLAN_DIR/{device,edge,cloud}/
 
 Weights are stored uncompressed; the tier's compression (a list of
 ``partitioner.compress`` passes) is applied when the agent loads them, so
-the artifact is exact and the compression deterministic.
+the artifact is exact and the compression deterministic. A tier planned for
+onnxruntime records ``"backend": "onnxruntime"`` and its ``"onnx"`` recipe
+(precision, fp32-kept globs) with no ``passes``: its artifact is the same fp32
+safetensors, which the agent exports to ONNX (``backends.export_onnx``) at load.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from pathlib import Path
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from .build import build_segment
 from .checkpoint import load_spec, resolve_checkpoint
-from .compress import apply_compression
 from .manifest import ArtifactError, model_fingerprint, verify_manifest, write_manifest
 from .segment import Segment
 
@@ -117,9 +120,12 @@ def load_tier(plan_dir: str | os.PathLike, tier: str, expect_model: str | None =
         Path(plan_dir) / tier, {"tier": tier, "plan_id": plan["plan_id"], "model": plan["model"]}
     )
     a, b = manifest["layers"]
-    segment = Segment.from_checkpoint(Path(plan_dir) / tier, a, b, embed=manifest["embed"], head=manifest["head"])
-    passes = manifest["compression"]["passes"]
-    if passes:
-        run = manifest.get("runs", manifest["layers"])
-        apply_compression(segment, [{**p, "layers": p.get("layers", run)} for p in passes])
-    return segment
+    return build_segment(
+        Path(plan_dir) / tier,
+        a,
+        b,
+        manifest["embed"],
+        manifest["head"],
+        manifest["compression"],
+        runs=manifest.get("runs"),
+    )

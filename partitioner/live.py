@@ -56,7 +56,7 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 
 import torch
 
-from .topology import Topology
+from .topology import Topology, tier_backend
 
 logger = logging.getLogger(__name__)
 
@@ -136,17 +136,17 @@ class _TierConfig:
     up: dict  # link towards the device: {"bandwidth_mbit_s", "rtt_ms"} (None for the device)
     down: dict | None  # link towards the cloud (None for the cloud)
     threads: int
+    backend: str = "torch"  # the tier's backend: torch, or onnxruntime (exported when the process starts)
 
 
 def _load(cfg: _TierConfig):
-    from .compress import apply_compression
-    from .measure import COMPRESSIONS
-    from .segment import Segment
+    from .build import build_segment
+    from .measure import compression_entry
 
-    seg = Segment.from_checkpoint(cfg.model, cfg.start, cfg.end, embed=cfg.role == "device", head=cfg.role == "cloud")
-    if cfg.compression != "none" and cfg.end > cfg.start:
-        apply_compression(seg, COMPRESSIONS[cfg.compression])
-    return seg
+    entry = compression_entry(cfg.backend, cfg.compression)
+    return build_segment(
+        cfg.model, cfg.start, cfg.end, cfg.role == "device", cfg.role == "cloud", entry, threads=cfg.threads
+    )
 
 
 def _tier_main(cfg: _TierConfig, pipe) -> None:
@@ -329,6 +329,8 @@ class LiveChain:
             ),
             "cloud": _TierConfig("cloud", str(model), k2, L, compression.get("cloud", "none"), "", ec, None, threads),
         }
+        for role, cfg in configs.items():
+            cfg.backend = tier_backend(topo, role)
         self.topo = topo
         ctx = mp.get_context("spawn")
         self.procs, self.pipes = {}, {}
@@ -423,14 +425,18 @@ def _as_dict(candidate) -> dict:
 
 def repredict(topo: Topology, data: dict, candidate: dict, num_layers: int, threads: int) -> dict | None:
     """The planner's prediction of ``candidate`` with this machine's ``threads``-thread profiles."""
-    from .measure import codec_costs, compression_costs
+    from .measure import codec_costs, compression_costs, key
     from .planner import Costs, evaluate_candidate
 
-    if not all(f"{c}@{threads}" in data.get("profiles", {}) for c in candidate["compression"].values()):
+    backends = {t: tier_backend(topo, t) for t in TIER_NAMES}
+    profiles = data.get("profiles", {})
+    if not all(key(backends[t], c, threads) in profiles for t, c in candidate["compression"].items()):
         return None
-    comp = {c.name: c for c in compression_costs(data, threads, num_layers)}
     codecs = {c.name: c for c in codec_costs(data)}
-    chosen = {t: comp[n] for t, n in candidate["compression"].items()}
+    chosen = {
+        t: next(c for c in compression_costs(data, threads, num_layers, backends[t]) if c.name == n)
+        for t, n in candidate["compression"].items()
+    }
     costs = {t: Costs(chosen[t].profile, num_layers) for t in TIER_NAMES}
     pair = (codecs[candidate["codecs"]["device_edge"]], codecs[candidate["codecs"]["edge_cloud"]])
     c = evaluate_candidate(topo, costs, tuple(candidate["splits"]), pair, chosen, num_layers)

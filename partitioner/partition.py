@@ -11,10 +11,10 @@ from pathlib import Path
 from .checkpoint import load_spec, load_tokenizer
 from .export import export_plan
 from .measure import (
-    COMPRESSIONS,
     QUALITY_TOKENS,
     codec_costs,
     compression_costs,
+    compression_entry,
     ensure_profiles,
     ensure_quality,
     load_measurements,
@@ -23,7 +23,7 @@ from .measure import (
 from .planner import CompressionCost, plan
 from .profiler import Profile
 from .report import write_report
-from .topology import TIERS, Topology, load_topology
+from .topology import TIERS, Topology, load_topology, tier_backend
 
 logger = logging.getLogger(__name__)
 
@@ -43,14 +43,14 @@ def _threads(topo: Topology, tier: str) -> int:
 
 
 def _tier_choices(topo: Topology, data: dict, num_layers: int) -> dict[str, list[CompressionCost]]:
-    """Compression choices per tier: all measured ones on device and edge, none on the (GPU) cloud."""
+    """Compression choices per tier, measured with the tier's backend: all on device and edge, none on the cloud."""
     choices = {}
     for tier in TIERS:
         t = topo.tiers[tier]
         if t.profile:  # measured on the tier itself: only what was measured there
             choices[tier] = [CompressionCost("none", Profile.load(t.profile), 0.0)]
             continue
-        costs = compression_costs(data, _threads(topo, tier), num_layers)
+        costs = compression_costs(data, _threads(topo, tier), num_layers, tier_backend(topo, tier))
         choices[tier] = costs if tier != "cloud" else [c for c in costs if c.name == "none"]
     return choices
 
@@ -73,9 +73,11 @@ def partition(
     topo = load_topology(topology)
     spec = load_spec(model)
     data = load_measurements(model)
-    ensure_profiles(model, data, {_threads(topo, t) for t in TIERS if not topo.tiers[t].profile})
+    profiled = [t for t in TIERS if not topo.tiers[t].profile]
+    backends = {tier_backend(topo, t) for t in profiled}
+    ensure_profiles(model, data, {_threads(topo, t) for t in profiled}, backends)
     ids = load_tokenizer(model)(Path(text).read_text(errors="replace"), return_tensors="pt").input_ids[0]
-    ensure_quality(model, data, ids[:QUALITY_TOKENS])
+    ensure_quality(model, data, ids[:QUALITY_TOKENS], backends)
     cache = save_measurements(model, data)
     logger.info("measurements cached in %s", cache)
     ranked = plan(
@@ -98,7 +100,7 @@ def partition(
             "topology": topo.name,
             "splits": list(best.splits),
             "codecs": best.codecs,
-            "compression": {t: {"name": n, "passes": COMPRESSIONS[n]} for t, n in best.compression.items()},
+            "compression": {t: compression_entry(tier_backend(topo, t), n) for t, n in best.compression.items()},
             "predicted": {
                 "ttft_ms": round(best.ttft_ms, 3),
                 "per_token_ms": round(best.per_token_ms, 3),

@@ -78,3 +78,10 @@ def load_topology(path: str | os.PathLike) -> Topology:
         return Topology.model_validate(data)
     except (yaml.YAMLError, ValidationError) as e:
         raise TopologyError(f"invalid topology {str(file)!r}: {e}") from None
+
+
+def tier_backend(topo: Topology, tier: str) -> str:
+    """The backend a tier is planned and run with: onnxruntime where a device / edge tier asks, else torch.
+
+    The cloud is planned with PyTorch profiles (a TensorRT engine is built from its segment at most)."""
+    return "onnxruntime" if tier != "cloud" and topo.tiers[tier].backend == "onnxruntime" else "torch"

@@ -19,11 +19,7 @@ def as_range(layers: LayerRange) -> range | None:
     """``[a, b)`` as a range; None stays None (every layer the module holds)."""
     if layers is None or isinstance(layers, range):
         return layers
-    if (
-        not isinstance(layers, (list, tuple))
-        or len(layers) != 2
-        or not all(isinstance(i, int) for i in layers)
-    ):
+    if not isinstance(layers, (list, tuple)) or len(layers) != 2 or not all(isinstance(i, int) for i in layers):
         raise CompressionError(f"layers must be [start, end) as two integers, got {layers!r}")
     start, end = layers
     if not 0 <= start <= end:
@@ -51,9 +47,7 @@ def linears_of(root: nn.Module, names: Iterable[str] | None = None) -> list[tupl
     known = {n for n, _ in root.named_modules()}
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise CompressionError(
-            f"no module named {unknown[0]!r} in a decoder layer; linears: {[n for n, _ in found]}"
-        )
+        raise CompressionError(f"no module named {unknown[0]!r} in a decoder layer; linears: {[n for n, _ in found]}")
     return [(n, m) for n, m in found if n in names or any(n.startswith(p + ".") for p in names)]
 
 

@@ -21,9 +21,7 @@ Model = Segment | Chain | list[Segment]  # one whole-model segment, or segments 
 
 def as_chain(model: Model) -> Chain:
     """A Chain from a Chain, segments or one segment, from the embedding to the head."""
-    chain = (
-        model if isinstance(model, Chain) else Chain([model] if isinstance(model, Segment) else list(model))
-    )
+    chain = model if isinstance(model, Chain) else Chain([model] if isinstance(model, Segment) else list(model))
     if not chain.segments[0].has_embed or not chain.segments[-1].has_head:
         raise ValueError("perplexity needs segments from the embedding to the LM head")
     return chain

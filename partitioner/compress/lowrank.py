@@ -30,18 +30,12 @@ def rank_for(singular: torch.Tensor, rank_fraction: float | None, energy: float 
 
 def factorise(linear: nn.Linear, rank: int, svd=None) -> nn.Sequential:
     """Two linears whose product is the best rank-``rank`` approximation of ``linear``: K -> r -> N."""
-    U, S, Vh = svd or torch.linalg.svd(
-        linear.weight.detach().double(), full_matrices=False
-    )  # (N, R), (R,), (R, K)
+    U, S, Vh = svd or torch.linalg.svd(linear.weight.detach().double(), full_matrices=False)  # (N, R), (R,), (R, K)
     root = S[:rank].sqrt()
     first = nn.Linear(linear.in_features, rank, bias=False)
     second = nn.Linear(rank, linear.out_features, bias=linear.bias is not None)
-    first.weight = nn.Parameter(
-        (root[:, None] * Vh[:rank]).to(linear.weight.dtype), requires_grad=False
-    )  # (r, K)
-    second.weight = nn.Parameter(
-        (U[:, :rank] * root[None, :]).to(linear.weight.dtype), requires_grad=False
-    )  # (N, r)
+    first.weight = nn.Parameter((root[:, None] * Vh[:rank]).to(linear.weight.dtype), requires_grad=False)  # (r, K)
+    second.weight = nn.Parameter((U[:, :rank] * root[None, :]).to(linear.weight.dtype), requires_grad=False)  # (N, r)
     if linear.bias is not None:
         second.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
     return nn.Sequential(first, second)

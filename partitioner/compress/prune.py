@@ -32,9 +32,7 @@ def _require_linear(module: nn.Module, what: str) -> nn.Linear:
     return module
 
 
-def _sliced(
-    linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None
-) -> nn.Linear:
+def _sliced(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
     """A new Linear keeping only ``rows`` (outputs) and ``cols`` (inputs)."""
     weight = linear.weight.detach()
     bias = None if linear.bias is None else linear.bias.detach()

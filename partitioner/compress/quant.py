@@ -53,9 +53,7 @@ def int4_groups(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, to
     return codes.view(N, K), scale, low + 8 * scale
 
 
-def int4_dequantize(
-    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int
-) -> torch.Tensor:
+def int4_dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
     """Inverse of ``int4_groups``: (N, K) codes -> (N, K) fp32 weights."""
     scale, zero = (
         scale.float().repeat_interleave(group_size, 1),
@@ -70,9 +68,7 @@ def int4_dequantize(
 class Int8Linear(nn.Module):
     """y = x W^T + b with W stored as int8 (N, K) and fp32 scales per output channel."""
 
-    def __init__(
-        self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, activations: str
-    ):
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, activations: str):
         super().__init__()
         if activations not in INT8_ACTIVATIONS:
             raise CompressionError(f"activations must be one of {INT8_ACTIVATIONS}, got {activations!r}")
@@ -99,10 +95,7 @@ class Int8Linear(nn.Module):
             xq, x_scale = int8_per_token(rows)  # (M, K), (M, 1)
             out = torch._int_mm(xq, self.weight.t()).float() * x_scale * self.scale  # (M, N)
         else:
-            out = (
-                torch._weight_int8pack_mm(rows.to(torch.bfloat16), self.weight, self._ones).float()
-                * self.scale
-            )
+            out = torch._weight_int8pack_mm(rows.to(torch.bfloat16), self.weight, self._ones).float() * self.scale
         if self.bias is not None:
             out = out + self.bias
         return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
@@ -139,9 +132,7 @@ class Int4Linear(nn.Module):
         return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
-        )
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
 
 
 # ---- passes ---------------------------------------------------------------------------------------
@@ -151,9 +142,7 @@ def target_linears(
     module: nn.Module, layers: LayerRange, names, include_head: bool
 ) -> list[tuple[nn.Module, str, nn.Linear]]:
     """(parent, dotted name, linear) for the linears of the chosen layers, and the LM head if asked."""
-    targets = [
-        (block, n, m) for _, block in decoder_layers(module, layers) for n, m in linears_of(block, names)
-    ]
+    targets = [(block, n, m) for _, block in decoder_layers(module, layers) for n, m in linears_of(block, names)]
     if include_head:
         head = getattr(module, "lm_head", None)
         if not isinstance(head, nn.Linear):

@@ -56,11 +56,7 @@ def _windows(data) -> list[torch.Tensor]:
 
 def _run_window(segment: Segment, rows: torch.Tensor) -> None:
     session = uuid.uuid4().hex
-    item = (
-        SegmentInput(session, 0, input_ids=rows)
-        if segment.has_embed
-        else SegmentInput(session, 0, hidden=rows)
-    )
+    item = SegmentInput(session, 0, input_ids=rows) if segment.has_embed else SegmentInput(session, 0, hidden=rows)
     try:
         segment([item])
     finally:

@@ -168,3 +168,29 @@ def test_plan_for_another_model_is_refused(plan_dir):
     manifest.write_text(json.dumps(m))
     with pytest.raises(ArtifactError, match="plan_id"):
         load_tier(plan_dir, "device")
+
+
+def test_onnx_tier_loads_as_onnx_and_matches_torch(tiny_glm, tmp_path):
+    from partitioner.backends import OnnxSegment
+
+    out = tmp_path / "plan"
+    onnx_fp32 = {"name": "none", "backend": "onnxruntime", "passes": [], "onnx": {"precision": "fp32"}}
+    export_plan(
+        tiny_glm,
+        {
+            "splits": [2, 4],
+            "codecs": {"device_edge": "fp32", "edge_cloud": "fp32"},
+            "compression": {"device": onnx_fp32},
+        },
+        out,
+    )
+    device = load_tier(out, "device")
+    assert isinstance(device, OnnxSegment)
+    ids = torch.arange(9)
+    reference = Segment.from_checkpoint(tiny_glm, 0, 2, embed=True)
+    torch.testing.assert_close(
+        device([SegmentInput("s", 0, input_ids=ids)])[0],
+        reference([SegmentInput("s", 0, input_ids=ids)])[0],
+        atol=1e-4,
+        rtol=0,
+    )
