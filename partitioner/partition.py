@@ -26,6 +26,7 @@ from .report import write_report
 from .topology import TIERS, Topology, load_topology, tier_backend
 
 logger = logging.getLogger(__name__)
+LIVE_THREADS = 1  # --measure runs three tier processes on this machine's cores: one thread each
 
 OBJECTIVE = (
     "expected request latency over the workload mix: mean_w(TTFT(prompt) + (output - 1) * per_token), "
@@ -75,7 +76,8 @@ def partition(
     data = load_measurements(model)
     profiled = [t for t in TIERS if not topo.tiers[t].profile]
     backends = {tier_backend(topo, t) for t in profiled}
-    ensure_profiles(model, data, {_threads(topo, t) for t in profiled}, backends)
+    threads = {_threads(topo, t) for t in profiled} | ({LIVE_THREADS} if measure else set())
+    ensure_profiles(model, data, threads, backends)
     ids = load_tokenizer(model)(Path(text).read_text(errors="replace"), return_tensors="pt").input_ids[0]
     ensure_quality(model, data, ids[:QUALITY_TOKENS], backends)
     cache = save_measurements(model, data)
@@ -117,7 +119,7 @@ def partition(
         from .live import contrasting, measure_candidates, summary
 
         chosen = ranked[:measure_top] + contrasting(ranked, spec.num_layers, ranked[:measure_top])
-        rows = measure_candidates(model, topo, chosen, repeats=measure_repeats, data=data)
+        rows = measure_candidates(model, topo, chosen, repeats=measure_repeats, data=data, threads=LIVE_THREADS)
         result["measured"] = {"candidates": rows, "summary": summary(rows)}
         (Path(out) / "plan.json").write_text(json.dumps(result, indent=2))
     write_report(Path(out), result, topo, data, spec.num_layers)
