@@ -21,7 +21,7 @@ from torch import nn
 
 from ..layers import DecoderLayer
 from .common import CompressionError, LayerRange, check_fraction, decoder_layers, param_count
-from .smooth import _run_window, _windows
+from .smooth import run_calibration
 
 
 def _require_linear(module: nn.Module, what: str) -> nn.Linear:
@@ -59,13 +59,7 @@ def _input_norms(segment, data, modules: dict) -> dict:
 
         return hook
 
-    handles = [m.register_forward_pre_hook(hook_for(k)) for k, m in modules.items()]
-    try:
-        for rows in _windows(data):
-            _run_window(segment, rows)
-    finally:
-        for h in handles:
-            h.remove()
+    run_calibration(segment, data, {m: hook_for(k) for k, m in modules.items()})
     return {k: sums[k] / counts[k] for k in sums}
 
 

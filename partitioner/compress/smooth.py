@@ -54,6 +54,17 @@ def _windows(data) -> list[torch.Tensor]:
     return windows
 
 
+def run_calibration(segment: Segment, data, hooks: dict) -> None:
+    """Run the calibration data through ``segment`` with forward pre-hooks {module: hook} in place."""
+    handles = [module.register_forward_pre_hook(hook) for module, hook in hooks.items()]
+    try:
+        for rows in _windows(data):
+            _run_window(segment, rows)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _run_window(segment: Segment, rows: torch.Tensor) -> None:
     session = uuid.uuid4().hex
     item = SegmentInput(session, 0, input_ids=rows) if segment.has_embed else SegmentInput(session, 0, hidden=rows)
@@ -74,17 +85,8 @@ def input_absmax(segment: Segment, data, blocks: Iterable[DecoderLayer], names=C
 
         return hook
 
-    handles = [
-        block.get_submodule(name).register_forward_pre_hook(hook_for((block.self_attn.layer, name)))
-        for block in blocks
-        for name in names
-    ]
-    try:
-        for rows in _windows(data):
-            _run_window(segment, rows)
-    finally:
-        for h in handles:
-            h.remove()
+    hooks = {block.get_submodule(name): hook_for((block.self_attn.layer, name)) for block in blocks for name in names}
+    run_calibration(segment, data, hooks)
     return stats
 
 
