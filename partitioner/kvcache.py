@@ -14,13 +14,21 @@ class KVCache:
     position gives the same result.
     """
 
-    def __init__(self, layers: range, num_kv_heads: int, head_dim: int, dtype: torch.dtype, capacity: int = 64):
+    def __init__(
+        self,
+        layers: range,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        capacity: int = 64,
+        device: torch.device | str = "cpu",
+    ):
         self.layers = layers
         self.length = 0
         self._shape = (num_kv_heads, capacity, head_dim)
-        self._dtype = dtype
-        self._k = {i: torch.zeros(self._shape, dtype=dtype) for i in layers}  # (K, capacity, D)
-        self._v = {i: torch.zeros(self._shape, dtype=dtype) for i in layers}
+        self._dtype, self._device = dtype, device
+        self._k = {i: torch.zeros(self._shape, dtype=dtype, device=device) for i in layers}  # (K, capacity, D)
+        self._v = {i: torch.zeros(self._shape, dtype=dtype, device=device) for i in layers}
 
     @property
     def capacity(self) -> int:
@@ -34,7 +42,7 @@ class KVCache:
         heads, _, dim = self._shape
         for store in (self._k, self._v):
             for i, old in store.items():
-                grown = torch.zeros(heads, new_capacity, dim, dtype=self._dtype)
+                grown = torch.zeros(heads, new_capacity, dim, dtype=self._dtype, device=self._device)
                 grown[:, : self.length] = old[:, : self.length]
                 store[i] = grown
         self._shape = (heads, new_capacity, dim)

@@ -34,7 +34,9 @@ class RMSNorm(nn.Module):
 
 def rotary_cos_sin(positions: torch.Tensor, rotary_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of each position's rotary angles: (B, T) -> 2 x (B, 1, T, rotary_dim / 2)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim))
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float, device=positions.device) / rotary_dim)
+    )
     angles = positions[..., None].float() * inv_freq  # (B, T, R/2)
     return angles.cos()[:, None], angles.sin()[:, None]
 

@@ -43,13 +43,21 @@ def _threads(topo: Topology, tier: str) -> int:
     return min(topo.tiers[tier].threads, os.cpu_count() or 1)
 
 
+def _tier_profile(path: str, num_layers: int) -> Profile:
+    """A tier's own profile file, checked to describe a model of this many layers."""
+    profile = Profile.load(path)
+    if sorted(profile.layers) != list(range(num_layers)):
+        raise PlanError(f"profile {path} describes {len(profile.layers)} layers, the model has {num_layers}")
+    return profile
+
+
 def _tier_choices(topo: Topology, data: dict, num_layers: int) -> dict[str, list[CompressionCost]]:
     """Compression choices per tier, measured with the tier's backend: all on device and edge, none on the cloud."""
     choices = {}
     for tier in TIERS:
         t = topo.tiers[tier]
         if t.profile:  # measured on the tier itself: only what was measured there
-            choices[tier] = [CompressionCost("none", Profile.load(t.profile), 0.0)]
+            choices[tier] = [CompressionCost("none", _tier_profile(t.profile, num_layers), 0.0)]
             continue
         costs = compression_costs(data, _threads(topo, tier), num_layers, tier_backend(topo, tier))
         choices[tier] = costs if tier != "cloud" else [c for c in costs if c.name == "none"]

@@ -62,21 +62,29 @@ class _Stopwatch:
         self.totals: dict[str, float] = {name: 0.0 for name in modules}
         self._started: dict[str, float] = {}
         self._handles = []
+        self.cuda = any(p.is_cuda for m in modules.values() for p in m.parameters())
         for name, module in modules.items():
             self._handles.append(module.register_forward_pre_hook(self._pre(name)))
             self._handles.append(module.register_forward_hook(self._post(name)))
 
     def _pre(self, name):
         def hook(module, args):
+            self._sync()
             self._started[name] = time.perf_counter()
 
         return hook
 
     def _post(self, name):
         def hook(module, args, out):
+            self._sync()
             self.totals[name] += time.perf_counter() - self._started[name]
 
         return hook
+
+    def _sync(self) -> None:
+        """On a GPU, wait for the queued kernels: wall time then covers the module's own work."""
+        if self.cuda:
+            torch.cuda.synchronize()
 
     def reset(self) -> None:
         self.totals = dict.fromkeys(self.totals, 0.0)

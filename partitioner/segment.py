@@ -97,7 +97,11 @@ class Segment(nn.Module):
 
     def open_session(self, session_id: str) -> None:
         self.sessions[session_id] = KVCache(
-            range(self.start, self.end), self.spec.num_kv_heads, self.spec.head_dim, self._dtype()
+            range(self.start, self.end),
+            self.spec.num_kv_heads,
+            self.spec.head_dim,
+            self._dtype(),
+            device=self._device(),
         )
 
     def close_session(self, session_id: str) -> None:
@@ -105,6 +109,9 @@ class Segment(nn.Module):
 
     def cached_length(self, session_id: str) -> int:
         return self.sessions[session_id].length
+
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device if len(list(self.parameters())) else torch.device("cpu")
 
     def _dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype if len(list(self.parameters())) else torch.float32
@@ -133,7 +140,7 @@ class Segment(nn.Module):
         for cache, start, n in zip(caches, starts, lengths):
             cache.length = start  # a rewind drops what followed, even if this pass fails
             cache.reserve(start + n)
-        batch = _attention_batch(caches, starts, lengths, self.spec)
+        batch = _attention_batch(caches, starts, lengths, self.spec, x.device)
         for layer in self.layers.values():
             x = layer(x, batch)
         for cache, start, n in zip(caches, starts, lengths):
@@ -147,16 +154,16 @@ class Segment(nn.Module):
 
     def _input_rows(self, items: list[SegmentInput], width: int) -> torch.Tensor:
         """Embed or take each session's rows, zero-padded to ``width`` positions: (B, T, C)."""
-        x = torch.zeros(len(items), width, self.spec.hidden_size, dtype=self._dtype())
+        x = torch.zeros(len(items), width, self.spec.hidden_size, dtype=self._dtype(), device=self._device())
         for i, item in enumerate(items):
             if self.has_embed:
                 if item.input_ids is None:
                     raise ValueError("this segment starts with the embedding: give input_ids, not hidden states")
-                rows = self.embed_tokens(item.input_ids.long())
+                rows = self.embed_tokens(item.input_ids.long().to(x.device))
             else:
                 if item.hidden is None:
                     raise ValueError(f"this segment starts at layer {self.start}: give hidden states")
-                rows = item.hidden
+                rows = item.hidden.to(x.device)
                 if rows.ndim != 2 or rows.shape[1] != self.spec.hidden_size:
                     raise ValueError(f"hidden states must be (T, {self.spec.hidden_size}), got {tuple(rows.shape)}")
             x[i, : rows.shape[0]] = rows
@@ -186,16 +193,16 @@ def _local_name(checkpoint_name: str) -> str:
     return checkpoint_name.removeprefix("model.")
 
 
-def _attention_batch(caches, starts: list[int], lengths: list[int], spec: GlmSpec) -> AttentionBatch:
+def _attention_batch(caches, starts: list[int], lengths: list[int], spec: GlmSpec, device=None) -> AttentionBatch:
     """Rotary angles and the causal + padding mask for sessions with different cache lengths."""
     width = max(lengths)
-    offsets = torch.arange(width)
-    positions = torch.tensor(starts)[:, None] + offsets  # (B, T)
+    offsets = torch.arange(width, device=device)
+    positions = torch.tensor(starts, device=device)[:, None] + offsets  # (B, T)
     cos, sin = rotary_cos_sin(positions, spec.rotary_dim, spec.rope_theta)
     mask = None
     if len(caches) > 1 or width > 1:
-        ends = torch.tensor([s + n for s, n in zip(starts, lengths)])  # (B,)
-        keys = torch.arange(int(ends.max()))  # (L,)
+        ends = torch.tensor([s + n for s, n in zip(starts, lengths)], device=device)  # (B,)
+        keys = torch.arange(int(ends.max()), device=device)  # (L,)
         causal = keys[None, None, :] <= positions[:, :, None]  # (B, T, L)
         mask = (causal & (keys[None, None, :] < ends[:, None, None]))[:, None]  # (B, 1, T, L)
     return AttentionBatch(cos=cos, sin=sin, mask=mask, caches=caches, starts=starts, lengths=lengths)

@@ -74,10 +74,16 @@ def load_topology(path: str | os.PathLike) -> Topology:
     if not file.is_file():
         raise TopologyError(f"topology file {str(file)!r} does not exist")
     try:
-        data = yaml.safe_load(file.read_text())
-        return Topology.model_validate(data)
+        topo = Topology.model_validate(yaml.safe_load(file.read_text()))
     except (yaml.YAMLError, ValidationError) as e:
         raise TopologyError(f"invalid topology {str(file)!r}: {e}") from None
+    for name, tier in topo.tiers.items():  # a profile path is relative to the topology file
+        if tier.profile:
+            path = (file.parent / tier.profile).resolve()
+            if not path.is_file():
+                raise TopologyError(f"{file}: tier {name}'s profile {tier.profile!r} does not exist ({path})")
+            tier.profile = str(path)
+    return topo
 
 
 def tier_backend(topo: Topology, tier: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -194,3 +195,24 @@ def test_onnx_tier_loads_as_onnx_and_matches_torch(tiny_glm, tmp_path):
         atol=1e-4,
         rtol=0,
     )
+
+
+def test_tier_profile_file_is_resolved_and_checked(tmp_path):
+    from partitioner.partition import PlanError, _tier_choices
+
+    shipped = Path("examples/profiles/smollm2_135m_h100_fp32.json").resolve()
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "h100.json").write_text(shipped.read_text())
+    yaml_text = (
+        Path("examples/topologies/lan.yaml").read_text().replace("speed_factor: 8.0", "profile: profiles/h100.json")
+    )
+    (tmp_path / "t.yaml").write_text(yaml_text)
+    topo = load_topology(tmp_path / "t.yaml")
+    assert topo.tiers["cloud"].profile == str(tmp_path / "profiles" / "h100.json")
+    data = {"profiles": {}, "compression": {}}
+    assert _tier_choices(topo, data, 30)["cloud"][0].profile.machine.startswith("NVIDIA")
+    with pytest.raises(PlanError, match="describes 30 layers, the model has 6"):
+        _tier_choices(topo, data, 6)
+    (tmp_path / "profiles" / "h100.json").unlink()
+    with pytest.raises(TopologyError, match="does not exist"):
+        load_topology(tmp_path / "t.yaml")
