@@ -97,16 +97,39 @@ def save_measurements(path: str | os.PathLike, data: dict) -> Path:
     return file
 
 
-def ensure_profiles(path, data: dict, threads: set[int], backends: Iterable[str] = ("torch",)) -> None:
-    """Profile the whole model for every compression of ``backends`` at every thread count not yet measured."""
+def ensure_measurements(
+    path, data: dict, threads: set[int], ids: torch.Tensor, backends: Iterable[str] = ("torch",)
+) -> None:
+    """Measure what ``data`` lacks: whole-model profiles of each compression of ``backends`` at ``threads``,
+    each codec's quality (at splits L/3, 2L/3) and each compression's quality (whole model) on ``ids``."""
     backends = set(backends)
     if "torch" in backends:
-        todo = [(c, t) for c in COMPRESSIONS for t in sorted(threads) if key("torch", c, t) not in data["profiles"]]
-        for compression, t in tqdm(todo, desc="profiling torch", disable=not todo):
-            prof = profile_segment(whole_model(path, compression), str(path), threads=t, compression=compression)
-            data["profiles"][key("torch", compression, t)] = asdict(prof)
+        _ensure_torch_profiles(path, data, threads)
+    _ensure_codec_quality(path, data, ids)
+    todo = [c for c in COMPRESSIONS if c not in data["compression"]]
+    if todo:
+        reference = whole_model(path, "none")
+        for name in tqdm(todo, desc="compression quality"):
+            data["compression"][name] = compare(reference, whole_model(path, name), ids, window=512)
     if ONNX in backends:
-        _ensure_onnx_profiles(path, data, threads)
+        _ensure_onnx(path, data, threads, ids)
+
+
+def _ensure_torch_profiles(path, data: dict, threads: set[int]) -> None:
+    todo = [(c, t) for c in COMPRESSIONS for t in sorted(threads) if key("torch", c, t) not in data["profiles"]]
+    for compression, t in tqdm(todo, desc="profiling torch", disable=not todo):
+        prof = profile_segment(whole_model(path, compression), str(path), threads=t, compression=compression)
+        data["profiles"][key("torch", compression, t)] = asdict(prof)
+
+
+def _ensure_codec_quality(path, data: dict, ids: torch.Tensor) -> None:
+    missing = [c for c in CODECS if c not in data["codecs"]]
+    if missing:
+        from .pipeline import split_segments
+
+        L = load_spec(path).num_layers
+        for r in evaluate_codecs(split_segments(path, L // 3, 2 * L // 3), ids, missing, window=512):
+            data["codecs"][r.codec] = r.as_dict()
 
 
 @contextmanager
@@ -119,50 +142,26 @@ def exported_whole_model(path) -> Iterator[Path]:
         yield Path(tmp)
 
 
-def _ensure_onnx_profiles(path, data: dict, threads: set[int]) -> None:
+def _ensure_onnx(path, data: dict, threads: set[int], ids: torch.Tensor) -> None:
+    """ONNX profiles and quality (against PyTorch fp32) from one export of the whole model."""
+    from .backends import OnnxSegment
     from .profiler_onnx import profile_exported
 
-    todo = [(c, t) for c in ONNX_COMPRESSIONS for t in sorted(threads) if key(ONNX, c, t) not in data["profiles"]]
-    if not todo:
+    profiles = [(c, t) for c in ONNX_COMPRESSIONS for t in sorted(threads) if key(ONNX, c, t) not in data["profiles"]]
+    quality = [c for c in ONNX_COMPRESSIONS if key(ONNX, c) not in data["compression"]]
+    if not profiles and not quality:
         return
     with exported_whole_model(path) as folder:
-        for compression, t in tqdm(todo, desc="profiling onnxruntime"):
+        for compression, t in tqdm(profiles, desc="profiling onnxruntime", disable=not profiles):
             precision = ONNX_COMPRESSIONS[compression]["precision"]
-            prof = profile_exported(folder, str(path), t, precision, compression)
-            data["profiles"][key(ONNX, compression, t)] = asdict(prof)
-
-
-def ensure_quality(path, data: dict, ids: torch.Tensor, backends: Iterable[str] = ("torch",)) -> None:
-    """Measure each codec (at splits L/3, 2L/3) and each compression of ``backends`` (whole model) on ``ids``."""
-    spec = load_spec(path)
-    missing = [c for c in CODECS if c not in data["codecs"]]
-    if missing:
-        from .pipeline import split_segments
-
-        segments = split_segments(path, spec.num_layers // 3, 2 * spec.num_layers // 3)
-        for r in evaluate_codecs(segments, ids, missing, window=512):
-            data["codecs"][r.codec] = r.as_dict()
-    todo = [c for c in COMPRESSIONS if c not in data["compression"]]
-    if todo:
-        reference = whole_model(path, "none")
-        for name in tqdm(todo, desc="compression quality"):
-            data["compression"][name] = compare(reference, whole_model(path, name), ids, window=512)
-    if ONNX in set(backends):
-        _ensure_onnx_quality(path, data, ids)
-
-
-def _ensure_onnx_quality(path, data: dict, ids: torch.Tensor) -> None:
-    """Each ONNX choice against the PyTorch fp32 model: the ONNX whole model is the candidate."""
-    from .backends import OnnxSegment
-
-    todo = [c for c in ONNX_COMPRESSIONS if key(ONNX, c) not in data["compression"]]
-    if not todo:
-        return
-    reference = whole_model(path, "none")
-    with exported_whole_model(path) as folder:
-        for name in tqdm(todo, desc="onnxruntime quality"):
-            candidate = OnnxSegment(folder, ONNX_COMPRESSIONS[name]["precision"])
-            data["compression"][key(ONNX, name)] = compare(reference, [candidate], ids, window=512)
+            data["profiles"][key(ONNX, compression, t)] = asdict(
+                profile_exported(folder, str(path), t, precision, compression)
+            )
+        if quality:
+            reference = whole_model(path, "none")
+            for name in tqdm(quality, desc="onnxruntime quality"):
+                candidate = OnnxSegment(folder, ONNX_COMPRESSIONS[name]["precision"])
+                data["compression"][key(ONNX, name)] = compare(reference, [candidate], ids, window=512)
 
 
 def profile_for(data: dict, compression: str, threads: int, backend: str = "torch") -> Profile:

@@ -15,8 +15,7 @@ from .measure import (
     codec_costs,
     compression_costs,
     compression_entry,
-    ensure_profiles,
-    ensure_quality,
+    ensure_measurements,
     load_measurements,
     save_measurements,
 )
@@ -85,9 +84,8 @@ def partition(
     profiled = [t for t in TIERS if not topo.tiers[t].profile]
     backends = {tier_backend(topo, t) for t in profiled}
     threads = {_threads(topo, t) for t in profiled} | ({LIVE_THREADS} if measure else set())
-    ensure_profiles(model, data, threads, backends)
     ids = load_tokenizer(model)(Path(text).read_text(errors="replace"), return_tensors="pt").input_ids[0]
-    ensure_quality(model, data, ids[:QUALITY_TOKENS], backends)
+    ensure_measurements(model, data, threads, ids[:QUALITY_TOKENS], backends)
     cache = save_measurements(model, data)
     logger.info("measurements cached in %s", cache)
     ranked = plan(
