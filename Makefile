@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast protos bench lint clean
+.PHONY: setup mosquitto demo test test-fast protos bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,11 +20,16 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/splitglm demo
 
-test: setup
+# the tests run a real Mosquitto broker (the demo needs none: it embeds amqtt)
+mosquitto:
+	command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto; }
+
+test: setup mosquitto
 	$(BIN)/python -m protos.generate --check
 	$(BIN)/python -m pytest
 
-test-fast: setup
+test-fast: setup mosquitto
 	$(BIN)/python -m pytest -m 'not slow'
 
 protos: setup

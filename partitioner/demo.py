@@ -9,9 +9,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from .checkpoint import load_spec, load_tokenizer
-from .convert import demo_model
+from .convert import default_cache_dir, demo_model
+from .export import cached_plan, fixed_plan
 from .pipeline import Chain, split_segments
 from .quality import FrameLink
 
@@ -30,6 +32,13 @@ class DemoResult:
 def default_splits(num_layers: int) -> tuple[int, int]:
     """A third of the layers on each tier."""
     return num_layers // 3, 2 * num_layers // 3
+
+
+def demo_plan(model: str | None = None, codecs: tuple[str, str] = ("int8+outliers", "int8+outliers")) -> Path:
+    """The demo's plan folder (a third of the layers per tier, no compression), exported once into the cache."""
+    path = model or str(demo_model())
+    splits = default_splits(load_spec(path).num_layers)
+    return cached_plan(path, fixed_plan(splits, codecs), default_cache_dir() / "plans")
 
 
 def run_local_demo(

@@ -129,3 +129,34 @@ def load_tier(plan_dir: str | os.PathLike, tier: str, expect_model: str | None =
         manifest["compression"],
         runs=manifest.get("runs"),
     )
+
+
+def fixed_plan(splits: tuple[int, int], codecs: tuple[str, str], compression: dict | None = None) -> dict:
+    """A plan chosen by hand (no topology, no measurement): splits, link codecs, per-tier compression."""
+    from .measure import compression_entry
+
+    compression = compression or {}
+    return {
+        "topology": "fixed",
+        "splits": list(splits),
+        "codecs": {"device_edge": codecs[0], "edge_cloud": codecs[1]},
+        "compression": {t: compression.get(t, compression_entry("torch", "none")) for t in ("device", "edge", "cloud")},
+    }
+
+
+def cached_plan(model: str | os.PathLike, plan: dict, root: str | os.PathLike) -> Path:
+    """Export ``plan`` for ``model`` once under ``root`` (named by model and plan) and return its folder."""
+    model = resolve_checkpoint(model)
+    config = json.loads((model / "config.json").read_text())
+    name = f"{model_fingerprint(config)}-{plan_id({**plan, 'model': model_fingerprint(config)})}"
+    folder = Path(root) / name
+    if (folder / "plan.json").is_file():
+        return folder
+    staging = Path(root) / f".{name}.{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    export_plan(model, plan, staging)
+    try:
+        staging.rename(folder)
+    except OSError:  # another process finished first
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder

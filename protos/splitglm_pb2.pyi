@@ -93,7 +93,7 @@ class GenerationParams(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., policy: _Optional[str] = ..., latency_budget_ms: _Optional[int] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("session_id", "seq", "start_pos", "hidden", "params", "deadline_unix_ms", "close")
+    __slots__ = ("session_id", "seq", "start_pos", "hidden", "params", "deadline_unix_ms", "close", "reply_to")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     START_POS_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +101,7 @@ class Frame(_message.Message):
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     CLOSE_FIELD_NUMBER: _ClassVar[int]
+    REPLY_TO_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     seq: int
     start_pos: int
@@ -108,10 +109,11 @@ class Frame(_message.Message):
     params: GenerationParams
     deadline_unix_ms: int
     close: bool
-    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., start_pos: _Optional[int] = ..., hidden: _Optional[_Union[EncodedTensor, _Mapping]] = ..., params: _Optional[_Union[GenerationParams, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., close: _Optional[bool] = ...) -> None: ...
+    reply_to: str
+    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., start_pos: _Optional[int] = ..., hidden: _Optional[_Union[EncodedTensor, _Mapping]] = ..., params: _Optional[_Union[GenerationParams, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., close: _Optional[bool] = ..., reply_to: _Optional[str] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("session_id", "seq", "tokens", "logprobs", "path", "timings_ms", "finished", "error")
+    __slots__ = ("session_id", "seq", "tokens", "logprobs", "path", "timings_ms", "finished", "error", "status", "edge_id")
     class TimingsMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +129,8 @@ class StepResult(_message.Message):
     TIMINGS_MS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    EDGE_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     seq: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
@@ -135,4 +139,6 @@ class StepResult(_message.Message):
     timings_ms: _containers.ScalarMap[str, float]
     finished: bool
     error: str
-    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., path: _Optional[_Union[Path, str]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., finished: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
+    status: int
+    edge_id: str
+    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., path: _Optional[_Union[Path, str]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., finished: _Optional[bool] = ..., error: _Optional[str] = ..., status: _Optional[int] = ..., edge_id: _Optional[str] = ...) -> None: ...

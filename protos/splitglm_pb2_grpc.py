@@ -47,10 +47,15 @@ class SegmentServiceServicer:
     """
 
     def Stream(self, request_iterator, context):
-        """Bidirectional stream, one per edge connection. The edge sends the frames
-        of many sessions interleaved, each session's frames in seq order; the
+        """Bidirectional stream, one per session (gRPC multiplexes the streams of
+        many sessions over one connection; the cloud batches their steps into
+        one forward pass). The edge sends the session's frames in seq order; the
         cloud answers each frame with one StepResult carrying the same
-        session_id and seq.
+        session_id and seq, and a repeated seq with the same answer again
+        without recomputing. A close frame, or the end of the stream, frees the
+        session. A bad frame or a limit ends the stream with a gRPC status
+        (INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, ...) and a message,
+        which touches no other session.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -152,6 +152,21 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _run_agent(args) -> int:
+    """``splitglm cloud|edge|device|sensors ARGS``: the same as ``python -m <package> ARGS``."""
+    import importlib
+
+    return importlib.import_module(AGENTS[args.command][0]).main(args.agent_args)
+
+
+AGENTS = {
+    "cloud": ("cloud_service.__main__", "serve a plan's cloud segment over gRPC (batched)"),
+    "edge": ("edge_node.__main__", "serve a plan's edge segment: MQTT frames, gRPC to the cloud, HTTP API"),
+    "device": ("device_agent.__main__", "run a plan's device segment for one device's MQTT sensor readings"),
+    "sensors": ("device_agent.simulator", "publish simulated sensor readings over MQTT"),
+}
+
+
 def cmd_bench_codecs(args) -> int:
     from protos.bench import bench_codecs
 
@@ -233,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=48, help="new tokens to generate")
     p.add_argument("--codec", default="int8+outliers", type=lambda t: _codec_list(t)[0], help="codec on both links")
     p.set_defaults(func=cmd_demo)
+
+    for name, (_, help_text) in AGENTS.items():
+        p = sub.add_parser(name, help=help_text, add_help=False)
+        p.add_argument("agent_args", nargs=argparse.REMAINDER, help="its own options (see --help)")
+        p.set_defaults(func=_run_agent)
 
     bench = sub.add_parser("bench", help="benchmarks that report numbers").add_subparsers(dest="bench", required=True)
     p = bench.add_parser("codecs", help="encode/decode time and size of every codec")

@@ -1,0 +1,178 @@
+"""The session owner's decode loop, shared by the device agent (sensor requests) and the edge gateway (HTTP).
+
+The owner holds the embedding and the first layers. Each step it runs its
+segment on the new positions, sends one frame downstream and gets back one
+StepResult with the next token (one round trip per token). It detokenizes
+incrementally and ends the generation on a stop string (decided here, where
+the tokenizer is) or when the downstream says ``finished`` (a stop token or
+``max_tokens``, decided by the terminal tier).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from protos import splitglm_pb2 as pb
+from protos.frames import make_frame
+
+from .segment import SegmentInput
+
+
+class Downstream(Protocol):
+    """Where an owner sends frames: the edge over MQTT, or the cloud (or router) at the edge."""
+
+    def step(self, frame: pb.Frame) -> pb.StepResult:
+        """Send one frame and wait for its answer; raise on a transport failure."""
+
+    def close(self, frame: pb.Frame) -> None:
+        """Send a close frame (best effort, no answer)."""
+
+
+class StepFailed(RuntimeError):
+    """The downstream answered a step with an error."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class TextStream:
+    """Incremental detokenization that holds back text which could still become a stop string."""
+
+    def __init__(self, tokenizer, stop: list[str] | tuple[str, ...] = ()):
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.ids: list[int] = []
+        self.released = 0  # characters of the decoded text handed out so far
+        self.text = ""  # the final text once stopped or flushed
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """Add a token; return (newly released text, whether a stop string ended the text)."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        hits = [i for i in (text.find(s, max(0, self.released - len(s))) for s in self.stop) if i >= 0]
+        if hits:
+            self.text = text[: min(hits)]
+            return self._release(len(self.text)), True
+        safe = len(text) - max((len(s) - 1 for s in self.stop), default=0)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            safe = min(safe, len(text) - 1)
+        self.text = text
+        return self._release(max(safe, self.released)), False
+
+    def flush(self) -> str:
+        """Whatever is still held back, at the end of the generation."""
+        return self._release(len(self.text))
+
+    def _release(self, upto: int) -> str:
+        piece = self.text[self.released : upto]
+        self.released = max(self.released, upto)
+        return piece
+
+
+@dataclass
+class TokenEvent:
+    token: int
+    logprob: float
+    text: str  # text this token released (may be empty: held back or a special token)
+    path: int  # pb.ACCURATE or pb.FAST
+    step_ms: float  # owner compute + round trip of this step
+    timings_ms: dict[str, float]  # the downstream's named timings of this step
+
+
+@dataclass
+class Generation:
+    """One generation driven by its owner; iterate for TokenEvents, then read the summary fields."""
+
+    segment: object  # the owner's segment (embedding + its layers)
+    downstream: Downstream
+    prompt_ids: list[int]
+    params: pb.GenerationParams
+    codec: str
+    tokenizer: object
+    session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    deadline_unix_ms: int = 0
+    lock: threading.Lock | None = None  # serialises the owner segment between threads
+
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    paths: list[int] = field(default_factory=list)
+    finish_reason: str = ""  # "stop" or "length"
+    ttft_ms: float = 0.0
+    total_ms: float = 0.0
+    frame_bytes: int = 0  # serialized frame bytes sent downstream
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        if not self.prompt_ids:
+            raise ValueError("the prompt is empty")
+        stream = TextStream(self.tokenizer, list(self.params.stop))
+        start = time.perf_counter()
+        ids, pos, seq = torch.tensor(self.prompt_ids), 0, 0
+        try:
+            while True:
+                t0 = time.perf_counter()
+                result = self._step(ids, pos, seq)
+                if result.error:
+                    raise StepFailed(result.status, result.error)
+                if not result.tokens:
+                    raise StepFailed(13, f"step {seq} of session {self.session_id} came back without a token")
+                token, logprob = int(result.tokens[0]), float(result.logprobs[0])
+                self.tokens.append(token)
+                self.logprobs.append(logprob)
+                self.paths.append(result.path)
+                if seq == 0:
+                    self.ttft_ms = (time.perf_counter() - start) * 1e3
+                piece, stopped = stream.push(token)
+                done = stopped or result.finished or len(self.tokens) >= self.params.max_tokens
+                if done and not stopped:
+                    piece += stream.flush()
+                step_ms = (time.perf_counter() - t0) * 1e3
+                yield TokenEvent(token, logprob, piece, result.path, step_ms, dict(result.timings_ms))
+                if done:
+                    eos = result.finished and token in self.params.stop_token_ids
+                    self.finish_reason = "stop" if stopped or eos else "length"
+                    break
+                pos += int(ids.shape[0])
+                seq += 1
+                ids = torch.tensor([token])
+        finally:
+            self.text = stream.text[: stream.released]
+            self.total_ms = (time.perf_counter() - start) * 1e3
+            self._close(seq + 1, pos)
+
+    def _step(self, ids: torch.Tensor, pos: int, seq: int) -> pb.StepResult:
+        with self.lock or nullcontext():
+            hidden = self.segment([SegmentInput(self.session_id, pos, input_ids=ids)])[0]  # (T, C)
+        frame = make_frame(
+            self.session_id,
+            seq,
+            pos,
+            hidden,
+            self.codec,
+            params=self.params if seq == 0 else None,
+            deadline_unix_ms=self.deadline_unix_ms,
+        )
+        self.frame_bytes += frame.ByteSize()
+        return self.downstream.step(frame)
+
+    def _close(self, seq: int, pos: int) -> None:
+        with self.lock or nullcontext():
+            self.segment.close_session(self.session_id)
+        try:
+            self.downstream.close(make_frame(self.session_id, seq, pos, None, close=True))
+        except Exception:  # noqa: BLE001 -- best effort: the downstream frees idle sessions on its own
+            pass
+
+    @property
+    def per_token_ms(self) -> float:
+        """Mean time of each token after the first."""
+        n = len(self.tokens)
+        return (self.total_ms - self.ttft_ms) / (n - 1) if n > 1 else 0.0
