@@ -69,7 +69,8 @@ class Proc:
             except queue.Empty:
                 break
             if line is None:
-                raise RuntimeError(f"{self.name} exited ({self.popen.wait()}) before {pattern.pattern!r}:\n{self.output}")
+                code = self.popen.wait()
+                raise RuntimeError(f"{self.name} exited ({code}) before {pattern.pattern!r}:\n{self.output}")
             if m := pattern.search(line):
                 return m
         raise TimeoutError(f"{self.name}: no {pattern.pattern!r} within {timeout} s:\n{self.output}")
