@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .checkpoint import load_spec, load_tokenizer
 from .convert import default_cache_dir, demo_model
-from .export import cached_plan, fixed_plan
+from .export import cached_plan, export_plan, fixed_plan
 from .pipeline import Chain, split_segments
 from .quality import FrameLink
 
@@ -34,11 +34,21 @@ def default_splits(num_layers: int) -> tuple[int, int]:
     return num_layers // 3, 2 * num_layers // 3
 
 
-def demo_plan(model: str | None = None, codecs: tuple[str, str] = ("int8+outliers", "int8+outliers")) -> Path:
-    """The demo's plan folder (a third of the layers per tier, no compression), exported once into the cache."""
+def demo_plan(
+    model: str | None = None,
+    codecs: tuple[str, str] = ("int8+outliers", "int8+outliers"),
+    out: str | None = None,
+) -> Path:
+    """The demo's plan folder (a third of the layers per tier, no compression), exported once.
+
+    Into ``out`` if given (must be new or empty), else into the cache (reused afterwards).
+    """
     path = model or str(demo_model())
-    splits = default_splits(load_spec(path).num_layers)
-    return cached_plan(path, fixed_plan(splits, codecs), default_cache_dir() / "plans")
+    plan = fixed_plan(default_splits(load_spec(path).num_layers), codecs)
+    if out:
+        export_plan(path, plan, out)
+        return Path(out)
+    return cached_plan(path, plan, default_cache_dir() / "plans")
 
 
 def run_local_demo(

@@ -55,6 +55,44 @@ def cmd_demo_model(args) -> int:
     return 0
 
 
+def cmd_demo_plan(args) -> int:
+    from partitioner.demo import demo_plan
+
+    print(demo_plan(args.model, out=args.out))
+    return 0
+
+
+def cmd_health(args) -> int:
+    """Exit 0 when the service at the URL says it is healthy (gRPC health service, or HTTP /healthz)."""
+    from urllib.parse import urlsplit
+
+    url = urlsplit(args.url)
+    try:
+        if url.scheme == "grpc":
+            import grpc
+            from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+            with grpc.insecure_channel(url.netloc) as channel:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=args.timeout)
+            ok = reply.status == health_pb2.HealthCheckResponse.SERVING
+        elif url.scheme in ("http", "https"):
+            import urllib.request
+
+            with urllib.request.urlopen(args.url, timeout=args.timeout) as response:
+                ok = response.status == 200
+        elif url.scheme == "file":
+            ok = os.path.exists(url.path)
+        else:
+            raise ValueError(f"health URL {args.url!r} must be grpc://HOST:PORT, http(s)://... or file:///PATH")
+    except Exception as e:  # noqa: BLE001 -- any failure means unhealthy
+        if isinstance(e, ValueError):
+            raise
+        print(f"unhealthy: {e}", file=sys.stderr)
+        return 1
+    print("healthy" if ok else "unhealthy")
+    return 0 if ok else 1
+
+
 def cmd_eval(args) -> int:
     from partitioner.assess import evaluate
     from partitioner.quality import format_table
@@ -138,6 +176,18 @@ def cmd_profile(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    if args.local:
+        return _local_demo(args)
+    from partitioner.demo import demo_plan
+    from splitglm.demo_run import run_demo, serve_demo
+
+    plan = args.plan or str(demo_plan(args.model))
+    if args.serve:
+        return serve_demo(plan, args.broker, args.device_id, args.threads, args.http_port)
+    return run_demo(plan, args.broker, args.device_id, args.threads, args.readings, args.prompt, args.max_tokens)
+
+
+def _local_demo(args) -> int:
     from partitioner.demo import run_local_demo
 
     print(f"prompt: {args.prompt}")
@@ -199,6 +249,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder to convert into (default: the splitglm cache)")
     p.set_defaults(func=cmd_demo_model)
 
+    p = sub.add_parser("demo-plan", help="export the demo plan (a third of the layers per tier) once; print its folder")
+    p.add_argument("--model", help="GLM checkpoint folder (default: the demo model)")
+    p.add_argument("--out", help="plan folder to write (default: the cache)")
+    p.set_defaults(func=cmd_demo_plan)
+
+    p = sub.add_parser("health", help="check a service: grpc://HOST:PORT (cloud), http://HOST:PORT/healthz (edge)")
+    p.add_argument("url")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+    p.set_defaults(func=cmd_health)
+
     p = sub.add_parser("eval", help="perplexity and token agreement of hidden-state codecs at the split points")
     p.add_argument("--model", required=True, help="GLM checkpoint folder")
     p.add_argument("--text", required=True, help="UTF-8 text file to measure on")
@@ -242,11 +302,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--measure-repeats", type=int, default=2, help="runs per workload with --measure (default 2)")
     p.set_defaults(func=cmd_partition)
 
-    p = sub.add_parser("demo", help="convert the demo model and generate through device/edge/cloud segments")
+    p = sub.add_parser("demo", help="run the whole topology locally (broker, cloud, edge, device agent, sensors)")
     p.add_argument("--model", help="GLM checkpoint folder (default: the demo model)")
+    p.add_argument("--plan", help="plan folder to serve (default: the demo plan, exported once into the cache)")
+    p.add_argument("--broker", help="MQTT broker URL, e.g. mqtt://127.0.0.1:1883 (default: start an embedded one)")
+    p.add_argument("--serve", action="store_true", help="keep the topology running until SIGINT/SIGTERM")
+    p.add_argument("--device-id", default="demo-device-1", help="the simulated device (default demo-device-1)")
+    p.add_argument("--readings", type=int, default=3, help="sensor readings the simulator publishes (default 3)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each tier process (default 1)")
+    p.add_argument("--http-port", type=int, default=0, help="edge HTTP port with --serve (default: a free port)")
     p.add_argument("--prompt", default="What is the GNU General Public License? Answer in one sentence.")
-    p.add_argument("--max-tokens", type=int, default=48, help="new tokens to generate")
-    p.add_argument("--codec", default="int8+outliers", type=lambda t: _codec_list(t)[0], help="codec on both links")
+    p.add_argument("--max-tokens", type=int, default=48, help="new tokens of the HTTP completion")
+    p.add_argument("--local", action="store_true", help="the one-process demo: three segments, no network")
+    p.add_argument("--codec", default="int8+outliers", type=lambda t: _codec_list(t)[0], help="--local: link codec")
     p.set_defaults(func=cmd_demo)
 
     for name, (_, help_text) in AGENTS.items():

@@ -1,0 +1,103 @@
+"""Child processes of the local topology: started, awaited (``ready: <url>`` lines), stopped, never left behind.
+
+Used by ``splitglm demo`` and by the integration tests. Each child runs in its
+own session (a terminal's Ctrl-C reaches only the parent, which stops the
+children in order) and gets SIGTERM if the parent dies (Linux ``PR_SET_PDEATHSIG``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+READY = re.compile(r"ready: (\S+)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    """A child process whose merged output is collected line by line."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str] | None = None, cwd: str | None = None):
+        self.name, self.args = name, args
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
+        self.popen = subprocess.Popen(
+            args, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        self.lines: list[str] = []
+        self._new: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    @classmethod
+    def python(cls, name: str, module: str, *args: str, env: dict[str, str] | None = None) -> Proc:
+        return cls(name, [sys.executable, "-m", module, *args], env)
+
+    def _read(self) -> None:
+        for line in self.popen.stdout:
+            self.lines.append(line.rstrip("\n"))
+            self._new.put(line)
+        self._new.put(None)
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for(self, pattern: str | re.Pattern, timeout: float = 120.0) -> re.Match:
+        """The first output line matching ``pattern`` (already printed or to come)."""
+        pattern = re.compile(pattern)
+        for line in list(self.lines):
+            if m := pattern.search(line):
+                return m
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._new.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                code = self.popen.wait()
+                raise RuntimeError(f"{self.name} exited ({code}) before {pattern.pattern!r}:\n{self.output}")
+            if m := pattern.search(line):
+                return m
+        raise TimeoutError(f"{self.name}: no {pattern.pattern!r} within {timeout} s:\n{self.output}")
+
+    def ready(self, timeout: float = 120.0) -> str:
+        return self.wait_for(READY, timeout).group(1)
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM, then SIGKILL after ``timeout``; return the exit code."""
+        if self.alive():
+            os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait()
+        return self.popen.returncode
+
+

@@ -1,0 +1,135 @@
+"""The whole topology as local processes: broker, cloud, edge, a device agent, a sensor simulator.
+
+``splitglm demo`` runs it once (sensor answers and one HTTP completion, then
+everything stops); ``splitglm demo --serve`` keeps it up until SIGINT/SIGTERM.
+Each part is the same process an operator runs (``python -m cloud_service``,
+``python -m edge_node``, ``python -m device_agent``), talking over a real MQTT
+broker, real gRPC and real HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+from dataclasses import dataclass, field
+
+from protos.mqtt import broker_address, connect, new_client, resolve_protocol
+from protos.topics import results_topic
+
+from .processes import Proc, free_port
+
+logger = logging.getLogger(__name__)
+START_TIMEOUT_S = 300.0  # loading a tier on a busy 2-core machine takes a while
+
+
+@dataclass
+class LocalSystem:
+    plan: str
+    broker: str | None = None  # an existing broker's URL; None = start the embedded amqtt broker
+    device_id: str = "demo-device-1"
+    threads: int = 1  # torch threads of each tier process
+    host: str = "127.0.0.1"
+    http_port: int = 0  # 0 = a free port
+    device_max_tokens: int = 32
+    procs: list[Proc] = field(default_factory=list)
+    urls: dict[str, str] = field(default_factory=dict)
+
+    def _start(self, name: str, module: str, *args: str) -> str:
+        proc = Proc(name, [sys.executable, "-m", module, *args])
+        self.procs.append(proc)
+        url = proc.ready(START_TIMEOUT_S)
+        self.urls[name] = url
+        logger.info("%s ready: %s", name, url)
+        return url
+
+    def start(self) -> LocalSystem:
+        """Start broker (unless given), cloud, edge and device agent, each once the one before is ready."""
+        try:
+            if self.broker is None:
+                self.broker = self._start("broker", "splitglm.broker", "--host", self.host, "--port", str(free_port()))
+            broker_address(self.broker)  # a clear error for a malformed URL before anything loads
+            self.urls["mqtt"] = self.broker
+            threads = ("--threads", str(self.threads))
+            cloud = self._start("cloud", "cloud_service", "--plan", self.plan, "--host", self.host, "--port", "0",
+                                *threads)
+            self._start("edge", "edge_node", "--plan", self.plan, "--broker", self.broker,
+                        "--cloud", cloud.removeprefix("grpc://"), "--http-host", self.host,
+                        "--http-port", str(self.http_port or free_port()), *threads)
+            self._start("device", "device_agent", "--plan", self.plan, "--broker", self.broker,
+                        "--device-id", self.device_id, "--max-tokens", str(self.device_max_tokens), *threads)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    @property
+    def http(self) -> str:
+        return self.urls["edge"]
+
+    def publish_readings(self, count: int, interval_s: float = 0.5) -> Proc:
+        """Run the sensor simulator for ``count`` readings of this system's device."""
+        proc = Proc("sensors", [sys.executable, "-m", "device_agent.simulator", "--broker", self.broker,
+                                "--device-id", self.device_id, "--count", str(count), "--interval-s", str(interval_s)])
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> dict[str, int]:
+        """Stop every child, last started first; return their exit codes."""
+        codes = {}
+        for proc in reversed(self.procs):
+            codes[proc.name] = proc.stop()
+        self.procs.clear()
+        return codes
+
+    def __enter__(self) -> LocalSystem:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class ResultListener:
+    """Collects the JSON answers published on ``results/{device_id}``."""
+
+    def __init__(self, broker: str, device_id: str):
+        self.topic = results_topic(device_id)
+        self.answers: list[dict] = []
+        self._changed = threading.Condition()
+        self._subscribed = threading.Event()
+        protocol = resolve_protocol(broker, "auto")
+        self.client = new_client(f"splitglm-demo-{free_port()}", protocol)
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = lambda *a, **k: self._subscribed.set()
+        self.client.on_message = self._on_message
+        connect(self.client, broker, protocol)
+        if not self._subscribed.wait(30):
+            raise ConnectionError(f"could not subscribe to {self.topic} on {broker}")
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties=None):
+        client.subscribe(self.topic, qos=1)
+
+    def _on_message(self, client, userdata, message):
+        try:
+            answer = json.loads(message.payload)
+        except ValueError:
+            logger.warning("ignoring a non-JSON message on %s", message.topic)
+            return
+        with self._changed:
+            self.answers.append(answer)
+            self._changed.notify_all()
+
+    def covered(self) -> int:
+        return sum(len(a.get("readings", [])) for a in self.answers)
+
+    def wait_for_readings(self, count: int, timeout_s: float) -> list[dict]:
+        """Block until the answers cover ``count`` readings; return them (TimeoutError otherwise)."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self.covered() >= count, timeout_s):
+                raise TimeoutError(f"answers covered {self.covered()} of {count} readings after {timeout_s:g} s")
+            return list(self.answers)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
