@@ -217,6 +217,24 @@ AGENTS = {
 }
 
 
+def cmd_bench_split(args) -> int:
+    from partitioner.convert import demo_model
+    from partitioner.demo import demo_plan
+    from splitglm.bench_split import bench_split
+
+    model = args.model or str(demo_model())
+    plan = args.plan or str(demo_plan(model, codecs=("fp32", "fp32")))
+    result = bench_split(plan, model, args.tokens, args.repeats, args.threads)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"plan {plan} (lossless fp32 frames), {args.threads} threads per process, {args.tokens} tokens")
+        print(f"monolithic (transformers, one process): {result['monolithic_ms_per_token']:.1f} ms/token")
+        print(f"split over loopback (HTTP -> edge -> gRPC -> cloud): {result['split_http_ms_per_token']:.1f} ms/token")
+        print(f"overhead {result['overhead_pct']:+.1f}% (target within {result['target_pct']:g}%)")
+    return 0
+
+
 def cmd_bench_codecs(args) -> int:
     from protos.bench import bench_codecs
 
@@ -329,6 +347,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_codecs)
+    p = bench.add_parser("split", help="per-token latency: split path on loopback vs monolithic generation")
+    p.add_argument("--model", help="GLM checkpoint folder (default: the demo model)")
+    p.add_argument("--plan", help="plan folder (default: the demo plan with lossless fp32 frames)")
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2, help="torch threads of each process and of the monolithic run")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_split)
     return parser
 
 

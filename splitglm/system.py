@@ -33,6 +33,7 @@ class LocalSystem:
     host: str = "127.0.0.1"
     http_port: int = 0  # 0 = a free port
     device_max_tokens: int = 32
+    mqtt: bool = True  # False: cloud and edge only, the edge serving HTTP without a broker
     procs: list[Proc] = field(default_factory=list)
     urls: dict[str, str] = field(default_factory=dict)
 
@@ -47,18 +48,20 @@ class LocalSystem:
     def start(self) -> LocalSystem:
         """Start broker (unless given), cloud, edge and device agent, each once the one before is ready."""
         try:
-            if self.broker is None:
+            if self.mqtt and self.broker is None:
                 self.broker = self._start("broker", "splitglm.broker", "--host", self.host, "--port", str(free_port()))
-            broker_address(self.broker)  # a clear error for a malformed URL before anything loads
-            self.urls["mqtt"] = self.broker
+            if self.mqtt:
+                broker_address(self.broker)  # a clear error for a malformed URL before anything loads
+                self.urls["mqtt"] = self.broker
             threads = ("--threads", str(self.threads))
             cloud = self._start("cloud", "cloud_service", "--plan", self.plan, "--host", self.host, "--port", "0",
                                 *threads)
-            self._start("edge", "edge_node", "--plan", self.plan, "--broker", self.broker,
+            self._start("edge", "edge_node", "--plan", self.plan, "--broker", self.broker if self.mqtt else "",
                         "--cloud", cloud.removeprefix("grpc://"), "--http-host", self.host,
                         "--http-port", str(self.http_port or free_port()), *threads)
-            self._start("device", "device_agent", "--plan", self.plan, "--broker", self.broker,
-                        "--device-id", self.device_id, "--max-tokens", str(self.device_max_tokens), *threads)
+            if self.mqtt:
+                self._start("device", "device_agent", "--plan", self.plan, "--broker", self.broker,
+                            "--device-id", self.device_id, "--max-tokens", str(self.device_max_tokens), *threads)
         except BaseException:
             self.stop()
             raise
