@@ -29,6 +29,7 @@ class Mosquitto:
 
     def __init__(self, folder: Path):
         self.folder, self.port = Path(folder), free_port()
+        self.folder.mkdir(parents=True, exist_ok=True)
         self.url = f"mqtt://127.0.0.1:{self.port}"
         self.conf = self.folder / "mosquitto.conf"
         self.conf.write_text(

@@ -1,0 +1,58 @@
+"""``python -m device_agent``: run a plan's device segment for one device's MQTT sensor readings.
+
+Exit status: 0 after a clean shutdown on SIGTERM / SIGINT, 1 if the broker
+cannot be reached, 2 for bad settings (or a plan that does not load).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+
+from .settings import DeviceSettings, SettingsError, load_settings
+
+logger = logging.getLogger("device_agent")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        settings = load_settings(DeviceSettings, argv, "python -m device_agent", __doc__.splitlines()[0])
+    except SettingsError as e:
+        logger.error("%s", e)
+        return 2
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _serve(settings, stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _serve(settings: DeviceSettings, stop: threading.Event) -> int:
+    from partitioner.checkpoint import CheckpointError
+    from partitioner.manifest import ArtifactError
+
+    from .agent import DeviceAgent
+
+    try:
+        agent = DeviceAgent(settings)
+    except (ArtifactError, CheckpointError, KeyError) as e:
+        logger.error("cannot load the device tier of plan %s: %s", settings.plan, e)
+        return 2
+    except ConnectionError as e:
+        logger.error("%s", e)
+        return 1
+    agent.start()
+    stop.wait()
+    logger.info("stopping")
+    agent.stop()
+    logger.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""The device agent: sensor readings in over MQTT, the device segment run locally, answers out.
+
+Raw readings never leave the device: it renders them into a prompt, runs the
+embedding and its layers, and sends only encoded hidden states to an edge
+(``EdgeLink``); the tokens come back one round trip per step. One worker
+thread takes every queued reading (up to ``window`` at a time), answers them
+in one generation and publishes one JSON answer on ``results/{device_id}``;
+a failure still publishes an answer, with ``error`` set, so every reading is
+covered by exactly one answer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from partitioner.checkpoint import load_spec, load_tokenizer
+from partitioner.export import load_plan, load_tier
+from partitioner.owner import Generation
+from protos import splitglm_pb2 as pb
+from protos.mqtt import connect, new_client, resolve_protocol
+from protos.topics import results_topic, sensors_subscription
+
+from .link import EdgeLink, LinkClosed
+from .readings import Reading, ReadingError, parse_reading, prompt_token_ids, render_prompt
+from .settings import DeviceSettings
+
+logger = logging.getLogger(__name__)
+PATH_NAMES = {pb.ACCURATE: "accurate", pb.FAST: "fast"}
+ZERO_TIMINGS = {"ttft": 0.0, "per_token": 0.0, "total": 0.0}
+BROKER_WAIT_S = 60.0  # how long a starting agent waits for the broker to come up, seconds
+SHUTDOWN_PUBLISH_S = 5.0  # how long a stopping agent waits for its last answers to be acknowledged, seconds
+
+
+class DeviceAgent:
+    def __init__(self, settings: DeviceSettings):
+        self.settings, self.device_id = settings, settings.device_id
+        torch.set_num_threads(settings.threads)
+        self.codec = load_plan(settings.plan)["codecs"]["device_edge"]
+        self.segment = load_tier(settings.plan, "device")
+        self.tokenizer = load_tokenizer(Path(settings.plan) / "device")
+        self.stop_token_ids = list(load_spec(Path(settings.plan) / "device").eos_token_ids)
+        self.window: deque[Reading] = deque(maxlen=settings.window)
+        self.inbox: queue.SimpleQueue[Reading | None] = queue.SimpleQueue()
+        self.results_topic = results_topic(self.device_id)
+        self.ready = threading.Event()
+        self._stopping = threading.Event()
+        self._last_publish: Any = None  # MQTTMessageInfo of the latest answer
+        self._sensors_mid: int | None = None
+        self._worker = threading.Thread(target=self._work, name=f"device-{self.device_id}", daemon=True)
+
+        self.protocol = wait_for_broker(settings.broker, settings.mqtt_protocol, BROKER_WAIT_S)
+        self.client = new_client(f"splitglm-device-{self.device_id}", self.protocol)
+        self.link = EdgeLink(
+            self.client, self.protocol, self.device_id, settings.pool, settings.step_timeout_s, settings.max_attempts
+        )
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_subscribe = self._on_subscribe
+        self.client.message_callback_add(sensors_subscription(self.device_id), self._on_reading)
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> DeviceAgent:
+        self._worker.start()
+        connect(self.client, self.settings.broker, self.protocol)
+        return self
+
+    def stop(self) -> None:
+        """Abandon the current generation, answer the queued readings with an error, disconnect."""
+        self._stopping.set()
+        self.link.shutdown()
+        self.inbox.put(None)
+        if self._worker.is_alive():
+            self._worker.join()
+        if late := self._drain_inbox():  # queued after the worker took its last batch
+            self._publish({**self._request(late, ""), **failed("the device agent stopped before answering")})
+        if self._last_publish is not None:
+            try:
+                self._last_publish.wait_for_publish(SHUTDOWN_PUBLISH_S)
+            except (RuntimeError, ValueError) as e:
+                logger.warning("the last answer may not have reached the broker: %r", e)
+        self.client.disconnect()
+        self.client.loop_stop()
+        if self.settings.ready_file is not None:
+            self.settings.ready_file.unlink(missing_ok=True)
+
+    # ---- MQTT callbacks (network thread) ---------------------------------------------------------
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties=None) -> None:
+        if reason_code.is_failure:
+            logger.error("the broker %s refused the connection: %s", self.settings.broker, reason_code)
+            return
+        self.link.on_connect(client, userdata, flags, reason_code, properties)
+        self._sensors_mid = client.subscribe(sensors_subscription(self.device_id), qos=1)[1]
+        logger.info("connected to %s (MQTT %s)", self.settings.broker, "5" if self.link.v5 else "3.1.1")
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:
+        self.link.on_disconnect(client, userdata, flags, reason_code, properties)
+        if not self._stopping.is_set():
+            logger.warning("disconnected from %s (%s); reconnecting", self.settings.broker, reason_code)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties=None) -> None:
+        failed = [rc for rc in reason_codes if rc.is_failure]
+        if failed:
+            logger.error("subscription %d refused by the broker: %s", mid, failed)
+        elif mid == self._sensors_mid and not self.ready.is_set():
+            self.ready.set()
+            if self.settings.ready_file is not None:
+                self.settings.ready_file.touch()
+            logger.info("ready: device/%s", self.device_id)
+
+    def _on_reading(self, client, userdata, message) -> None:
+        if message.retain:  # replayed at subscribe time: stale, or answered in an earlier run
+            logger.info("skipping a retained reading on %s", message.topic)
+            return
+        try:
+            reading = parse_reading(message.topic, message.payload, self.device_id, self.settings.max_reading_bytes)
+        except ReadingError as e:
+            logger.warning("skipping an invalid reading on %s: %s", message.topic, e)
+            return
+        logger.info("reading %s", reading.line())
+        if self._stopping.is_set():  # too late for a generation, but it is ours now: answer it
+            self._publish({**self._request([reading], ""), **failed("the device agent is stopping")})
+            return
+        self.inbox.put(reading)
+
+    # ---- the worker ----------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            try:
+                answer = self.answer(batch)
+            except Exception as e:  # noqa: BLE001 -- a bug must still answer the readings, and not kill the worker
+                logger.exception("answering %d reading(s) failed", len(batch))
+                answer = {**self._request(batch, ""), **failed(f"internal error: {e!r}")}
+            self._publish(answer)
+
+    def _next_batch(self) -> list[Reading] | None:
+        """Block for a reading, then take whatever else is queued, up to ``window`` readings (None: stop)."""
+        first = self.inbox.get()
+        if first is None:
+            return None
+        batch = [first]
+        while len(batch) < self.settings.window:
+            try:
+                reading = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            if reading is None:
+                self.inbox.put(None)  # stop after this batch
+                break
+            batch.append(reading)
+        return batch
+
+    def _drain_inbox(self) -> list[Reading]:
+        readings = []
+        while True:
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return readings
+            if item is not None:
+                readings.append(item)
+
+    def answer(self, batch: list[Reading]) -> dict[str, Any]:
+        """Generate the answer that covers ``batch`` (added to the window first)."""
+        self.window.extend(batch)
+        prompt = render_prompt(self.settings.prompt_template, self.device_id, list(self.window))
+        request = self._request(batch, prompt)
+        if self._stopping.is_set():
+            return {**request, **failed("the device agent stopped before answering")}
+        generation = self._generation(request["request_id"], prompt)
+        logger.info("generating for %d reading(s) (session %s)", len(batch), generation.session_id)
+        try:
+            for _ in generation:
+                pass
+        except LinkClosed:
+            return {**request, **failed("the device agent stopped while answering", generation)}
+        except Exception as e:  # noqa: BLE001 -- StepFailed, LinkError, a bad frame: all end in an error answer
+            logger.error("generation %s failed: %s", generation.session_id, e)
+            return {**request, **failed(str(e) or repr(e), generation)}
+        return {**request, **summary(generation)}
+
+    def _request(self, batch: list[Reading], prompt: str) -> dict[str, Any]:
+        return {
+            "device_id": self.device_id,
+            "request_id": uuid.uuid4().hex,
+            "readings": [r.as_json() for r in batch],
+            "prompt": prompt,
+        }
+
+    def _generation(self, request_id: str, prompt: str) -> Generation:
+        s = self.settings
+        params = pb.GenerationParams(
+            max_tokens=s.max_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            seed=s.seed,
+            stop_token_ids=self.stop_token_ids,
+            policy=s.policy,
+            latency_budget_ms=s.latency_budget_ms,
+        )
+        deadline = int(time.time() * 1e3) + s.latency_budget_ms if s.latency_budget_ms else 0
+        return Generation(
+            self.segment,
+            self.link,
+            prompt_token_ids(self.tokenizer, prompt, s.system_prompt),
+            params,
+            self.codec,
+            self.tokenizer,
+            session_id=request_id,
+            deadline_unix_ms=deadline,
+        )
+
+    def _publish(self, answer: dict[str, Any]) -> None:
+        self._last_publish = self.client.publish(self.results_topic, json.dumps(answer), qos=1)
+        if answer["error"]:
+            logger.warning("answer %s for %d reading(s): error %s", answer["request_id"], len(answer["readings"]),
+                           answer["error"])
+        else:
+            logger.info("answer %s for %d reading(s): %d tokens, path %s, %.0f ms: %r", answer["request_id"],
+                        len(answer["readings"]), answer["tokens"], answer["path"], answer["timings_ms"]["total"],
+                        answer["text"])
+
+
+def wait_for_broker(url: str, protocol: str, timeout_s: float) -> int:
+    """The MQTT protocol to speak (probing for "auto"), retrying while the broker is down."""
+    deadline, delay = time.monotonic() + timeout_s, 0.5
+    while True:
+        try:
+            return resolve_protocol(url, protocol)
+        except ConnectionError as e:
+            if time.monotonic() + delay > deadline:
+                raise
+            logger.warning("MQTT broker not reachable (%r); retrying in %.1f s", e, delay)
+            time.sleep(delay)
+            delay = min(2 * delay, 5.0)
+
+
+def path_name(paths: list[int]) -> str | None:
+    """"accurate" or "fast" when every token took that path, "mixed" otherwise (None without tokens)."""
+    names = {PATH_NAMES.get(p, "unknown") for p in paths}
+    return names.pop() if len(names) == 1 else ("mixed" if names else None)
+
+
+def summary(generation: Generation | None) -> dict[str, Any]:
+    """The answer fields a (finished or interrupted) generation gives; None: no generation ran."""
+    if generation is None:
+        return {"text": "", "tokens": 0, "finish_reason": None, "path": None, "paths": [],
+                "timings_ms": dict(ZERO_TIMINGS), "frame_bytes": 0, "degraded": False, "error": None}
+    paths = [PATH_NAMES.get(p, "unknown") for p in generation.paths]
+    return {
+        "text": generation.text,
+        "tokens": len(generation.tokens),
+        "finish_reason": generation.finish_reason or None,
+        "path": path_name(generation.paths),
+        "paths": paths,
+        "timings_ms": {
+            "ttft": round(generation.ttft_ms, 2),
+            "per_token": round(generation.per_token_ms, 2),
+            "total": round(generation.total_ms, 2),
+        },
+        "frame_bytes": generation.frame_bytes,
+        "degraded": "fast" in paths and expects_accurate(generation.params),
+        "error": None,
+    }
+
+
+def expects_accurate(params: pb.GenerationParams) -> bool:
+    """Whether the edge's router would serve these parameters on the accurate path only.
+
+    Then a fast-path token is the edge's fallback (the cloud failed or was
+    unreachable): the answer is degraded. Under ``adaptive`` with a budget the
+    fast path is a legitimate choice.
+    """
+    return params.policy == "accurate" or (params.policy == "adaptive" and params.latency_budget_ms == 0)
+
+
+def failed(message: str, generation: Generation | None = None) -> dict[str, Any]:
+    """The answer fields of a request that failed, with what a partial generation got done."""
+    return {**summary(generation), "finish_reason": "error", "error": message}

@@ -1,0 +1,217 @@
+"""The device's downstream: frames to an edge over MQTT, step results back on the device's steps topic.
+
+Request/reply as ``protos.topics`` describes it: every frame carries
+``reply_to`` (and, on MQTT v5, ResponseTopic + CorrelationData); a session's
+first frame goes to the edge pool, and the answer's ``edge_id`` pins every
+later frame of the session to that edge (it holds the session's KV cache).
+
+Retries follow Petals' inference session: an explicit attempt loop. When a
+step gets no answer within ``step_timeout_s`` or the connection drops, the
+same frame (same session id and seq) is published again once connected, after
+a capped exponential backoff; the edge answers a repeated seq from its stored
+result, and a second answer to a seq already answered is ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+
+import paho.mqtt.client as mqtt
+from google.protobuf.message import DecodeError
+
+from protos import splitglm_pb2 as pb
+from protos.frames import frame_to_bytes
+from protos.mqtt import V5, publish_properties
+from protos.topics import (
+    DEFAULT_POOL,
+    EDGE_ID_PROPERTY,
+    correlation,
+    frames_topic,
+    parse_correlation,
+    steps_topic,
+)
+
+logger = logging.getLogger(__name__)
+Key = tuple[str, int]  # (session id, seq)
+
+
+class LinkError(ConnectionError):
+    """A step got no answer after every attempt."""
+
+
+class LinkClosed(LinkError):
+    """The link was shut down while a step waited (the agent is stopping)."""
+
+
+class EdgeLink:
+    """``partitioner.owner.Downstream`` over MQTT; the owner of ``client`` forwards on_connect / on_disconnect."""
+
+    def __init__(
+        self,
+        client: mqtt.Client,
+        protocol: int,
+        device_id: str,
+        pool: str = DEFAULT_POOL,
+        step_timeout_s: float = 10.0,
+        max_attempts: int = 30,
+        backoff_s: float = 0.5,  # first pause before a republish, seconds; doubles per attempt
+        max_backoff_s: float = 5.0,  # cap of that pause, seconds
+    ):
+        if max_attempts < 1 or step_timeout_s <= 0:
+            raise ValueError("an EdgeLink needs max_attempts >= 1 and step_timeout_s > 0")
+        self.client, self.v5 = client, protocol == V5
+        self.reply_to, self.pool_topic = steps_topic(device_id), frames_topic(pool)
+        self.step_timeout_s, self.max_attempts = step_timeout_s, max_attempts
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        self.stats: Counter[str] = Counter()  # published, republished, answers, ignored
+        self._cond = threading.Condition()
+        self._connected = False
+        self._epoch = 0  # connections made so far: a frame published in an earlier one may be lost
+        self._closed = False
+        self._answers: dict[Key, pb.StepResult | None] = {}  # steps in flight: None until answered
+        self._edges: dict[str, str] = {}  # session id -> the edge holding it
+        client.message_callback_add(self.reply_to, self.on_message)
+
+    # ---- paho callbacks (network thread) ---------------------------------------------------------
+
+    def on_connect(self, client, userdata, flags, reason_code, properties=None) -> None:
+        if reason_code.is_failure:
+            return
+        client.subscribe(self.reply_to, qos=1)  # before any frame this connection publishes
+        with self._cond:
+            self._connected, self._epoch = True, self._epoch + 1
+            self._cond.notify_all()
+
+    def on_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:
+        with self._cond:
+            self._connected = False
+            self._cond.notify_all()
+
+    def on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
+        """A StepResult on the steps topic: wake the step waiting for it; ignore repeats and strays."""
+        result = pb.StepResult()
+        try:
+            result.ParseFromString(message.payload)
+        except DecodeError as e:
+            logger.warning("ignoring %d bytes on %s that are no StepResult: %s", len(message.payload), message.topic, e)
+            return
+        key = (result.session_id, int(result.seq)) if result.session_id else _correlation_key(message)
+        edge = result.edge_id or _user_property(message, EDGE_ID_PROPERTY)
+        with self._cond:
+            if key is None or key not in self._answers or self._answers[key] is not None:
+                self.stats["ignored"] += 1
+                logger.debug("ignoring an answer to %s: no step waits for it (a repeat or a late one)", key)
+                return
+            self._answers[key] = result
+            if edge and not result.error:
+                self._edges[key[0]] = edge
+            self.stats["answers"] += 1
+            self._cond.notify_all()
+
+    # ---- Downstream ----------------------------------------------------------------------------
+
+    def step(self, frame: pb.Frame) -> pb.StepResult:
+        """Publish the frame and wait for its answer, republishing it until answered or out of attempts."""
+        frame.reply_to = self.reply_to
+        key = (frame.session_id, int(frame.seq))
+        payload = frame_to_bytes(frame)
+        with self._cond:
+            self._answers[key] = None
+        try:
+            return self._attempts(key, payload)
+        finally:
+            with self._cond:
+                self._answers.pop(key, None)
+
+    def close(self, frame: pb.Frame) -> None:
+        """Publish a close frame to the edge holding the session (QoS 1, no answer, no wait)."""
+        frame.reply_to = self.reply_to
+        with self._cond:
+            topic = self._topic(frame.session_id, int(frame.seq))
+            self._edges.pop(frame.session_id, None)
+        self.client.publish(topic, frame_to_bytes(frame), qos=1)
+
+    def shutdown(self) -> None:
+        """Wake every waiting step with LinkClosed; later steps fail at once."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    # ---- internals -----------------------------------------------------------------------------
+
+    def _attempts(self, key: Key, payload: bytes) -> pb.StepResult:
+        session, seq = key
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                epoch = self._publish(key, payload, republish=attempt > 1)
+                return self._await(key, epoch)
+            except LinkClosed:
+                raise
+            except (TimeoutError, ConnectionError) as e:
+                if attempt == self.max_attempts:
+                    raise LinkError(
+                        f"step {seq} of session {session}: no answer after {attempt} attempts ({e})"
+                    ) from e
+                delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
+                logger.warning(
+                    "step %d of session %s, attempt %d/%d failed: %r; republishing in %.1f s",
+                    seq, session, attempt, self.max_attempts, e, delay,
+                )
+                with self._cond:
+                    self._cond.wait_for(lambda: self._closed or self._answers[key] is not None, delay)
+        raise AssertionError("unreachable")
+
+    def _publish(self, key: Key, payload: bytes, republish: bool) -> int:
+        """Publish once connected (unless already answered); return the connection epoch it went out in."""
+        with self._cond:
+            ready = self._cond.wait_for(lambda: self._connected or self._closed, self.step_timeout_s)
+            if self._closed:
+                raise LinkClosed("the device link is shut down")
+            if not ready:
+                raise ConnectionError(f"not connected to the MQTT broker for {self.step_timeout_s:g} s")
+            if self._answers[key] is not None:  # a late answer came in during the backoff
+                return self._epoch
+            epoch, topic = self._epoch, self._topic(*key)
+        properties = publish_properties(self.reply_to, correlation(*key)) if self.v5 else None
+        info = self.client.publish(topic, payload, qos=1, properties=properties)
+        # NO_CONN: the connection dropped just now; paho keeps the message and sends it on reconnect
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            raise ConnectionError(f"publishing to {topic} failed: {mqtt.error_string(info.rc)}")
+        self.stats["republished" if republish else "published"] += 1
+        return epoch
+
+    def _await(self, key: Key, epoch: int) -> pb.StepResult:
+        """The answer to ``key``; TimeoutError / ConnectionError when a republish is due."""
+
+        def lost() -> bool:
+            return not self._connected or self._epoch != epoch
+
+        with self._cond:
+            self._cond.wait_for(lambda: self._answers[key] is not None or self._closed or lost(), self.step_timeout_s)
+            if self._answers[key] is not None:
+                return self._answers[key]
+            if self._closed:
+                raise LinkClosed("the device link is shut down")
+            if lost():
+                raise ConnectionError("the connection to the MQTT broker dropped while waiting for the answer")
+        raise TimeoutError(f"no answer within {self.step_timeout_s:g} s")
+
+    def _topic(self, session: str, seq: int) -> str:
+        """Seq 0 to the pool; later frames to the edge that answered the session (the pool if none did)."""
+        edge = self._edges.get(session) if seq > 0 else None
+        return frames_topic(edge) if edge else self.pool_topic
+
+
+def _correlation_key(message: mqtt.MQTTMessage) -> Key | None:
+    data = getattr(getattr(message, "properties", None), "CorrelationData", None)
+    try:
+        return parse_correlation(data) if data else None
+    except ValueError:
+        return None
+
+
+def _user_property(message: mqtt.MQTTMessage, name: str) -> str:
+    pairs = getattr(getattr(message, "properties", None), "UserProperty", None) or []
+    return next((value for key, value in pairs if key == name), "")

@@ -1,0 +1,57 @@
+"""``python -m edge_node [--config FILE.yaml] [--flag ...]``: serve a plan's edge tier until SIGTERM/SIGINT.
+
+Exit codes: 0 after a clean shutdown, 2 for invalid settings, 1 when start-up fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+
+from .settings import EdgeSettings, SettingsError
+
+logger = logging.getLogger("edge_node")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = EdgeSettings.load(argv)
+    except SettingsError as e:
+        logger.error("%s", e)
+        return 2
+    except SystemExit as e:  # argparse: --help (0) or an unknown flag (2)
+        return int(e.code or 0)
+
+    stop_requested = threading.Event()
+    node = None
+
+    def on_signal(signum, frame):
+        logger.info("%s: shutting down", signal.Signals(signum).name)
+        stop_requested.set()
+        if node is not None:
+            node.stop()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        from .node import EdgeNode  # heavy imports (torch, transformers) after the settings are known good
+
+        node = EdgeNode(settings)
+        if stop_requested.is_set():
+            node.stop()
+        node.run()
+    except Exception as e:  # noqa: BLE001 -- a failed start-up is reported, not a traceback for operators
+        logger.error("edge node failed: %s", e, exc_info=logger.isEnabledFor(logging.DEBUG))
+        if node is not None:
+            node.close()
+        return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""The edge's gRPC client of the cloud: one channel, the health service, and one stream per session.
+
+``CloudClient.tail()`` gives a ``CloudStream``: the accurate tail of one
+session (a ``partitioner.owner.Downstream``). Its frames go out through one
+``SegmentService.Stream`` call (requests fed from a queue); a reader thread
+moves the answers into a queue that ``step`` reads under a timeout. Failures
+never raise: a gRPC error or a timeout comes back as a ``StepResult`` with
+``error`` and the numeric gRPC ``status``, and the stream is then dead (the
+cloud has freed the session, as the contract says).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import weakref
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos import splitglm_pb2 as pb
+from protos import splitglm_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+RECONNECT_BACKOFF_MS = (200, 2000)  # the channel's reconnect backoff after a failure: first, largest
+
+
+def error_result(frame: pb.Frame, code: grpc.StatusCode, message: str) -> pb.StepResult:
+    """A StepResult answering ``frame`` with an error and its numeric gRPC status."""
+    return pb.StepResult(session_id=frame.session_id, seq=frame.seq, error=message, status=code.value[0])
+
+
+class CloudStream:
+    """The cloud tail of one session: ``step(frame) -> StepResult`` and ``close(frame)`` over one gRPC stream."""
+
+    def __init__(
+        self, stub: pb_grpc.SegmentServiceStub, target: str, step_timeout_s: float, metrics=None, kind: str = "http"
+    ):
+        self.target, self.step_timeout_s, self.metrics, self.kind = target, step_timeout_s, metrics, kind
+        self._stub = stub
+        self._outbox: queue.Queue[pb.Frame | None] = queue.Queue()  # requests; None ends the stream
+        self._inbox: queue.Queue = queue.Queue()  # StepResult, grpc.RpcError, or None (stream ended)
+        self._call = None
+        self._failure: tuple[grpc.StatusCode, str] | None = None  # once set, the stream is dead
+        self._lock = threading.Lock()  # one step at a time
+
+    def step(self, frame: pb.Frame) -> pb.StepResult:
+        """Send one frame and wait (at most ``step_timeout_s``) for its answer."""
+        with self._lock:
+            if self._failure is not None:
+                return error_result(frame, *self._failure)
+            if self._call is None:
+                self._open()
+            start = time.perf_counter()
+            self._outbox.put(frame)
+            result = self._await(frame, start + self.step_timeout_s)
+            if self.metrics is not None:
+                self.metrics.add_wire_bytes("edge_cloud", "out", frame.ByteSize())
+                if not result.error:
+                    self.metrics.add_wire_bytes("edge_cloud", "in", result.ByteSize())
+                    self.metrics.stage("cloud", time.perf_counter() - start)
+            return result
+
+    def close(self, frame: pb.Frame) -> None:
+        """Send the close frame and end the stream (no answer; never blocks)."""
+        if self._call is None or self._failure is not None:
+            return
+        self._outbox.put(frame)
+        self._outbox.put(None)
+
+    def cancel(self) -> None:
+        """Abandon the stream at once (the cloud frees the session when the call ends)."""
+        if self._call is not None:
+            self._call.cancel()
+            self._outbox.put(None)  # ends gRPC's thread that reads our requests
+
+    def _open(self) -> None:
+        self._call = self._stub.Stream(iter(self._outbox.get, None))
+        threading.Thread(target=self._read, name="cloud-stream-reader", daemon=True).start()
+
+    def _read(self) -> None:
+        """Move the call's answers into the inbox until the stream ends."""
+        try:
+            for result in self._call:
+                self._inbox.put(result)
+            self._inbox.put(None)
+        except grpc.RpcError as e:
+            self._inbox.put(e)
+
+    def _await(self, frame: pb.Frame, deadline: float) -> pb.StepResult:
+        """The answer to ``frame``; answers to earlier seqs are skipped; a failure kills the stream."""
+        while True:
+            try:
+                item = self._inbox.get(timeout=max(0.0, deadline - time.perf_counter()))
+            except queue.Empty:
+                self.cancel()
+                return self._fail(
+                    frame, grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {self.step_timeout_s:g} s"
+                )
+            if item is None:
+                return self._fail(frame, grpc.StatusCode.UNAVAILABLE, "the cloud ended the stream without an answer")
+            if isinstance(item, grpc.RpcError):
+                return self._fail(frame, item.code(), item.details() or "")
+            if item.session_id == frame.session_id and item.seq == frame.seq:
+                return item
+            logger.debug("session %s: skipping the cloud's answer to seq %d", item.session_id, item.seq)
+
+    def _fail(self, frame: pb.Frame, code: grpc.StatusCode, details: str) -> pb.StepResult:
+        message = f"cloud {self.target}: {code.name}: {details}"
+        self._failure = (code, message)
+        self._outbox.put(None)
+        logger.warning("session %s seq %d: %s", frame.session_id, frame.seq, message)
+        return error_result(frame, code, message)
+
+
+class CloudClient:
+    """One gRPC channel to ``cloud_service``: health checks and per-session streams."""
+
+    def __init__(self, target: str, step_timeout_s: float = 30.0, max_message_bytes: int = 64 << 20, metrics=None):
+        self.target, self.step_timeout_s, self.metrics = target, step_timeout_s, metrics
+        limit = max_message_bytes + (1 << 20)  # the frame plus protobuf framing
+        self.channel = grpc.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_send_message_length", limit),
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
+                ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
+                ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[1]),
+            ],
+        )
+        self._stub = pb_grpc.SegmentServiceStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+        self._streams: weakref.WeakSet[CloudStream] = weakref.WeakSet()
+
+    def healthy(self, timeout_s: float = 1.0) -> bool:
+        """Whether the cloud's health service says SERVING within ``timeout_s`` seconds."""
+        try:
+            reply = self._health.Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+        except grpc.RpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    def wait_ready(self, timeout_s: float, abort: threading.Event | None = None) -> None:
+        """Block until the cloud is healthy (or ``abort`` is set); TimeoutError after ``timeout_s`` seconds."""
+        deadline, delay, attempt = time.monotonic() + timeout_s, 0.2, 0
+        abort = abort or threading.Event()
+        while not abort.is_set():
+            attempt += 1
+            if self.healthy(timeout_s=max(0.1, min(2.0, deadline - time.monotonic()))):
+                logger.info("cloud %s is serving", self.target)
+                return
+            if time.monotonic() + delay > deadline:
+                raise TimeoutError(f"cloud {self.target} not serving after {timeout_s:g} s ({attempt} checks)")
+            if attempt == 1:
+                logger.info("waiting for the cloud at %s", self.target)
+            abort.wait(delay)
+            delay = min(delay * 2, 2.0)
+
+    def tail(self, kind: str = "http") -> CloudStream:
+        """The accurate tail of a new session (a Downstream); ``kind`` labels its metrics (http, mqtt)."""
+        stream = CloudStream(self._stub, self.target, self.step_timeout_s, self.metrics, kind)
+        self._streams.add(stream)
+        return stream
+
+    def close(self) -> None:
+        """Cancel the open streams (their steps fail with CANCELLED) and close the channel."""
+        for stream in list(self._streams):
+            stream.cancel()
+        self.channel.close()

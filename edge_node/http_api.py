@@ -1,0 +1,368 @@
+"""The edge's OpenAI-compatible HTTP gateway: completions and chat (plain or streamed), health, metrics.
+
+The edge is the session owner of an HTTP request: ``node.generation`` runs
+the edge's layers and drives the cloud step by step (``partitioner.owner``).
+The endpoints only adapt: validate the body (``schemas``), build
+``GenerationParams``, iterate the blocking Generation in a worker thread and
+shape OpenAI responses plus a ``splitglm`` object (which path made each token,
+timings, whether the latency budget was met). Every failure answers with
+OpenAI's error body; an invalid request is a 4xx, never a 500.
+
+What ``create_app(node)`` uses of the node: ``model_name``, ``tokenizer``
+(with a chat template; None: text cannot be served), ``spec`` (eos ids,
+vocabulary size), ``metrics`` (``EdgeMetrics``), ``settings``
+(``default_max_tokens``, ``max_tokens_limit``, optional ``max_prompt_tokens``),
+``generation(prompt_ids, params) -> Generation`` and ``health() -> {name: ok}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from partitioner.owner import StepFailed, TokenEvent
+from protos import splitglm_pb2 as pb
+
+from .metrics import CONTENT_TYPE, path_name
+from .schemas import (
+    ChatRequest,
+    CompletionRequest,
+    GenerationRequest,
+    Job,
+    chunk,
+    error_body,
+    response_body,
+    splitglm_info,
+    sse,
+    usage,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_PROMPT_TOKENS = 8192  # used when the settings have no max_prompt_tokens
+# gRPC status of a failed step -> HTTP status (anything else: 503, the cloud is unavailable)
+HTTP_OF_GRPC = {4: 504, 8: 429}  # DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED (overloaded: retry later)
+
+
+class ApiError(Exception):
+    """A request that gets an OpenAI-style error answer."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param=None, code=None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(error_body(self.message, self.type, self.param, self.code), status_code=self.status)
+
+
+def step_failed_error(e: StepFailed) -> ApiError:
+    status = HTTP_OF_GRPC.get(e.status, 503)
+    kind = "invalid_request_error" if status < 500 else "service_unavailable"
+    return ApiError(status, f"the cloud tier failed: {e}", kind, code=f"grpc_status_{e.status}")
+
+
+def generation_params(node, req: GenerationRequest, max_tokens: int | None) -> pb.GenerationParams:
+    """GenerationParams of a request, checking max_tokens against the settings."""
+    n = node.settings.default_max_tokens if max_tokens is None else max_tokens
+    limit = node.settings.max_tokens_limit
+    if not 1 <= n <= limit:
+        raise ApiError(400, f"max_tokens must be between 1 and {limit}, got {n}", param="max_tokens")
+    temperature = 1.0 if req.temperature is None else req.temperature
+    seed = req.seed if req.seed is not None else secrets.randbits(63)
+    return pb.GenerationParams(
+        max_tokens=n,
+        temperature=temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        seed=seed,
+        stop=req.stop,
+        stop_token_ids=list(node.spec.eos_token_ids),
+        policy=req.policy or "adaptive",
+        latency_budget_ms=req.latency_budget_ms or 0,
+    )
+
+
+def check_model(node, req: GenerationRequest) -> None:
+    if req.model is not None and req.model != node.model_name:
+        raise ApiError(
+            404,
+            f"the model {req.model!r} does not exist; this edge serves {node.model_name!r}",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def check_prompt(node, ids: list[int]) -> list[int]:
+    """Reject empty, too long or out-of-vocabulary prompts."""
+    limit = getattr(node.settings, "max_prompt_tokens", DEFAULT_MAX_PROMPT_TOKENS)
+    if not ids:
+        raise ApiError(400, "the prompt is empty (no tokens)", param="prompt")
+    if len(ids) > limit:
+        raise ApiError(
+            400,
+            f"the prompt has {len(ids)} tokens; the limit is {limit}",
+            param="prompt",
+            code="context_length_exceeded",
+        )
+    bad = [t for t in ids if not 0 <= t < node.spec.vocab_size]
+    if bad:
+        raise ApiError(400, f"token id {bad[0]} is outside the vocabulary [0, {node.spec.vocab_size})", param="prompt")
+    return ids
+
+
+def check_tokenizer(node) -> None:
+    if node.tokenizer is None:
+        raise ApiError(
+            501, "this edge has no tokenizer (its plan's edge tier has no tokenizer files): it cannot serve text",
+            type_="server_error", code="no_tokenizer",
+        )  # fmt: skip
+
+
+def completion_job(node, req: CompletionRequest) -> Job:
+    check_model(node, req)
+    check_tokenizer(node)
+    params = generation_params(node, req, req.max_tokens)
+    ids = node.tokenizer.encode(req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
+    return new_job(node, "completions", req, check_prompt(node, ids), params)
+
+
+def chat_job(node, req: ChatRequest) -> Job:
+    check_model(node, req)
+    check_tokenizer(node)
+    params = generation_params(node, req, req.new_tokens())
+    messages = [m.as_template_input() for m in req.messages]
+    try:
+        ids = node.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    except Exception as e:  # noqa: BLE001 -- a template that rejects the conversation (e.g. role order)
+        raise ApiError(400, f"the chat template rejected the messages: {e}", param="messages") from None
+    return new_job(node, "chat", req, check_prompt(node, list(ids)), params)
+
+
+def new_job(node, api: str, req: GenerationRequest, ids: list[int], params: pb.GenerationParams) -> Job:
+    return Job(api, node.model_name, ids, params, bool(req.stream), req.include_usage())
+
+
+def observe(metrics, event: TokenEvent) -> None:
+    """Metrics of one token: its step and the path that made it."""
+    metrics.observe_step(pb.StepResult(path=event.path, timings_ms=event.timings_ms), event.step_ms / 1e3, "http")
+    metrics.tokens(path_name(event.path), 1)
+
+
+def consume(gen, metrics, stop: threading.Event, started: float) -> float:
+    """Run a whole generation (in a worker thread); return the time to its first token, ms."""
+    ttft_ms = 0.0
+    it = iter(gen)
+    try:
+        for event in it:
+            ttft_ms = ttft_ms or (time.perf_counter() - started) * 1e3
+            observe(metrics, event)
+            if stop.is_set():  # the client went away: close the session
+                break
+    finally:
+        it.close()
+    return ttft_ms
+
+
+async def watch_disconnect(request: Request, stop: threading.Event) -> None:
+    """Set ``stop`` when the client disconnects."""
+    while not stop.is_set():
+        if await request.is_disconnected():
+            stop.set()
+            return
+        await anyio.sleep(0.2)
+
+
+async def close_shielded(it: Iterator[TokenEvent]) -> None:
+    """Close a generation's iterator in a worker thread, even while being cancelled."""
+    with anyio.CancelScope(shield=True):
+        await anyio.to_thread.run_sync(it.close)
+
+
+async def next_event(it: Iterator[TokenEvent]) -> TokenEvent | None:
+    return await anyio.to_thread.run_sync(next, it, None)
+
+
+class Gateway:
+    """The endpoints' logic around one node."""
+
+    def __init__(self, node):
+        self.node = node
+        self.metrics = node.metrics
+
+    async def generate(self, request: Request, job: Job) -> Response:
+        """Answer a validated job, plain or streamed."""
+        # latency_budget_ms travels in the params as a soft target (the router's input, reported as budget_met);
+        # no frame deadline is derived from it: the cloud drops late frames, which would fail the request instead.
+        gen = self.node.generation(job.prompt_ids, job.params)
+        if job.stream:
+            return await self.stream(job, gen)
+        stop, failed, ttft_ms = threading.Event(), None, 0.0
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch_disconnect, request, stop)
+            try:
+                ttft_ms = await anyio.to_thread.run_sync(consume, gen, self.metrics, stop, job.started)
+            except StepFailed as e:
+                failed = e
+            client_gone = stop.is_set()
+            stop.set()
+            tg.cancel_scope.cancel()
+        if failed is not None:
+            raise step_failed_error(failed)
+        if client_gone:
+            self.metrics.request(job.api, "499")  # the client went away: nobody reads this answer
+            return Response(status_code=499)
+        self.finish_metrics(job, ttft_ms, "200")
+        return JSONResponse(response_body(job, gen, ttft_ms))
+
+    async def stream(self, job: Job, gen) -> StreamingResponse:
+        """SSE answer; the first token is computed first, so a failing cloud still gets a plain 503."""
+        it = iter(gen)
+        try:
+            first = await next_event(it)
+        except StepFailed as e:
+            raise step_failed_error(e) from None
+        except BaseException:
+            await close_shielded(it)
+            raise
+        ttft_ms = job.elapsed_ms()
+        return StreamingResponse(
+            self.events(job, gen, it, first, ttft_ms),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def events(self, job: Job, gen, it, event: TokenEvent | None, ttft_ms: float) -> AsyncIterator[str]:
+        outcome = "error"
+        try:
+            if job.api == "chat":
+                yield sse(chunk(job, "", role=True))
+            while event is not None:
+                observe(self.metrics, event)
+                if event.text:
+                    yield sse(chunk(job, event.text))
+                event = await next_event(it)
+            final = chunk(job, None, gen.finish_reason, splitglm=splitglm_info(job, gen, ttft_ms))
+            yield sse(final)
+            if job.include_usage:
+                yield sse({**chunk(job, None), "choices": [], "usage": usage(job, gen)})
+            outcome = "200"
+        except StepFailed as e:
+            err = step_failed_error(e)
+            log.warning("stream %s: %s", job.id, err.message)
+            outcome = str(err.status)
+            yield sse(error_body(err.message, err.type, code=err.code))
+        except (anyio.get_cancelled_exc_class(), GeneratorExit):
+            outcome = "499"
+            raise
+        finally:
+            await close_shielded(it)  # frees the session when the client went away
+            if outcome == "200":
+                self.finish_metrics(job, ttft_ms, outcome)
+            else:
+                self.metrics.request(job.api, outcome)
+        yield sse("[DONE]")
+
+    def finish_metrics(self, job: Job, ttft_ms: float, status: str) -> None:
+        self.metrics.request(job.api, status)
+        self.metrics.stage("ttft", ttft_ms / 1e3)
+        self.metrics.stage("request", job.elapsed_ms() / 1e3)
+
+
+def validation_error(exc: RequestValidationError) -> ApiError:
+    """The first problem of an invalid body, naming its field (``messages.0.role``)."""
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = [p for p in loc if not p.startswith(("function-", "list[", "constrained-"))]  # union branch names
+    param = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        return ApiError(400, f"the body is not valid JSON: {first.get('msg')}", code="invalid_json")
+    msg = str(first.get("msg")).removeprefix("Value error, ")
+    if not param and first.get("type") in ("model_attributes_type", "dict_type", "missing"):
+        msg = "the body must be a JSON object"
+    message = f"{param}: {msg}" if param else msg
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    return ApiError(400, message + more, param=param, code=first.get("type") or None)
+
+
+def install_error_handlers(app: FastAPI, metrics) -> None:
+    def count(request: Request, status: int) -> None:
+        if api := api_of(request):
+            metrics.request(api, str(status))
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        count(request, exc.status)
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return await _api_error(request, validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error serving %s", request.url.path)
+        count(request, 500)
+        return JSONResponse(error_body(f"internal error: {exc!r}", "server_error"), status_code=500)
+
+
+def api_of(request: Request) -> str | None:
+    """The API a request was for, as the request counter names it (None: not a generation endpoint)."""
+    return {"/v1/completions": "completions", "/v1/chat/completions": "chat"}.get(request.url.path)
+
+
+def create_app(node) -> FastAPI:
+    """The FastAPI app of an edge node (see the module docstring for what ``node`` provides)."""
+    app = FastAPI(title="splitglm edge", summary="OpenAI-compatible API of a split GLM model")
+    gateway = Gateway(node)
+    install_error_handlers(app, node.metrics)
+    started = int(time.time())
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await gateway.generate(request, await run_in_threadpool(completion_job, node, body))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request):
+        return await gateway.generate(request, await run_in_threadpool(chat_job, node, body))
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_card(node, started)]}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str):
+        if model_id != node.model_name:
+            raise ApiError(404, f"the model {model_id!r} does not exist", param="model", code="model_not_found")
+        return model_card(node, started)
+
+    @app.get("/healthz")
+    async def healthz():
+        checks = {name: bool(ok) for name, ok in (await run_in_threadpool(node.health)).items()}
+        healthy = all(checks.values())
+        body = {"status": "ok" if healthy else "unavailable", **checks}
+        return JSONResponse(body, status_code=200 if healthy else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(node.metrics.exposition(), media_type=CONTENT_TYPE)
+
+    return app
+
+
+def model_card(node, created: int) -> dict:
+    return {"id": node.model_name, "object": "model", "created": created, "owned_by": "splitglm"}

@@ -1,0 +1,107 @@
+"""Prometheus metrics of the edge node, in one registry of its own (served at ``GET /metrics``).
+
+Every metric name starts with ``splitglm_edge_``. Times are in seconds (the
+Prometheus convention), byte counts in bytes. The router later adds its own
+estimate gauges to the same ``registry``.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from protos import splitglm_pb2 as pb
+
+PREFIX = "splitglm_edge_"
+# 1 ms .. 60 s: a step over a LAN is milliseconds, a long generation is tens of seconds.
+BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+PATH_NAMES = {pb.ACCURATE: "accurate", pb.FAST: "fast"}
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def path_name(path: int) -> str:
+    """'accurate' / 'fast' for a pb.Path value ('unspecified' when not set)."""
+    return PATH_NAMES.get(path, "unspecified")
+
+
+class EdgeMetrics:
+    """The edge node's counters, gauges and histograms."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests_total = Counter(
+            PREFIX + "requests_total",
+            "Requests answered, by API and status (HTTP code or ok/error).",
+            ["api", "status"],
+            registry=r,
+        )
+        self.tokens_total = Counter(
+            PREFIX + "tokens_total", "Generated tokens, by the path that produced them.", ["path"], registry=r
+        )
+        self.steps_total = Counter(
+            PREFIX + "steps_total", "Decode steps (one frame and its answer), by path.", ["path"], registry=r
+        )
+        self.step_seconds = Histogram(
+            PREFIX + "step_seconds",
+            "Time of one step at the edge (compute + round trip), by request kind.",
+            ["kind"],
+            buckets=BUCKETS_S,
+            registry=r,
+        )
+        self.step_timing_seconds = Histogram(
+            PREFIX + "step_timing_seconds",
+            "Named timings the downstream reported for a step (StepResult.timings_ms).",
+            ["timing"],
+            buckets=BUCKETS_S,
+            registry=r,
+        )
+        self.stage_seconds = Histogram(
+            PREFIX + "stage_seconds",
+            "Latency of a named stage (ttft, request, owner, cloud, ...).",
+            ["stage"],
+            buckets=BUCKETS_S,
+            registry=r,
+        )
+        self.wire_bytes_total = Counter(
+            PREFIX + "wire_bytes_total",
+            "Serialized bytes on a link (device_edge, edge_cloud), by direction.",
+            ["link", "direction"],
+            registry=r,
+        )
+        self.sessions_active = Gauge(
+            PREFIX + "sessions_active", "Sessions open now, by kind (http, mqtt).", ["kind"], registry=r
+        )
+
+    def observe_step(self, result: pb.StepResult, step_s: float, kind: str) -> None:
+        """Count one answered step of a session of ``kind`` ('http' or 'mqtt') that took ``step_s`` seconds."""
+        self.steps_total.labels(path=path_name(result.path)).inc()
+        self.step_seconds.labels(kind=kind).observe(step_s)
+        for name, ms in result.timings_ms.items():
+            self.step_timing_seconds.labels(timing=name).observe(ms / 1e3)
+
+    def add_wire_bytes(self, link: str, direction: str, n: int) -> None:
+        """Add ``n`` bytes sent ('out') or received ('in') on ``link``."""
+        self.wire_bytes_total.labels(link=link, direction=direction).inc(n)
+
+    def session_opened(self, kind: str) -> None:
+        self.sessions_active.labels(kind=kind).inc()
+
+    def session_closed(self, kind: str) -> None:
+        self.sessions_active.labels(kind=kind).dec()
+
+    def request(self, api: str, status: str) -> None:
+        """Count one request of ``api`` ('completions', 'chat', 'mqtt') that ended with ``status``."""
+        self.requests_total.labels(api=api, status=str(status)).inc()
+
+    def tokens(self, path: str, n: int) -> None:
+        """Count ``n`` tokens produced by ``path`` ('accurate' or 'fast')."""
+        self.tokens_total.labels(path=path).inc(n)
+
+    def stage(self, stage: str, seconds: float) -> None:
+        """Observe the latency of one ``stage`` in seconds."""
+        self.stage_seconds.labels(stage=stage).observe(seconds)
+
+    def exposition(self) -> bytes:
+        """The registry in the Prometheus text format."""
+        return generate_latest(self.registry)

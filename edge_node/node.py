@@ -1,0 +1,205 @@
+"""The edge node: the plan's edge tier, the cloud client, the MQTT relay and the HTTP API, started and stopped together.
+
+One edge segment holds layers [0, k2) with the embedding: HTTP sessions (the
+edge owns them) run all of it; device sessions arriving over MQTT run its view
+[k1, k2). Both share one lock, so torch runs one segment call at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import uvicorn
+
+from partitioner.build import build_segment
+from partitioner.checkpoint import load_tokenizer
+from partitioner.export import load_plan, load_tier
+from partitioner.manifest import verify_manifest
+from partitioner.owner import Downstream, Generation
+from protos import splitglm_pb2 as pb
+
+from .cloud import CloudClient
+from .metrics import EdgeMetrics
+from .relay import FrameRelay
+from .settings import EdgeSettings
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+HTTP_BACKSTOP_S = 5.0  # after the grace period and the cloud streams cancelled, uvicorn cancels what is left
+
+
+@dataclass
+class EdgeGeneration(Generation):
+    """A Generation owned by the edge, counted as an open HTTP session while it runs."""
+
+    metrics: EdgeMetrics | None = None
+
+    def __iter__(self):
+        if self.metrics is None:
+            yield from super().__iter__()
+            return
+        self.metrics.session_opened("http")
+        try:
+            yield from super().__iter__()
+        finally:
+            self.metrics.session_closed("http")
+
+
+class HttpServer(uvicorn.Server):
+    """uvicorn in a thread of ours: ``listening`` is set once the socket serves."""
+
+    def __init__(self, config: uvicorn.Config):
+        super().__init__(config)
+        self.listening = threading.Event()
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets=sockets)
+        if not self.should_exit:
+            self.listening.set()
+
+
+class EdgeNode:
+    """Everything one edge process serves; ``run()`` until ``stop()``."""
+
+    def __init__(self, settings: EdgeSettings):
+        torch.set_num_threads(settings.threads)
+        self.settings = settings
+        self.model_name = settings.model_name
+        self.plan = load_plan(settings.plan)
+        self.codec = self.plan["codecs"]["edge_cloud"]
+        self.segment = load_tier(settings.plan, "edge")  # embedding + [0, k2)
+        self.spec = self.segment.spec
+        self.segment_lock = threading.Lock()
+        self.device_segment = self._device_segment()  # [k1, k2) for device frames
+        self.tokenizer = self._tokenizer(Path(settings.plan) / "edge")
+        self.metrics = EdgeMetrics()
+        self.cloud = CloudClient(settings.cloud, settings.step_timeout_s, settings.max_frame_bytes, self.metrics)
+        self.relay = None
+        if settings.broker:
+            self.relay = FrameRelay(settings, self.device_segment, self.segment_lock, self.codec,
+                                    lambda: self.tail("mqtt"), self.metrics)
+        self.url = ""
+        self._stop = threading.Event()
+        self._closed = False
+        self._http: HttpServer | None = None
+        self._http_thread: threading.Thread | None = None
+
+    # ---- what the HTTP app uses ------------------------------------------------------------------
+
+    def generation(self, prompt_ids: list[int], params: pb.GenerationParams, deadline_unix_ms: int = 0
+                   ) -> Generation:
+        """A Generation owned by the edge: segment [0, k2), the plan's edge_cloud codec, a new tail."""
+        return EdgeGeneration(
+            segment=self.segment,
+            downstream=self.tail("http"),
+            prompt_ids=list(prompt_ids),
+            params=params,
+            codec=self.codec,
+            tokenizer=self.tokenizer,
+            deadline_unix_ms=deadline_unix_ms,
+            lock=self.segment_lock,
+            metrics=self.metrics,
+        )
+
+    def tail(self, kind: str) -> Downstream:
+        """The tail of a new session of ``kind`` ('http' or 'mqtt'): the cloud's (accurate) stream."""
+        return self.cloud.tail(kind)
+
+    def health(self) -> dict[str, bool]:
+        """{"broker": MQTT connected (True without a broker), "cloud": the cloud's health service serves}."""
+        return {"broker": self.relay.connected() if self.relay else True, "cloud": self.cloud.healthy()}
+
+    # ---- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self) -> str:
+        """Wait for the cloud, subscribe to MQTT, serve HTTP; log and return ``http://HOST:PORT``."""
+        s = self.settings
+        self.cloud.wait_ready(s.connect_timeout_s, abort=self._stop)
+        if self.relay is not None and not self._stop.is_set():
+            self.relay.start(s.connect_timeout_s)
+        if self._stop.is_set():
+            return ""
+        self.url = self._serve_http()
+        logger.info("edge %s serving plan %s (splits %s, edge->cloud codec %s); ready: %s",
+                    s.edge_id, s.plan, self.plan["splits"], self.codec, self.url)
+        return self.url
+
+    def run(self) -> None:
+        """Start, serve until ``stop()``, then shut down."""
+        try:
+            self.start()
+            self._stop.wait()
+        finally:
+            self.close()
+
+    def stop(self) -> None:
+        """Ask ``run()`` to return (safe from a signal handler)."""
+        self._stop.set()
+
+    def close(self) -> None:
+        """Stop taking MQTT frames and HTTP requests, end the cloud streams, close the channel."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        if self.relay is not None:
+            self.relay.stop()
+        if self._http is not None:
+            self._http.should_exit = True  # no new requests; open responses get the grace period to finish
+            self._http_thread.join(self.settings.shutdown_grace_s)
+        self.cloud.close()  # the generations still running fail now (CANCELLED), so their responses end
+        if self._http_thread is not None:
+            self._http_thread.join(HTTP_BACKSTOP_S + 1)
+        logger.info("edge %s stopped", self.settings.edge_id)
+
+    # ---- parts -------------------------------------------------------------------------------------
+
+    def _device_segment(self):
+        """Layers [k1, k2) of the edge tier: a view sharing the weights, or (ONNX tiers) a segment of its own."""
+        k1, k2 = self.plan["splits"]
+        if hasattr(self.segment, "view"):
+            return self.segment.view(k1, k2)
+        folder = Path(self.settings.plan) / "edge"
+        manifest = verify_manifest(folder)
+        return build_segment(folder, k1, k2, False, False, manifest["compression"], threads=self.settings.threads)
+
+    @staticmethod
+    def _tokenizer(folder: Path):
+        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            logger.warning("%s has no tokenizer: the HTTP completions API cannot serve text", folder)
+            return None
+        return load_tokenizer(folder)
+
+    def _serve_http(self) -> str:
+        """Bind the HTTP socket (port 0: a free one), serve the app in a thread, return its URL."""
+        from .http_api import create_app
+
+        s = self.settings
+        family = socket.AF_INET6 if ":" in s.http_host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((s.http_host, s.http_port))
+        except OSError as e:
+            sock.close()
+            raise OSError(f"cannot listen on {s.http_host}:{s.http_port}: {e}") from e
+        port = sock.getsockname()[1]
+        config = uvicorn.Config(create_app(self), host=s.http_host, port=port, log_level="warning",
+                                timeout_graceful_shutdown=s.shutdown_grace_s + HTTP_BACKSTOP_S)
+        self._http = HttpServer(config)
+        self._http_thread = threading.Thread(target=self._http.run, kwargs={"sockets": [sock]}, name="http",
+                                             daemon=True)
+        self._http_thread.start()
+        while not self._http.listening.wait(0.1):
+            if not self._http_thread.is_alive():
+                raise RuntimeError(f"the HTTP server did not start on {s.http_host}:{port}")
+        host = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(s.http_host, s.http_host)
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"http://{host}:{port}"

@@ -1,0 +1,380 @@
+"""MQTT frames from device agents -> the edge's layers [k1, k2) -> the cloud tail -> StepResult back over MQTT.
+
+A device agent owns its session: it sends the hidden states of layer k1 as
+Frame bytes (QoS 1) to the edge pool (seq 0, shared subscription) or to this
+edge's own topic (later seqs, named by ``StepResult.edge_id``), and waits for
+the StepResult on its reply topic (v5 ``ResponseTopic``, else
+``Frame.reply_to``). Per session the relay keeps the cloud tail, the next
+expected seq and the last answer, so a duplicate delivery is answered again
+without a second step. Messages are served off paho's network thread by a
+pool of workers, the frames of one session in order. A bad frame, an unknown
+session or a cloud failure is answered with an error StepResult carrying its
+gRPC status; nothing here raises into paho or touches another session.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+
+from partitioner.segment import SegmentInput, SessionError
+from protos import splitglm_pb2 as pb
+from protos import topics
+from protos.errors import CodecError, SizeLimitError
+from protos.frames import decode_frame_hidden, make_frame, parse_frame
+from protos.mqtt import V5, connect, new_client, publish_properties, resolve_protocol
+
+from .cloud import error_result
+from .metrics import path_name
+
+logger = logging.getLogger(__name__)
+
+Status = grpc.StatusCode
+STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+class RelayError(Exception):
+    """A frame the relay answers with an error: ``code`` is the gRPC status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Incoming:
+    """A received frame and where its answer goes."""
+
+    frame: pb.Frame
+    reply_topic: str
+    correlation: bytes
+    received: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class RelaySession:
+    """What the edge keeps of one device session between its frames."""
+
+    tail: object  # a partitioner.owner.Downstream (the cloud stream of this session)
+    next_seq: int = 0  # the seq the next new frame must carry
+    last: pb.StepResult | None = None  # the answer to next_seq - 1, for a duplicate delivery
+    touched: float = field(default_factory=time.monotonic)
+
+
+class SerialLanes:
+    """Runs tasks on a thread pool; the tasks of one key run in order, one at a time."""
+
+    def __init__(self, workers: int):
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="relay")
+        self._lanes: dict[str, deque[Callable[[], None]]] = {}
+        self._lock = threading.Lock()
+
+    def submit(self, key: str, task: Callable[[], None]) -> None:
+        with self._lock:
+            lane = self._lanes.get(key)
+            if lane is not None:
+                lane.append(task)
+                return
+            self._lanes[key] = deque([task])
+        self._pool.submit(self._drain, key)
+
+    def busy(self, key: str) -> bool:
+        with self._lock:
+            return key in self._lanes
+
+    def _drain(self, key: str) -> None:
+        while True:
+            with self._lock:
+                lane = self._lanes[key]
+                if not lane:
+                    del self._lanes[key]
+                    return
+                task = lane.popleft()
+            try:
+                task()
+            except Exception:  # noqa: BLE001 -- one task's bug must not stop its lane
+                logger.exception("relay task for session %s failed", key)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class FrameRelay:
+    """Serves device frames that arrive over MQTT with the edge segment [k1, k2) and a cloud tail per session."""
+
+    def __init__(self, settings, segment, lock: threading.Lock, codec: str, new_tail: Callable[[], object], metrics):
+        self.settings, self.segment, self.lock, self.codec = settings, segment, lock, codec
+        self.new_tail, self.metrics = new_tail, metrics
+        self.edge_id = settings.edge_id
+        self.hidden_size = segment.spec.hidden_size
+        self.sessions: dict[str, RelaySession] = {}
+        self._in_flight: set[tuple[str, int]] = set()  # (session, seq) queued or running
+        self._lock = threading.Lock()  # guards sessions and _in_flight
+        self._lanes = SerialLanes(settings.relay_workers)
+        self._subscribed, self._stopping = threading.Event(), threading.Event()
+        self._connected = False
+        self.protocol: int | None = None
+        self.client = None
+        self._janitor = threading.Thread(target=self._expire_idle, name="relay-janitor", daemon=True)
+
+    # ---- MQTT ----------------------------------------------------------------------------------
+
+    def start(self, timeout_s: float) -> None:
+        """Connect, subscribe and wait (at most ``timeout_s``) until the subscriptions are made."""
+        self.protocol = self._resolve_protocol(timeout_s)
+        self.client = new_client(f"splitglm-edge-{self.edge_id}", self.protocol)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_message = self._on_message
+        connect(self.client, self.settings.broker, self.protocol)
+        if not self._subscribed.wait(timeout_s):
+            self.stop()
+            raise TimeoutError(f"no MQTT subscriptions at {self.settings.broker} within {timeout_s:g} s")
+        self._janitor.start()
+
+    def _resolve_protocol(self, timeout_s: float) -> int:
+        """The protocol to speak (probing the broker for "auto"), retrying while the broker is down."""
+        deadline, delay = time.monotonic() + timeout_s, 0.5
+        while True:
+            try:
+                return resolve_protocol(self.settings.broker, self.settings.mqtt_protocol)
+            except ConnectionError as e:
+                if time.monotonic() + delay > deadline:
+                    raise
+                logger.warning("MQTT broker not ready (%r); retrying in %.1f s", e, delay)
+                time.sleep(delay)
+                delay = min(2 * delay, 5.0)
+
+    def subscriptions(self) -> list[str]:
+        """The pool topic (shared on v5) and this edge's own frames topic."""
+        s = self.settings
+        if self.protocol == V5:
+            pool = topics.pool_subscription(s.pool, s.share_group)
+        else:
+            pool = topics.frames_topic(s.pool)
+        return [pool, topics.frames_topic(self.edge_id)]
+
+    def connected(self) -> bool:
+        return self._connected
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties=None):
+        if reason_code.is_failure:
+            logger.warning("MQTT broker %s refused the connection: %s", self.settings.broker, reason_code)
+            return
+        self._connected = True
+        if self.protocol != V5:
+            logger.warning(
+                "MQTT 3.1.1 broker: every edge of pool %r gets each new session (load splitting "
+                "needs shared subscriptions, i.e. an MQTT v5 broker)",
+                self.settings.pool,
+            )
+        client.subscribe([(topic, 1) for topic in self.subscriptions()])
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties=None):
+        failed = [str(rc) for rc in reason_codes if rc.is_failure]
+        if failed:
+            logger.error("MQTT subscriptions %s refused: %s", self.subscriptions(), failed)
+            return
+        logger.info("subscribed to %s", ", ".join(self.subscriptions()))
+        self._subscribed.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties=None):
+        self._connected = False
+        if not self._stopping.is_set():
+            logger.warning("MQTT connection lost (%s); reconnecting", reason_code)
+
+    def _on_message(self, client, userdata, message):
+        """Parse the frame on paho's thread; queue it on its session's lane (never raises)."""
+        try:
+            self._accept(message)
+        except Exception:  # noqa: BLE001 -- paho's network thread must survive anything
+            logger.exception("dropping an MQTT message on %s", message.topic)
+
+    def _accept(self, message) -> None:
+        props = getattr(message, "properties", None)
+        reply_topic = getattr(props, "ResponseTopic", "") if props is not None else ""
+        correlation = bytes(getattr(props, "CorrelationData", b"")) if props is not None else b""
+        self.metrics.add_wire_bytes("device_edge", "in", len(message.payload))
+        try:
+            frame = parse_frame(message.payload, self.settings.max_frame_bytes)
+        except CodecError as e:
+            code = Status.RESOURCE_EXHAUSTED if isinstance(e, SizeLimitError) else Status.INVALID_ARGUMENT
+            self._publish(Incoming(pb.Frame(), reply_topic, correlation), error_result(pb.Frame(), code, str(e)))
+            return
+        incoming = Incoming(
+            frame, reply_topic or frame.reply_to, correlation or topics.correlation(frame.session_id, frame.seq)
+        )
+        if frame.close:
+            self._lanes.submit(frame.session_id, lambda: self._free(frame.session_id, "closed by its owner", frame))
+            return
+        if not incoming.reply_topic:
+            logger.warning(
+                "dropping frame %s:%d: no reply topic (v5 ResponseTopic or Frame.reply_to)", frame.session_id, frame.seq
+            )
+            return
+        key = (frame.session_id, frame.seq)
+        with self._lock:
+            if key in self._in_flight:
+                logger.debug("ignoring a duplicate of frame %s:%d still in progress", *key)
+                return
+            self._in_flight.add(key)
+        self._lanes.submit(frame.session_id, lambda: self._serve(incoming))
+
+    def _publish(self, incoming: Incoming, result: pb.StepResult) -> None:
+        """Publish the answer (QoS 1) to the frame's reply topic, with v5 correlation + edge id properties."""
+        if not incoming.reply_topic:
+            logger.warning(
+                "cannot answer frame %s:%d (%s): no reply topic",
+                incoming.frame.session_id,
+                incoming.frame.seq,
+                result.error or "ok",
+            )
+            return
+        result.edge_id = self.edge_id
+        payload = result.SerializeToString(deterministic=True)
+        props = None
+        if self.protocol == V5:
+            props = publish_properties("", incoming.correlation, {topics.EDGE_ID_PROPERTY: self.edge_id})
+        self.client.publish(incoming.reply_topic, payload, qos=1, properties=props)
+        self.metrics.add_wire_bytes("device_edge", "out", len(payload))
+        self.metrics.request("mqtt", STATUS_NAMES.get(result.status, "UNKNOWN") if result.error else "ok")
+
+    # ---- sessions --------------------------------------------------------------------------------
+
+    def _serve(self, incoming: Incoming) -> None:
+        """Answer one frame on its session's lane."""
+        frame = incoming.frame
+        try:
+            result = self._step(incoming)
+        except RelayError as e:
+            logger.info("frame %s:%d refused: %s %s", frame.session_id, frame.seq, e.code.name, e)
+            result = error_result(frame, e.code, str(e))
+        except Exception as e:  # noqa: BLE001 -- a bug answers this frame, other sessions go on
+            logger.exception("frame %s:%d failed", frame.session_id, frame.seq)
+            result = error_result(frame, Status.INTERNAL, f"edge {self.edge_id}: {e!r}")
+        finally:
+            with self._lock:
+                self._in_flight.discard((frame.session_id, frame.seq))
+        self._publish(incoming, result)
+
+    def _step(self, incoming: Incoming) -> pb.StepResult:
+        """Check the frame against its session, run [k1, k2), step the cloud; the answer (maybe stored)."""
+        frame = incoming.frame
+        sid = frame.session_id
+        if not sid or len(sid) > 128:
+            raise RelayError(Status.INVALID_ARGUMENT, "session_id must be 1-128 characters")
+        with self._lock:
+            state = self.sessions.get(sid)
+        if state is None and frame.seq != 0:
+            raise RelayError(
+                Status.NOT_FOUND,
+                f"edge {self.edge_id}: unknown session {sid!r} (a session starts at seq 0, on the pool topic)",
+            )
+        if state is not None:
+            state.touched = time.monotonic()
+            if frame.seq + 1 == state.next_seq and state.last is not None:
+                return state.last  # a duplicate delivery: the same answer, no second step
+            if frame.seq != state.next_seq:
+                raise RelayError(
+                    Status.FAILED_PRECONDITION, f"session {sid!r} expects seq {state.next_seq}, got {frame.seq}"
+                )
+        hidden = self._decode(frame)  # (T, C)
+        if state is None:
+            state = self._open(sid)
+        t0 = time.perf_counter()
+        try:
+            with self.lock:
+                mid = self.segment([SegmentInput(sid, frame.start_pos, hidden=hidden)])[0]  # (T, C)
+        except SessionError as e:
+            raise RelayError(Status.FAILED_PRECONDITION, str(e)) from None
+        self.metrics.stage("edge_segment", time.perf_counter() - t0)
+        params = frame.params if frame.HasField("params") else None
+        out = make_frame(
+            sid, frame.seq, frame.start_pos, mid, self.codec, params=params, deadline_unix_ms=frame.deadline_unix_ms
+        )
+        result = state.tail.step(out)
+        if result.error:
+            self._free(sid, f"cloud step failed: {result.error}")
+            return result
+        state.next_seq, state.last, state.touched = frame.seq + 1, result, time.monotonic()
+        self.metrics.observe_step(result, time.perf_counter() - t0, "mqtt")
+        self.metrics.tokens(path_name(result.path), len(result.tokens))
+        return result
+
+    def _decode(self, frame: pb.Frame):
+        try:
+            return decode_frame_hidden(frame, self.hidden_size)
+        except SizeLimitError as e:
+            raise RelayError(Status.RESOURCE_EXHAUSTED, str(e)) from None
+        except CodecError as e:
+            raise RelayError(Status.INVALID_ARGUMENT, str(e)) from None
+
+    def _open(self, sid: str) -> RelaySession:
+        state = RelaySession(self.new_tail())
+        with self._lock:
+            self.sessions[sid] = state
+        self.metrics.session_opened("mqtt")
+        logger.debug("session %s opened", sid)
+        return state
+
+    def _free(self, sid: str, reason: str, close: pb.Frame | None = None) -> None:
+        """Forget a session: its cache of [k1, k2) and its cloud stream (sent ``close`` or a close frame)."""
+        with self._lock:
+            state = self.sessions.pop(sid, None)
+        with self.lock:
+            self.segment.close_session(sid)
+        if state is None:
+            return
+        self.metrics.session_closed("mqtt")
+        logger.debug("session %s freed: %s", sid, reason)
+        try:
+            state.tail.close(close or make_frame(sid, state.next_seq, 0, None, close=True))
+        except Exception:  # noqa: BLE001 -- best effort: the cloud frees the session when the stream ends
+            logger.warning("closing the cloud stream of session %s failed", sid, exc_info=True)
+
+    def _expire_idle(self) -> None:
+        """Free sessions idle for ``session_ttl_s`` (on their lane, so never under a running step)."""
+        ttl = self.settings.session_ttl_s
+        while not self._stopping.wait(min(ttl / 4, 10.0)):
+            now = time.monotonic()
+            with self._lock:
+                idle = [sid for sid, s in self.sessions.items() if now - s.touched > ttl]
+            for sid in idle:
+                if not self._lanes.busy(sid):
+                    self._lanes.submit(sid, lambda sid=sid: self._free_if_idle(sid, ttl))
+
+    def _free_if_idle(self, sid: str, ttl: float) -> None:
+        with self._lock:
+            state = self.sessions.get(sid)
+        if state is not None and time.monotonic() - state.touched > ttl:
+            self._free(sid, f"idle for more than {ttl:g} s")
+
+    def stop(self) -> None:
+        """Stop taking frames, abandon the steps in progress, free every session."""
+        self._stopping.set()
+        if self.client is not None:
+            self.client.disconnect()
+            self.client.loop_stop()
+        with self._lock:
+            states = list(self.sessions.values())
+        for state in states:
+            cancel = getattr(state.tail, "cancel", None)
+            if cancel is not None:
+                cancel()
+        self._lanes.shutdown()
+        with self._lock:
+            sids = list(self.sessions)
+        for sid in sids:
+            self._free(sid, "edge stopping")
+        if self._janitor.is_alive():
+            self._janitor.join()
+
+

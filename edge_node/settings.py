@@ -1,0 +1,152 @@
+"""Runtime settings of the edge node: one pydantic-settings class, from a YAML file, env vars and CLI flags.
+
+Precedence, highest first: command-line flags (``--http-port 8001``), environment
+variables (``SPLITGLM_EDGE_HTTP_PORT=8001``), the YAML file given with
+``--config``, the defaults below. Every field states its unit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from protos import topics
+from protos.mqtt import broker_address
+
+
+class SettingsError(ValueError):
+    """The settings are invalid (the process exits with code 2)."""
+
+
+def default_edge_id() -> str:
+    """``edge-<hostname>``, with characters that cannot appear in a topic level replaced by '-'."""
+    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname()) or "localhost"
+    return f"edge-{host}"[:64]
+
+
+class EdgeSettings(BaseSettings):
+    """Settings of ``python -m edge_node``."""
+
+    model_config = SettingsConfigDict(env_prefix="SPLITGLM_EDGE_", extra="forbid", yaml_file=None)
+
+    plan: Path = Field(description="plan folder (from `splitglm partition`); the edge serves its edge tier")
+    edge_id: str = Field(default_factory=default_edge_id, description="this edge's id: an MQTT topic level")
+    pool: str = Field(default=topics.DEFAULT_POOL, description="edge pool whose new sessions this edge takes")
+    share_group: str = Field(default=topics.SHARE_GROUP, description="shared-subscription group of the pool (MQTT v5)")
+    broker: str = Field(default="mqtt://127.0.0.1:1883", description="MQTT broker URL; empty = no MQTT (HTTP only)")
+    mqtt_protocol: Literal["auto", "5", "3.1.1"] = Field(default="auto", description="MQTT protocol version")
+    cloud: str = Field(default="127.0.0.1:50051", description="HOST:PORT of the cloud_service gRPC server")
+    http_host: str = Field(default="0.0.0.0", description="interface the HTTP API listens on")
+    http_port: int = Field(default=8000, ge=0, le=65535, description="HTTP port; 0 = a free port")
+    threads: int = Field(default=1, ge=1, le=256, description="torch CPU threads")
+    relay_workers: int = Field(default=16, ge=1, le=1024, description="threads serving MQTT frames (sessions)")
+    step_timeout_s: float = Field(default=30.0, gt=0, description="longest wait for one cloud step, seconds")
+    connect_timeout_s: float = Field(default=60.0, gt=0, description="longest wait for the cloud at start-up, seconds")
+    shutdown_grace_s: float = Field(default=5.0, ge=0, description="on SIGTERM, time open HTTP responses get "
+                                    "before their cloud streams are cancelled, seconds")
+    session_ttl_s: float = Field(default=300.0, gt=0, description="idle MQTT sessions are freed after, seconds")
+    max_frame_bytes: int = Field(default=64 << 20, ge=1024, description="largest accepted frame, bytes")
+    default_max_tokens: int = Field(default=128, ge=1, description="max_tokens of HTTP requests that set none, tokens")
+    max_tokens_limit: int = Field(default=2048, ge=1, description="largest max_tokens an HTTP request may ask, tokens")
+    model_name: str = Field(default="splitglm", min_length=1, description="model id the HTTP API serves")
+
+    @field_validator("plan")
+    @classmethod
+    def _plan_folder(cls, value: Path) -> Path:
+        if not (value / "plan.json").is_file():
+            raise ValueError(f"{str(value)!r} is not a plan folder (no plan.json; see `splitglm partition`)")
+        return value
+
+    @field_validator("edge_id", "pool", "share_group")
+    @classmethod
+    def _topic_level(cls, value: str) -> str:
+        topics.frames_topic(value)  # raises ValueError unless a valid topic level
+        return value
+
+    @field_validator("broker")
+    @classmethod
+    def _broker_url(cls, value: str) -> str:
+        if value:
+            broker_address(value)
+        return value
+
+    @field_validator("cloud")
+    @classmethod
+    def _cloud_address(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"cloud address {value!r} must be HOST:PORT")
+        return value
+
+    @model_validator(mode="after")
+    def _token_limits(self) -> EdgeSettings:
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(
+                f"default_max_tokens {self.default_max_tokens} exceeds max_tokens_limit {self.max_tokens_limit}"
+            )
+        if self.edge_id == self.pool:
+            raise ValueError(f"edge_id {self.edge_id!r} must differ from the pool name (both name a frames topic)")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources = [init_settings, env_settings]
+        if settings_cls.model_config.get("yaml_file"):
+            sources.append(YamlConfigSettingsSource(settings_cls))
+        return tuple(sources)
+
+    @classmethod
+    def load(cls, argv: list[str] | None = None) -> EdgeSettings:
+        """Settings from ``argv`` (flags override env vars, which override ``--config FILE.yaml``)."""
+        args = vars(parser().parse_args(argv))
+        config = args.pop("config", None)
+        source = cls
+        if config is not None:
+            if not Path(config).is_file():
+                raise SettingsError(f"--config {config!r}: no such file")
+            source = type(cls.__name__, (cls,), {"model_config": {**cls.model_config, "yaml_file": config}})
+        try:
+            return source(**args)
+        except ValidationError as e:
+            raise SettingsError(_explain(e)) from None
+
+
+def _explain(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        name = ".".join(str(p) for p in item["loc"]) or "settings"
+        if name in EdgeSettings.model_fields:
+            name = f"{name} (--{name.replace('_', '-')})"
+        lines.append(f"{name}: {item['msg']}")
+    return "invalid edge settings:\n  " + "\n  ".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    """One ``--kebab-case`` flag per field (no defaults here: unset flags leave env/YAML/defaults alone)."""
+    p = argparse.ArgumentParser(
+        prog="python -m edge_node",
+        description="splitglm edge node: MQTT frames from devices, gRPC to the cloud, an OpenAI-compatible HTTP API",
+        argument_default=argparse.SUPPRESS,
+    )
+    p.add_argument("--config", help="YAML file of settings (keys are the field names, e.g. http_port)")
+    for name, field in EdgeSettings.model_fields.items():
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, metavar=name.upper(), help=field.description)
+    return p
