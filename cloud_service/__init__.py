@@ -1,1 +1,1 @@
-"""splitglm cloud_service agent (the running system arrives with the agents issue)."""
+"""splitglm cloud tier: a plan's cloud segment over gRPC, steps of many sessions batched (python -m cloud_service)."""

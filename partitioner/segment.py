@@ -150,7 +150,8 @@ class Segment(nn.Module):
             return rows
         if last_only:
             rows = [r[-1:] for r in rows]
-        return [self.lm_head(self.norm(r)) for r in rows]  # B x (T_i, V)
+        logits = self.lm_head(self.norm(torch.cat(rows)))  # (sum T_i, V): one pass over the head for the batch
+        return list(logits.split([r.shape[0] for r in rows]))  # B x (T_i, V)
 
     def _input_rows(self, items: list[SegmentInput], width: int) -> torch.Tensor:
         """Embed or take each session's rows, zero-padded to ``width`` positions: (B, T, C)."""

@@ -1,0 +1,53 @@
+"""``python -m cloud_service``: serve a plan's cloud segment over gRPC until SIGTERM or SIGINT.
+
+Exit codes: 0 after a clean shutdown, 1 when the plan folder cannot be
+served (missing, tampered with, not a plan), 2 for invalid settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+
+from partitioner.manifest import ArtifactError
+
+from .settings import CloudSettings, SettingsError
+
+logger = logging.getLogger("cloud_service")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = CloudSettings.load(argv)
+    except SettingsError as e:
+        logger.error("%s", e)
+        return 2
+    from .server import serve  # imports torch and grpc: after the settings are known to be good
+
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        try:
+            server = serve(settings)
+        except SettingsError as e:
+            logger.error("%s", e)
+            return 2
+        except (ArtifactError, OSError) as e:
+            logger.error("cannot serve plan %s: %s", settings.plan, e)
+            return 1
+        while not stop.wait(1.0):  # wakes for the signal handler
+            pass
+        logger.info("shutting down: health NOT_SERVING, %.1f s for running streams", settings.grace_s)
+        server.stop(settings.grace_s)
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""The gRPC face of the cloud tier: ``SegmentService.Stream`` (one stream per session) and the health service.
+
+The servicer only adapts: it parses and validates each frame, hands it to the
+scheduler (``batcher.Batcher``) and streams back the StepResults; a frame it
+cannot serve ends the stream with a gRPC status and a message. Frames arrive
+as raw bytes (not parsed by gRPC), so bad bytes are our INVALID_ARGUMENT, not
+gRPC's INTERNAL; gRPC itself refuses messages over ``max_frame_bytes`` with
+RESOURCE_EXHAUSTED.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from partitioner.checkpoint import load_spec
+from partitioner.export import load_tier
+from partitioner.terminal import StepError
+from protos import splitglm_pb2 as pb
+from protos.errors import CodecError, SizeLimitError
+from protos.frames import decode_frame_hidden, parse_frame
+
+from .batcher import Batcher, Limits
+from .settings import CloudSettings, SettingsError
+
+logger = logging.getLogger(__name__)
+
+SERVICE = "splitglm.v1.SegmentService"
+FREE_TIMEOUT_S = 30.0  # longest wait for the scheduler to free a session at the end of a stream
+
+
+class SegmentServicer:
+    """``SegmentService.Stream``: frames of one session in, its StepResults out."""
+
+    def __init__(self, batcher: Batcher, hidden_size: int, max_frame_bytes: int, max_positions: int):
+        self.batcher, self.hidden_size = batcher, hidden_size
+        self.max_frame_bytes, self.max_elements = max_frame_bytes, max_positions * hidden_size
+        self._streaming: set[str] = set()  # sessions that have a stream now
+        self._lock = threading.Lock()
+
+    def Stream(self, request_iterator, context):  # noqa: N802 -- the rpc's name
+        """Serve a session's frames in order; a close frame or the end of the stream frees the session."""
+        session, keep = None, False
+        try:
+            for data in request_iterator:
+                frame = self._parse(data)
+                if session is None:
+                    session = self._attach(frame.session_id)
+                elif frame.session_id != session:
+                    raise StepError("INVALID_ARGUMENT", f"this stream carries session {session!r}, not "
+                                    f"{frame.session_id!r}: open one stream per session")
+                if frame.close:
+                    return
+                yield self.batcher.submit(frame, self._hidden(frame)).result()
+        except StepError as e:
+            keep = e.status == "DEADLINE_EXCEEDED"  # the session stays for a retry (on a new stream)
+            logger.info("stream of session %r ends with %s: %s", session, e.status, e)
+            context.abort(grpc.StatusCode[e.status], str(e))
+        finally:
+            if session is not None:
+                self._detach(session, free=not keep)
+
+    def _parse(self, data: bytes) -> pb.Frame:
+        try:
+            return parse_frame(data, self.max_frame_bytes)
+        except CodecError as e:
+            raise _codec_error(e, "") from None
+
+    def _hidden(self, frame: pb.Frame) -> torch.Tensor | None:
+        """The frame's hidden states, validated and decoded: (T, C) float32, or None."""
+        if not frame.HasField("hidden"):
+            return None
+        where = f"frame {frame.seq} of session {frame.session_id!r}: "
+        try:
+            return decode_frame_hidden(frame, self.hidden_size, self.max_elements)
+        except SizeLimitError as e:
+            most = self.max_elements // self.hidden_size
+            raise StepError("RESOURCE_EXHAUSTED", f"{where}{e} (a session holds at most {most} positions)") from None
+        except CodecError as e:
+            raise _codec_error(e, where) from None
+
+    def _attach(self, session_id: str) -> str:
+        with self._lock:
+            if session_id in self._streaming:
+                raise StepError("FAILED_PRECONDITION", f"session {session_id!r} already has a stream")
+            self._streaming.add(session_id)
+        return session_id
+
+    def _detach(self, session_id: str, free: bool) -> None:
+        if free:
+            self.batcher.free(session_id).result(FREE_TIMEOUT_S)
+        with self._lock:
+            self._streaming.discard(session_id)
+
+
+def _codec_error(error: CodecError, where: str) -> StepError:
+    status = "RESOURCE_EXHAUSTED" if isinstance(error, SizeLimitError) else "INVALID_ARGUMENT"
+    return StepError(status, f"{where}{error}")
+
+
+def add_segment_service(servicer: SegmentServicer, server: grpc.Server) -> None:
+    """Register ``Stream`` with raw request bytes (we parse frames) and serialized StepResults."""
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.Stream, request_deserializer=None, response_serializer=pb.StepResult.SerializeToString
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Stream": handler}),))
+
+
+@dataclass
+class CloudServer:
+    """A running cloud service: the bound ``port``, ``stop()``."""
+
+    server: grpc.Server
+    executor: ThreadPoolExecutor
+    batcher: Batcher
+    health: health.HealthServicer
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"grpc://{host}:{self.port}"
+
+    def drain(self) -> None:
+        """Health NOT_SERVING, for good: load balancers stop sending new sessions."""
+        self.health.enter_graceful_shutdown()
+
+    def stop(self, grace: float | None = 0.0) -> None:
+        """Drain, let running streams finish for ``grace`` seconds, cancel the rest, stop the scheduler."""
+        self.drain()
+        self.server.stop(grace).wait()
+        self.batcher.stop()  # after the streams: steps still queued fail (UNAVAILABLE)
+        self.executor.shutdown(wait=True)  # the streams' threads, woken by the cancellation
+        logger.info("stopped: %s", self.url)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.server.wait_for_termination(timeout)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without CUDA is a settings error."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SettingsError("device: cuda was asked for, but CUDA is not available here")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def load_segment(plan: Path, device: torch.device):
+    """The plan's verified cloud tier, on ``device``, and its hidden size."""
+    segment = load_tier(plan, "cloud")
+    if isinstance(segment, torch.nn.Module):
+        segment = segment.to(device)
+    return segment, load_spec(Path(plan) / "cloud").hidden_size
+
+
+def serve(settings: CloudSettings) -> CloudServer:
+    """Load the cloud segment, start the scheduler and the gRPC server; return once it serves."""
+    torch.set_num_threads(settings.threads)
+    device = resolve_device(settings.device)
+    segment, hidden_size = load_segment(settings.plan, device)
+    limits = Limits(settings.max_sessions, settings.max_batch, settings.max_tokens, settings.max_positions,
+                    settings.session_ttl_s)
+    batcher = Batcher(segment, limits, device).start()
+    workers = max(64, settings.max_sessions + 16)  # one thread per open stream, plus health checks
+    executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cloud-rpc")
+    server = grpc.server(
+        executor,
+        options=[
+            ("grpc.max_receive_message_length", settings.max_frame_bytes),
+            ("grpc.max_send_message_length", settings.max_frame_bytes),
+            ("grpc.so_reuseport", 0),  # a port in use is an error, not shared with another server
+        ],
+    )
+    add_segment_service(SegmentServicer(batcher, hidden_size, settings.max_frame_bytes, settings.max_positions),
+                        server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    address = f"[{settings.host}]" if ":" in settings.host else settings.host
+    try:
+        port = server.add_insecure_port(f"{address}:{settings.port}")
+    except RuntimeError as e:
+        batcher.stop()
+        executor.shutdown()
+        raise OSError(f"cannot listen on {address}:{settings.port}: {e}") from None
+    server.start()
+    for name in ("", SERVICE):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    handle = CloudServer(server, executor, batcher, health_servicer, settings.host, port)
+    logger.info("cloud segment on %s, %d max sessions, batches of up to %d; ready: %s",
+                device, settings.max_sessions, settings.max_batch, handle.url)
+    return handle
