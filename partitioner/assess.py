@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from pathlib import Path
 
 import torch
@@ -11,9 +12,10 @@ import torch
 from .checkpoint import load_spec, load_tokenizer
 from .compress import apply_compression
 from .export import load_plan, load_tier
+from .fast_tail import compare_scores, hidden_windows, tail_scores
 from .measure import COMPRESSIONS
-from .pipeline import split_segments
-from .quality import CodecQuality, evaluate_codecs
+from .pipeline import Chain, split_segments
+from .quality import CodecQuality, FrameLink, evaluate_codecs
 from .segment import Segment
 
 logger = logging.getLogger(__name__)
@@ -67,3 +69,49 @@ def evaluate(
     compared = reference if segments is not reference else None
     ids = text_ids(model, text, tokens)
     return evaluate_codecs(segments, ids, codecs or ["fp32"], window, progress, reference=compared)
+
+
+def evaluate_fast_tail(
+    model: str | os.PathLike,
+    text: str | os.PathLike,
+    plan_dir: str | os.PathLike,
+    tokens: int = 4096,
+    window: int = 1024,
+) -> dict | None:
+    """The plan's fast tail against its accurate path, as deployed; None for a plan without a fast tail.
+
+    Both paths get the same hidden states at k2 (device, the device->edge codec, edge); the accurate
+    path then crosses the edge->cloud codec to the cloud tier, the fast path runs the edge's fast tail.
+    Perplexity change and greedy agreement are the fast path's against the accurate path's.
+    """
+    plan = load_plan(plan_dir)
+    if "fast_tail" not in plan or not (Path(plan_dir) / "fast_tail").is_dir():
+        return None
+    (device, edge, cloud), _ = plan_segments(plan_dir)
+    fast = load_tier(plan_dir, "fast_tail")
+    C = load_spec(model).hidden_size
+    front = Chain([device, edge], [FrameLink(plan["codecs"]["device_edge"], C)])
+
+    def hidden_at_k2(ids: torch.Tensor) -> torch.Tensor:
+        session = uuid.uuid4().hex
+        try:
+            return front.step(session, 0, ids)  # (T, C)
+        finally:
+            front.close(session)
+
+    windows = hidden_windows(hidden_at_k2, text_ids(model, text, tokens), window)
+    accurate = tail_scores(cloud, windows, link=FrameLink(plan["codecs"]["edge_cloud"], C))
+    return {
+        "codec": "fast_tail",
+        "compression": plan["fast_tail"]["compression"]["name"],
+        **compare_scores(accurate, tail_scores(fast, windows)),
+    }
+
+
+def format_fast_tail(row: dict) -> str:
+    """One line: the fast tail's perplexity and agreement against the accurate path."""
+    return (
+        f"fast tail ({row['compression']}) vs the accurate path over {row['tokens']} tokens: perplexity "
+        f"{row['perplexity']:.4f} (accurate {row['accurate_perplexity']:.4f}), delta "
+        f"{row['perplexity_delta_pct']:+.3f} %, agreement {row['token_agreement']:.4f}"
+    )

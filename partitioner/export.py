@@ -3,7 +3,7 @@
 ```
 PLAN_DIR/plan.json          splits, codecs, compression, predictions, candidates
 PLAN_DIR/report.md          the choice explained, with report.png
-PLAN_DIR/{device,edge,cloud}/
+PLAN_DIR/{device,edge,cloud,fast_tail}/
     model.safetensors       the tier's weights (checkpoint names), fp32
     config.json             the model config
     tokenizer files         device and edge (the session owners)
@@ -16,6 +16,11 @@ the artifact is exact and the compression deterministic. A tier planned for
 onnxruntime records ``"backend": "onnxruntime"`` and its ``"onnx"`` recipe
 (precision, fp32-kept globs) with no ``passes``: its artifact is the same fp32
 safetensors, which the agent exports to ONNX (``backends.export_onnx``) at load.
+
+``fast_tail`` is the edge's compressed copy of the cloud tier ([k2, L) + head,
+``partitioner.fast_tail``); plan.json records it as ``"fast_tail": {"compression":
+entry, "quality": measured against the cloud tier or null, ...}`` (a plan without
+that key gets the default fast tail of ``fixed_plan``).
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ def tier_layout(num_layers: int, k1: int, k2: int) -> dict[str, dict]:
         "device": {"layers": [0, k1], "embed": True, "head": False},
         "edge": {"layers": [0, k2], "embed": True, "head": False, "runs": [k1, k2]},
         "cloud": {"layers": [k2, num_layers], "embed": False, "head": True},
+        "fast_tail": {"layers": [k2, num_layers], "embed": False, "head": True},  # run by the edge
     }
 
 
@@ -77,14 +83,14 @@ def _write_tier(model: Path, folder: Path, layout: dict, info: dict) -> None:
 
 
 def export_plan(model: str | os.PathLike, plan: dict, out: str | os.PathLike) -> dict:
-    """Write ``plan.json`` and the three tier folders into ``out`` (new or empty); return the plan."""
+    """Write ``plan.json`` and the tier folders (device, edge, cloud, fast_tail) into ``out`` (new or empty)."""
     model, out = resolve_checkpoint(model), Path(out)
     if out.exists() and any(out.iterdir()):
         raise ArtifactError(f"output folder {str(out)!r} exists and is not empty")
     spec = load_spec(model)
     config = json.loads((model / "config.json").read_text())
     k1, k2 = plan["splits"]
-    plan = {**plan, "model": model_fingerprint(config), "num_layers": spec.num_layers}
+    plan = {"fast_tail": default_fast_tail(), **plan, "model": model_fingerprint(config), "num_layers": spec.num_layers}
     plan["plan_id"] = plan_id(plan)
     out.mkdir(parents=True, exist_ok=True)
     layouts = tier_layout(spec.num_layers, k1, k2)
@@ -93,11 +99,25 @@ def export_plan(model: str | os.PathLike, plan: dict, out: str | os.PathLike) ->
             "tier": tier,
             "model": plan["model"],
             "plan_id": plan["plan_id"],
-            "compression": plan["compression"].get(tier, {"name": "none", "passes": []}),
+            "compression": _tier_compression(plan, tier),
         }
         _write_tier(model, out / tier, layout, info)
     (out / "plan.json").write_text(json.dumps(plan, indent=2))
     return plan
+
+
+def _tier_compression(plan: dict, tier: str) -> dict:
+    if tier == "fast_tail":
+        return plan["fast_tail"]["compression"]
+    return plan["compression"].get(tier, {"name": "none", "passes": []})
+
+
+def default_fast_tail(name: str | None = None) -> dict:
+    """plan.json's ``"fast_tail"`` for a plan chosen without measuring it: ``name``'s compression
+    (default ``fast_tail.DEFAULT_FAST_TAIL``, int8 weight-only), quality unknown."""
+    from .fast_tail import DEFAULT_FAST_TAIL, fast_tail_entry
+
+    return {"compression": fast_tail_entry(name or DEFAULT_FAST_TAIL), "quality": None}
 
 
 def load_plan(plan_dir: str | os.PathLike) -> dict:
@@ -131,8 +151,12 @@ def load_tier(plan_dir: str | os.PathLike, tier: str, expect_model: str | None =
     )
 
 
-def fixed_plan(splits: tuple[int, int], codecs: tuple[str, str], compression: dict | None = None) -> dict:
-    """A plan chosen by hand (no topology, no measurement): splits, link codecs, per-tier compression."""
+def fixed_plan(
+    splits: tuple[int, int], codecs: tuple[str, str], compression: dict | None = None, fast_tail: str | None = None
+) -> dict:
+    """A plan chosen by hand (no topology, no measurement): splits, link codecs, per-tier compression,
+    and the fast tail's compression (a ``fast_tail.FAST_TAIL_COMPRESSIONS`` name; default int8
+    weight-only; "none" for an exact copy of the cloud tier)."""
     from .measure import compression_entry
 
     compression = compression or {}
@@ -141,6 +165,7 @@ def fixed_plan(splits: tuple[int, int], codecs: tuple[str, str], compression: di
         "splits": list(splits),
         "codecs": {"device_edge": codecs[0], "edge_cloud": codecs[1]},
         "compression": {t: compression.get(t, compression_entry("torch", "none")) for t in ("device", "edge", "cloud")},
+        "fast_tail": default_fast_tail(fast_tail),
     }
 
 

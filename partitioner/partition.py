@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .checkpoint import load_spec, load_tokenizer
 from .export import export_plan
+from .fast_tail import FastTailChoice, Floor, choose_fast_tail
 from .measure import (
     QUALITY_TOKENS,
     codec_costs,
@@ -19,7 +20,7 @@ from .measure import (
     load_measurements,
     save_measurements,
 )
-from .planner import CompressionCost, plan
+from .planner import Candidate, CompressionCost, Costs, plan, send_ms
 from .profiler import Profile
 from .report import write_report
 from .topology import TIERS, Topology, load_topology, tier_backend
@@ -63,6 +64,52 @@ def _tier_choices(topo: Topology, data: dict, num_layers: int) -> dict[str, list
     return choices
 
 
+def path_predictions(
+    topo: Topology, data: dict, best: Candidate, num_layers: int, fast: FastTailChoice
+) -> dict[str, dict[str, float]]:
+    """The router's starting estimates per path, for a session the edge owns (HTTP: embedding + [0, k2)).
+
+    accurate: front + send to the cloud + cloud [k2, L) (+ head per step) + the link's round trip;
+    fast: front + the fast tail measured at the edge's threads, scaled by its speed factor.
+    ``step_ms`` includes the round trip; ``prefill_ms_per_token`` does not (one RTT per prefill);
+    ``replay_ms_per_token`` is the tail alone over history positions (rebuilding its cache).
+    """
+    k1, k2 = best.splits
+    L = num_layers
+    choices = _tier_choices(topo, data, L)
+    costs = {
+        t: Costs(next(c.profile for c in choices[t] if c.name == best.compression[t]), L) for t in ("edge", "cloud")
+    }
+    edge, cloud, link = topo.tiers["edge"], topo.tiers["cloud"], topo.links["edge_cloud"]
+    codec = next(c for c in codec_costs(data) if c.name == best.codecs["edge_cloud"])
+    C = costs["edge"].hidden_size
+    front_step = costs["edge"].compute_ms(edge, 0, k2, 1, decode=True, embed=True)
+    front_prefill = costs["edge"].compute_ms(edge, 0, k2, 1, decode=False, embed=True)
+    cloud_prefill = send_ms(link, 1, C, codec.bytes_per_element) + costs["cloud"].compute_ms(cloud, k2, L, 1, False)
+    tail = fast.measured[fast.name]
+    tail_step, tail_prefill = tail["step_ms"] / edge.speed_factor, tail["prefill_ms_per_token"] / edge.speed_factor
+    accurate_step = (
+        send_ms(link, 1, C, codec.step_bytes_per_element)
+        + link.rtt_ms
+        + costs["cloud"].compute_ms(cloud, k2, L, 1, decode=True, head=True)
+    )
+    paths = {
+        "accurate": {
+            "prefill_ms_per_token": front_prefill + cloud_prefill,
+            "step_ms": front_step + accurate_step,
+            "rtt_ms": link.rtt_ms,
+            "replay_ms_per_token": cloud_prefill,
+        },
+        "fast": {
+            "prefill_ms_per_token": front_prefill + tail_prefill,
+            "step_ms": front_step + tail_step,
+            "rtt_ms": 0.0,
+            "replay_ms_per_token": tail_prefill,
+        },
+    }
+    return {p: {k: round(v, 4) for k, v in d.items()} for p, d in paths.items()}
+
+
 def partition(
     model: str | os.PathLike,
     topology: str | os.PathLike,
@@ -72,11 +119,14 @@ def partition(
     measure: bool = False,
     measure_top: int = 4,
     measure_repeats: int = 2,
+    fast_tail_floor: Floor = Floor(),
 ) -> dict:
     """Plan ``model`` for ``topology`` and write the plan folder ``out``; return plan.json's content.
 
     ``measure``: also run the best ``measure_top`` candidates and a few contrasting splits live
     (``partitioner.live``) and add predicted vs measured to plan.json ("measured") and report.md.
+    The edge's fast tail ([k2, L) + head) gets the fastest compression within ``fast_tail_floor``
+    (``partitioner.fast_tail``), measured at the edge's threads on the same text.
     """
     topo = load_topology(topology)
     spec = load_spec(model)
@@ -102,6 +152,8 @@ def partition(
             f"tier's memory_mb or the quality floor ({topo.max_perplexity_increase_pct}% perplexity)"
         )
     best = candidates[0]
+    fast = choose_fast_tail(model, best.splits[1], ids[:QUALITY_TOKENS], _threads(topo, "edge"), fast_tail_floor, data)
+    save_measurements(model, data)
     result = export_plan(
         model,
         {
@@ -113,7 +165,9 @@ def partition(
                 "ttft_ms": round(best.ttft_ms, 3),
                 "per_token_ms": round(best.per_token_ms, 3),
                 "expected_ms": round(best.expected_ms, 3),
+                "paths": path_predictions(topo, data, best, spec.num_layers, fast),
             },
+            "fast_tail": fast.record(),
             "objective": OBJECTIVE,
             "perplexity_delta_pct": round(best.perplexity_delta_pct, 3),
             "candidates": [asdict(c) for c in candidates],

@@ -111,16 +111,27 @@ def cmd_eval(args) -> int:
         plan_dir=args.plan,
         progress=not args.quiet,
     )
+    rows = [r.as_dict() for r in results]
+    fast = None
+    if args.plan:  # the plan's fast tail against its accurate path: one more row
+        from partitioner.assess import evaluate_fast_tail
+
+        fast = evaluate_fast_tail(args.model, args.text, args.plan, args.tokens, args.window)
     if args.json:
-        print(json.dumps([r.as_dict() for r in results], indent=2))
+        print(json.dumps(rows + ([fast] if fast else []), indent=2))
     else:
+        from partitioner.assess import format_fast_tail
+
         what = f"plan {args.plan}" if args.plan else f"splits {args.splits[0]},{args.splits[1]}"
         print(f"model {args.model}  {what}  compression {args.compression or 'none'}  text {args.text}")
         print(format_table(results))
+        if fast:
+            print(format_fast_tail(fast))
     return 0
 
 
 def cmd_partition(args) -> int:
+    from partitioner.fast_tail import Floor
     from partitioner.partition import partition
 
     plan = partition(
@@ -132,6 +143,7 @@ def cmd_partition(args) -> int:
         measure=args.measure,
         measure_top=args.measure_top,
         measure_repeats=args.measure_repeats,
+        fast_tail_floor=Floor(args.fast_tail_max_ppl_pct, args.fast_tail_min_agreement),
     )
     k1, k2 = plan["splits"]
     p = plan["predicted"]
@@ -153,7 +165,13 @@ def cmd_partition(args) -> int:
             f"planner's choice {s['chosen_splits']} is {'within' if s['within_5pct'] else 'NOT within'} 5% of "
             f"the best measured {s['best_measured_splits']} (gap {s['gap_pct']:+.1f}%)"
         )
-    print(f"wrote {args.out}/plan.json, report.md, device/, edge/, cloud/")
+    ft = plan["fast_tail"]
+    q = ft["quality"]
+    print(
+        f"fast tail {ft['compression']['name']}: {q['step_ms']:.2f} ms/step at {q['threads']} thread(s), "
+        f"{q['perplexity_delta_pct']:+.2f}% perplexity, agreement {q['token_agreement']:.3f} vs the cloud tail"
+    )
+    print(f"wrote {args.out}/plan.json, report.md, device/, edge/, cloud/, fast_tail/")
     return 0
 
 
@@ -291,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["none", "int8", "int4"],
         help="compress every segment (partitioner.measure.COMPRESSIONS) and measure it too",
     )
-    p.add_argument("--plan", help="evaluate a plan folder as deployed: its splits, compression and codecs")
+    p.add_argument("--plan", help="evaluate a plan folder as deployed (splits, compression, codecs) and its fast tail")
     p.add_argument("--tokens", type=int, default=4096, help="tokens of the text to use (default 4096)")
     p.add_argument("--window", type=int, default=1024, help="tokens per evaluation window (default 1024)")
     p.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
@@ -318,6 +336,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--measure-top", type=int, default=4, help="candidates measured with --measure (default 4)")
     p.add_argument("--measure-repeats", type=int, default=2, help="runs per workload with --measure (default 2)")
+    p.add_argument(
+        "--fast-tail-max-ppl-pct",
+        type=float,
+        default=2.0,  # partitioner.fast_tail.Floor's default
+        help="fast tail floor: largest perplexity increase vs the cloud tail, %% (default 2)",
+    )
+    p.add_argument(
+        "--fast-tail-min-agreement",
+        type=float,
+        default=0.9,  # partitioner.fast_tail.Floor's default
+        help="fast tail floor: least greedy-token agreement with the cloud tail (default 0.9)",
+    )
     p.set_defaults(func=cmd_partition)
 
     p = sub.add_parser("demo", help="run the whole topology locally (broker, cloud, edge, device agent, sensors)")
@@ -359,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in AGENTS:  # argparse.REMAINDER would refuse the agent's leading --options
+        return _run_agent(argparse.Namespace(command=argv[0], agent_args=argv[1:]))
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

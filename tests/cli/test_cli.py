@@ -112,7 +112,7 @@ def test_partition_writes_a_verified_plan(demo_checkpoint, tmp_path):
     assert set(plan["compression"]) == {"device", "edge", "cloud"}
     assert plan["predicted"]["ttft_ms"] > 0 and plan["predicted"]["per_token_ms"] > 0
     assert plan["perplexity_delta_pct"] <= 1.5  # the topology's quality floor
-    for tier in ("device", "edge", "cloud"):
+    for tier in ("device", "edge", "cloud", "fast_tail"):
         manifest = json.loads((out / tier / "manifest.json").read_text())
         assert manifest["plan_id"] == plan["plan_id"] and manifest["files"]
     report = (out / "report.md").read_text()
@@ -134,6 +134,8 @@ def test_partition_writes_a_verified_plan(demo_checkpoint, tmp_path):
         "--quiet",
     )
     assert r.returncode == 0, r.stderr
-    (row,) = json.loads(r.stdout)
+    row, fast = json.loads(r.stdout)  # the plan as deployed, then its fast tail against the accurate path
     assert row["codec"] == f"{plan['codecs']['device_edge']}/{plan['codecs']['edge_cloud']}"
     assert 0 < row["token_agreement"] <= 1 and row["tokens"] == 298
+    assert fast["codec"] == "fast_tail" and fast["compression"] == plan["fast_tail"]["compression"]["name"]
+    assert plan["fast_tail"]["quality"]["token_agreement"] >= 0.9 and 0.8 <= fast["token_agreement"] <= 1
