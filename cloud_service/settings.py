@@ -7,27 +7,21 @@ variables (``SPLITGLM_CLOUD_PORT=50052``), the YAML file given with
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    YamlConfigSettingsSource,
-)
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from partitioner.settings import AgentSettings, SettingsError, load_settings  # noqa: F401 -- re-exported
+
+DESCRIPTION = "splitglm cloud service: a plan's cloud segment over gRPC, steps of many sessions batched"
 
 
-class SettingsError(ValueError):
-    """The settings are invalid (the process exits with code 2)."""
-
-
-class CloudSettings(BaseSettings):
+class CloudSettings(AgentSettings):
     """Settings of ``python -m cloud_service``."""
 
-    model_config = SettingsConfigDict(env_prefix="SPLITGLM_CLOUD_", extra="forbid", yaml_file=None)
+    model_config = SettingsConfigDict(env_prefix="SPLITGLM_CLOUD_", extra="forbid")
 
     plan: Path = Field(description="plan folder (from `splitglm partition`); the service runs its cloud tier")
     host: str = Field(default="0.0.0.0", min_length=1, description="interface the gRPC server listens on")
@@ -45,51 +39,6 @@ class CloudSettings(BaseSettings):
     grace_s: float = Field(default=5.0, ge=0, description="on shutdown, time left to running streams, seconds")
 
     @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources = [init_settings, env_settings]
-        if settings_cls.model_config.get("yaml_file"):
-            sources.append(YamlConfigSettingsSource(settings_cls))
-        return tuple(sources)
-
-    @classmethod
     def load(cls, argv: list[str] | None = None) -> CloudSettings:
         """Settings from ``argv`` (flags override env vars, which override ``--config FILE.yaml``)."""
-        args = vars(parser().parse_args(argv))
-        config = args.pop("config", None)
-        source = cls
-        if config is not None:
-            if not Path(config).is_file():
-                raise SettingsError(f"--config {config!r}: no such file")
-            source = type(cls.__name__, (cls,), {"model_config": {**cls.model_config, "yaml_file": config}})
-        try:
-            return source(**args)
-        except ValidationError as e:
-            raise SettingsError(_explain(e)) from None
-
-
-def _explain(error: ValidationError) -> str:
-    lines = []
-    for item in error.errors():
-        name = ".".join(str(p) for p in item["loc"]) or "settings"
-        lines.append(f"{name.replace('_', '-')}: {item['msg']}")
-    return "invalid cloud settings:\n  " + "\n  ".join(lines)
-
-
-def parser() -> argparse.ArgumentParser:
-    """One ``--kebab-case`` flag per field (no defaults here: unset flags leave env/YAML/defaults alone)."""
-    p = argparse.ArgumentParser(
-        prog="python -m cloud_service",
-        description="splitglm cloud service: a plan's cloud segment over gRPC, steps of many sessions batched",
-        argument_default=argparse.SUPPRESS,
-    )
-    p.add_argument("--config", help="YAML file of settings (keys are the field names, e.g. max_sessions)")
-    for name, field in CloudSettings.model_fields.items():
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, metavar=name.upper(), help=field.description)
-    return p
+        return load_settings(cls, argv, "python -m cloud_service", DESCRIPTION)

@@ -8,15 +8,13 @@ names as keys) and the defaults. Every field carries its unit.
 
 from __future__ import annotations
 
-import argparse
-from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-import yaml
-from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import SettingsConfigDict
 
+from partitioner.settings import AgentSettings, SettingsError, load_settings  # noqa: F401 -- re-exported
 from protos.mqtt import broker_address
 from protos.topics import DEFAULT_POOL, frames_topic, steps_topic
 
@@ -25,70 +23,6 @@ DEFAULT_PROMPT = (
     "In one short sentence, is anything unusual?"
 )
 SENSOR_NAMES = ("temperature", "humidity", "vibration", "pressure")  # what the simulator can publish
-
-_CONFIG_FILE: ContextVar[Path | None] = ContextVar("splitglm_config_file", default=None)
-S = TypeVar("S", bound=BaseSettings)
-
-
-class SettingsError(ValueError):
-    """Settings that cannot be used (the agent exits with status 2)."""
-
-
-class YamlFile(PydanticBaseSettingsSource):
-    """The YAML file named by ``--config`` (a mapping of field names to values), if any."""
-
-    def __init__(self, settings_cls: type[BaseSettings]):
-        super().__init__(settings_cls)
-        path = _CONFIG_FILE.get()
-        self.values = read_yaml(path) if path is not None else {}
-
-    def get_field_value(self, field, field_name: str) -> tuple[Any, str, bool]:
-        return self.values.get(field_name), field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        return dict(self.values)
-
-
-def read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        values = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise SettingsError(f"config file {str(path)!r}: {e}") from None
-    if not isinstance(values, dict):
-        raise SettingsError(f"config file {str(path)!r} must hold a mapping of setting names to values")
-    return {str(k).replace("-", "_"): v for k, v in values.items()}
-
-
-class AgentSettings(BaseSettings):
-    """Flags > environment > YAML file > defaults."""
-
-    model_config = SettingsConfigDict(extra="forbid")
-
-    @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, **other_sources):
-        return init_settings, env_settings, YamlFile(settings_cls)
-
-
-def load_settings(cls: type[S], argv: list[str] | None, prog: str, description: str) -> S:
-    """Parse flags (one per field, kebab-case) and build the settings; SettingsError if they are invalid."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config", type=Path, help="YAML file of settings (field names as keys)")
-    for name, field in cls.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, metavar="VALUE", help=field.description)
-    flags = vars(parser.parse_args(argv))  # bad flags: argparse exits with status 2
-    config = flags.pop("config", None)
-    if config is not None and not config.is_file():
-        raise SettingsError(f"--config {str(config)!r}: no such file")
-    token = _CONFIG_FILE.set(config)
-    try:
-        return cls(**flags)
-    except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors())
-        raise SettingsError(f"invalid {prog} settings: {problems}") from None
-    finally:
-        _CONFIG_FILE.reset(token)
-
 
 def _mqtt_url(value: str) -> str:
     broker_address(value)

@@ -1,0 +1,98 @@
+"""Settings loading shared by the three agents (they share only ``protos`` and ``partitioner``).
+
+Each agent has one ``AgentSettings`` subclass (its own env prefix, every field
+with its unit). Values come, highest priority first, from command-line flags
+(the field name in kebab-case: ``--max-tokens 8``), environment variables
+(``SPLITGLM_<AGENT>_MAX_TOKENS``), an optional YAML file (``--config FILE``,
+field names as keys) and the defaults. ``load_settings`` raises
+``SettingsError`` naming each bad field and its flag (the agents exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+_CONFIG_FILE: ContextVar[Path | None] = ContextVar("splitglm_config_file", default=None)
+S = TypeVar("S", bound=BaseSettings)
+
+
+class SettingsError(ValueError):
+    """Settings that cannot be used (the agent exits with status 2)."""
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise SettingsError(f"config file {str(path)!r}: {e}") from None
+    if not isinstance(values, dict):
+        raise SettingsError(f"config file {str(path)!r} must hold a mapping of setting names to values")
+    return {str(k).replace("-", "_"): v for k, v in values.items()}
+
+
+class YamlFile(PydanticBaseSettingsSource):
+    """The YAML file named by ``--config`` (a mapping of field names to values), if any."""
+
+    def __init__(self, settings_cls: type[BaseSettings]):
+        super().__init__(settings_cls)
+        path = _CONFIG_FILE.get()
+        self.values = read_yaml(path) if path is not None else {}
+
+    def get_field_value(self, field, field_name: str) -> tuple[Any, str, bool]:
+        return self.values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self.values)
+
+
+class AgentSettings(BaseSettings):
+    """Flags > environment > YAML file > defaults."""
+
+    model_config = SettingsConfigDict(extra="forbid")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, **other_sources):
+        return init_settings, env_settings, YamlFile(settings_cls)
+
+
+def settings_parser(cls: type[BaseSettings], prog: str, description: str) -> argparse.ArgumentParser:
+    """One ``--kebab-case`` flag per field (no defaults: unset flags leave env / YAML / defaults alone)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", type=Path, help="YAML file of settings (field names as keys)")
+    for name, field in cls.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, metavar=name.upper(), help=field.description)
+    return parser
+
+
+def load_settings(cls: type[S], argv: list[str] | None, prog: str, description: str) -> S:
+    """Parse flags and build the settings; SettingsError if they are invalid (bad flags: argparse exits 2)."""
+    flags = vars(settings_parser(cls, prog, description).parse_args(argv))
+    config = flags.pop("config", None)
+    if config is not None and not config.is_file():
+        raise SettingsError(f"--config {str(config)!r}: no such file")
+    token = _CONFIG_FILE.set(config)
+    try:
+        return cls(**flags)
+    except ValidationError as e:
+        raise SettingsError(explain(e, cls, prog)) from None
+    finally:
+        _CONFIG_FILE.reset(token)
+
+
+def explain(error: ValidationError, cls: type[BaseSettings], prog: str) -> str:
+    """One line per problem, naming the field and its flag."""
+    lines = []
+    for item in error.errors():
+        name = ".".join(str(p) for p in item["loc"]) or "settings"
+        if name in cls.model_fields:
+            name = f"{name} (--{name.replace('_', '-')})"
+        lines.append(f"{name}: {item['msg']}")
+    return f"invalid {prog} settings:\n  " + "\n  ".join(lines)
