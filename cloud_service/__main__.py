@@ -7,11 +7,10 @@ served (missing, tampered with, not a plan), 2 for invalid settings.
 from __future__ import annotations
 
 import logging
-import signal
 import sys
-import threading
 
 from partitioner.manifest import ArtifactError
+from partitioner.settings import configure_logging, stop_on_signals
 
 from .settings import CloudSettings, SettingsError
 
@@ -19,8 +18,7 @@ logger = logging.getLogger("cloud_service")
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     try:
         settings = CloudSettings.load(argv)
     except SettingsError as e:
@@ -28,9 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .server import serve  # imports torch and grpc: after the settings are known to be good
 
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    with stop_on_signals() as stop:
         try:
             server = serve(settings)
         except SettingsError as e:
@@ -44,9 +40,6 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("shutting down: health NOT_SERVING, %.1f s for running streams", settings.grace_s)
         server.stop(settings.grace_s)
         return 0
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

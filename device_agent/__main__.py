@@ -7,9 +7,10 @@ cannot be reached, 2 for bad settings (or a plan that does not load).
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 import threading
+
+from partitioner.settings import configure_logging, stop_on_signals
 
 from .settings import DeviceSettings, SettingsError, load_settings
 
@@ -17,19 +18,14 @@ logger = logging.getLogger("device_agent")
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    configure_logging()
     try:
         settings = load_settings(DeviceSettings, argv, "python -m device_agent", __doc__.splitlines()[0])
     except SettingsError as e:
         logger.error("%s", e)
         return 2
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    with stop_on_signals() as stop:
         return _serve(settings, stop)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _serve(settings: DeviceSettings, stop: threading.Event) -> int:

@@ -13,12 +13,12 @@ from __future__ import annotations
 import json
 import logging
 import random
-import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass
 
+from partitioner.settings import configure_logging, stop_on_signals
 from protos.mqtt import connect, new_client, resolve_protocol
 from protos.topics import sensor_topic
 
@@ -128,23 +128,18 @@ class Simulator:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    configure_logging()
     try:
         settings = load_settings(SensorSettings, argv, "python -m device_agent.simulator", __doc__.splitlines()[0])
     except SettingsError as e:
         logger.error("%s", e)
         return 2
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        simulator = Simulator(settings, stop)
-        return simulator.run()
-    except ConnectionError as e:
-        logger.error("%s", e)
-        return 1
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with stop_on_signals() as stop:
+        try:
+            return Simulator(settings, stop).run()
+        except ConnectionError as e:
+            logger.error("%s", e)
+            return 1
 
 
 if __name__ == "__main__":

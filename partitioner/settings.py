@@ -11,6 +11,12 @@ field names as keys) and the defaults. ``load_settings`` raises
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TypeVar
@@ -96,3 +102,20 @@ def explain(error: ValidationError, cls: type[BaseSettings], prog: str) -> str:
             name = f"{name} (--{name.replace('_', '-')})"
         lines.append(f"{name}: {item['msg']}")
     return f"invalid {prog} settings:\n  " + "\n  ".join(lines)
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Agents log to stderr, one line per record."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """An Event that SIGTERM / SIGINT set while inside the block; the previous handlers come back after."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
