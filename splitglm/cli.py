@@ -271,6 +271,12 @@ def cmd_bench_codecs(args) -> int:
     return 0
 
 
+def cmd_bench_cloud(args) -> int:
+    from splitglm.bench_cloud import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitglm", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -377,6 +383,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_codecs)
+    p = bench.add_parser("cloud", help="decode throughput of the cloud service at several concurrent sessions")
+    p.add_argument("--plan", help="plan folder (default: the demo plan)")
+    p.add_argument("--sessions", type=int, nargs="+", default=[1, 8], help="concurrent sessions to measure")
+    p.add_argument("--prompt", type=int, default=32, help="prefill positions per session")
+    p.add_argument("--steps", type=int, default=64, help="decode steps per session")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the cloud process")
+    p.set_defaults(func=cmd_bench_cloud)
     p = bench.add_parser("split", help="per-token latency: split path on loopback vs monolithic generation")
     p.add_argument("--model", help="GLM checkpoint folder (default: the demo model)")
     p.add_argument("--plan", help="plan folder (default: the demo plan with lossless fp32 frames)")

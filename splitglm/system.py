@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from protos.mqtt import broker_address, connect, new_client, resolve_protocol
 from protos.topics import results_topic
 
+from .linkproxy import DelayProxy
 from .processes import Proc, free_port
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,8 @@ class LocalSystem:
     http_port: int = 0  # 0 = a free port
     device_max_tokens: int = 32
     mqtt: bool = True  # False: cloud and edge only, the edge serving HTTP without a broker
+    cloud_rtt_ms: float | None = None  # set: the edge reaches the cloud through a DelayProxy of this RTT, ms
+    proxy: DelayProxy | None = None  # that proxy (``set_rtt`` changes the link while running)
     procs: list[Proc] = field(default_factory=list)
     urls: dict[str, str] = field(default_factory=dict)
 
@@ -56,8 +59,13 @@ class LocalSystem:
             threads = ("--threads", str(self.threads))
             cloud = self._start("cloud", "cloud_service", "--plan", self.plan, "--host", self.host, "--port", "0",
                                 *threads)
+            cloud = cloud.removeprefix("grpc://")
+            if self.cloud_rtt_ms is not None:
+                host, _, port = cloud.rpartition(":")
+                self.proxy = DelayProxy(host, int(port), self.cloud_rtt_ms).start()
+                cloud = self.proxy.address
             self._start("edge", "edge_node", "--plan", self.plan, "--broker", self.broker if self.mqtt else "",
-                        "--cloud", cloud.removeprefix("grpc://"), "--http-host", self.host,
+                        "--cloud", cloud, "--http-host", self.host,
                         "--http-port", str(self.http_port or free_port()), *threads)
             if self.mqtt:
                 self._start("device", "device_agent", "--plan", self.plan, "--broker", self.broker,
@@ -79,11 +87,14 @@ class LocalSystem:
         return proc
 
     def stop(self) -> dict[str, int]:
-        """Stop every child, last started first; return their exit codes."""
+        """Stop every child, last started first, then the delay proxy; return the children's exit codes."""
         codes = {}
         for proc in reversed(self.procs):
             codes[proc.name] = proc.stop()
         self.procs.clear()
+        if self.proxy is not None:
+            self.proxy.stop()
+            self.proxy = None
         return codes
 
     def __enter__(self) -> LocalSystem:

@@ -1,6 +1,6 @@
 """Decode throughput of a plan's cloud tier over gRPC, at several numbers of concurrent sessions.
 
-    python -m cloud_service.bench --plan PLAN --sessions 1 8 --steps 64 --threads 1
+    splitglm bench cloud [--plan PLAN] --sessions 1 8 --steps 64 --threads 1
 
 Starts ``python -m cloud_service`` as a process of its own, then for each
 session count opens that many streams. Every session sends the same real
@@ -28,7 +28,8 @@ from partitioner.segment import SegmentInput
 from protos import splitglm_pb2 as pb
 from protos import splitglm_pb2_grpc as rpc
 from protos.frames import make_frame
-from splitglm.processes import Proc
+
+from .processes import Proc
 
 
 def edge_hidden(plan: str, positions: int) -> torch.Tensor:
@@ -77,14 +78,12 @@ def measure(port: int, hidden: torch.Tensor, sessions: int, prompt: int, steps: 
             "mean_batch_size": mean("batch_size"), "mean_compute_ms": mean("compute"), "mean_queue_ms": mean("queue")}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cloud_service.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--plan", required=True, help="plan folder")
-    p.add_argument("--sessions", type=int, nargs="+", default=[1, 8], help="concurrent sessions to measure")
-    p.add_argument("--prompt", type=int, default=32, help="prefill positions per session")
-    p.add_argument("--steps", type=int, default=64, help="decode steps per session")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of the cloud process")
-    args = p.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """One JSON line per session count: decode steps/s over all sessions, mean step latency, batch sizes."""
+    if args.plan is None:
+        from partitioner.demo import demo_plan
+
+        args.plan = str(demo_plan())
     torch.set_num_threads(1)
     codec = load_plan(args.plan)["codecs"]["edge_cloud"]
     hidden = edge_hidden(args.plan, args.prompt + args.steps)
@@ -100,7 +99,3 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         cloud.stop()
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
