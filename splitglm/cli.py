@@ -242,7 +242,7 @@ def cmd_bench_split(args) -> int:
 
     model = args.model or str(demo_model())
     plan = args.plan or str(demo_plan(model, codecs=("fp32", "fp32")))
-    result = bench_split(plan, model, args.tokens, args.repeats, args.threads)
+    result = bench_split(plan, model, args.tokens, args.repeats, args.threads, mqtt=not args.no_mqtt)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -250,6 +250,27 @@ def cmd_bench_split(args) -> int:
         print(f"monolithic (transformers, one process): {result['monolithic_ms_per_token']:.1f} ms/token")
         print(f"split over loopback (HTTP -> edge -> gRPC -> cloud): {result['split_http_ms_per_token']:.1f} ms/token")
         print(f"overhead {result['overhead_pct']:+.1f}% (target within {result['target_pct']:g}%)")
+        if "split_mqtt_ms_per_token" in result:
+            print(f"split over loopback (device -> MQTT -> edge -> gRPC -> cloud): "
+                  f"{result['split_mqtt_ms_per_token']:.1f} ms/token, overhead {result['mqtt_overhead_pct']:+.1f}%")
+    return 0
+
+
+def cmd_bench_router(args) -> int:
+    from partitioner.demo import demo_plan
+    from splitglm.bench_router import bench_router, format_report
+
+    plan = args.plan or str(demo_plan(args.model))
+    policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
+    result = bench_router(plan, args.requests, args.max_tokens, args.seed, policies, args.trace, args.threads,
+                          progress=not args.quiet)
+    if args.records:
+        with open(args.records, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in result["records"])
+    if args.json:
+        print(json.dumps(result["results"], indent=2))
+    else:
+        print("\n".join(format_report(result)))
     return 0
 
 
@@ -396,8 +417,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="torch threads of each process and of the monolithic run")
+    p.add_argument("--no-mqtt", action="store_true", help="measure the HTTP path only (no broker, no device agent)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_split)
+    p = bench.add_parser("router", help="routing policies over a trace of changing edge-cloud delay")
+    p.add_argument("--model", help="GLM checkpoint folder (default: the demo model)")
+    p.add_argument("--plan", help="plan folder with a fast tail (default: the demo plan)")
+    p.add_argument("--requests", type=int, default=200, help="requests per policy (default 200)")
+    p.add_argument("--max-tokens", type=int, default=8, help="new tokens per request (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the trace's prompts and budgets")
+    p.add_argument("--policies", default="adaptive,accurate,fast", help="comma-separated (default all three)")
+    p.add_argument("--trace", default="20:0.4,300:0.3,50:0.3", help="RTT_MS:SHARE phases in order")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each process (default 1)")
+    p.add_argument("--records", help="also write one JSON line per request to this file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print only the JSON list of per-policy results")
+    p.set_defaults(func=cmd_bench_router)
     return parser
 
 
