@@ -256,34 +256,31 @@ def path_name(paths: list[int]) -> str | None:
 def summary(generation: Generation | None) -> dict[str, Any]:
     """The answer fields a (finished or interrupted) generation gives; None: no generation ran."""
     if generation is None:
-        return {"text": "", "tokens": 0, "finish_reason": None, "path": None, "paths": [],
-                "timings_ms": dict(ZERO_TIMINGS), "frame_bytes": 0, "degraded": False, "error": None}
-    paths = [PATH_NAMES.get(p, "unknown") for p in generation.paths]
+        return {"text": "", "tokens": 0, "finish_reason": None, "path": None, "paths": [], "switches": [],
+                "predicted_ms": None, "actual_ms": 0.0, "timings_ms": dict(ZERO_TIMINGS), "budget_met": None,
+                "frame_bytes": 0, "degraded": False, "policy": None, "error": None}
+    budget = generation.params.latency_budget_ms or None
+    predicted = generation.predicted_ms
     return {
         "text": generation.text,
         "tokens": len(generation.tokens),
         "finish_reason": generation.finish_reason or None,
         "path": path_name(generation.paths),
-        "paths": paths,
+        "paths": [PATH_NAMES.get(p, "unknown") for p in generation.paths],
+        "switches": list(generation.switches),  # the edge router's: {"token", "to", "reason"}
+        "predicted_ms": None if predicted is None else round(predicted, 2),  # the edge router's prediction
+        "actual_ms": round(generation.total_ms, 2),
         "timings_ms": {
             "ttft": round(generation.ttft_ms, 2),
             "per_token": round(generation.per_token_ms, 2),
             "total": round(generation.total_ms, 2),
         },
+        "budget_met": None if budget is None else generation.total_ms <= budget,
         "frame_bytes": generation.frame_bytes,
-        "degraded": "fast" in paths and expects_accurate(generation.params),
+        "degraded": generation.degraded,  # the cloud failed: the edge's fast tail answered
+        "policy": generation.policy or generation.params.policy or None,
         "error": None,
     }
-
-
-def expects_accurate(params: pb.GenerationParams) -> bool:
-    """Whether the edge's router would serve these parameters on the accurate path only.
-
-    Then a fast-path token is the edge's fallback (the cloud failed or was
-    unreachable): the answer is degraded. Under ``adaptive`` with a budget the
-    fast path is a legitimate choice.
-    """
-    return params.policy == "accurate" or (params.policy == "adaptive" and params.latency_budget_ms == 0)
 
 
 def failed(message: str, generation: Generation | None = None) -> dict[str, Any]:

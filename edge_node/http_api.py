@@ -5,13 +5,14 @@ the edge's layers and drives the cloud step by step (``partitioner.owner``).
 The endpoints only adapt: validate the body (``schemas``), build
 ``GenerationParams``, iterate the blocking Generation in a worker thread and
 shape OpenAI responses plus a ``splitglm`` object (which path made each token,
-timings, whether the latency budget was met). Every failure answers with
+the router's switches, predicted and actual latency, whether the latency
+budget was met, whether the answer is degraded). Every failure answers with
 OpenAI's error body; an invalid request is a 4xx, never a 500.
 
 What ``create_app(node)`` uses of the node: ``model_name``, ``tokenizer``
 (with a chat template; None: text cannot be served), ``spec`` (eos ids,
 vocabulary size), ``metrics`` (``EdgeMetrics``), ``settings``
-(``default_max_tokens``, ``max_tokens_limit``, optional ``max_prompt_tokens``),
+(``default_max_tokens``, ``max_tokens_limit``, optional ``max_prompt_tokens`` and ``policy``),
 ``generation(prompt_ids, params) -> Generation`` and ``health() -> {name: ok}``.
 """
 
@@ -86,8 +87,9 @@ def generation_params(node, req: GenerationRequest, max_tokens: int | None) -> p
         seed=seed,
         stop=req.stop,
         stop_token_ids=list(node.spec.eos_token_ids),
-        policy=req.policy or "adaptive",
+        policy=req.policy or getattr(node.settings, "policy", "adaptive"),
         latency_budget_ms=req.latency_budget_ms or 0,
+        token_budget_ms=req.token_budget_ms or 0,
     )
 
 

@@ -1,8 +1,8 @@
 """Prometheus metrics of the edge node, in one registry of its own (served at ``GET /metrics``).
 
 Every metric name starts with ``splitglm_edge_``. Times are in seconds (the
-Prometheus convention), byte counts in bytes. The router later adds its own
-estimate gauges to the same ``registry``.
+Prometheus convention), byte counts in bytes. The router counts its decisions
+and switches here and adds its estimate gauges (``Estimates.register``) to the same ``registry``.
 """
 
 from __future__ import annotations
@@ -69,6 +69,18 @@ class EdgeMetrics:
             ["link", "direction"],
             registry=r,
         )
+        self.router_decisions_total = Counter(
+            PREFIX + "router_decisions_total",
+            "Paths the router chose for new sessions, by path and policy.",
+            ["path", "policy"],
+            registry=r,
+        )
+        self.router_switches_total = Counter(
+            PREFIX + "router_switches_total",
+            "Sessions moved to the fast path mid-generation, by reason: deadline, or cloud_error (a degraded answer).",
+            ["reason"],
+            registry=r,
+        )
         self.sessions_active = Gauge(
             PREFIX + "sessions_active", "Sessions open now, by kind (http, mqtt).", ["kind"], registry=r
         )
@@ -101,6 +113,14 @@ class EdgeMetrics:
     def stage(self, stage: str, seconds: float) -> None:
         """Observe the latency of one ``stage`` in seconds."""
         self.stage_seconds.labels(stage=stage).observe(seconds)
+
+    def router_decision(self, path: str, policy: str) -> None:
+        """Count a new session the router started on ``path`` under ``policy``."""
+        self.router_decisions_total.labels(path=path, policy=policy).inc()
+
+    def router_switch(self, reason: str) -> None:
+        """Count a session moved to the fast path ('deadline' or 'cloud_error')."""
+        self.router_switches_total.labels(reason=reason).inc()
 
     def exposition(self) -> bytes:
         """The registry in the Prometheus text format."""

@@ -1,8 +1,12 @@
-"""The edge node: the plan's edge tier, the cloud client, the MQTT relay and the HTTP API, started and stopped together.
+"""The edge node: the plan's edge tier, the router (cloud client + fast tail), the MQTT relay and the HTTP API,
+started and stopped together.
 
 One edge segment holds layers [0, k2) with the embedding: HTTP sessions (the
 edge owns them) run all of it; device sessions arriving over MQTT run its view
-[k1, k2). Both share one lock, so torch runs one segment call at a time.
+[k1, k2). Both share one lock, so torch runs one segment call at a time. Every
+session's tail is a ``router.RoutedTail``: the cloud (accurate) or the plan's
+fast tail at the edge (``fast_tail.FastTail``, its own lock); ``router.LinkProbe``
+keeps the router's link estimates current while no session steps the cloud.
 """
 
 from __future__ import annotations
@@ -24,8 +28,12 @@ from partitioner.owner import Downstream, Generation
 from protos import splitglm_pb2 as pb
 
 from .cloud import CloudClient
+from .estimates import Estimates
+from .fast_tail import FastTail
 from .metrics import EdgeMetrics
+from .policy import parse_policy
 from .relay import FrameRelay
+from .router import LinkProbe, Router
 from .settings import EdgeSettings
 
 logger = logging.getLogger(__name__)
@@ -80,6 +88,13 @@ class EdgeNode:
         self.tokenizer = self._tokenizer(Path(settings.plan) / "edge")
         self.metrics = EdgeMetrics()
         self.cloud = CloudClient(settings.cloud, settings.step_timeout_s, settings.max_frame_bytes, self.metrics)
+        self.estimates = Estimates.from_plan(self.plan)
+        self.estimates.register(self.metrics.registry)
+        self.router = Router(
+            self.cloud, FastTail.load(settings.plan), self.estimates, self.spec.hidden_size, self.metrics,
+            policy=parse_policy(settings.policy), margin=settings.policy_margin, step_timeout_s=settings.step_timeout_s,
+        )  # fmt: skip
+        self.probe = LinkProbe(self.router, settings.probe_interval_s)
         self.relay = None
         if settings.broker:
             self.relay = FrameRelay(settings, self.device_segment, self.segment_lock, self.codec,
@@ -108,8 +123,8 @@ class EdgeNode:
         )
 
     def tail(self, kind: str) -> Downstream:
-        """The tail of a new session of ``kind`` ('http' or 'mqtt'): the cloud's (accurate) stream."""
-        return self.cloud.tail(kind)
+        """The tail of a new session of ``kind`` ('http' or 'mqtt'): the router's, on the path it chooses."""
+        return self.router.tail(kind)
 
     def health(self) -> dict[str, bool]:
         """{"broker": MQTT connected (True without a broker), "cloud": the cloud's health service serves}."""
@@ -121,6 +136,7 @@ class EdgeNode:
         """Wait for the cloud, subscribe to MQTT, serve HTTP; log and return ``http://HOST:PORT``."""
         s = self.settings
         self.cloud.wait_ready(s.connect_timeout_s, abort=self._stop)
+        self.probe.start()
         if self.relay is not None and not self._stop.is_set():
             self.relay.start(s.connect_timeout_s)
         if self._stop.is_set():
@@ -153,6 +169,8 @@ class EdgeNode:
         if self._http is not None:
             self._http.should_exit = True  # no new requests; open responses get the grace period to finish
             self._http_thread.join(self.settings.shutdown_grace_s)
+        self.probe.stop()
+        self.router.close()  # from now on a failing cloud step fails its session instead of falling back
         self.cloud.close()  # the generations still running fail now (CANCELLED), so their responses end
         if self._http_thread is not None:
             self._http_thread.join(HTTP_BACKSTOP_S + 1)

@@ -3,7 +3,7 @@
 Requests (pydantic models) follow OpenAI's ``/v1/completions`` and ``/v1/chat/completions``
 (fields OpenAI has and we do not serve, like ``logit_bias``, are ignored the
 way OpenAI ignores unknown ones) plus two splitglm fields:
-``latency_budget_ms`` and ``policy``. Types are strict: ``"5"`` is not a
+``latency_budget_ms`` (or ``token_budget_ms``, per new token) and ``policy``. Types are strict: ``"5"`` is not a
 number and ``1`` is not a boolean. A validated request becomes a ``Job``;
 responses (whole, or streamed chunks) are plain dicts shaped from a Job and
 its finished ``partitioner.owner.Generation``, with a ``splitglm`` object;
@@ -23,6 +23,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, 
 from protos import splitglm_pb2 as pb
 
 from .metrics import path_name
+from .policy import total_budget_ms
 
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
 UINT32_MAX = 2**32 - 1
@@ -94,6 +95,7 @@ class GenerationRequest(BaseModel):
     stream_options: StreamOptions | None = None
     n: Annotated[StrictInt, Field(ge=1, le=1)] | None = None  # choices per request: only 1
     latency_budget_ms: Annotated[StrictInt, Field(ge=1, le=UINT32_MAX)] | None = None  # end-to-end budget, ms
+    token_budget_ms: Annotated[StrictInt, Field(ge=1, le=UINT32_MAX)] | None = None  # budget per new token, ms
     policy: Literal["adaptive", "accurate", "fast"] | None = None  # router policy; default "adaptive"
 
     def include_usage(self) -> bool:
@@ -155,19 +157,30 @@ class Job:
         return (time.perf_counter() - self.started) * 1e3
 
 
+def request_budget_ms(params: pb.GenerationParams) -> float | None:
+    """The whole completion's budget, ms: latency_budget_ms and/or token_budget_ms * max_tokens (None: none)."""
+    p = params
+    return total_budget_ms(p.max_tokens, p.latency_budget_ms or None, p.token_budget_ms or None)
+
+
 def splitglm_info(job: Job, gen, ttft_ms: float) -> dict:
-    """The ``splitglm`` object of a response: paths, timings and the latency budget."""
+    """The ``splitglm`` object of a response: the path of each token, the router's switches, predicted and
+    actual latency (ms), the latency budget and whether it was met, whether the answer is degraded."""
     paths = [path_name(p) for p in gen.paths]
     total_ms = job.elapsed_ms()
-    budget = job.params.latency_budget_ms or None
+    budget = request_budget_ms(job.params)
+    predicted = getattr(gen, "predicted_ms", None)
     return {
         "paths": paths,
         "path": paths[0] if len(set(paths)) == 1 else ("mixed" if paths else None),
-        "switches": [],
+        "switches": list(getattr(gen, "switches", [])),
+        "predicted_ms": None if predicted is None else round(predicted, 3),
+        "actual_ms": round(total_ms, 3),
         "timings_ms": {"ttft": round(ttft_ms, 3), "per_token": round(gen.per_token_ms, 3), "total": round(total_ms, 3)},
-        "latency_budget_ms": budget,
+        "latency_budget_ms": None if budget is None else round(budget, 3),
         "budget_met": None if budget is None else total_ms <= budget,
-        "degraded": False,
+        "degraded": bool(getattr(gen, "degraded", False)),
+        "policy": getattr(gen, "policy", "") or job.params.policy or None,
     }
 
 

@@ -60,6 +60,14 @@ class EdgeSettings(BaseSettings):
     default_max_tokens: int = Field(default=128, ge=1, description="max_tokens of HTTP requests that set none, tokens")
     max_tokens_limit: int = Field(default=2048, ge=1, description="largest max_tokens an HTTP request may ask, tokens")
     model_name: str = Field(default="splitglm", min_length=1, description="model id the HTTP API serves")
+    policy: Literal["adaptive", "accurate", "fast"] = Field(
+        default="adaptive", description="router policy of requests that name none (adaptive: by latency budget)"
+    )
+    policy_margin: float = Field(default=0.2, ge=0, le=10, description="adaptive: the cloud path is chosen only if "
+                                 "its p95 prediction times (1 + this) fits the budget, a fraction")
+    probe_interval_s: float = Field(default=0.25, ge=0, description="while no session steps the cloud, time its "
+                                    "health check this often to keep the router's link estimates current, seconds; "
+                                    "0 = never")
 
     @field_validator("plan")
     @classmethod

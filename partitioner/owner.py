@@ -109,6 +109,11 @@ class Generation:
     ttft_ms: float = 0.0
     total_ms: float = 0.0
     frame_bytes: int = 0  # serialized frame bytes sent downstream
+    # What the edge's router reported on the StepResults (edge_node.router; unset by a bare cloud):
+    switches: list[dict] = field(default_factory=list)  # {"token": index, "to": "fast", "reason": ...}
+    degraded: bool = False  # the cloud failed and the edge's fast tail answered
+    predicted_ms: float | None = None  # the router's prediction of the whole completion, ms
+    policy: str = ""  # the routing policy the edge applied
 
     def __iter__(self) -> Iterator[TokenEvent]:
         if not self.prompt_ids:
@@ -128,6 +133,7 @@ class Generation:
                 self.tokens.append(token)
                 self.logprobs.append(logprob)
                 self.paths.append(result.path)
+                self._note_routing(result)
                 if seq == 0:
                     self.ttft_ms = (time.perf_counter() - start) * 1e3
                 piece, stopped = stream.push(token)
@@ -147,6 +153,16 @@ class Generation:
             self.text = stream.text[: stream.released]
             self.total_ms = (time.perf_counter() - start) * 1e3
             self._close(seq + 1, pos)
+
+    def _note_routing(self, result: pb.StepResult) -> None:
+        """Keep the router's facts a StepResult carries (the token it answered is the last one)."""
+        if result.switch_reason:
+            to = "fast" if result.path == pb.FAST else "accurate"
+            self.switches.append({"token": len(self.tokens) - 1, "to": to, "reason": result.switch_reason})
+        self.degraded = self.degraded or result.degraded
+        if result.predicted_ms and self.predicted_ms is None:
+            self.predicted_ms = float(result.predicted_ms)
+        self.policy = self.policy or result.policy
 
     def _step(self, ids: torch.Tensor, pos: int, seq: int) -> pb.StepResult:
         with self.lock or nullcontext():

@@ -73,7 +73,7 @@ class EncodedTensor(_message.Message):
     def __init__(self, codec: _Optional[_Union[Codec, str]] = ..., shape: _Optional[_Iterable[int]] = ..., values: _Optional[bytes] = ..., scales: _Optional[bytes] = ..., outlier_index: _Optional[bytes] = ..., outlier_values: _Optional[bytes] = ..., outliers_per_token: _Optional[int] = ..., group_size: _Optional[int] = ..., rotation_block: _Optional[int] = ..., rotation_seed: _Optional[int] = ..., entropy: _Optional[_Union[Entropy, str]] = ..., channel_class: _Optional[bytes] = ..., stream_bytes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerationParams(_message.Message):
-    __slots__ = ("max_tokens", "temperature", "top_p", "seed", "stop", "stop_token_ids", "policy", "latency_budget_ms")
+    __slots__ = ("max_tokens", "temperature", "top_p", "seed", "stop", "stop_token_ids", "policy", "latency_budget_ms", "token_budget_ms")
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +82,7 @@ class GenerationParams(_message.Message):
     STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     LATENCY_BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
     max_tokens: int
     temperature: float
     top_p: float
@@ -90,7 +91,8 @@ class GenerationParams(_message.Message):
     stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
     policy: str
     latency_budget_ms: int
-    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., policy: _Optional[str] = ..., latency_budget_ms: _Optional[int] = ...) -> None: ...
+    token_budget_ms: int
+    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., policy: _Optional[str] = ..., latency_budget_ms: _Optional[int] = ..., token_budget_ms: _Optional[int] = ...) -> None: ...
 
 class Frame(_message.Message):
     __slots__ = ("session_id", "seq", "start_pos", "hidden", "params", "deadline_unix_ms", "close", "reply_to")
@@ -113,7 +115,7 @@ class Frame(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., start_pos: _Optional[int] = ..., hidden: _Optional[_Union[EncodedTensor, _Mapping]] = ..., params: _Optional[_Union[GenerationParams, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., close: _Optional[bool] = ..., reply_to: _Optional[str] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("session_id", "seq", "tokens", "logprobs", "path", "timings_ms", "finished", "error", "status", "edge_id")
+    __slots__ = ("session_id", "seq", "tokens", "logprobs", "path", "timings_ms", "finished", "error", "status", "edge_id", "degraded", "predicted_ms", "switch_reason", "policy")
     class TimingsMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +133,10 @@ class StepResult(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     EDGE_ID_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_MS_FIELD_NUMBER: _ClassVar[int]
+    SWITCH_REASON_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     seq: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
@@ -141,4 +147,8 @@ class StepResult(_message.Message):
     error: str
     status: int
     edge_id: str
-    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., path: _Optional[_Union[Path, str]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., finished: _Optional[bool] = ..., error: _Optional[str] = ..., status: _Optional[int] = ..., edge_id: _Optional[str] = ...) -> None: ...
+    degraded: bool
+    predicted_ms: float
+    switch_reason: str
+    policy: str
+    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., path: _Optional[_Union[Path, str]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., finished: _Optional[bool] = ..., error: _Optional[str] = ..., status: _Optional[int] = ..., edge_id: _Optional[str] = ..., degraded: _Optional[bool] = ..., predicted_ms: _Optional[float] = ..., switch_reason: _Optional[str] = ..., policy: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,90 @@
+"""The edge's fast tail: the plan's compressed copy of the cloud tier ([k2, L) + norm + head) run at the edge.
+
+One ``FastTail`` per edge process, shared by every session the router sends
+down the fast path. It samples exactly like the cloud (``TailSessions``: the
+session's parameters, its own generator, ``max_tokens`` and stop tokens
+counted per session) and answers with ``path = FAST``. A session moved here
+mid-generation is built by one step at seq 0 and position 0 carrying the
+whole split-point history, with ``max_tokens`` set to the tokens still to
+come (``edge_node.router`` numbers those seqs itself).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+import grpc
+import torch
+
+from partitioner.export import load_tier
+from partitioner.segment import SegmentInput, SessionError
+from partitioner.terminal import StepError, TailSessions
+from protos import splitglm_pb2 as pb
+
+logger = logging.getLogger(__name__)
+STATUS_CODES = {code.name: code.value[0] for code in grpc.StatusCode}
+
+
+def failed_step(session_id: str, seq: int, status: str, message: str) -> pb.StepResult:
+    """A StepResult carrying an error with its numeric gRPC status (by name)."""
+    return pb.StepResult(session_id=session_id, seq=seq, error=message, status=STATUS_CODES.get(status, 2))
+
+
+class FastTail:
+    """``step(session_id, seq, start_pos, hidden, params) -> StepResult`` on the fast-tail segment."""
+
+    def __init__(self, segment, max_sessions: int = 1024, max_tokens: int = 4096):
+        self.segment = segment  # [k2, L) + norm + head, compressed
+        self.tails = TailSessions(max_sessions, max_tokens)
+        self.lock = threading.Lock()  # one torch call at a time; guards the sessions too
+
+    @classmethod
+    def load(cls, plan_dir: str | os.PathLike, **limits) -> FastTail:
+        """The plan's ``fast_tail`` tier, verified against its manifest."""
+        return cls(load_tier(plan_dir, "fast_tail"), **limits)
+
+    def step(
+        self, session_id: str, seq: int, start_pos: int, hidden: torch.Tensor, params: pb.GenerationParams | None = None
+    ) -> pb.StepResult:
+        """Run ``hidden`` (T, C) from ``start_pos`` and sample the next token; ``params`` on seq 0 only.
+
+        Never raises for a bad step: the answer then carries ``error`` and its gRPC ``status``.
+        """
+        frame = pb.Frame(session_id=session_id, seq=seq, start_pos=start_pos)
+        if params is not None:
+            frame.params.CopyFrom(params)
+        with self.lock:
+            try:
+                stored = self.tails.accept(frame)
+                if stored is not None:
+                    return stored
+                state = self.tails.sessions[session_id]
+                if state.generated >= state.params.max_tokens:
+                    raise StepError("RESOURCE_EXHAUSTED", f"session {session_id!r} has already generated its "
+                                    f"max_tokens {state.params.max_tokens} tokens")
+                started = time.perf_counter()
+                logits = self.segment([SegmentInput(session_id, start_pos, hidden=hidden)], last_only=True)[0]  # (1, V)
+                result = self.tails.answer(session_id, seq, logits[-1], pb.FAST)
+            except StepError as e:
+                return failed_step(session_id, seq, e.status, f"edge fast tail: {e}")
+            except SessionError as e:
+                return failed_step(session_id, seq, "FAILED_PRECONDITION", f"edge fast tail: {e}")
+            except Exception as e:  # noqa: BLE001 -- this session's own failure, answered like the cloud would
+                logger.exception("fast tail step %d of session %s failed", seq, session_id)
+                return failed_step(session_id, seq, "INTERNAL", f"edge fast tail: {e!r}")
+        result.timings_ms["compute"] = (time.perf_counter() - started) * 1e3
+        return result
+
+    def close(self, session_id: str) -> None:
+        """Free the session's KV cache and sampling state."""
+        with self.lock:
+            self.tails.close(session_id)
+            self.segment.close_session(session_id)
+
+    def sessions(self) -> int:
+        """Sessions held now."""
+        with self.lock:
+            return len(self.tails.sessions)
