@@ -10,13 +10,15 @@ import signal
 import sys
 import threading
 
+from partitioner.settings import configure_logging
+
 from .settings import EdgeSettings, SettingsError
 
 logger = logging.getLogger("edge_node")
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     try:
         settings = EdgeSettings.load(argv)
     except SettingsError as e:

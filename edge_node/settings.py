@@ -7,26 +7,19 @@ variables (``SPLITGLM_EDGE_HTTP_PORT=8001``), the YAML file given with
 
 from __future__ import annotations
 
-import argparse
 import re
 import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    YamlConfigSettingsSource,
-)
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
 
+from partitioner.settings import AgentSettings, SettingsError, load_settings  # noqa: F401 -- re-exported
 from protos import topics
 from protos.mqtt import broker_address
 
-
-class SettingsError(ValueError):
-    """The settings are invalid (the process exits with code 2)."""
+DESCRIPTION = "splitglm edge node: MQTT frames from devices, gRPC to the cloud, an OpenAI-compatible HTTP API"
 
 
 def default_edge_id() -> str:
@@ -35,10 +28,10 @@ def default_edge_id() -> str:
     return f"edge-{host}"[:64]
 
 
-class EdgeSettings(BaseSettings):
+class EdgeSettings(AgentSettings):
     """Settings of ``python -m edge_node``."""
 
-    model_config = SettingsConfigDict(env_prefix="SPLITGLM_EDGE_", extra="forbid", yaml_file=None)
+    model_config = SettingsConfigDict(env_prefix="SPLITGLM_EDGE_", extra="forbid")
 
     plan: Path = Field(description="plan folder (from `splitglm partition`); the edge serves its edge tier")
     edge_id: str = Field(default_factory=default_edge_id, description="this edge's id: an MQTT topic level")
@@ -108,53 +101,6 @@ class EdgeSettings(BaseSettings):
         return self
 
     @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources = [init_settings, env_settings]
-        if settings_cls.model_config.get("yaml_file"):
-            sources.append(YamlConfigSettingsSource(settings_cls))
-        return tuple(sources)
-
-    @classmethod
     def load(cls, argv: list[str] | None = None) -> EdgeSettings:
         """Settings from ``argv`` (flags override env vars, which override ``--config FILE.yaml``)."""
-        args = vars(parser().parse_args(argv))
-        config = args.pop("config", None)
-        source = cls
-        if config is not None:
-            if not Path(config).is_file():
-                raise SettingsError(f"--config {config!r}: no such file")
-            source = type(cls.__name__, (cls,), {"model_config": {**cls.model_config, "yaml_file": config}})
-        try:
-            return source(**args)
-        except ValidationError as e:
-            raise SettingsError(_explain(e)) from None
-
-
-def _explain(error: ValidationError) -> str:
-    lines = []
-    for item in error.errors():
-        name = ".".join(str(p) for p in item["loc"]) or "settings"
-        if name in EdgeSettings.model_fields:
-            name = f"{name} (--{name.replace('_', '-')})"
-        lines.append(f"{name}: {item['msg']}")
-    return "invalid edge settings:\n  " + "\n  ".join(lines)
-
-
-def parser() -> argparse.ArgumentParser:
-    """One ``--kebab-case`` flag per field (no defaults here: unset flags leave env/YAML/defaults alone)."""
-    p = argparse.ArgumentParser(
-        prog="python -m edge_node",
-        description="splitglm edge node: MQTT frames from devices, gRPC to the cloud, an OpenAI-compatible HTTP API",
-        argument_default=argparse.SUPPRESS,
-    )
-    p.add_argument("--config", help="YAML file of settings (keys are the field names, e.g. http_port)")
-    for name, field in EdgeSettings.model_fields.items():
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, metavar=name.upper(), help=field.description)
-    return p
+        return load_settings(cls, argv, "python -m edge_node", DESCRIPTION)
