@@ -7,35 +7,10 @@ import torch
 
 from partitioner.owner import Generation, StepFailed, TextStream
 from partitioner.pipeline import Chain, split_segments
-from partitioner.segment import SegmentInput
 from partitioner.terminal import StepError, TailSessions
 from protos import splitglm_pb2 as pb
-from protos.frames import frame_from_bytes, frame_to_bytes, make_frame
-
-
-class LocalDownstream:
-    """Edge + cloud segments behind real serialized frames, answering like the cloud does."""
-
-    def __init__(self, edge, cloud, codec="fp32"):
-        self.edge, self.cloud, self.codec = edge, cloud, codec
-        self.tails = TailSessions()
-        self.closed: list[str] = []
-
-    def step(self, frame: pb.Frame) -> pb.StepResult:
-        received = frame_from_bytes(frame_to_bytes(frame), self.edge.spec.hidden_size)
-        f = received.frame
-        cached = self.tails.accept(f)
-        if cached is not None:
-            return cached
-        mid = self.edge([SegmentInput(f.session_id, f.start_pos, hidden=received.hidden)])[0]
-        logits = self.cloud([SegmentInput(f.session_id, f.start_pos, hidden=mid)], last_only=True)[0]
-        return self.tails.answer(f.session_id, f.seq, logits[-1])
-
-    def close(self, frame: pb.Frame) -> None:
-        self.closed.append(frame.session_id)
-        self.tails.close(frame.session_id)
-        self.edge.close_session(frame.session_id)
-        self.cloud.close_session(frame.session_id)
+from protos.frames import make_frame
+from tests.local_chain import LocalDownstream
 
 
 class Tokenizer:
