@@ -171,6 +171,7 @@ def splitglm_info(job: Job, gen, ttft_ms: float) -> dict:
     budget = request_budget_ms(job.params)
     predicted = getattr(gen, "predicted_ms", None)
     return {
+        "tokens": list(gen.tokens),  # the generated token ids (the text is their decoding, cut at a stop string)
         "paths": paths,
         "path": paths[0] if len(set(paths)) == 1 else ("mixed" if paths else None),
         "switches": list(getattr(gen, "switches", [])),

@@ -58,7 +58,7 @@ class EdgeSettings(AgentSettings):
     )
     policy_margin: float = Field(default=0.2, ge=0, le=10, description="adaptive: the cloud path is chosen only if "
                                  "its p95 prediction times (1 + this) fits the budget, a fraction")
-    probe_interval_s: float = Field(default=0.25, ge=0, description="while no session steps the cloud, time its "
+    probe_interval_s: float = Field(default=0.05, ge=0, description="while no session steps the cloud, time its "
                                     "health check this often to keep the router's link estimates current, seconds; "
                                     "0 = never")
 
