@@ -93,7 +93,13 @@ def _mqtt_step_ms(system: LocalSystem, repeats: int) -> list[float]:
 
 
 def bench_split(
-    plan: str, model_dir: str, tokens: int = 32, repeats: int = 3, threads: int = 2, mqtt: bool = True
+    plan: str,
+    model_dir: str,
+    tokens: int = 32,
+    repeats: int = 3,
+    threads: int = 2,
+    mqtt: bool = True,
+    broker: str | None = None,
 ) -> dict:
     torch.set_num_threads(threads)
     tokenizer = load_tokenizer(model_dir)
@@ -101,7 +107,7 @@ def bench_split(
         [{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=True, return_dict=False
     )
     mono = _monolithic_step_ms(model_dir, list(prompt_ids), tokens, repeats)
-    with LocalSystem(plan, threads=threads, mqtt=mqtt, device_max_tokens=tokens) as system:
+    with LocalSystem(plan, broker=broker, threads=threads, mqtt=mqtt, device_max_tokens=tokens) as system:
         _http_step_ms(system.http, PROMPT, 4, 1)  # warm-up
         split = _http_step_ms(system.http, PROMPT, tokens, repeats)
         device = _mqtt_step_ms(system, repeats) if mqtt else []
@@ -120,6 +126,7 @@ def bench_split(
         "monolithic_ms_per_token": round(mono_ms, 2),
         "split_http_ms_per_token": round(split_ms, 2),
         "overhead_pct": round(100 * (split_ms / mono_ms - 1), 1),
+        "broker": "embedded amqtt (MQTT 3.1.1)" if broker is None else broker,
         **extra,
         "target_pct": 15.0,
     }

@@ -242,7 +242,7 @@ def cmd_bench_split(args) -> int:
 
     model = args.model or str(demo_model())
     plan = args.plan or str(demo_plan(model, codecs=("fp32", "fp32")))
-    result = bench_split(plan, model, args.tokens, args.repeats, args.threads, mqtt=not args.no_mqtt)
+    result = bench_split(plan, model, args.tokens, args.repeats, args.threads, not args.no_mqtt, args.broker)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -418,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="torch threads of each process and of the monolithic run")
     p.add_argument("--no-mqtt", action="store_true", help="measure the HTTP path only (no broker, no device agent)")
+    p.add_argument("--broker", help="MQTT broker URL for the device path (default: start the embedded amqtt broker)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_split)
     p = bench.add_parser("router", help="routing policies over a trace of changing edge-cloud delay")
