@@ -83,8 +83,8 @@ def test_eval_json_on_the_demo_model(demo_checkpoint):
 
 
 @pytest.mark.slow
-def test_demo_generates_through_three_segments(demo_checkpoint):
-    r = splitglm("demo", "--max-tokens", "12")
+def test_local_demo_generates_through_three_segments(demo_checkpoint):
+    r = splitglm("demo", "--local", "--max-tokens", "12")
     assert r.returncode == 0, r.stderr
     answer = r.stdout.split("answer: ", 1)[1].split("\n\nsplits")[0]
     assert len(answer.strip()) > 0
