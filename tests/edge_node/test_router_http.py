@@ -18,8 +18,8 @@ from tests.edge_node.test_cloud_client import start_cloud
 from tests.edge_node.test_router import cloud, exact_plan, proxy, start_edge  # noqa: F401 -- fixtures
 from tests.local_chain import char_tokenizer
 
-FIELDS = {"paths", "path", "switches", "predicted_ms", "actual_ms", "timings_ms", "latency_budget_ms", "budget_met",
-          "degraded", "policy"}
+FIELDS = {"tokens", "paths", "path", "switches", "predicted_ms", "actual_ms", "timings_ms", "latency_budget_ms",
+          "budget_met", "degraded", "policy"}
 
 
 def complete(client: openai.OpenAI, max_tokens: int, **extra) -> dict:
