@@ -27,7 +27,7 @@ from partitioner.checkpoint import load_spec, load_tokenizer
 from partitioner.export import load_plan, load_tier
 from partitioner.owner import Generation
 from protos import splitglm_pb2 as pb
-from protos.mqtt import connect, new_client, resolve_protocol
+from protos.mqtt import connect, new_client, wait_for_broker
 from protos.topics import results_topic, sensors_subscription
 
 from .link import EdgeLink, LinkClosed
@@ -231,20 +231,6 @@ class DeviceAgent:
             logger.info("answer %s for %d reading(s): %d tokens, path %s, %.0f ms: %r", answer["request_id"],
                         len(answer["readings"]), answer["tokens"], answer["path"], answer["timings_ms"]["total"],
                         answer["text"])
-
-
-def wait_for_broker(url: str, protocol: str, timeout_s: float) -> int:
-    """The MQTT protocol to speak (probing for "auto"), retrying while the broker is down."""
-    deadline, delay = time.monotonic() + timeout_s, 0.5
-    while True:
-        try:
-            return resolve_protocol(url, protocol)
-        except ConnectionError as e:
-            if time.monotonic() + delay > deadline:
-                raise
-            logger.warning("MQTT broker not reachable (%r); retrying in %.1f s", e, delay)
-            time.sleep(delay)
-            delay = min(2 * delay, 5.0)
 
 
 def path_name(paths: list[int]) -> str | None:

@@ -29,7 +29,7 @@ from protos import splitglm_pb2 as pb
 from protos import topics
 from protos.errors import CodecError, SizeLimitError
 from protos.frames import decode_frame_hidden, make_frame, parse_frame
-from protos.mqtt import V5, connect, new_client, publish_properties, resolve_protocol
+from protos.mqtt import V5, connect, new_client, publish_properties, wait_for_broker
 
 from .cloud import error_result
 from .metrics import path_name
@@ -128,7 +128,7 @@ class FrameRelay:
 
     def start(self, timeout_s: float) -> None:
         """Connect, subscribe and wait (at most ``timeout_s``) until the subscriptions are made."""
-        self.protocol = self._resolve_protocol(timeout_s)
+        self.protocol = wait_for_broker(self.settings.broker, self.settings.mqtt_protocol, timeout_s)
         self.client = new_client(f"splitglm-edge-{self.edge_id}", self.protocol)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -139,19 +139,6 @@ class FrameRelay:
             self.stop()
             raise TimeoutError(f"no MQTT subscriptions at {self.settings.broker} within {timeout_s:g} s")
         self._janitor.start()
-
-    def _resolve_protocol(self, timeout_s: float) -> int:
-        """The protocol to speak (probing the broker for "auto"), retrying while the broker is down."""
-        deadline, delay = time.monotonic() + timeout_s, 0.5
-        while True:
-            try:
-                return resolve_protocol(self.settings.broker, self.settings.mqtt_protocol)
-            except ConnectionError as e:
-                if time.monotonic() + delay > deadline:
-                    raise
-                logger.warning("MQTT broker not ready (%r); retrying in %.1f s", e, delay)
-                time.sleep(delay)
-                delay = min(2 * delay, 5.0)
 
     def subscriptions(self) -> list[str]:
         """The pool topic (shared on v5) and this edge's own frames topic."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
@@ -111,3 +112,17 @@ def publish_properties(response_topic: str, correlation_data: bytes, user: dict[
     if user:
         props.UserProperty = list(user.items())
     return props
+
+
+def wait_for_broker(url: str, setting: str, timeout_s: float) -> int:
+    """``resolve_protocol``, retrying with backoff (0.5 s ... 5 s) while the broker is down, up to ``timeout_s``."""
+    deadline, delay = time.monotonic() + timeout_s, 0.5
+    while True:
+        try:
+            return resolve_protocol(url, setting)
+        except ConnectionError as e:
+            if time.monotonic() + delay > deadline:
+                raise
+            logger.warning("MQTT broker not reachable (%r); retrying in %.1f s", e, delay)
+            time.sleep(delay)
+            delay = min(2 * delay, 5.0)
