@@ -243,8 +243,8 @@ def summary(generation: Generation | None) -> dict[str, Any]:
     """The answer fields a (finished or interrupted) generation gives; None: no generation ran."""
     if generation is None:
         return {"text": "", "tokens": 0, "finish_reason": None, "path": None, "paths": [], "switches": [],
-                "predicted_ms": None, "actual_ms": 0.0, "timings_ms": dict(ZERO_TIMINGS), "budget_met": None,
-                "frame_bytes": 0, "degraded": False, "policy": None, "error": None}
+                "predicted_ms": None, "actual_ms": 0.0, "timings_ms": dict(ZERO_TIMINGS), "stages_ms": {},
+                "budget_met": None, "frame_bytes": 0, "degraded": False, "policy": None, "error": None}
     budget = generation.params.latency_budget_ms or None
     predicted = generation.predicted_ms
     return {
@@ -261,6 +261,7 @@ def summary(generation: Generation | None) -> dict[str, Any]:
             "per_token": round(generation.per_token_ms, 2),
             "total": round(generation.total_ms, 2),
         },
+        "stages_ms": generation.stage_breakdown(),  # mean ms per token after the first: device, MQTT, edge, cloud
         "budget_met": None if budget is None else generation.total_ms <= budget,
         "frame_bytes": generation.frame_bytes,
         "degraded": generation.degraded,  # the cloud failed: the edge's fast tail answered

@@ -90,7 +90,8 @@ class EdgeMetrics:
         self.steps_total.labels(path=path_name(result.path)).inc()
         self.step_seconds.labels(kind=kind).observe(step_s)
         for name, ms in result.timings_ms.items():
-            self.step_timing_seconds.labels(timing=name).observe(ms / 1e3)
+            if name != "batch_size":  # a count, not a time
+                self.step_timing_seconds.labels(timing=name).observe(ms / 1e3)
 
     def add_wire_bytes(self, link: str, direction: str, n: int) -> None:
         """Add ``n`` bytes sent ('out') or received ('in') on ``link``."""

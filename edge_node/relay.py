@@ -273,26 +273,33 @@ class FrameRelay:
                 raise RelayError(
                     Status.FAILED_PRECONDITION, f"session {sid!r} expects seq {state.next_seq}, got {frame.seq}"
                 )
+        t0 = time.perf_counter()
         hidden = self._decode(frame)  # (T, C)
         if state is None:
             state = self._open(sid)
-        t0 = time.perf_counter()
         try:
             with self.lock:
                 mid = self.segment([SegmentInput(sid, frame.start_pos, hidden=hidden)])[0]  # (T, C)
         except SessionError as e:
             raise RelayError(Status.FAILED_PRECONDITION, str(e)) from None
-        self.metrics.stage("edge_segment", time.perf_counter() - t0)
         params = frame.params if frame.HasField("params") else None
         out = make_frame(
             sid, frame.seq, frame.start_pos, mid, self.codec, params=params, deadline_unix_ms=frame.deadline_unix_ms
         )
+        t1 = time.perf_counter()
+        self.metrics.stage("edge_segment", t1 - t0)
         result = state.tail.step(out)
         if result.error:
             self._free(sid, f"cloud step failed: {result.error}")
             return result
+        t2 = time.perf_counter()
+        # the edge's share of the step, for the owner's breakdown (partitioner.owner.stage_breakdown)
+        result.timings_ms["edge_queue"] = (t0 - incoming.received) * 1e3  # waiting for its lane
+        result.timings_ms["edge_compute"] = (t1 - t0) * 1e3  # decode, layers [k1, k2), encode
+        result.timings_ms["tail"] = (t2 - t1) * 1e3  # the tail's step: cloud round trip (or the fast tail)
+        result.timings_ms["edge_total"] = (t2 - incoming.received) * 1e3
         state.next_seq, state.last, state.touched = frame.seq + 1, result, time.monotonic()
-        self.metrics.observe_step(result, time.perf_counter() - t0, "mqtt")
+        self.metrics.observe_step(result, t2 - t0, "mqtt")
         self.metrics.tokens(path_name(result.path), len(result.tokens))
         return result
 

@@ -178,6 +178,7 @@ def splitglm_info(job: Job, gen, ttft_ms: float) -> dict:
         "predicted_ms": None if predicted is None else round(predicted, 3),
         "actual_ms": round(total_ms, 3),
         "timings_ms": {"ttft": round(ttft_ms, 3), "per_token": round(gen.per_token_ms, 3), "total": round(total_ms, 3)},
+        "stages_ms": gen.stage_breakdown(),  # mean ms per token after the first: edge, link, cloud
         "latency_budget_ms": None if budget is None else round(budget, 3),
         "budget_met": None if budget is None else total_ms <= budget,
         "degraded": bool(getattr(gen, "degraded", False)),

@@ -114,6 +114,9 @@ class Generation:
     degraded: bool = False  # the cloud failed and the edge's fast tail answered
     predicted_ms: float | None = None  # the router's prediction of the whole completion, ms
     policy: str = ""  # the routing policy the edge applied
+    # Per step: "owner" (own segment + encode) and "downstream" (until its answer) in ms, plus the
+    # downstream's StepResult.timings_ms; stage_breakdown() turns the decode steps into a per-token split.
+    step_timings: list[dict[str, float]] = field(default_factory=list)
 
     def __iter__(self) -> Iterator[TokenEvent]:
         if not self.prompt_ids:
@@ -165,6 +168,7 @@ class Generation:
         self.policy = self.policy or result.policy
 
     def _step(self, ids: torch.Tensor, pos: int, seq: int) -> pb.StepResult:
+        t0 = time.perf_counter()
         with self.lock or nullcontext():
             hidden = self.segment([SegmentInput(self.session_id, pos, input_ids=ids)])[0]  # (T, C)
         frame = make_frame(
@@ -177,7 +181,11 @@ class Generation:
             deadline_unix_ms=self.deadline_unix_ms,
         )
         self.frame_bytes += frame.ByteSize()
-        return self.downstream.step(frame)
+        t1 = time.perf_counter()
+        result = self.downstream.step(frame)
+        t2 = time.perf_counter()
+        self.step_timings.append({"owner": (t1 - t0) * 1e3, "downstream": (t2 - t1) * 1e3, **result.timings_ms})
+        return result
 
     def _close(self, seq: int, pos: int) -> None:
         with self.lock or nullcontext():
@@ -187,8 +195,45 @@ class Generation:
         except Exception:  # noqa: BLE001 -- best effort: the downstream frees idle sessions on its own
             pass
 
+    def stage_breakdown(self) -> dict[str, float]:
+        """Where a decode step's time went, mean ms per token after the first (see ``stage_breakdown``)."""
+        return stage_breakdown(self.step_timings[1:])
+
     @property
     def per_token_ms(self) -> float:
         """Mean time of each token after the first."""
         n = len(self.tokens)
         return (self.total_ms - self.ttft_ms) / (n - 1) if n > 1 else 0.0
+
+
+def stage_breakdown(steps: list[dict[str, float]]) -> dict[str, float]:
+    """Mean ms per step of each stage a step went through, from the owner's and the tiers' timings.
+
+    ``owner``: the owner's segment and frame encoding. When an edge relay
+    answered (``edge_total``): ``owner_edge_link`` is the owner's wait minus
+    the edge's time (MQTT both ways, the broker, decoding), ``edge`` its queue
+    and layers, and the tail's step is split into ``edge_cloud_link`` and
+    ``cloud`` (the cloud's queue + compute) on the accurate path. Without a
+    relay (the edge owns the session), the wait is the tail's; ``tail``
+    stands for the tail's step when no cloud answered it (the fast tail).
+    Each stage is averaged over all steps (a step that skipped it adds 0),
+    so the stages add up to the mean step.
+    """
+    if not steps:
+        return {}
+    sums: dict[str, float] = {}
+    for step in steps:
+        parts = {"owner": step["owner"]}
+        tail = step["downstream"]
+        if "edge_total" in step:
+            parts["owner_edge_link"] = step["downstream"] - step["edge_total"]
+            parts["edge"] = step["edge_queue"] + step["edge_compute"]
+            tail = step["tail"]
+        if "queue" in step and "batch_size" in step:  # the cloud's batcher answered
+            parts["cloud"] = step["queue"] + step["compute"]
+            parts["edge_cloud_link"] = tail - parts["cloud"]
+        else:
+            parts["tail"] = tail
+        for name, ms in parts.items():
+            sums[name] = sums.get(name, 0.0) + ms
+    return {name: round(total / len(steps), 2) for name, total in sums.items()}

@@ -7,6 +7,11 @@ the edge's HTTP API as session owner (edge [0, k2) -> gRPC -> cloud), and a
 sensor answer (device [0, k1) -> MQTT broker -> edge [k1, k2) -> gRPC -> cloud).
 Every tier gets the same torch threads as the monolithic run: a single
 generation runs one tier at a time, so the tiers do not compete for cores.
+The three run in interleaved rounds (one generation each per round), so a
+drift in the machine's speed hits them alike. Monolithic and HTTP figures are
+medians of the per-token gaps; the device path's is the median of each
+answer's mean per token, as the device agent reports it. Each split answer
+also says where its time went (``stages_ms``, ``partitioner.owner.stage_breakdown``).
 """
 
 from __future__ import annotations
@@ -20,32 +25,31 @@ import torch
 
 from partitioner.checkpoint import load_hf_model, load_tokenizer
 
-from .system import LocalSystem
+from .system import LocalSystem, ResultListener
 
 PROMPT = "Explain in a few sentences what a software license is."
 
 
-def _monolithic_step_ms(model_dir: str, prompt_ids: list[int], tokens: int, repeats: int) -> list[float]:
-    """Per-token decode times (ms) of greedy generation in one process."""
+def _monolithic_step_ms(model, prompt_ids: list[int], tokens: int) -> list[float]:
+    """Per-token decode times (ms) of one greedy generation in this process."""
     from transformers import DynamicCache
 
-    model = load_hf_model(model_dir)
     times = []
-    for _ in range(repeats):
-        cache = DynamicCache(config=model.config)
-        with torch.inference_mode():
-            logits = model(torch.tensor([prompt_ids]), past_key_values=cache, use_cache=True).logits
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt_ids]), past_key_values=cache, use_cache=True).logits
+        token = int(logits[0, -1].argmax())
+        for _ in range(tokens - 1):
+            t0 = time.perf_counter()
+            logits = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True).logits
             token = int(logits[0, -1].argmax())
-            for _ in range(tokens - 1):
-                t0 = time.perf_counter()
-                logits = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True).logits
-                token = int(logits[0, -1].argmax())
-                times.append((time.perf_counter() - t0) * 1e3)
+            times.append((time.perf_counter() - t0) * 1e3)
     return times
 
 
-def _http_step_ms(http: str, prompt: str, tokens: int, repeats: int) -> list[float]:
-    """Per-token times (ms) between streamed SSE chunks of chat completions from the edge."""
+def _http_step_ms(http: str, prompt: str, tokens: int) -> tuple[list[float], dict]:
+    """Per-token times (ms) between the streamed SSE chunks of one chat completion from the edge, and its
+    stage breakdown (``splitglm.stages_ms`` of the last chunk)."""
     body = json.dumps(
         {
             "messages": [{"role": "user", "content": prompt}],
@@ -54,49 +58,39 @@ def _http_step_ms(http: str, prompt: str, tokens: int, repeats: int) -> list[flo
             "temperature": 0,
         }
     ).encode()
-    times = []
-    for _ in range(repeats):
-        request = urllib.request.Request(f"{http}/v1/chat/completions", body, {"Content-Type": "application/json"})
-        stamps = []
-        with urllib.request.urlopen(request, timeout=600) as response:
-            for line in response:
-                if line.startswith(b"data: {"):
-                    stamps.append(time.perf_counter())
-        times += [(b - a) * 1e3 for a, b in zip(stamps[1:-1], stamps[2:-1])]  # skip the role chunk and the last
-    return times
+    request = urllib.request.Request(f"{http}/v1/chat/completions", body, {"Content-Type": "application/json"})
+    stamps, last = [], b""
+    with urllib.request.urlopen(request, timeout=600) as response:
+        for line in response:
+            if line.startswith(b"data: {"):
+                stamps.append(time.perf_counter())
+                last = line
+    times = [(b - a) * 1e3 for a, b in zip(stamps[1:-1], stamps[2:-1])]  # skip the role chunk and the last
+    return times, json.loads(last[len(b"data: ") :])["splitglm"]["stages_ms"]
 
 
-def _mqtt_step_ms(system: LocalSystem, repeats: int) -> list[float]:
-    """Per-token times (ms) of sensor answers: device -> MQTT -> edge -> gRPC -> cloud, as the device measured them."""
-    from paho.mqtt import publish
+def _mqtt_answer(system: LocalSystem, listener, n: int) -> dict:
+    """The device agent's answer to the ``n``-th reading (device -> MQTT -> edge -> gRPC -> cloud)."""
+    reading = json.dumps({"value": 20.0 + n, "unit": "C"})
+    listener.client.publish(f"sensors/{system.device_id}/temperature", reading, qos=1)
+    answers = listener.wait_for_readings(n + 1, 600)
+    answer = answers[-1]
+    if answer.get("error"):
+        raise RuntimeError(f"the device agent answered with an error: {answer['error']}")
+    return answer
 
-    from protos.mqtt import broker_address
 
-    from .system import ResultListener
-
-    host, port = broker_address(system.broker)
-    listener = ResultListener(system.broker, system.device_id)
-    try:
-        for i in range(repeats + 1):  # the first answer warms up
-            publish.single(
-                f"sensors/{system.device_id}/temperature",
-                json.dumps({"value": 20.0 + i, "unit": "C"}),
-                qos=1,
-                hostname=host,
-                port=port,
-            )
-            listener.wait_for_readings(i + 1, 600)
-    finally:
-        listener.close()
-    answers = [a for a in listener.answers[1:] if a.get("tokens", 0) > 1 and not a.get("error")]
-    return [a["timings_ms"]["per_token"] for a in answers]
+def _mean_stages(breakdowns: list[dict]) -> dict[str, float]:
+    """The per-stage mean over several answers' breakdowns (ms per token)."""
+    names = [name for name in breakdowns[0] if all(name in b for b in breakdowns)] if breakdowns else []
+    return {name: round(statistics.fmean(b[name] for b in breakdowns), 2) for name in names}
 
 
 def bench_split(
     plan: str,
     model_dir: str,
     tokens: int = 32,
-    repeats: int = 3,
+    repeats: int = 5,
     threads: int = 2,
     mqtt: bool = True,
     broker: str | None = None,
@@ -106,11 +100,28 @@ def bench_split(
     prompt_ids = tokenizer.apply_chat_template(
         [{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=True, return_dict=False
     )
-    mono = _monolithic_step_ms(model_dir, list(prompt_ids), tokens, repeats)
+    model = load_hf_model(model_dir)
+    mono, split, device, split_stages, device_stages = [], [], [], [], []
     with LocalSystem(plan, broker=broker, threads=threads, mqtt=mqtt, device_max_tokens=tokens) as system:
-        _http_step_ms(system.http, PROMPT, 4, 1)  # warm-up
-        split = _http_step_ms(system.http, PROMPT, tokens, repeats)
-        device = _mqtt_step_ms(system, repeats) if mqtt else []
+        listener = ResultListener(system.broker, system.device_id) if mqtt else None
+        try:
+            _monolithic_step_ms(model, list(prompt_ids), 4)  # warm-ups
+            _http_step_ms(system.http, PROMPT, 4)
+            if listener is not None:
+                _mqtt_answer(system, listener, 0)
+            for r in range(repeats):  # interleaved, so a drift of the machine's speed hits every path alike
+                mono += _monolithic_step_ms(model, list(prompt_ids), tokens)
+                times, stages = _http_step_ms(system.http, PROMPT, tokens)
+                split += times
+                split_stages.append(stages)
+                if listener is not None:
+                    answer = _mqtt_answer(system, listener, r + 1)
+                    if answer["tokens"] > 1:
+                        device.append(answer["timings_ms"]["per_token"])
+                        device_stages.append(answer["stages_ms"])
+        finally:
+            if listener is not None:
+                listener.close()
     mono_ms, split_ms = statistics.median(mono), statistics.median(split)
     extra = {}
     if device:
@@ -118,6 +129,7 @@ def bench_split(
         extra = {
             "split_mqtt_ms_per_token": round(device_ms, 2),
             "mqtt_overhead_pct": round(100 * (device_ms / mono_ms - 1), 1),
+            "split_mqtt_stages_ms": _mean_stages(device_stages),
         }
     return {
         "tokens": tokens,
@@ -126,6 +138,7 @@ def bench_split(
         "monolithic_ms_per_token": round(mono_ms, 2),
         "split_http_ms_per_token": round(split_ms, 2),
         "overhead_pct": round(100 * (split_ms / mono_ms - 1), 1),
+        "split_http_stages_ms": _mean_stages(split_stages),
         "broker": "embedded amqtt (MQTT 3.1.1)" if broker is None else broker,
         **extra,
         "target_pct": 15.0,

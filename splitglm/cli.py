@@ -250,10 +250,16 @@ def cmd_bench_split(args) -> int:
         print(f"monolithic (transformers, one process): {result['monolithic_ms_per_token']:.1f} ms/token")
         print(f"split over loopback (HTTP -> edge -> gRPC -> cloud): {result['split_http_ms_per_token']:.1f} ms/token")
         print(f"overhead {result['overhead_pct']:+.1f}% (target within {result['target_pct']:g}%)")
+        print(f"  where a token's time goes (ms): {_stages(result['split_http_stages_ms'])}")
         if "split_mqtt_ms_per_token" in result:
             print(f"split over loopback (device -> MQTT -> edge -> gRPC -> cloud): "
                   f"{result['split_mqtt_ms_per_token']:.1f} ms/token, overhead {result['mqtt_overhead_pct']:+.1f}%")
+            print(f"  where a token's time goes (ms): {_stages(result['split_mqtt_stages_ms'])}")
     return 0
+
+
+def _stages(stages: dict[str, float]) -> str:
+    return ", ".join(f"{name} {ms:.1f}" for name, ms in stages.items())
 
 
 def cmd_bench_router(args) -> int:
@@ -415,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="GLM checkpoint folder (default: the demo model)")
     p.add_argument("--plan", help="plan folder (default: the demo plan with lossless fp32 frames)")
     p.add_argument("--tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds, one generation of each path per round")
     p.add_argument("--threads", type=int, default=2, help="torch threads of each process and of the monolithic run")
     p.add_argument("--no-mqtt", action="store_true", help="measure the HTTP path only (no broker, no device agent)")
     p.add_argument("--broker", help="MQTT broker URL for the device path (default: start the embedded amqtt broker)")

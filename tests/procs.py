@@ -33,7 +33,7 @@ class Mosquitto:
         self.url = f"mqtt://127.0.0.1:{self.port}"
         self.conf = self.folder / "mosquitto.conf"
         self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\nuser root\npersistence true\n"
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\nuser root\nset_tcp_nodelay true\npersistence true\n"
             f"persistence_location {self.folder}/\nautosave_interval 1\n"
         )
         self.proc: Proc | None = None

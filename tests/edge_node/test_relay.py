@@ -196,6 +196,14 @@ def test_v311_session_with_reply_to_in_the_payload(edges, mosquitto, device_segm
     assert gen.tokens == expected(tiny_glm, PROMPTS[0], 8)
     assert {r.edge_id for r, _, _ in downstream.answers} == {"edge-old"}
     assert steps_done(node) == 8
+    for result, _, _ in downstream.answers:  # the edge's share of each step, and the cloud's inside it
+        t = result.timings_ms
+        assert 0 <= t["edge_queue"] and 0 < t["edge_compute"] and t["queue"] + t["compute"] <= t["tail"]
+        assert t["edge_total"] >= t["edge_queue"] + t["edge_compute"] + t["tail"] - 0.01
+    stages = gen.stage_breakdown()
+    assert set(stages) == {"owner", "owner_edge_link", "edge", "edge_cloud_link", "cloud"}
+    assert all(ms >= 0 for ms in stages.values()) and stages["cloud"] > 0
+    assert sum(stages.values()) <= gen.per_token_ms + 0.1  # sub-intervals of the device's steps
     assert wait_until(lambda: not node.relay.sessions)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from partitioner.owner import Generation, StepFailed, TextStream
+from partitioner.owner import Generation, StepFailed, TextStream, stage_breakdown
 from partitioner.pipeline import Chain, split_segments
 from partitioner.terminal import StepError, TailSessions
 from protos import splitglm_pb2 as pb
@@ -114,3 +114,28 @@ def test_text_stream(tokens, stop, pieces, stopped_at):
         got[-1] += stream.flush()
     assert got == pieces[: len(got)]
     assert "".join(got) == stream.text
+
+
+def test_stage_breakdown_splits_each_wait_into_its_tiers():
+    relayed = {"owner": 20.0, "downstream": 60.0, "edge_queue": 1.0, "edge_compute": 19.0, "tail": 36.0,
+               "edge_total": 57.0, "queue": 0.5, "compute": 33.5, "batch_size": 1.0}  # fmt: skip
+    assert stage_breakdown([relayed, {**relayed, "owner": 30.0}]) == {
+        "owner": 25.0, "owner_edge_link": 3.0, "edge": 20.0, "cloud": 34.0, "edge_cloud_link": 2.0,
+    }  # fmt: skip
+    # the edge owns the session and steps the cloud itself: no relay timings
+    owned = {"owner": 40.0, "downstream": 35.0, "queue": 1.0, "compute": 31.0, "batch_size": 2.0}
+    assert stage_breakdown([owned]) == {"owner": 40.0, "cloud": 32.0, "edge_cloud_link": 3.0}
+    # the edge's fast tail answered: no cloud in the step
+    fast = {**relayed, "tail": 11.0, "edge_total": 32.0, "compute": 10.5}
+    del fast["queue"], fast["batch_size"]
+    assert stage_breakdown([fast]) == {"owner": 20.0, "owner_edge_link": 28.0, "edge": 20.0, "tail": 11.0}
+    assert stage_breakdown([]) == {}
+
+
+def test_generation_keeps_step_timings(tiny_glm):
+    device, edge, cloud = split_segments(tiny_glm, 1, 2)
+    gen = Generation(device, LocalDownstream(edge, cloud), [3, 17, 5], params(max_tokens=5), "fp32", Tokenizer())
+    list(gen)
+    assert len(gen.step_timings) == 5
+    assert all(t["owner"] > 0 and t["downstream"] > 0 for t in gen.step_timings)
+    assert set(gen.stage_breakdown()) >= {"owner"}
