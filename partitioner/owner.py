@@ -211,8 +211,8 @@ def stage_breakdown(steps: list[dict[str, float]]) -> dict[str, float]:
 
     ``owner``: the owner's segment and frame encoding. When an edge relay
     answered (``edge_total``): ``owner_edge_link`` is the owner's wait minus
-    the edge's time (MQTT both ways, the broker, decoding), ``edge`` its queue
-    and layers, and the tail's step is split into ``edge_cloud_link`` and
+    the edge's time (MQTT both ways through the broker), ``edge`` its queue,
+    frame decoding, layers and encoding, and the tail's step is split into ``edge_cloud_link`` and
     ``cloud`` (the cloud's queue + compute) on the accurate path. Without a
     relay (the edge owns the session), the wait is the tail's; ``tail``
     stands for the tail's step when no cloud answered it (the fast tail).
