@@ -295,3 +295,34 @@ def test_idle_sessions_are_freed(edges, mosquitto):
         assert device.receive()[0].status == 5
     finally:
         device.close()
+
+
+@pytest.fixture(scope="module")
+def onnx_edge_plan(tiny_glm, tmp_path_factory) -> str:
+    """The tiny plan with its edge tier on ONNX Runtime (fp32): the relay builds its own [k1, k2) segment."""
+    from partitioner.export import cached_plan, fixed_plan
+    from partitioner.measure import compression_entry
+    from partitioner.profiler_onnx import BACKEND
+
+    plan = fixed_plan((2, 4), ("fp32", "fp32"), {"edge": compression_entry(BACKEND, "none")})
+    return str(cached_plan(tiny_glm, plan, tmp_path_factory.mktemp("onnx-plans")))
+
+
+@pytest.mark.slow  # exports the edge tier to ONNX at load
+def test_onnx_edge_tier_serves_device_frames(onnx_edge_plan, mosquitto, cloud, device_segment, tiny_glm):
+    edges = Edges(onnx_edge_plan, mosquitto.url, cloud)  # the cloud tier is the same torch one as tiny_plan's
+    device = MqttDevice(mosquitto.url)
+    try:
+        node = edges.start("edge-onnx")
+        assert not hasattr(node.segment, "view")  # an ONNX session: [k1, k2) is a segment of its own
+        for prompt in PROMPTS[:2]:
+            gen, _ = generate(device_segment, device, prompt, 8)
+            assert gen.tokens == expected(tiny_glm, prompt, 8)
+        # a session the edge owns (as for HTTP): the embedding and [0, k2) on ONNX Runtime
+        own = Generation(node.segment, node.tail("http"), PROMPTS[2], pb.GenerationParams(max_tokens=8), node.codec,
+                         Letters(), lock=node.segment_lock)  # fmt: skip
+        list(own)
+        assert own.tokens == expected(tiny_glm, PROMPTS[2], 8)
+    finally:
+        device.close()
+        edges.close()
