@@ -222,7 +222,9 @@ class Batcher:
     def _answer(self, step: Step, logits: torch.Tensor, started: float, compute_ms: float, batch: int) -> None:
         """Sample the step's token from its (1, V) logits and resolve its future."""
         try:
-            result = self.tails.answer(step.session_id, step.frame.seq, logits[-1].float().cpu(), pb.ACCURATE)
+            position = step.frame.start_pos + int(step.hidden.shape[0])  # the sampled token's
+            result = self.tails.answer(step.session_id, step.frame.seq, logits[-1].float().cpu(), pb.ACCURATE,
+                                       position=position)
         except Exception as e:  # noqa: BLE001 -- this step's own failure
             step.future.set_exception(_step_error(e, step))
             return

@@ -67,7 +67,8 @@ class FastTail:
                                     f"max_tokens {state.params.max_tokens} tokens")
                 started = time.perf_counter()
                 logits = self.segment([SegmentInput(session_id, start_pos, hidden=hidden)], last_only=True)[0]  # (1, V)
-                result = self.tails.answer(session_id, seq, logits[-1], pb.FAST)
+                result = self.tails.answer(session_id, seq, logits[-1], pb.FAST,
+                                           position=start_pos + int(hidden.shape[0]))
             except StepError as e:
                 return failed_step(session_id, seq, e.status, f"edge fast tail: {e}")
             except SessionError as e:

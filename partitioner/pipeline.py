@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .checkpoint import load_spec
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, draw_generator, sample
 from .segment import Segment, SegmentInput
 
 Link = Callable[[torch.Tensor], torch.Tensor]  # (T, C) -> (T, C): what crossing a link does to hidden states
@@ -69,12 +69,11 @@ class Chain:
     ) -> Iterator[tuple[int, float]]:
         """Yield (token, log-probability) one step at a time: prefill, then one position per step."""
         session = uuid.uuid4().hex
-        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         try:
             logits = self.step(session, 0, torch.tensor(prompt_ids), last_only=True)
             position = len(prompt_ids)
             for _ in range(max_new_tokens):
-                token, logprob = sample(logits[-1], params, generator)
+                token, logprob = sample(logits[-1], params, draw_generator(params.seed, position))
                 yield token, logprob
                 if token in stop_ids:
                     return

@@ -20,6 +20,17 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
+def draw_generator(seed: int | None, position: int) -> torch.Generator | None:
+    """The generator of the draw for the token at ``position`` of a generation seeded ``seed`` (None: unseeded).
+
+    Keyed by position rather than drawn in sequence, so any tier that samples
+    that token (the cloud, or the edge's fast tail after a switch) draws the same.
+    """
+    if seed is None:
+        return None
+    return torch.Generator().manual_seed((seed ^ ((position + 1) * 0x9E3779B97F4A7C15)) & 0xFFFF_FFFF_FFFF_FFFF)
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None):
     """Pick one token from (V,) logits; return (token id, its log-probability under the model)."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # (V,)

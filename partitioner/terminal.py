@@ -6,9 +6,14 @@ sample, end generations and answer repeated steps the same way:
 - ``accept(frame)``: checks the frame against the session (new sessions start
   at seq 0 with parameters; seq follows; a repeated seq is answered again
   from the stored result without recomputing);
-- ``answer(session_id, seq, logits, path)``: samples the next token from the
-  last position's logits with the session's parameters and generator, and
-  says whether the generation ended (a stop token, or ``max_tokens`` tokens).
+- ``answer(session_id, seq, logits, path, position)``: samples the next token
+  from the last position's logits with the session's parameters, and says
+  whether the generation ended (a stop token, or ``max_tokens`` tokens).
+
+A sampled token's random draw depends only on the session's seed and the
+token's position in the sequence (``sampling.draw_generator``), not on the tier or on the
+draws before it: the fast tail that takes over a session mid-generation
+draws exactly what the cloud would have, and a repeated step draws the same.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import torch
 
 from protos import splitglm_pb2 as pb
 
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, draw_generator, sample
 
 
 class StepError(ValueError):
@@ -35,7 +40,6 @@ class StepError(ValueError):
 class TailSession:
     params: pb.GenerationParams
     sampling: SamplingParams
-    generator: torch.Generator | None
     next_seq: int = 0  # the seq the next new frame must carry
     generated: int = 0  # tokens sampled so far
     last: pb.StepResult | None = None  # answer to seq next_seq - 1, for a repeated frame
@@ -88,15 +92,18 @@ class TailSessions:
                 "RESOURCE_EXHAUSTED", f"max_tokens {frame.params.max_tokens} exceeds the limit {self.max_tokens}"
             )
         sampling = sampling_params(frame.params)
-        generator = torch.Generator().manual_seed(frame.params.seed) if sampling.temperature > 0 else None
         params = pb.GenerationParams()
         params.CopyFrom(frame.params)
-        self.sessions[frame.session_id] = TailSession(params, sampling, generator)
+        self.sessions[frame.session_id] = TailSession(params, sampling)
 
-    def answer(self, session_id: str, seq: int, logits: torch.Tensor, path: int = pb.ACCURATE) -> pb.StepResult:
-        """Sample the next token from (V,) logits and record the step's answer."""
+    def answer(
+        self, session_id: str, seq: int, logits: torch.Tensor, path: int = pb.ACCURATE, *, position: int
+    ) -> pb.StepResult:
+        """Sample the token at ``position`` (the step's start_pos + its positions) from (V,) logits and
+        record the step's answer."""
         state = self.sessions[session_id]
-        token, logprob = sample(logits, state.sampling, state.generator)
+        generator = draw_generator(state.params.seed, position) if state.sampling.temperature > 0 else None
+        token, logprob = sample(logits, state.sampling, generator)
         state.generated += 1
         finished = token in state.params.stop_token_ids or state.generated >= state.params.max_tokens
         result = pb.StepResult(

@@ -69,7 +69,7 @@ class LocalDownstream:
                 return cached
             mid = self.edge([SegmentInput(f.session_id, f.start_pos, hidden=received.hidden)])[0]
             logits = self.cloud([SegmentInput(f.session_id, f.start_pos, hidden=mid)], last_only=True)[0]
-            return self.tails.answer(f.session_id, f.seq, logits[-1])
+            return self.tails.answer(f.session_id, f.seq, logits[-1], position=f.start_pos + received.hidden.shape[0])
 
     def close(self, frame: pb.Frame) -> None:
         with self.lock:

@@ -21,6 +21,7 @@ from edge_node.settings import EdgeSettings
 from partitioner.export import cached_plan, fixed_plan
 from partitioner.owner import Generation, StepFailed
 from partitioner.pipeline import Chain, split_segments
+from partitioner.sampling import SamplingParams
 from protos import splitglm_pb2 as pb
 from splitglm.linkproxy import DelayProxy
 from tests.edge_node.test_cloud_client import Letters, start_cloud
@@ -180,7 +181,14 @@ def test_a_link_that_stops_answering_times_out_within_the_budget(edge, proxy, re
     assert counter(edge, "switches_total", reason="cloud_error") == 1
 
 
-def test_killing_the_cloud_mid_generation_still_completes_the_answer(exact_plan, reference):
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
+def test_killing_the_cloud_mid_generation_still_completes_the_answer(exact_plan, tiny_glm, temperature):
+    """Also sampled: a token's draw is keyed by its position, so the fast tail draws what the cloud would have."""
+    chain = Chain(split_segments(tiny_glm, 2, 4))
+    sampling = SamplingParams(temperature=temperature, seed=7)
+    reference = [t for t, _ in chain.generate(PROMPT, 20, sampling)]
+    if temperature:  # the draws matter: sampling leaves the greedy path
+        assert reference != [t for t, _ in chain.generate(PROMPT, 20)]
     proc, address = start_cloud(exact_plan)
     node = start_edge(exact_plan, address, step_timeout_s=10)
     try:
@@ -190,14 +198,14 @@ def test_killing_the_cloud_mid_generation_still_completes_the_answer(exact_plan,
                 proc.popen.wait(10)
 
         n = 20
-        gen = generate(node, n, kill)  # no budget: the accurate path, until the cloud dies
+        gen = generate(node, n, kill, temperature=temperature, seed=7)  # no budget: accurate until the cloud dies
         assert len(gen.tokens) == n and gen.finish_reason == "length"
         assert gen.degraded and len(gen.switches) == 1 and gen.switches[0]["token"] == 6
         assert gen.switches[0]["reason"].startswith("cloud_error:") and "UNAVAILABLE" in gen.switches[0]["reason"]
         assert names(gen) == ["accurate"] * 6 + ["fast"] * (n - 6)
         assert gen.tokens == reference[:n]
 
-        after = generate(node, 6)  # a new session while the cloud is down: all fast, degraded, still complete
+        after = generate(node, 6, temperature=temperature, seed=7)  # the cloud is down: all fast, degraded
         assert names(after) == ["fast"] * 6 and after.degraded and after.switches[0]["token"] == 0
         assert after.tokens == reference[:6]
         assert counter(node, "switches_total", reason="cloud_error") == 2
