@@ -81,6 +81,12 @@ class EdgeMetrics:
             ["reason"],
             registry=r,
         )
+        self.relay_batch_size = Histogram(
+            PREFIX + "relay_batch_size",
+            "Device frames run through the edge's layers in one forward pass.",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
         self.sessions_active = Gauge(
             PREFIX + "sessions_active", "Sessions open now, by kind (http, mqtt).", ["kind"], registry=r
         )

@@ -7,7 +7,8 @@ the StepResult on its reply topic (v5 ``ResponseTopic``, else
 ``Frame.reply_to``). Per session the relay keeps the cloud tail, the next
 expected seq and the last answer, so a duplicate delivery is answered again
 without a second step. Messages are served off paho's network thread by a
-pool of workers, the frames of one session in order. A bad frame, an unknown
+pool of workers, the frames of one session in order; the frames of
+concurrent sessions share forward passes of [k1, k2) (``SegmentBatcher``). A bad frame, an unknown
 session or a cloud failure is answered with an error StepResult carrying its
 gRPC status; nothing here raises into paho or touches another session.
 """
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from partitioner.batching import SegmentBatcher
 from partitioner.segment import SegmentInput, SessionError
 from protos import splitglm_pb2 as pb
 from protos import topics
@@ -118,6 +120,8 @@ class FrameRelay:
         self._in_flight: set[tuple[str, int]] = set()  # (session, seq) queued or running
         self._lock = threading.Lock()  # guards sessions and _in_flight
         self._lanes = SerialLanes(settings.relay_workers)
+        # concurrent sessions' frames share forward passes of [k1, k2)
+        self._batch = SegmentBatcher(segment, lock, settings.relay_max_batch, metrics.relay_batch_size.observe)
         self._subscribed, self._stopping = threading.Event(), threading.Event()
         self._connected = False
         self.protocol: int | None = None
@@ -278,8 +282,7 @@ class FrameRelay:
         if state is None:
             state = self._open(sid)
         try:
-            with self.lock:
-                mid = self.segment([SegmentInput(sid, frame.start_pos, hidden=hidden)])[0]  # (T, C)
+            mid = self._batch(SegmentInput(sid, frame.start_pos, hidden=hidden))  # (T, C)
         except SessionError as e:
             raise RelayError(Status.FAILED_PRECONDITION, str(e)) from None
         params = frame.params if frame.HasField("params") else None

@@ -44,6 +44,8 @@ class EdgeSettings(AgentSettings):
     http_port: int = Field(default=8000, ge=0, le=65535, description="HTTP port; 0 = a free port")
     threads: int = Field(default=1, ge=1, le=256, description="torch CPU threads")
     relay_workers: int = Field(default=16, ge=1, le=1024, description="threads serving MQTT frames (sessions)")
+    relay_max_batch: int = Field(default=32, ge=1, le=1024, description="most device frames in one forward pass "
+                                 "of the edge's layers, frames")
     step_timeout_s: float = Field(default=30.0, gt=0, description="longest wait for one cloud step, seconds")
     connect_timeout_s: float = Field(default=60.0, gt=0, description="longest wait for the cloud at start-up, seconds")
     shutdown_grace_s: float = Field(default=5.0, ge=0, description="on SIGTERM, time open HTTP responses get "

@@ -141,10 +141,10 @@ class MqttDownstream:
         self.device.send(topics.frames_topic(self.edge_id or self.pool), frame)
 
 
-def generate(device_segment, device: MqttDevice, prompt, n=12) -> tuple[Generation, MqttDownstream]:
+def generate(device_segment, device: MqttDevice, prompt, n=12, lock=None) -> tuple[Generation, MqttDownstream]:
     downstream = MqttDownstream(device)
     gen = Generation(device_segment, downstream, prompt, pb.GenerationParams(max_tokens=n), "fp32", Letters(),
-                     lock=threading.Lock())
+                     lock=lock or threading.Lock())
     list(gen)
     return gen, downstream
 
@@ -326,3 +326,31 @@ def test_onnx_edge_tier_serves_device_frames(onnx_edge_plan, mosquitto, cloud, d
     finally:
         device.close()
         edges.close()
+
+
+def test_concurrent_sessions_share_forward_passes(edges, mosquitto, device_segment, tiny_glm):
+    node = edges.start("edge-batch")
+    devices = [MqttDevice(mosquitto.url) for _ in PROMPTS]
+    gens: dict[int, Generation] = {}
+    device_lock = threading.Lock()  # the devices here share one segment
+
+    def run(i: int) -> None:
+        gens[i] = generate(device_segment, devices[i], PROMPTS[i], 10, device_lock)[0]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
+    try:
+        with node.segment_lock:  # hold the edge's layers until every session's first frame waits for them
+            for t in threads:
+                t.start()
+            assert wait_until(lambda: len(node.relay._batch._pending) == len(PROMPTS), 20)
+        for t in threads:
+            t.join(60)
+    finally:
+        for device in devices:
+            device.close()
+    for i, prompt in enumerate(PROMPTS):  # batched with others or not, each session gets its own tokens
+        assert gens[i].tokens == expected(tiny_glm, prompt, 10)
+    stats = node.relay._batch.stats
+    assert stats["largest"] == len(PROMPTS) and stats["items"] == 10 * len(PROMPTS) > stats["passes"]
+    batches = node.metrics.registry.get_sample_value("splitglm_edge_relay_batch_size_count")
+    assert batches == stats["passes"]
