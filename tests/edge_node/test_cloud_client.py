@@ -41,13 +41,6 @@ def start_cloud(plan: str, port: int = 0) -> tuple[Proc, str]:
 
 
 @pytest.fixture(scope="module")
-def cloud(tiny_plan):
-    proc, address = start_cloud(tiny_plan)
-    yield address
-    assert proc.stop() == 0, proc.output
-
-
-@pytest.fixture(scope="module")
 def owner(tiny_plan):
     """The edge tier's segment (embedding + [0, k2)), as the edge runs it for HTTP sessions."""
     return load_tier(tiny_plan, "edge")

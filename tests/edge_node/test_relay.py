@@ -26,16 +26,9 @@ from partitioner.segment import SegmentInput
 from protos import splitglm_pb2 as pb
 from protos import topics
 from protos.frames import frame_to_bytes, make_frame
-from tests.edge_node.test_cloud_client import Letters, start_cloud
+from tests.edge_node.test_cloud_client import Letters
 
 PROMPTS = [[3, 17, 5, 9, 11, 40, 2], [7, 1, 8], [50, 60, 70, 80, 90], [12, 13]]
-
-
-@pytest.fixture(scope="module")
-def cloud(tiny_plan):
-    proc, address = start_cloud(tiny_plan)
-    yield address
-    assert proc.stop() == 0, proc.output
 
 
 @pytest.fixture(scope="module")

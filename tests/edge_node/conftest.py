@@ -1,0 +1,15 @@
+"""Fixtures shared by the edge tests."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def cloud(tiny_plan):
+    """A real cloud process serving tiny_plan's cloud tier; its address (host:port)."""
+    from tests.edge_node.test_cloud_client import start_cloud
+
+    proc, address = start_cloud(tiny_plan)
+    yield address
+    assert proc.stop() == 0, proc.output
