@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from partitioner.manifest import ArtifactError
+from partitioner.runtime.artifacts import ArtifactError
 from partitioner.settings import configure_logging, stop_on_signals
 
 from .settings import CloudSettings, SettingsError

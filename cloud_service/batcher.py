@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from partitioner.segment import SegmentInput, SessionError
-from partitioner.terminal import StepError, TailSessions
+from partitioner.runtime.segment import SegmentInput, SessionError
+from partitioner.session.terminal import StepError, TailSessions
 from protos import splitglm_pb2 as pb
 
 logger = logging.getLogger(__name__)

@@ -20,9 +20,9 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from partitioner.checkpoint import load_spec
-from partitioner.export import load_tier
-from partitioner.terminal import StepError
+from partitioner.runtime.artifacts import load_tier
+from partitioner.runtime.checkpoint import load_spec
+from partitioner.session.terminal import StepError
 from protos import splitglm_pb2 as pb
 from protos.errors import CodecError, SizeLimitError
 from protos.frames import decode_frame_hidden, parse_frame

@@ -1,1 +1,1 @@
-"""splitglm device_agent agent (the running system arrives with the agents issue)."""
+"""The device agent: sensor readings in over MQTT, the device segment run locally, answers out (``agent``)."""

@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(settings: DeviceSettings, stop: threading.Event) -> int:
-    from partitioner.checkpoint import CheckpointError
-    from partitioner.manifest import ArtifactError
+    from partitioner.runtime.artifacts import ArtifactError
+    from partitioner.runtime.checkpoint import CheckpointError
 
     from .agent import DeviceAgent
 

@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from partitioner.checkpoint import load_spec, load_tokenizer
-from partitioner.export import load_plan, load_tier
-from partitioner.owner import Generation
+from partitioner.runtime.artifacts import load_plan, load_tier
+from partitioner.runtime.checkpoint import load_spec, load_tokenizer
+from partitioner.session.owner import Generation
 from protos import splitglm_pb2 as pb
 from protos.mqtt import connect, new_client, wait_for_broker
 from protos.topics import results_topic, sensors_subscription

@@ -46,7 +46,7 @@ class LinkClosed(LinkError):
 
 
 class EdgeLink:
-    """``partitioner.owner.Downstream`` over MQTT; the owner of ``client`` forwards on_connect / on_disconnect."""
+    """``partitioner.session.owner.Downstream`` over MQTT; the owner of ``client`` forwards its connect callbacks."""
 
     def __init__(
         self,

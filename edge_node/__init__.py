@@ -1,1 +1,1 @@
-"""splitglm edge_node agent (the running system arrives with the agents issue)."""
+"""The edge node: the MQTT relay, the router with its fast tail, and the OpenAI-compatible HTTP API (``node``)."""

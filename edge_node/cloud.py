@@ -1,7 +1,7 @@
 """The edge's gRPC client of the cloud: one channel, the health service, and one stream per session.
 
 ``CloudClient.tail()`` gives a ``CloudStream``: the accurate tail of one
-session (a ``partitioner.owner.Downstream``). Its frames go out through one
+session (a ``partitioner.session.owner.Downstream``). Its frames go out through one
 ``SegmentService.Stream`` call (requests fed from a queue); a reader thread
 moves the answers into a queue that ``step`` reads under a timeout. Failures
 never raise: a gRPC error or a timeout comes back as a ``StepResult`` with

@@ -19,9 +19,9 @@ import time
 import grpc
 import torch
 
-from partitioner.export import load_tier
-from partitioner.segment import SegmentInput, SessionError
-from partitioner.terminal import StepError, TailSessions
+from partitioner.runtime.artifacts import load_tier
+from partitioner.runtime.segment import SegmentInput, SessionError
+from partitioner.session.terminal import StepError, TailSessions
 from protos import splitglm_pb2 as pb
 
 logger = logging.getLogger(__name__)

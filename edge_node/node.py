@@ -20,11 +20,10 @@ from pathlib import Path
 import torch
 import uvicorn
 
-from partitioner.build import build_segment
-from partitioner.checkpoint import load_tokenizer
-from partitioner.export import load_plan, load_tier
-from partitioner.manifest import verify_manifest
-from partitioner.owner import Downstream, Generation
+from partitioner.runtime.artifacts import load_plan, load_tier, verify_manifest
+from partitioner.runtime.build import build_segment
+from partitioner.runtime.checkpoint import load_tokenizer
+from partitioner.session.owner import Downstream, Generation
 from protos import splitglm_pb2 as pb
 
 from .cloud import CloudClient

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from partitioner.batching import SegmentBatcher
-from partitioner.segment import SegmentInput, SessionError
+from partitioner.runtime.batching import SegmentBatcher
+from partitioner.runtime.segment import SegmentInput, SessionError
 from protos import splitglm_pb2 as pb
 from protos import topics
 from protos.errors import CodecError, SizeLimitError
@@ -64,7 +64,7 @@ class Incoming:
 class RelaySession:
     """What the edge keeps of one device session between its frames."""
 
-    tail: object  # a partitioner.owner.Downstream (the cloud stream of this session)
+    tail: object  # a partitioner.session.owner.Downstream (the cloud stream of this session)
     next_seq: int = 0  # the seq the next new frame must carry
     last: pb.StepResult | None = None  # the answer to next_seq - 1, for a duplicate delivery
     touched: float = field(default_factory=time.monotonic)
@@ -296,7 +296,7 @@ class FrameRelay:
             self._free(sid, f"cloud step failed: {result.error}")
             return result
         t2 = time.perf_counter()
-        # the edge's share of the step, for the owner's breakdown (partitioner.owner.stage_breakdown)
+        # the edge's share of the step, for the owner's breakdown (partitioner.session.owner.stage_breakdown)
         result.timings_ms["edge_queue"] = (t0 - incoming.received) * 1e3  # waiting for its lane
         result.timings_ms["edge_compute"] = (t1 - t0) * 1e3  # decode, layers [k1, k2), encode
         result.timings_ms["tail"] = (t2 - t1) * 1e3  # the tail's step: cloud round trip (or the fast tail)

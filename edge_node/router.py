@@ -3,7 +3,7 @@ fast tail), chosen per request and switched mid-generation when the deadline or 
 
 ``Router`` holds what every session shares: the cloud client, the fast tail,
 the online estimates, the metrics and the deployment's policy.
-``Router.tail(kind)`` gives a ``RoutedTail``, the ``partitioner.owner.Downstream``
+``Router.tail(kind)`` gives a ``RoutedTail``, the ``partitioner.session.owner.Downstream``
 of ONE session (an HTTP session the edge owns, or a device session relayed
 from MQTT). Per session:
 

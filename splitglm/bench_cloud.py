@@ -23,8 +23,8 @@ import uuid
 import grpc
 import torch
 
-from partitioner.export import load_plan, load_tier
-from partitioner.segment import SegmentInput
+from partitioner.runtime.artifacts import load_plan, load_tier
+from partitioner.runtime.segment import SegmentInput
 from protos import splitglm_pb2 as pb
 from protos import splitglm_pb2_grpc as rpc
 from protos.frames import make_frame
@@ -81,7 +81,7 @@ def measure(port: int, hidden: torch.Tensor, sessions: int, prompt: int, steps: 
 def run(args: argparse.Namespace) -> int:
     """One JSON line per session count: decode steps/s over all sessions, mean step latency, batch sizes."""
     if args.plan is None:
-        from partitioner.demo import demo_plan
+        from partitioner.plan.demo import demo_plan
 
         args.plan = str(demo_plan())
     torch.set_num_threads(1)

@@ -56,7 +56,7 @@ def cmd_demo_model(args) -> int:
 
 
 def cmd_demo_plan(args) -> int:
-    from partitioner.demo import demo_plan
+    from partitioner.plan.demo import demo_plan
 
     print(demo_plan(args.model, out=args.out))
     return 0
@@ -94,8 +94,8 @@ def cmd_health(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from partitioner.assess import evaluate
-    from partitioner.quality import format_table
+    from partitioner.eval.assess import evaluate
+    from partitioner.eval.quality import format_table
 
     codecs = args.codecs
     if codecs is None and not args.compression and not args.plan:
@@ -114,13 +114,13 @@ def cmd_eval(args) -> int:
     rows = [r.as_dict() for r in results]
     fast = None
     if args.plan:  # the plan's fast tail against its accurate path: one more row
-        from partitioner.assess import evaluate_fast_tail
+        from partitioner.eval.assess import evaluate_fast_tail
 
         fast = evaluate_fast_tail(args.model, args.text, args.plan, args.tokens, args.window)
     if args.json:
         print(json.dumps(rows + ([fast] if fast else []), indent=2))
     else:
-        from partitioner.assess import format_fast_tail
+        from partitioner.eval.assess import format_fast_tail
 
         what = f"plan {args.plan}" if args.plan else f"splits {args.splits[0]},{args.splits[1]}"
         print(f"model {args.model}  {what}  compression {args.compression or 'none'}  text {args.text}")
@@ -131,8 +131,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_partition(args) -> int:
-    from partitioner.fast_tail import Floor
-    from partitioner.partition import partition
+    from partitioner.plan.fast_tail import Floor
+    from partitioner.plan.partition import partition
 
     plan = partition(
         args.model,
@@ -157,7 +157,7 @@ def cmd_partition(args) -> int:
         f"expected {p['expected_ms']:.1f} ms per request; +{plan['perplexity_delta_pct']:.2f}% perplexity"
     )
     if plan.get("measured"):
-        from partitioner.live import format_table
+        from partitioner.plan.live import format_table
 
         s = plan["measured"]["summary"]
         print("\n".join(format_table(plan["measured"]["candidates"])))
@@ -176,8 +176,8 @@ def cmd_partition(args) -> int:
 
 
 def cmd_profile(args) -> int:
-    from partitioner.measure import whole_model
-    from partitioner.profiler import profile_segment
+    from partitioner.plan.measure import whole_model
+    from partitioner.plan.profiler import profile_segment
 
     prof = profile_segment(
         whole_model(args.model, args.compression), args.model, threads=args.threads, compression=args.compression
@@ -196,7 +196,7 @@ def cmd_profile(args) -> int:
 def cmd_demo(args) -> int:
     if args.local:
         return _local_demo(args)
-    from partitioner.demo import demo_plan
+    from partitioner.plan.demo import demo_plan
     from splitglm.demo_run import run_demo, serve_demo
 
     plan = args.plan or str(demo_plan(args.model))
@@ -206,7 +206,7 @@ def cmd_demo(args) -> int:
 
 
 def _local_demo(args) -> int:
-    from partitioner.demo import run_local_demo
+    from partitioner.plan.demo import run_local_demo
 
     print(f"prompt: {args.prompt}")
     print("answer: ", end="", flush=True)
@@ -237,7 +237,7 @@ AGENTS = {
 
 def cmd_bench_split(args) -> int:
     from partitioner.convert import demo_model
-    from partitioner.demo import demo_plan
+    from partitioner.plan.demo import demo_plan
     from splitglm.bench_split import bench_split
 
     model = args.model or str(demo_model())
@@ -263,7 +263,7 @@ def _stages(stages: dict[str, float]) -> str:
 
 
 def cmd_bench_router(args) -> int:
-    from partitioner.demo import demo_plan
+    from partitioner.plan.demo import demo_plan
     from splitglm.bench_router import bench_router, format_report
 
     plan = args.plan or str(demo_plan(args.model))
@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--compression",
         choices=["none", "int8", "int4"],
-        help="compress every segment (partitioner.measure.COMPRESSIONS) and measure it too",
+        help="compress every segment (partitioner.plan.measure.COMPRESSIONS) and measure it too",
     )
     p.add_argument("--plan", help="evaluate a plan folder as deployed (splits, compression, codecs) and its fast tail")
     p.add_argument("--tokens", type=int, default=4096, help="tokens of the text to use (default 4096)")
@@ -372,13 +372,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--fast-tail-max-ppl-pct",
         type=float,
-        default=2.0,  # partitioner.fast_tail.Floor's default
+        default=2.0,  # partitioner.plan.fast_tail.Floor's default
         help="fast tail floor: largest perplexity increase vs the cloud tail, %% (default 2)",
     )
     p.add_argument(
         "--fast-tail-min-agreement",
         type=float,
-        default=0.9,  # partitioner.fast_tail.Floor's default
+        default=0.9,  # partitioner.plan.fast_tail.Floor's default
         help="fast tail floor: least greedy-token agreement with the cloud tail (default 0.9)",
     )
     p.set_defaults(func=cmd_partition)

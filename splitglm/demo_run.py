@@ -14,7 +14,7 @@ import threading
 import time
 import urllib.request
 
-from partitioner.export import load_plan
+from partitioner.runtime.artifacts import load_plan
 
 from .system import LocalSystem, ResultListener
 

@@ -87,6 +87,6 @@ def mosquitto(tmp_path):
 @pytest.fixture(scope="session")
 def tiny_plan(tiny_glm, tmp_path_factory) -> str:
     """A plan folder of the tiny glm model: splits 2,4 and lossless fp32 frames on both links."""
-    from partitioner.export import cached_plan, fixed_plan
+    from partitioner.plan.export import cached_plan, fixed_plan
 
     return str(cached_plan(tiny_glm, fixed_plan((2, 4), ("fp32", "fp32")), tmp_path_factory.mktemp("plans")))

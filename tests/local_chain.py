@@ -16,10 +16,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import SimpleNamespace
 
-from partitioner.owner import Generation
-from partitioner.pipeline import Chain, split_segments
-from partitioner.segment import SegmentInput
-from partitioner.terminal import StepError, TailSessions
+from partitioner.runtime.segment import SegmentInput
+from partitioner.session.local import Chain, split_segments
+from partitioner.session.owner import Generation
+from partitioner.session.terminal import StepError, TailSessions
 from protos import splitglm_pb2 as pb
 from protos.frames import frame_from_bytes, frame_to_bytes
 
@@ -120,7 +120,7 @@ class TestNode:
 
 
 def greedy_tokens(checkpoint, k1: int, k2: int, prompt_ids: list[int], n: int, stop_ids=()) -> list[int]:
-    """The reference: the chained segments' greedy tokens (``partitioner.pipeline.Chain``)."""
+    """The reference: the chained segments' greedy tokens (``partitioner.session.local.Chain``)."""
     return [t for t, _ in Chain(split_segments(checkpoint, k1, k2)).generate(prompt_ids, n, stop_ids=tuple(stop_ids))]
 
 

@@ -16,9 +16,9 @@ import torch
 
 from cloud_service.server import CloudServer, serve
 from cloud_service.settings import CloudSettings
-from partitioner.pipeline import Chain, split_segments
-from partitioner.sampling import SamplingParams
-from partitioner.segment import SegmentInput
+from partitioner.runtime.sampling import SamplingParams
+from partitioner.runtime.segment import SegmentInput
+from partitioner.session.local import Chain, split_segments
 from protos import splitglm_pb2 as pb
 from protos import splitglm_pb2_grpc as rpc
 from protos.frames import make_frame

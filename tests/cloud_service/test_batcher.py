@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from cloud_service.batcher import Batcher, Limits
-from partitioner.export import load_tier
-from partitioner.terminal import StepError
+from partitioner.runtime.artifacts import load_tier
+from partitioner.session.terminal import StepError
 from protos import splitglm_pb2 as pb
 from protos.frames import make_frame
 

@@ -50,7 +50,7 @@ def wait_new(proc: Proc, pattern: str, since: int, timeout_s: float = 60.0) -> r
 
 
 def test_every_reading_is_answered_once_even_without_an_edge(mosquitto, tmp_path):
-    from partitioner.demo import demo_plan
+    from partitioner.plan.demo import demo_plan
 
     ready_file = tmp_path / "device.ready"
     device = Proc.python("device", "device_agent", "--plan", str(demo_plan()), "--broker", mosquitto.url,

@@ -29,7 +29,7 @@ ANSWER_S = 180.0
 
 @pytest.fixture(scope="module")
 def system(tmp_path_factory):
-    from partitioner.demo import demo_plan
+    from partitioner.plan.demo import demo_plan
 
     plan = str(demo_plan())
     broker = Mosquitto(tmp_path_factory.mktemp("mosquitto"))

@@ -16,10 +16,10 @@ from collections import Counter
 import pytest
 
 from device_agent.link import EdgeLink, LinkError
-from partitioner.owner import Generation
-from partitioner.pipeline import Chain, split_segments
-from partitioner.segment import SegmentInput
-from partitioner.terminal import TailSessions
+from partitioner.runtime.segment import SegmentInput
+from partitioner.session.local import Chain, split_segments
+from partitioner.session.owner import Generation
+from partitioner.session.terminal import TailSessions
 from protos import splitglm_pb2 as pb
 from protos.frames import frame_from_bytes, make_frame
 from protos.mqtt import PROTOCOLS, V5, connect, new_client, publish_properties

@@ -12,10 +12,10 @@ import torch
 
 from edge_node.cloud import CloudClient
 from edge_node.metrics import EdgeMetrics
-from partitioner.export import load_tier
-from partitioner.owner import Generation, StepFailed
-from partitioner.pipeline import Chain, split_segments
-from partitioner.segment import SegmentInput
+from partitioner.runtime.artifacts import load_tier
+from partitioner.runtime.segment import SegmentInput
+from partitioner.session.local import Chain, split_segments
+from partitioner.session.owner import Generation, StepFailed
 from protos import splitglm_pb2 as pb
 from protos.frames import make_frame
 from tests.procs import Proc, free_port

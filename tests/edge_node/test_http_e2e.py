@@ -11,8 +11,8 @@ import openai
 import pytest
 import torch
 
-from partitioner.checkpoint import load_hf_model, load_tokenizer
-from partitioner.demo import demo_plan
+from partitioner.plan.demo import demo_plan
+from partitioner.runtime.checkpoint import load_hf_model, load_tokenizer
 from tests.procs import Proc
 
 pytestmark = pytest.mark.slow

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from edge_node.settings import EdgeSettings, SettingsError
-from partitioner.export import load_tier
-from partitioner.segment import SegmentInput
+from partitioner.runtime.artifacts import load_tier
+from partitioner.runtime.segment import SegmentInput
 from protos import splitglm_pb2 as pb
 from protos import topics
 from protos.frames import make_frame

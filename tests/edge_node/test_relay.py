@@ -19,10 +19,10 @@ from paho.mqtt.properties import Properties
 
 from edge_node.node import EdgeNode
 from edge_node.settings import EdgeSettings
-from partitioner.export import load_tier
-from partitioner.owner import Generation
-from partitioner.pipeline import Chain, split_segments
-from partitioner.segment import SegmentInput
+from partitioner.runtime.artifacts import load_tier
+from partitioner.runtime.segment import SegmentInput
+from partitioner.session.local import Chain, split_segments
+from partitioner.session.owner import Generation
 from protos import splitglm_pb2 as pb
 from protos import topics
 from protos.frames import frame_to_bytes, make_frame
@@ -293,9 +293,9 @@ def test_idle_sessions_are_freed(edges, mosquitto):
 @pytest.fixture(scope="module")
 def onnx_edge_plan(tiny_glm, tmp_path_factory) -> str:
     """The tiny plan with its edge tier on ONNX Runtime (fp32): the relay builds its own [k1, k2) segment."""
-    from partitioner.export import cached_plan, fixed_plan
-    from partitioner.measure import compression_entry
-    from partitioner.profiler_onnx import BACKEND
+    from partitioner.plan.export import cached_plan, fixed_plan
+    from partitioner.plan.measure import compression_entry
+    from partitioner.plan.profiler_onnx import BACKEND
 
     plan = fixed_plan((2, 4), ("fp32", "fp32"), {"edge": compression_entry(BACKEND, "none")})
     return str(cached_plan(tiny_glm, plan, tmp_path_factory.mktemp("onnx-plans")))

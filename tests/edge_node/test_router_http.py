@@ -12,7 +12,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from partitioner.demo import demo_plan
+from partitioner.plan.demo import demo_plan
 from splitglm.linkproxy import DelayProxy
 from tests.edge_node.test_cloud_client import start_cloud
 from tests.edge_node.test_router import cloud, exact_plan, proxy, start_edge  # noqa: F401 -- fixtures

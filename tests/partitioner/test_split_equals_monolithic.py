@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from partitioner.checkpoint import load_hf_model, load_spec
-from partitioner.pipeline import Chain, split_segments
+from partitioner.runtime.checkpoint import load_hf_model, load_spec
+from partitioner.session.local import Chain, split_segments
 
 ATOL = 1e-4
 
@@ -56,7 +56,7 @@ def test_tiny_split_equals_monolithic(tiny_checkpoint, splits):
 
 @pytest.mark.slow
 def test_demo_model_split_equals_monolithic(demo_checkpoint, gpl3_text):
-    from partitioner.checkpoint import load_tokenizer
+    from partitioner.runtime.checkpoint import load_tokenizer
 
     ids = load_tokenizer(demo_checkpoint)(gpl3_text[:4000], return_tensors="pt").input_ids[0, :96]
     check_model(demo_checkpoint, ids, (10, 20), new_tokens=40)

@@ -46,7 +46,7 @@ def test_agreement_and_percentile():
 
 @pytest.mark.slow
 def test_bench_router_reports_each_policy(demo_checkpoint):
-    from partitioner.demo import demo_plan
+    from partitioner.plan.demo import demo_plan
     from splitglm.bench_router import bench_router
 
     max_tokens = 4

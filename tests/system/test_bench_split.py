@@ -7,7 +7,7 @@ import pytest
 
 @pytest.mark.slow
 def test_bench_split_reports_both_paths_and_where_the_time_goes(demo_checkpoint):
-    from partitioner.demo import demo_plan
+    from partitioner.plan.demo import demo_plan
     from splitglm.bench_split import bench_split
 
     plan = demo_plan(demo_checkpoint, codecs=("fp32", "fp32"))

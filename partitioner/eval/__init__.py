@@ -1,0 +1,1 @@
+"""The quality harness: perplexity, token agreement, codec and compression costs."""

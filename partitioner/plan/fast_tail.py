@@ -1,0 +1,268 @@
+"""The edge's fast tail: a compressed copy of the cloud's layers [k2, L) + final norm + LM head.
+
+The edge runs it to finish a token alone when the cloud is too slow or down
+(the router, ``edge_node.policy``). It is exported as its own tier folder
+(``PLAN/fast_tail/``) and compressed at load like every tier.
+
+Choosing its compression by measurement (``choose_fast_tail``):
+
+- quality: the accurate tail (uncompressed) and each candidate are fed the SAME
+  hidden states at k2 (the uncompressed model's, over windows of real text);
+  reported as the candidate's perplexity change against the accurate tail's
+  and the share of positions whose greedy next token is the same;
+- speed: one decode step and the prefill cost per position of the candidate at the
+  edge's threads, the candidates taking turns, each keeping its fastest round (``step_times``);
+- choice: the fastest decode step among the candidates within the floor
+  (perplexity increase <= ``max_perplexity_increase_pct`` and agreement >=
+  ``min_token_agreement``); "none" (the exact copy) always meets it.
+
+Measurements are cached in the model's measurement file (``partitioner.plan.measure``)
+under ``"fast_tail"`` -> ``"k2=<k2>"`` -> candidate, so re-partitioning is cheap.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from partitioner.eval.quality import scores, windows_of
+from partitioner.plan.measure import COMPRESSIONS
+from partitioner.runtime.build import build_segment
+from partitioner.runtime.checkpoint import load_spec
+from partitioner.runtime.segment import Segment, SegmentInput
+
+logger = logging.getLogger(__name__)
+
+# Candidate compressions of the fast tail (partitioner.runtime.compress descriptions). "+head" also
+# quantises the LM head, often the largest matrix of a small model's tail ("int4+int8head": the
+# second pass finds only the head left as a plain linear). SmoothQuant is left out: it needs
+# calibration data at load time, which a tier artifact does not carry.
+FAST_TAIL_COMPRESSIONS: dict[str, list[dict]] = {
+    **{name: COMPRESSIONS[name] for name in ("none", "int8", "int4") if name in COMPRESSIONS},
+    "int8+head": [{"pass": "int8", "activations": "bf16", "include_head": True}],
+    "int4+int8head": [
+        {"pass": "int4", "group_size": 32},
+        {"pass": "int8", "activations": "bf16", "include_head": True},
+    ],
+    "int4+head": [{"pass": "int4", "group_size": 32, "include_head": True}],
+    "w8a8+head": [{"pass": "int8", "activations": "int8", "include_head": True}],
+}
+# Measured by default: on the demo model int4 on the head (agreement 0.84) and W8A8 (+2.3% perplexity)
+# break the default floor, so they are left out unless asked for (``names``).
+CANDIDATES = tuple(n for n in FAST_TAIL_COMPRESSIONS if n not in ("int4+head", "w8a8+head"))
+DEFAULT_FAST_TAIL = "int8" if "int8" in COMPRESSIONS else "none"  # fixed plans (no measurement)
+
+Front = Callable[[torch.Tensor], torch.Tensor]  # (T,) token ids -> (T, C) hidden states at k2
+Link = Callable[[torch.Tensor], torch.Tensor]  # (T, C) -> (T, C)
+
+
+def fast_tail_entry(name: str) -> dict:
+    """The fast tail's compression as plan.json / manifest.json record it (like ``measure.compression_entry``)."""
+    if name not in FAST_TAIL_COMPRESSIONS:
+        raise ValueError(f"unknown fast-tail compression {name!r}; known: {', '.join(FAST_TAIL_COMPRESSIONS)}")
+    return {"name": name, "backend": "torch", "passes": FAST_TAIL_COMPRESSIONS[name]}
+
+
+@dataclass(frozen=True)
+class Floor:
+    """The least quality a fast tail must keep, against the accurate tail on the same hidden states."""
+
+    max_perplexity_increase_pct: float = 2.0
+    min_token_agreement: float = 0.9
+
+    def meets(self, quality: dict) -> bool:
+        return (
+            quality["perplexity_delta_pct"] <= self.max_perplexity_increase_pct
+            and quality["token_agreement"] >= self.min_token_agreement
+        )
+
+
+# ---- quality --------------------------------------------------------------------------------------
+
+
+def _fresh(segment: Segment, item: SegmentInput) -> torch.Tensor:
+    """Run one new session's rows through ``segment`` and free it."""
+    try:
+        return segment([item])[0]
+    finally:
+        segment.close_session(item.session_id)
+
+
+def segment_front(front: Segment) -> Front:
+    """A front (embedding + layers [0, k2)) as a function of token ids."""
+    return lambda ids: _fresh(front, SegmentInput(uuid.uuid4().hex, 0, input_ids=ids))
+
+
+def hidden_windows(front: Front, ids: torch.Tensor, window: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(ids (T,), hidden states at the cut (T, C)) for each non-overlapping window of ``ids``."""
+    return [(chunk, front(chunk)) for chunk in windows_of(ids, window)]
+
+
+def tail_scores(tail: Segment, windows, link: Link | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token NLL (N,) and greedy choices (N,) of a tail fed each window's hidden states (through ``link``)."""
+    nll, greedy = [], []
+    for ids, hidden in windows:
+        rows = link(hidden) if link is not None else hidden
+        n, g = scores(_fresh(tail, SegmentInput(uuid.uuid4().hex, 0, hidden=rows)), ids)  # (T, V) logits
+        nll.append(n)
+        greedy.append(g)
+    return torch.cat(nll), torch.cat(greedy)
+
+
+def compare_scores(reference: tuple[torch.Tensor, torch.Tensor], candidate: tuple[torch.Tensor, torch.Tensor]) -> dict:
+    """Candidate against reference (each ``tail_scores``): perplexities, change in %, greedy agreement."""
+    (ref_nll, ref_greedy), (nll, greedy) = reference, candidate
+    base, ppl = math.exp(float(ref_nll.mean())), math.exp(float(nll.mean()))
+    return {
+        "perplexity": round(ppl, 4),
+        "accurate_perplexity": round(base, 4),
+        "perplexity_delta_pct": round(100 * (ppl / base - 1), 3),
+        "token_agreement": round(float((greedy == ref_greedy).float().mean()), 4),
+        "tokens": int(nll.numel()),
+    }
+
+
+# ---- speed ----------------------------------------------------------------------------------------
+
+
+def _session_times(tail: Segment, prompt: int, steps: int) -> tuple[float, float]:
+    """One session: (prefill ms per position, mean decode step ms) of random hidden states."""
+    session, C = uuid.uuid4().hex, tail.spec.hidden_size
+    try:
+        start = time.perf_counter()
+        tail([SegmentInput(session, 0, hidden=torch.randn(prompt, C))], last_only=True)
+        middle = time.perf_counter()
+        for s in range(steps):
+            tail([SegmentInput(session, prompt + s, hidden=torch.randn(1, C))], last_only=True)
+        end = time.perf_counter()
+    finally:
+        tail.close_session(session)
+    return (middle - start) * 1000 / prompt, (end - middle) * 1000 / steps
+
+
+def step_times(
+    tails: dict[str, Segment], threads: int = 1, rounds: int = 5, prompt: int = 64, steps: int = 8
+) -> dict[str, dict]:
+    """Each tail's decode step (ms, head included) and prefill/replay cost per position (ms).
+
+    The tails take turns (one session each per round) and each keeps its fastest round, so a busy
+    machine slows them alike and its bursts drop out (noise only ever adds time).
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    best = {name: (math.inf, math.inf) for name in tails}
+    try:
+        for _ in range(rounds):
+            for name, tail in tails.items():
+                prefill, step = _session_times(tail, prompt, steps)
+                best[name] = (min(best[name][0], prefill), min(best[name][1], step))
+    finally:
+        torch.set_num_threads(previous)
+    return {
+        name: {"step_ms": round(step, 4), "prefill_ms_per_token": round(prefill, 4), "threads": threads}
+        for name, (prefill, step) in best.items()
+    }
+
+
+# ---- choice ---------------------------------------------------------------------------------------
+
+
+def pick_fast_tail(measured: dict[str, dict], floor: Floor) -> str:
+    """The candidate with the fastest step among those within ``floor`` (ties: the more accurate).
+
+    ``measured``: {name: {"perplexity_delta_pct", "token_agreement", "step_ms", ...}}. With none
+    within the floor, the most accurate one (highest agreement), with a warning.
+    """
+    fit = [name for name, m in measured.items() if floor.meets(m)]
+    if not fit:
+        best = max(measured, key=lambda n: (measured[n]["token_agreement"], -measured[n]["perplexity_delta_pct"]))
+        logger.warning("no fast-tail compression meets %s; taking the most accurate, %s", floor, best)
+        return best
+    return min(fit, key=lambda n: (measured[n]["step_ms"], measured[n]["perplexity_delta_pct"]))
+
+
+@dataclass
+class FastTailChoice:
+    name: str
+    floor: Floor
+    measured: dict[str, dict] = field(default_factory=dict)  # per candidate: quality and timing
+
+    @property
+    def entry(self) -> dict:
+        return fast_tail_entry(self.name)
+
+    def record(self) -> dict:
+        """plan.json's ``"fast_tail"``: the compression, its quality, the floor and every candidate."""
+        return {
+            "compression": self.entry,
+            "quality": self.measured[self.name],
+            "floor": asdict(self.floor),
+            "candidates": self.measured,
+        }
+
+
+def measure_fast_tails(
+    model: str | os.PathLike,
+    k2: int,
+    ids: torch.Tensor,
+    threads: int = 1,
+    names: list[str] | None = None,
+    data: dict | None = None,
+    window: int = 512,
+    progress: bool = False,
+) -> dict[str, dict]:
+    """Quality (``compare_scores``) and speed (``step_times``) of each candidate for layers [k2, L) + head.
+
+    Every candidate still to measure is held at once (the exact copy is the largest), so their
+    timings can take turns. ``names``: default ``CANDIDATES``. ``data``: the model's measurement
+    cache (``measure.load_measurements``); what it holds is reused, what is measured is added (the
+    caller saves it).
+    """
+    names = names or list(CANDIDATES)
+    L = load_spec(model).num_layers
+    cache = (data if data is not None else {}).setdefault("fast_tail", {}).setdefault(f"k2={k2}", {})
+    for name in names:
+        cache.setdefault(name, {}).setdefault("timing", {})
+    todo_quality = [n for n in names if "quality" not in cache[n]]
+    todo_timing = [n for n in names if str(threads) not in cache[n]["timing"]]
+    tails = {
+        name: build_segment(model, k2, L, False, True, fast_tail_entry(name))
+        for name in dict.fromkeys(todo_quality + todo_timing)
+    }
+    if todo_quality:
+        front = Segment.from_checkpoint(model, 0, k2, embed=True)
+        windows = hidden_windows(segment_front(front), ids, window)
+        del front
+        reference = tail_scores(Segment.from_checkpoint(model, k2, L, head=True), windows)
+        for name in tqdm(todo_quality, desc="fast tail quality", disable=not progress, leave=False):
+            cache[name]["quality"] = compare_scores(reference, tail_scores(tails[name], windows))
+    if todo_timing:
+        for name, timing in step_times({n: tails[n] for n in todo_timing}, threads).items():
+            cache[name]["timing"][str(threads)] = timing
+    return {n: {**cache[n]["quality"], **cache[n]["timing"][str(threads)]} for n in names}
+
+
+def choose_fast_tail(
+    model: str | os.PathLike,
+    k2: int,
+    ids: torch.Tensor,
+    threads: int = 1,
+    floor: Floor = Floor(),
+    data: dict | None = None,
+    names: list[str] | None = None,
+    window: int = 512,
+    progress: bool = False,
+) -> FastTailChoice:
+    """Measure each candidate compression of [k2, L) + head on ``ids`` (T,) and pick (``pick_fast_tail``)."""
+    measured = measure_fast_tails(model, k2, ids, threads, names, data, window, progress)
+    name = pick_fast_tail(measured, floor)
+    logger.info("fast tail at k2=%d: %s (%s)", k2, name, measured[name])
+    return FastTailChoice(name, floor, measured)

@@ -1,0 +1,40 @@
+"""Build the segment a tier runs from weights and a compression entry, on the entry's backend."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from partitioner.runtime.compress import apply_compression
+from partitioner.runtime.segment import Segment
+
+
+def build_segment(
+    path: str | os.PathLike,
+    start: int,
+    end: int,
+    embed: bool,
+    head: bool,
+    compression: dict,
+    runs: tuple[int, int] | None = None,
+    threads: int | None = None,
+):
+    """A ``Segment``, or an ``OnnxSegment`` for an onnxruntime entry (exported into a temporary folder).
+
+    ``compression`` is a plan entry (``partitioner.plan.measure.compression_entry``); ``runs`` is the
+    layer range its torch passes apply to (default: all of [start, end)).
+    """
+    segment = Segment.from_checkpoint(path, start, end, embed=embed, head=head)
+    if compression.get("backend", "torch") == "onnxruntime":
+        from partitioner.runtime.backends import OnnxSegment, export_onnx
+
+        onnx = compression["onnx"]
+        folder = Path(tempfile.mkdtemp(prefix="splitglm-onnx-"))
+        export_onnx(segment, folder, quantize_int8=onnx["precision"] == "int8", keep_fp32=onnx.get("keep_fp32", ()))
+        return OnnxSegment(folder, precision=onnx["precision"], threads=threads)
+    passes = compression.get("passes", [])
+    if passes and end > start:
+        layers = list(runs or (start, end))
+        apply_compression(segment, [{**p, "layers": p.get("layers", layers)} for p in passes])
+    return segment

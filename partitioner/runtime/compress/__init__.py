@@ -1,0 +1,29 @@
+"""Compression passes for segments: int8 / W8A8, SmoothQuant, int4, structured pruning, low rank.
+
+Each pass rewrites a Segment (or any module holding DecoderLayers) in place
+over a layer range [start, end) and returns a JSON-able dict of what it did;
+``apply_compression`` runs a list of passes described as data
+(``partitioner.eval.compression`` measures their accuracy cost).
+"""
+
+from partitioner.runtime.compress.common import CompressionError
+from partitioner.runtime.compress.lowrank import low_rank
+from partitioner.runtime.compress.passes import PASSES, apply_compression, validate
+from partitioner.runtime.compress.prune import prune_heads, prune_mlp
+from partitioner.runtime.compress.quant import Int4Linear, Int8Linear, quantize_int4_weights, quantize_int8_weights
+from partitioner.runtime.compress.smooth import smoothquant
+
+__all__ = [
+    "PASSES",
+    "CompressionError",
+    "Int4Linear",
+    "Int8Linear",
+    "apply_compression",
+    "low_rank",
+    "prune_heads",
+    "prune_mlp",
+    "quantize_int4_weights",
+    "quantize_int8_weights",
+    "smoothquant",
+    "validate",
+]

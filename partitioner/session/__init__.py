@@ -1,0 +1,2 @@
+"""Sessions: the owner's decode loop (``owner``), the terminal tier's bookkeeping (``terminal``) and the split
+model chained in one process (``local``)."""
