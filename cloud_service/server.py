@@ -154,11 +154,34 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_segment(plan: Path, device: torch.device):
-    """The plan's verified cloud tier, on ``device``, and its hidden size."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> bfloat16 on cuda, float32 on cpu."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def load_segment(plan: Path, settings: CloudSettings):
+    """The plan's verified cloud tier on the settings' device and dtype, its KV pool sized; and its hidden size."""
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
     segment = load_tier(plan, "cloud")
-    if isinstance(segment, torch.nn.Module):
-        segment = segment.to(device)
+    mib = settings.kv_pool_mib
+    if mib is None and settings.kv_pool_tokens is None:
+        mib = 8192 if device.type == "cuda" else 1024
+    if device.type == "cuda":
+        from partitioner.runtime.cuda import CudaEngine
+
+        segment = CudaEngine(segment, dtype=dtype, pool_tokens=settings.kv_pool_tokens, pool_mib=mib,
+                             prefill_chunk=settings.prefill_chunk, max_batch=settings.max_batch,
+                             max_sessions=settings.max_sessions,
+                             max_positions=settings.max_positions, graphs=settings.cuda_graphs)
+    elif isinstance(segment, torch.nn.Module):
+        segment = segment.to(dtype=dtype)
+        segment.configure_pool(tokens=settings.kv_pool_tokens, mib=None if settings.kv_pool_tokens else mib)
     return segment, load_spec(Path(plan) / "cloud").hidden_size
 
 
@@ -166,9 +189,9 @@ def serve(settings: CloudSettings) -> CloudServer:
     """Load the cloud segment, start the scheduler and the gRPC server; return once it serves."""
     torch.set_num_threads(settings.threads)
     device = resolve_device(settings.device)
-    segment, hidden_size = load_segment(settings.plan, device)
+    segment, hidden_size = load_segment(settings.plan, settings)
     limits = Limits(settings.max_sessions, settings.max_batch, settings.max_tokens, settings.max_positions,
-                    settings.session_ttl_s)
+                    settings.session_ttl_s, settings.prefill_chunk)
     batcher = Batcher(segment, limits, device).start()
     workers = max(64, settings.max_sessions + 16)  # one thread per open stream, plus health checks
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cloud-rpc")

@@ -30,6 +30,17 @@ class CloudSettings(AgentSettings):
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="where the segment runs; auto = cuda when available"
     )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="weights and KV cache precision; auto = bfloat16 on cuda, float32 on cpu"
+    )
+    kv_pool_mib: float | None = Field(
+        default=None, gt=0, description="KV pool size, MiB (default 1024 on cpu, 8192 on cuda)"
+    )
+    kv_pool_tokens: int | None = Field(default=None, ge=1, description="KV pool size, positions (instead of MiB)")
+    prefill_chunk: int = Field(
+        default=256, ge=1, description="prompt positions per step: a long prompt delays decode steps by one chunk"
+    )
+    cuda_graphs: bool = Field(default=True, description="on cuda, replay decode and verify steps as CUDA graphs")
     max_sessions: int = Field(default=1024, ge=1, description="sessions held at once, sessions")
     max_batch: int = Field(default=32, ge=1, description="most sessions in one forward pass, sessions")
     max_frame_bytes: int = Field(default=64 << 20, ge=1024, description="largest accepted frame, bytes")

@@ -22,15 +22,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import splitglm_pb2 as pb
 from protos import splitglm_pb2_grpc as pb_grpc
+from protos.status import error_result
 
 logger = logging.getLogger(__name__)
 
 RECONNECT_BACKOFF_MS = (200, 2000)  # the channel's reconnect backoff after a failure: first, largest
-
-
-def error_result(frame: pb.Frame, code: grpc.StatusCode, message: str) -> pb.StepResult:
-    """A StepResult answering ``frame`` with an error and its numeric gRPC status."""
-    return pb.StepResult(session_id=frame.session_id, seq=frame.seq, error=message, status=code.value[0])
 
 
 class CloudStream:
@@ -51,7 +47,7 @@ class CloudStream:
         """Send one frame and wait (at most ``step_timeout_s``) for its answer."""
         with self._lock:
             if self._failure is not None:
-                return error_result(frame, *self._failure)
+                return error_result(frame.session_id, frame.seq, *self._failure)
             if self._call is None:
                 self._open()
             start = time.perf_counter()
@@ -113,7 +109,7 @@ class CloudStream:
         self._failure = (code, message)
         self._outbox.put(None)
         logger.warning("session %s seq %d: %s", frame.session_id, frame.seq, message)
-        return error_result(frame, code, message)
+        return error_result(frame.session_id, frame.seq, code, message)
 
 
 class CloudClient:

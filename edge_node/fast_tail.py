@@ -1,12 +1,10 @@
 """The edge's fast tail: the plan's compressed copy of the cloud tier ([k2, L) + norm + head) run at the edge.
 
-One ``FastTail`` per edge process, shared by every session the router sends
-down the fast path. It samples exactly like the cloud (``TailSessions``: the
-session's parameters, its own generator, ``max_tokens`` and stop tokens
-counted per session) and answers with ``path = FAST``. A session moved here
-mid-generation is built by one step at seq 0 and position 0 carrying the
-whole split-point history, with ``max_tokens`` set to the tokens still to
-come (``edge_node.router`` numbers those seqs itself).
+One ``FastTail`` per edge process, shared by every session the router sends down the fast path. It
+admits and samples exactly like the cloud (``TailSessions``: the session's parameters, position-keyed
+draws, ``max_tokens`` and stop tokens counted per session) and answers with ``path = FAST``. A session
+moved here mid-generation is built by one step at seq 0 and position 0 carrying the whole split-point
+history, with ``max_tokens`` set to the tokens still to come (``edge_node.router`` numbers those seqs).
 """
 
 from __future__ import annotations
@@ -16,21 +14,16 @@ import os
 import threading
 import time
 
-import grpc
 import torch
 
 from partitioner.runtime.artifacts import load_tier
-from partitioner.runtime.segment import SegmentInput, SessionError
+from partitioner.runtime.kv_pool import PoolExhausted
+from partitioner.runtime.step import SessionError
 from partitioner.session.terminal import StepError, TailSessions
 from protos import splitglm_pb2 as pb
+from protos.status import error_result
 
 logger = logging.getLogger(__name__)
-STATUS_CODES = {code.name: code.value[0] for code in grpc.StatusCode}
-
-
-def failed_step(session_id: str, seq: int, status: str, message: str) -> pb.StepResult:
-    """A StepResult carrying an error with its numeric gRPC status (by name)."""
-    return pb.StepResult(session_id=session_id, seq=seq, error=message, status=STATUS_CODES.get(status, 2))
 
 
 class FastTail:
@@ -61,21 +54,18 @@ class FastTail:
                 stored = self.tails.accept(frame)
                 if stored is not None:
                     return stored
-                state = self.tails.sessions[session_id]
-                if state.generated >= state.params.max_tokens:
-                    raise StepError("RESOURCE_EXHAUSTED", f"session {session_id!r} has already generated its "
-                                    f"max_tokens {state.params.max_tokens} tokens")
                 started = time.perf_counter()
-                logits = self.segment([SegmentInput(session_id, start_pos, hidden=hidden)], last_only=True)[0]  # (1, V)
-                result = self.tails.answer(session_id, seq, logits[-1], pb.FAST,
-                                           position=start_pos + int(hidden.shape[0]))
+                sampled = self.segment([self.tails.work(frame, hidden)])[0]
+                result = self.tails.answer(frame, sampled, pb.FAST)
             except StepError as e:
-                return failed_step(session_id, seq, e.status, f"edge fast tail: {e}")
+                return error_result(session_id, seq, e.status, f"edge fast tail: {e}")
             except SessionError as e:
-                return failed_step(session_id, seq, "FAILED_PRECONDITION", f"edge fast tail: {e}")
+                return error_result(session_id, seq, "FAILED_PRECONDITION", f"edge fast tail: {e}")
+            except PoolExhausted as e:
+                return error_result(session_id, seq, "RESOURCE_EXHAUSTED", f"edge fast tail: {e}")
             except Exception as e:  # noqa: BLE001 -- this session's own failure, answered like the cloud would
                 logger.exception("fast tail step %d of session %s failed", seq, session_id)
-                return failed_step(session_id, seq, "INTERNAL", f"edge fast tail: {e!r}")
+                return error_result(session_id, seq, "INTERNAL", f"edge fast tail: step failed ({type(e).__name__})")
         result.timings_ms["compute"] = (time.perf_counter() - started) * 1e3
         return result
 

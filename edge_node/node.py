@@ -3,7 +3,8 @@ started and stopped together.
 
 One edge segment holds layers [0, k2) with the embedding: HTTP sessions (the
 edge owns them) run all of it; device sessions arriving over MQTT run its view
-[k1, k2). Both share one lock, so torch runs one segment call at a time. Every
+[k1, k2). Each has the runtime's scheduler, so concurrent sessions share
+steps; both share one lock, so torch runs one step at a time. Every
 session's tail is a ``router.RoutedTail``: the cloud (accurate) or the plan's
 fast tail at the edge (``fast_tail.FastTail``, its own lock); ``router.LinkProbe``
 keeps the router's link estimates current while no session steps the cloud.
@@ -23,6 +24,7 @@ import uvicorn
 from partitioner.runtime.artifacts import load_plan, load_tier, verify_manifest
 from partitioner.runtime.build import build_segment
 from partitioner.runtime.checkpoint import load_tokenizer
+from partitioner.runtime.scheduler import Scheduler
 from partitioner.session.owner import Downstream, Generation
 from protos import splitglm_pb2 as pb
 
@@ -83,6 +85,8 @@ class EdgeNode:
         self.segment = load_tier(settings.plan, "edge")  # embedding + [0, k2)
         self.spec = self.segment.spec
         self.segment_lock = threading.Lock()
+        self.owner = Scheduler(self.segment, max_batch=settings.relay_max_batch, lock=self.segment_lock,
+                               name="owner-scheduler").start()  # HTTP sessions' steps of [0, k2)
         self.device_segment = self._device_segment()  # [k1, k2) for device frames
         self.tokenizer = self._tokenizer(Path(settings.plan) / "edge")
         self.metrics = EdgeMetrics()
@@ -110,14 +114,13 @@ class EdgeNode:
                    ) -> Generation:
         """A Generation owned by the edge: segment [0, k2), the plan's edge_cloud codec, a new tail."""
         return EdgeGeneration(
-            segment=self.segment,
+            segment=self.owner,
             downstream=self.tail("http"),
             prompt_ids=list(prompt_ids),
             params=params,
             codec=self.codec,
             tokenizer=self.tokenizer,
             deadline_unix_ms=deadline_unix_ms,
-            lock=self.segment_lock,
             metrics=self.metrics,
         )
 
@@ -173,6 +176,7 @@ class EdgeNode:
         self.cloud.close()  # the generations still running fail now (CANCELLED), so their responses end
         if self._http_thread is not None:
             self._http_thread.join(HTTP_BACKSTOP_S + 1)
+        self.owner.stop()
         logger.info("edge %s stopped", self.settings.edge_id)
 
     # ---- parts -------------------------------------------------------------------------------------

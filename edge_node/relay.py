@@ -8,9 +8,10 @@ the StepResult on its reply topic (v5 ``ResponseTopic``, else
 expected seq and the last answer, so a duplicate delivery is answered again
 without a second step. Messages are served off paho's network thread by a
 pool of workers, the frames of one session in order; the frames of
-concurrent sessions share forward passes of [k1, k2) (``SegmentBatcher``). A bad frame, an unknown
-session or a cloud failure is answered with an error StepResult carrying its
-gRPC status; nothing here raises into paho or touches another session.
+concurrent sessions share forward passes of [k1, k2) (the runtime's
+``Scheduler``, prompts in chunks). A bad frame, an unknown session or a
+cloud failure is answered with an error StepResult carrying its gRPC status;
+nothing here raises into paho or touches another session.
 """
 
 from __future__ import annotations
@@ -25,21 +26,23 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from partitioner.runtime.batching import SegmentBatcher
-from partitioner.runtime.segment import SegmentInput, SessionError
+from partitioner.runtime.kv_pool import PoolExhausted
+from partitioner.runtime.scheduler import QueueFull, Scheduler, SchedulerClosed
+from partitioner.runtime.step import SegmentInput, SessionError
+from partitioner.session.ledger import Ledger, StepError
+from partitioner.session.ledger import idle as ledger_idle
 from protos import splitglm_pb2 as pb
 from protos import topics
 from protos.errors import CodecError, SizeLimitError
 from protos.frames import decode_frame_hidden, make_frame, parse_frame
 from protos.mqtt import V5, connect, new_client, publish_properties, wait_for_broker
+from protos.status import STATUS_NAMES, error_result
 
-from .cloud import error_result
 from .metrics import path_name
 
 logger = logging.getLogger(__name__)
 
 Status = grpc.StatusCode
-STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
 class RelayError(Exception):
@@ -65,9 +68,7 @@ class RelaySession:
     """What the edge keeps of one device session between its frames."""
 
     tail: object  # a partitioner.session.owner.Downstream (the cloud stream of this session)
-    next_seq: int = 0  # the seq the next new frame must carry
-    last: pb.StepResult | None = None  # the answer to next_seq - 1, for a duplicate delivery
-    touched: float = field(default_factory=time.monotonic)
+    ledger: Ledger = field(default_factory=Ledger)  # seq order and the answer to a duplicate delivery
 
 
 class SerialLanes:
@@ -120,8 +121,9 @@ class FrameRelay:
         self._in_flight: set[tuple[str, int]] = set()  # (session, seq) queued or running
         self._lock = threading.Lock()  # guards sessions and _in_flight
         self._lanes = SerialLanes(settings.relay_workers)
-        # concurrent sessions' frames share forward passes of [k1, k2)
-        self._batch = SegmentBatcher(segment, lock, settings.relay_max_batch, metrics.relay_batch_size.observe)
+        # concurrent sessions' frames share forward passes of [k1, k2); prompts run in chunks
+        self.scheduler = Scheduler(segment, max_batch=settings.relay_max_batch, lock=lock, name="relay-scheduler",
+                                   on_step=lambda step: metrics.relay_batch_size.observe(step.sessions))
         self._subscribed, self._stopping = threading.Event(), threading.Event()
         self._connected = False
         self.protocol: int | None = None
@@ -132,6 +134,7 @@ class FrameRelay:
 
     def start(self, timeout_s: float) -> None:
         """Connect, subscribe and wait (at most ``timeout_s``) until the subscriptions are made."""
+        self.scheduler.start()
         self.protocol = wait_for_broker(self.settings.broker, self.settings.mqtt_protocol, timeout_s)
         self.client = new_client(f"splitglm-edge-{self.edge_id}", self.protocol)
         self.client.on_connect = self._on_connect
@@ -198,7 +201,7 @@ class FrameRelay:
             frame = parse_frame(message.payload, self.settings.max_frame_bytes)
         except CodecError as e:
             code = Status.RESOURCE_EXHAUSTED if isinstance(e, SizeLimitError) else Status.INVALID_ARGUMENT
-            self._publish(Incoming(pb.Frame(), reply_topic, correlation), error_result(pb.Frame(), code, str(e)))
+            self._publish(Incoming(pb.Frame(), reply_topic, correlation), error_result("", 0, code, str(e)))
             return
         incoming = Incoming(
             frame, reply_topic or frame.reply_to, correlation or topics.correlation(frame.session_id, frame.seq)
@@ -247,10 +250,11 @@ class FrameRelay:
             result = self._step(incoming)
         except RelayError as e:
             logger.info("frame %s:%d refused: %s %s", frame.session_id, frame.seq, e.code.name, e)
-            result = error_result(frame, e.code, str(e))
+            result = error_result(frame.session_id, frame.seq, e.code, str(e))
         except Exception as e:  # noqa: BLE001 -- a bug answers this frame, other sessions go on
             logger.exception("frame %s:%d failed", frame.session_id, frame.seq)
-            result = error_result(frame, Status.INTERNAL, f"edge {self.edge_id}: {e!r}")
+            message = f"edge {self.edge_id}: step failed ({type(e).__name__}; see the edge's log)"
+            result = error_result(frame.session_id, frame.seq, Status.INTERNAL, message)
         finally:
             with self._lock:
                 self._in_flight.discard((frame.session_id, frame.seq))
@@ -270,21 +274,24 @@ class FrameRelay:
                 f"edge {self.edge_id}: unknown session {sid!r} (a session starts at seq 0, on the pool topic)",
             )
         if state is not None:
-            state.touched = time.monotonic()
-            if frame.seq + 1 == state.next_seq and state.last is not None:
-                return state.last  # a duplicate delivery: the same answer, no second step
-            if frame.seq != state.next_seq:
-                raise RelayError(
-                    Status.FAILED_PRECONDITION, f"session {sid!r} expects seq {state.next_seq}, got {frame.seq}"
-                )
+            try:
+                stored = state.ledger.repeat(sid, frame.seq)  # a duplicate delivery: the same answer, no second step
+            except StepError as e:
+                raise RelayError(Status[e.status], str(e)) from None
+            if stored is not None:
+                return stored
         t0 = time.perf_counter()
         hidden = self._decode(frame)  # (T, C)
         if state is None:
             state = self._open(sid)
         try:
-            mid = self._batch(SegmentInput(sid, frame.start_pos, hidden=hidden))  # (T, C)
+            mid = self.scheduler.submit(SegmentInput(sid, frame.start_pos, hidden=hidden)).result()  # (T, C)
         except SessionError as e:
             raise RelayError(Status.FAILED_PRECONDITION, str(e)) from None
+        except (PoolExhausted, QueueFull) as e:
+            raise RelayError(Status.RESOURCE_EXHAUSTED, str(e)) from None
+        except SchedulerClosed:
+            raise RelayError(Status.UNAVAILABLE, f"edge {self.edge_id} is shutting down") from None
         params = frame.params if frame.HasField("params") else None
         out = make_frame(
             sid, frame.seq, frame.start_pos, mid, self.codec, params=params, deadline_unix_ms=frame.deadline_unix_ms
@@ -301,7 +308,7 @@ class FrameRelay:
         result.timings_ms["edge_compute"] = (t1 - t0) * 1e3  # decode, layers [k1, k2), encode
         result.timings_ms["tail"] = (t2 - t1) * 1e3  # the tail's step: cloud round trip (or the fast tail)
         result.timings_ms["edge_total"] = (t2 - incoming.received) * 1e3
-        state.next_seq, state.last, state.touched = frame.seq + 1, result, time.monotonic()
+        state.ledger.record(frame.seq, result)
         self.metrics.observe_step(result, t2 - t0, "mqtt")
         self.metrics.tokens(path_name(result.path), len(result.tokens))
         return result
@@ -326,8 +333,7 @@ class FrameRelay:
         """Forget a session: its cache of [k1, k2) and its cloud stream (sent ``close`` or a close frame)."""
         with self._lock:
             state = self.sessions.pop(sid, None)
-        with self.lock:
-            self.segment.close_session(sid)
+        self.scheduler.close_session(sid)
         if state is None:
             return
         self.metrics.session_closed("mqtt")
@@ -343,7 +349,7 @@ class FrameRelay:
         while not self._stopping.wait(min(ttl / 4, 10.0)):
             now = time.monotonic()
             with self._lock:
-                idle = [sid for sid, s in self.sessions.items() if now - s.touched > ttl]
+                idle = ledger_idle({sid: s.ledger for sid, s in self.sessions.items()}, ttl, now)
             for sid in idle:
                 if not self._lanes.busy(sid):
                     self._lanes.submit(sid, lambda sid=sid: self._free_if_idle(sid, ttl))
@@ -351,7 +357,7 @@ class FrameRelay:
     def _free_if_idle(self, sid: str, ttl: float) -> None:
         with self._lock:
             state = self.sessions.get(sid)
-        if state is not None and time.monotonic() - state.touched > ttl:
+        if state is not None and time.monotonic() - state.ledger.touched > ttl:
             self._free(sid, f"idle for more than {ttl:g} s")
 
     def stop(self) -> None:
@@ -367,6 +373,7 @@ class FrameRelay:
             if cancel is not None:
                 cancel()
         self._lanes.shutdown()
+        self.scheduler.stop()
         with self._lock:
             sids = list(self.sessions)
         for sid in sids:

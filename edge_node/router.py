@@ -46,12 +46,14 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
+from partitioner.session.ledger import Ledger
 from protos import splitglm_pb2 as pb
 from protos.errors import CodecError
 from protos.frames import decode_frame_hidden, make_frame
+from protos.status import error_result
 
 from .estimates import Estimates, RobustStat
-from .fast_tail import FastTail, failed_step
+from .fast_tail import FastTail
 from .policy import DEFAULT_MARGIN, DEFAULT_POLICY, Policy, choose, parse_policy, should_switch, total_budget_ms
 
 logger = logging.getLogger(__name__)
@@ -189,7 +191,7 @@ class RoutedTail:
         self.fast_seq0 = -1  # the frame seq the fast tail's session started at (-1: never)
         self.tokens_done = 0
         self.degraded = False
-        self.last: pb.StepResult | None = None
+        self.ledger = Ledger()  # the answer to a repeated frame
         self.answered_at: float | None = None  # perf_counter() when the last answer left
         self._lock = threading.Lock()  # one step at a time
 
@@ -199,14 +201,15 @@ class RoutedTail:
         """Answer one frame on the session's path (never raises: failures come back as error results)."""
         with self._lock:
             arrived = time.perf_counter()
-            if self.last is not None and frame.seq == self.last.seq:
-                return self.last  # a repeated frame: the same answer
+            stored = self.ledger.repeat(frame.session_id, frame.seq, strict=False)
+            if stored is not None:
+                return stored  # a repeated frame: the same answer
             if self.router.closed.is_set():
-                return failed_step(frame.session_id, frame.seq, "UNAVAILABLE", "the edge is shutting down")
+                return error_result(frame.session_id, frame.seq, "UNAVAILABLE", "the edge is shutting down")
             try:
                 hidden = decode_frame_hidden(frame, self.router.hidden_size)  # (T, C)
             except CodecError as e:
-                return failed_step(frame.session_id, frame.seq, "INVALID_ARGUMENT", str(e))
+                return error_result(frame.session_id, frame.seq, "INVALID_ARGUMENT", str(e))
             if self.params is None:
                 refused = self._start(frame, hidden)
                 if refused is not None:
@@ -222,7 +225,8 @@ class RoutedTail:
             if frame.seq == 0:
                 result.predicted_ms, result.policy = self.predicted_ms, self.policy.value
             self.tokens_done += len(result.tokens)
-            self.last, self.answered_at = result, time.perf_counter()
+            self.ledger.record(frame.seq, result)
+            self.answered_at = time.perf_counter()
             return result
 
     def close(self, frame: pb.Frame) -> None:
@@ -242,7 +246,7 @@ class RoutedTail:
     def _start(self, frame: pb.Frame, hidden: torch.Tensor) -> pb.StepResult | None:
         """Read seq 0's params and choose the path; an error result if the frame cannot start a session."""
         if frame.seq != 0:
-            return failed_step(frame.session_id, frame.seq, "NOT_FOUND",
+            return error_result(frame.session_id, frame.seq, "NOT_FOUND",
                                f"unknown session {frame.session_id!r} (a session starts at seq 0)")
         params = pb.GenerationParams()
         params.CopyFrom(frame.params)
@@ -251,7 +255,7 @@ class RoutedTail:
             self.policy = parse_policy(params.policy or None, self.router.policy)
             self.budget_ms = total_budget_ms(n, params.latency_budget_ms or None, params.token_budget_ms or None)
         except ValueError as e:
-            return failed_step(frame.session_id, frame.seq, "INVALID_ARGUMENT", f"edge router: {e}")
+            return error_result(frame.session_id, frame.seq, "INVALID_ARGUMENT", f"edge router: {e}")
         self.session_id, self.params, self.prompt_tokens = frame.session_id, params, int(hidden.shape[0])
         now = time.time() * 1e3
         owner_start = frame.deadline_unix_ms - self.budget_ms if frame.deadline_unix_ms and self.budget_ms else now
@@ -277,7 +281,7 @@ class RoutedTail:
         try:
             self.history.add(frame.start_pos, hidden)
         except ValueError as e:
-            return failed_step(frame.session_id, frame.seq, "FAILED_PRECONDITION", f"session {self.session_id!r}: {e}")
+            return error_result(frame.session_id, frame.seq, "FAILED_PRECONDITION", f"session {self.session_id!r}: {e}")
         if self.tokens_done > 0 and self._deadline_at_risk():
             return self._to_fast(frame, "deadline")
         out = pb.Frame()

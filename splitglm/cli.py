@@ -304,6 +304,12 @@ def cmd_bench_cloud(args) -> int:
     return run(args)
 
 
+def cmd_bench_cloud_gpu(args) -> int:
+    from splitglm.bench_cloud_gpu import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitglm", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -417,6 +423,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=64, help="decode steps per session")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the cloud process")
     p.set_defaults(func=cmd_bench_cloud)
+    p = bench.add_parser("cloud-gpu", help="the cloud tier on a GPU: tokens/s against the bandwidth bound, vs generate")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--shape", choices=["glm4-9b"], default="glm4-9b", help="random bf16 weights of this shape")
+    p.add_argument("--model", help="a GLM checkpoint folder instead (its layers + head)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per figure; medians are reported (default 3)")
+    p.add_argument("--pool-mib", type=float, default=8192, help="KV pool size, MiB (default 8192)")
+    p.add_argument("--prefill-chunk", type=int, default=128, help="prompt positions per step (default 128)")
+    p.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
+    p.set_defaults(func=cmd_bench_cloud_gpu)
     p = bench.add_parser("split", help="per-token latency: split path on loopback vs monolithic generation")
     p.add_argument("--model", help="GLM checkpoint folder (default: the demo model)")
     p.add_argument("--plan", help="plan folder (default: the demo plan with lossless fp32 frames)")

@@ -16,14 +16,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import SimpleNamespace
 
-from partitioner.runtime.segment import SegmentInput
-from partitioner.session.local import Chain, split_segments
+from partitioner.session.local import Chain, LocalTail, split_segments
 from partitioner.session.owner import Generation
-from partitioner.session.terminal import StepError, TailSessions
 from protos import splitglm_pb2 as pb
 from protos.frames import frame_from_bytes, frame_to_bytes
 
-GRPC_CODE = {"INVALID_ARGUMENT": 3, "NOT_FOUND": 5, "RESOURCE_EXHAUSTED": 8, "FAILED_PRECONDITION": 9}
 CHARS = ["\n"] + [chr(c) for c in range(32, 127)]  # 96 tokens: id 0 is "\n", then printable ASCII
 CHAT_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
@@ -42,13 +39,13 @@ def char_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=CHAT_TEMPLATE)
 
 
-class LocalDownstream:
-    """Edge + cloud segments behind real serialized frames, answering like the cloud does."""
+class LocalDownstream(LocalTail):
+    """Edge + cloud segments behind real serialized frames, answering like the cloud does; it can be told
+    to fail or to be slow."""
 
     def __init__(self, edge, cloud):
+        super().__init__([edge, cloud])
         self.edge, self.cloud = edge, cloud
-        self.tails = TailSessions()
-        self.lock = threading.Lock()  # the segments serve one step at a time
         self.closed: list[str] = []
         self.fail: tuple[int, str] | None = None  # (gRPC status, message): answer every step with this error
         self.fail_after = 0  # ... from this seq on
@@ -58,25 +55,11 @@ class LocalDownstream:
         time.sleep(self.delay_s)
         if self.fail is not None and frame.seq >= self.fail_after:
             return pb.StepResult(session_id=frame.session_id, seq=frame.seq, error=self.fail[1], status=self.fail[0])
-        received = frame_from_bytes(frame_to_bytes(frame), self.edge.spec.hidden_size)
-        f = received.frame
-        with self.lock:
-            try:
-                cached = self.tails.accept(f)
-            except StepError as e:
-                return pb.StepResult(session_id=f.session_id, seq=f.seq, error=str(e), status=GRPC_CODE[e.status])
-            if cached is not None:
-                return cached
-            mid = self.edge([SegmentInput(f.session_id, f.start_pos, hidden=received.hidden)])[0]
-            logits = self.cloud([SegmentInput(f.session_id, f.start_pos, hidden=mid)], last_only=True)[0]
-            return self.tails.answer(f.session_id, f.seq, logits[-1], position=f.start_pos + received.hidden.shape[0])
+        return super().step(frame_from_bytes(frame_to_bytes(frame), self.edge.spec.hidden_size).frame)
 
     def close(self, frame: pb.Frame) -> None:
-        with self.lock:
-            self.closed.append(frame.session_id)
-            self.tails.close(frame.session_id)
-            self.edge.close_session(frame.session_id)
-            self.cloud.close_session(frame.session_id)
+        self.closed.append(frame.session_id)
+        super().close(frame)
 
 
 class TestNode:

@@ -141,12 +141,14 @@ def _tier_main(cfg: _TierConfig, pipe) -> None:
 
 
 def _serve(cfg: _TierConfig, seg, up: ShapedConn, down: ShapedConn | None) -> None:
-    """Edge / cloud: answer frames from upstream until it closes."""
+    """Edge / cloud: answer frames from upstream until it closes (the cloud samples like the cloud service)."""
     from partitioner.runtime.segment import SegmentInput
+    from partitioner.session.terminal import TailSessions
     from protos import splitglm_pb2 as pb
     from protos.frames import frame_from_bytes, frame_to_bytes, make_frame
 
     C = seg.spec.hidden_size
+    tails = TailSessions(max_tokens=1 << 20)
     while True:
         data = up.recv()
         if data is None:
@@ -156,20 +158,19 @@ def _serve(cfg: _TierConfig, seg, up: ShapedConn, down: ShapedConn | None) -> No
         f = received.frame
         if f.close:
             seg.close_session(f.session_id)
+            tails.close(f.session_id)
             if down is not None:
                 down.send(frame_to_bytes(make_frame(f.session_id, f.seq, f.start_pos, None, close=True)))
             continue
-        out = seg([SegmentInput(f.session_id, f.start_pos, hidden=received.hidden)], last_only=True)[0]
         if cfg.role == "cloud":
-            logprobs = torch.log_softmax(out[-1].float(), dim=-1)
-            token = int(torch.argmax(logprobs))
-            result = pb.StepResult(
-                session_id=f.session_id, seq=f.seq, tokens=[token], logprobs=[float(logprobs[token])]
-            )
+            tails.accept(f)
+            result = tails.answer(f, seg([tails.work(f, received.hidden)])[0])
             result.timings_ms["cloud"] = (time.perf_counter() - t0) * 1e3
             up.send(result.SerializeToString())
             continue
-        payload = frame_to_bytes(make_frame(f.session_id, f.seq, f.start_pos, out, cfg.codec))
+        out = seg([SegmentInput(f.session_id, f.start_pos, hidden=received.hidden)])[0]
+        params = f.params if f.HasField("params") else None
+        payload = frame_to_bytes(make_frame(f.session_id, f.seq, f.start_pos, out, cfg.codec, params=params))
         compute = time.perf_counter() - t0
         down.send(payload)
         back = down.recv()
@@ -185,49 +186,48 @@ def _serve(cfg: _TierConfig, seg, up: ShapedConn, down: ShapedConn | None) -> No
         down.close()
 
 
-def _device_loop(cfg: _TierConfig, seg, down: ShapedConn, pipe) -> None:
-    """The session owner: runs ("run", prompt_ids, decode_steps) commands from the parent."""
-    from partitioner.runtime.segment import SegmentInput
-    from protos import splitglm_pb2 as pb
-    from protos.frames import frame_to_bytes, make_frame
+class _ShapedDownstream:
+    """The device's downstream in a live run: frames over the shaped link to the edge tier."""
 
+    def __init__(self, conn: ShapedConn):
+        self.conn = conn
+
+    def step(self, frame):
+        from protos import splitglm_pb2 as pb
+        from protos.frames import frame_to_bytes
+
+        self.conn.send(frame_to_bytes(frame))
+        data = self.conn.recv()
+        if data is None:
+            raise ConnectionError("the edge closed the connection")
+        result = pb.StepResult()
+        result.ParseFromString(data)
+        return result
+
+    def close(self, frame) -> None:
+        from protos.frames import frame_to_bytes
+
+        self.conn.send(frame_to_bytes(frame))
+
+
+def _device_loop(cfg: _TierConfig, seg, down: ShapedConn, pipe) -> None:
+    """The session owner: runs ("run", prompt_ids, decode_steps) commands from the parent (greedy tokens)."""
+    from partitioner.session.owner import Generation
+    from protos import splitglm_pb2 as pb
+
+    downstream = _ShapedDownstream(down)
     while True:
         cmd = pipe.recv()
         if cmd[0] == "stop":
             break
         _, prompt, steps = cmd
-        session = uuid.uuid4().hex
-        ids, pos, seq = torch.tensor(prompt), 0, 0
-        tokens, records = [], []
-        for _ in range(steps + 1):
-            t0 = time.perf_counter()
-            hidden = seg([SegmentInput(session, pos, input_ids=ids)])[0]
-            payload = frame_to_bytes(make_frame(session, seq, pos, hidden, cfg.codec))
-            compute = time.perf_counter() - t0
-            down.send(payload)
-            data = down.recv()
-            if data is None:
-                raise ConnectionError("the edge closed the connection")
-            result = pb.StepResult()
-            result.ParseFromString(data)
-            wall = (time.perf_counter() - t0) * 1e3
-            token = int(result.tokens[0])
-            tokens.append(token)
-            records.append(
-                {
-                    "wall_ms": wall,
-                    "compute_ms": {
-                        "device": compute * 1e3,
-                        "edge": result.timings_ms["edge"],
-                        "cloud": result.timings_ms["cloud"],
-                    },
-                }
-            )
-            pos += int(ids.shape[0])
-            seq += 1
-            ids = torch.tensor([token])
-        seg.close_session(session)
-        down.send(frame_to_bytes(make_frame(session, seq, pos, None, close=True)))
+        params = pb.GenerationParams(max_tokens=steps + 1)
+        generation = Generation(seg, downstream, list(prompt), params, cfg.codec, tokenizer=None,
+                                session_id=uuid.uuid4().hex)
+        tokens = [event.token for event in generation]
+        records = [{"wall_ms": s["owner"] + s["downstream"],
+                    "compute_ms": {"device": s["owner"], "edge": s["edge"], "cloud": s["cloud"]}}
+                   for s in generation.step_timings]
         pipe.send(("result", tokens, records))
     down.close()
 

@@ -1,22 +1,33 @@
-"""GLM decoder blocks in plain PyTorch, written for a split runtime.
+"""GLM decoder blocks in plain PyTorch, over the flat rows of a step.
 
-Parameter names follow transformers' ``GlmForCausalLM`` so checkpoints load
-as they are. Attention reads and writes a caller-provided KV view, so one
-forward can serve many sessions with different cache lengths.
+Parameter names follow transformers' ``GlmForCausalLM`` so checkpoints load as they are. A step's rows
+(the new positions of every session in it, concatenated) go through the projections and the MLP as one
+(N, C) matrix; attention is delegated to the step's context (``ctx.attend``), which writes the new keys
+and values where they belong (the KV pool; an ONNX graph's outputs) and attends each row to its own
+session's keys. This is the CPU runtime and the reference of the CUDA engine (``runtime.cuda``).
 
-Shapes: B sessions, T new positions, L cached + new positions, C hidden,
-H query heads, K kv heads, D head dim.
+Shapes: N rows, C hidden, H query heads, K kv heads, D head dim, R rotary dims, I MLP width.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from partitioner.runtime.checkpoint import GlmSpec
+
+
+class StepContext(Protocol):
+    """What a step gives every layer."""
+
+    cos: torch.Tensor  # (N, 1, R/2)
+    sin: torch.Tensor  # (N, 1, R/2)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store the rows' keys/values (N, K, D) of ``layer``, attend their queries (N, H, D): (N, H, D)."""
 
 
 class RMSNorm(nn.Module):
@@ -32,35 +43,25 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def inverse_frequencies(rotary_dim: int, theta: float, device=None) -> torch.Tensor:
+    """(R/2,) float32: the angle per position of each rotary pair."""
+    return 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float, device=device) / rotary_dim))
+
+
 def rotary_cos_sin(positions: torch.Tensor, rotary_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of each position's rotary angles: (B, T) -> 2 x (B, 1, T, rotary_dim / 2)."""
-    inv_freq = 1.0 / (
-        theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float, device=positions.device) / rotary_dim)
-    )
-    angles = positions[..., None].float() * inv_freq  # (B, T, R/2)
-    return angles.cos()[:, None], angles.sin()[:, None]
+    """cos and sin of each row's rotary angles: (...,) positions -> 2 x (..., 1, R/2)."""
+    angles = positions[..., None].float() * inverse_frequencies(rotary_dim, theta, positions.device)  # (..., R/2)
+    return angles.cos()[..., None, :], angles.sin()[..., None, :]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """GLM's interleaved rotary on the leading dims of each head: pairs (2i, 2i+1) turn by angle i."""
     rot = cos.shape[-1] * 2
-    x_rot, x_pass = x[..., :rot], x[..., rot:]  # (B, H, T, R), (B, H, T, D - R)
-    pairs = x_rot.float().unflatten(-1, (-1, 2))  # (B, H, T, R/2, 2)
+    x_rot, x_pass = x[..., :rot], x[..., rot:]  # (N, H, R), (N, H, D - R)
+    pairs = x_rot.float().unflatten(-1, (-1, 2))  # (N, H, R/2, 2)
     x0, x1 = pairs[..., 0], pairs[..., 1]
     turned = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
     return torch.cat((turned.to(x.dtype), x_pass), dim=-1)
-
-
-@dataclass
-class AttentionBatch:
-    """Per-forward facts shared by every layer of a segment."""
-
-    cos: torch.Tensor  # (B, 1, T, R/2)
-    sin: torch.Tensor  # (B, 1, T, R/2)
-    mask: torch.Tensor | None  # (B, 1, T, L) bool, True = may attend; None = plain single-session decode
-    caches: list  # per session: a KVCache with room for its new positions
-    starts: list[int]  # per session: cached positions before this forward
-    lengths: list[int]  # per session: new (unpadded) positions in this forward
 
 
 class Attention(nn.Module):
@@ -74,31 +75,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(spec.hidden_size, spec.num_kv_heads * spec.head_dim, bias=bias)
         self.o_proj = nn.Linear(spec.num_heads * spec.head_dim, spec.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        q, k = apply_rotary(q, batch.cos, batch.sin), apply_rotary(k, batch.cos, batch.sin)
-        keys, values = self._cached_kv(k, v, batch)  # (B, K, L, D)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=batch.mask, enable_gqa=True)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
-
-    def _cached_kv(self, k, v, batch: AttentionBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write each session's new keys/values into its cache; return the keys/values to attend to."""
-        views = []
-        for i, (cache, start, n) in enumerate(zip(batch.caches, batch.starts, batch.lengths)):
-            views.append(cache.write(self.layer, start, k[i, :, :n], v[i, :, :n]))  # (K, start + n, D)
-        if len(views) == 1:
-            keys, values = views[0]
-            return keys[None], values[None]
-        L = batch.mask.shape[-1]
-        keys = k.new_zeros(len(views), self.num_kv_heads, L, self.head_dim)
-        values = torch.zeros_like(keys)
-        for i, (kv_k, kv_v) in enumerate(views):
-            keys[i, :, : kv_k.shape[1]] = kv_k
-            values[i, :, : kv_v.shape[1]] = kv_v
-        return keys, values
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        rows = x.shape[:-1]  # (N,) in a step; (1, T) in a traced ONNX graph
+        q = self.q_proj(x).view(*rows, self.num_heads, self.head_dim)  # (N, H, D)
+        k = self.k_proj(x).view(*rows, self.num_kv_heads, self.head_dim)  # (N, K, D)
+        v = self.v_proj(x).view(*rows, self.num_kv_heads, self.head_dim)  # (N, K, D)
+        q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+        out = ctx.attend(self.layer, q, k, v)  # (N, H, D)
+        return self.o_proj(out.reshape(*rows, -1))  # (N, C)
 
 
 class MLP(nn.Module):
@@ -108,7 +92,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # 2 x (B, T, I)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # 2 x (N, I)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -126,8 +110,8 @@ class DecoderLayer(nn.Module):
             self.post_mlp_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.sandwich = spec.sandwich_norm
 
-    def forward(self, x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
-        h = self.self_attn(self.input_layernorm(x), batch)
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        h = self.self_attn(self.input_layernorm(x), ctx)
         if self.sandwich:
             h = self.post_self_attn_layernorm(h)
         x = x + h

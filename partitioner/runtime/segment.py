@@ -1,39 +1,35 @@
-"""A segment: [embedding +] decoder layers [a, b) [+ final norm + LM head], with per-session KV caches.
+"""A segment: [embedding +] decoder layers [a, b) [+ final norm + LM head], and its KV pool.
 
-One ``forward`` call serves many sessions at once, each with its own number
-of new positions and its own cache length (prefill and decode mixed).
+One ``forward`` call serves many sessions at once, each with its own number of new positions and its own
+cache length (prefill and decode mixed): their rows run as one flat batch, and each row attends to its
+own session's keys in the pool (``runtime.attention``). A segment with the head can sample on the spot
+(``SegmentInput.sample``) and hand back tokens instead of logits.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from partitioner.runtime.attention import PoolAttention
 from partitioner.runtime.checkpoint import GlmSpec, load_spec, load_tensors
-from partitioner.runtime.kvcache import KVCache
-from partitioner.runtime.layers import AttentionBatch, DecoderLayer, RMSNorm, rotary_cos_sin
+from partitioner.runtime.kv_pool import DEFAULT_PAGE_SIZE, KVPool, PoolExhausted, pool_tokens
+from partitioner.runtime.layers import DecoderLayer, RMSNorm, rotary_cos_sin
+from partitioner.runtime.step import (
+    Sampled,
+    SegmentInput,
+    SessionError,
+    begin_step,
+    build_step,
+    check_items,
+    end_step,
+    output_rows,
+    sample_outputs,
+)
 
-
-class SessionError(ValueError):
-    """A request names an unknown session or a position that does not follow its cache."""
-
-
-@dataclass
-class SegmentInput:
-    """New positions of one session: token ids for a segment with the embedding, else hidden states."""
-
-    session_id: str
-    start_pos: int  # absolute position of the first new row; < cached length rewinds (retry / replay)
-    hidden: torch.Tensor | None = None  # (T, C)
-    input_ids: torch.Tensor | None = None  # (T,)
-
-    @property
-    def num_positions(self) -> int:
-        rows = self.input_ids if self.input_ids is not None else self.hidden
-        return int(rows.shape[0])
+__all__ = ["PoolExhausted", "Sampled", "Segment", "SegmentInput", "SessionError"]
 
 
 class Segment(nn.Module):
@@ -49,7 +45,8 @@ class Segment(nn.Module):
         if head:
             self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
             self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
-        self.sessions: dict[str, KVCache] = {}
+        self.pool: KVPool | None = None  # made at the first session (``configure_pool`` to size it)
+        self._pool_size: dict = {}
 
     @classmethod
     def from_checkpoint(
@@ -83,127 +80,112 @@ class Segment(nn.Module):
     def view(self, start: int, end: int) -> Segment:
         """Layers [start, end) of this segment as a segment of their own, sharing the weights (no copy).
 
-        Its sessions and KV caches are its own: e.g. an edge holding [0, k2)
-        runs [k1, k2) for device frames and all of [0, k2) for HTTP clients.
+        Its sessions and KV pool are its own: e.g. an edge holding [0, k2) runs [k1, k2) for device
+        frames and all of [0, k2) for HTTP clients.
         """
         if not self.start <= start <= end <= self.end:
             raise ValueError(f"layers [{start}, {end}) are not within this segment's [{self.start}, {self.end})")
         part = Segment(self.spec, start, start)
         part.end = end
         part.layers = nn.ModuleDict({str(i): self.layers[str(i)] for i in range(start, end)})
+        part._pool_size = dict(self._pool_size)
         return part.eval()
 
-    # ---- sessions -------------------------------------------------------------------------------
+    # ---- the KV pool and its sessions -----------------------------------------------------------------
+
+    def configure_pool(
+        self, tokens: int | None = None, mib: float | None = None, page_size: int = DEFAULT_PAGE_SIZE
+    ) -> KVPool:
+        """Size the KV pool in positions or MiB (made now, on the segment's device and dtype)."""
+        if self.pool is not None and self.pool.sessions:
+            raise RuntimeError("the KV pool can only be resized while it holds no session")
+        self._pool_size = {"tokens": tokens, "mib": mib, "page_size": page_size}
+        self.pool = None
+        return self.kv_pool()
+
+    def kv_pool(self) -> KVPool:
+        if self.pool is None:
+            weight = next(iter(self.parameters()), None)
+            device = weight.device if weight is not None else torch.device("cpu")
+            dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
+            spec, layers = self.spec, self.end - self.start
+            size = dict(self._pool_size)
+            per_token = 2 * max(layers, 1) * spec.num_kv_heads * spec.head_dim * dtype.itemsize
+            tokens = pool_tokens(per_token, size.get("tokens"), size.get("mib"))
+            self.pool = KVPool(layers, spec.num_kv_heads, spec.head_dim, tokens=tokens,
+                               page_size=size.get("page_size", DEFAULT_PAGE_SIZE), dtype=dtype, device=device,
+                               grow="double" if device.type == "cpu" else "exact")
+        return self.pool
+
+    @property
+    def sessions(self) -> dict:
+        return self.pool.sessions if self.pool is not None else {}
 
     def open_session(self, session_id: str) -> None:
-        self.sessions[session_id] = KVCache(
-            range(self.start, self.end),
-            self.spec.num_kv_heads,
-            self.spec.head_dim,
-            self._dtype(),
-            device=self._device(),
-        )
+        self.kv_pool().open(session_id)
 
     def close_session(self, session_id: str) -> None:
-        self.sessions.pop(session_id, None)
+        if self.pool is not None:
+            self.pool.close(session_id)
 
     def cached_length(self, session_id: str) -> int:
         return self.sessions[session_id].length
 
-    def _device(self) -> torch.device:
-        return next(self.parameters()).device if len(list(self.parameters())) else torch.device("cpu")
+    def reserve(self, session_id: str, positions: int) -> None:
+        """Take room for ``positions`` positions of a session now (PoolExhausted if the pool lacks it)."""
+        pool = self.kv_pool()
+        new = session_id not in pool.sessions
+        if new:
+            pool.open(session_id)
+        try:
+            pool.reserve(session_id, positions)
+        except PoolExhausted:
+            if new:
+                pool.close(session_id)
+            raise
 
-    def _dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype if len(list(self.parameters())) else torch.float32
-
-    def _cache_for(self, item: SegmentInput) -> KVCache:
-        """The session's cache, created at position 0, checked to continue where it left off."""
-        return continue_session(self.sessions, item, self.open_session)
-
-    # ---- compute --------------------------------------------------------------------------------
+    # ---- compute ----------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def forward(self, items: list[SegmentInput], last_only: bool = False) -> list[torch.Tensor]:
+    def forward(self, items: list[SegmentInput], last_only: bool = False) -> list:
         """Run every session's new positions in one pass.
 
-        Returns per session its hidden states (T, C), or with the head its
-        logits (T, V) -- only the last position's (1, V) when ``last_only``.
+        Returns per session its hidden states (T, C), or with the head its logits (T, V) -- only the last
+        position's (1, V) when ``last_only`` -- or, for a session that asks to sample, a ``Sampled``.
         """
         if not items:
             return []
-        if len({item.session_id for item in items}) != len(items):
-            raise SessionError("a batch holds at most one step per session")
-        caches = [self._cache_for(item) for item in items]
-        lengths = [item.num_positions for item in items]
-        starts = [item.start_pos for item in items]
-        x = self._input_rows(items, max(lengths))  # (B, T, C)
-        for cache, start, n in zip(caches, starts, lengths):
-            cache.length = start  # a rewind drops what followed, even if this pass fails
-            cache.reserve(start + n)
-        batch = _attention_batch(caches, starts, lengths, self.spec, x.device)
+        check_items(items, self.spec, self.has_embed, self.has_head, self.start)
+        pool = self.kv_pool()
+        begin_step(pool, items)
+        device = pool.k.device
+        batch = build_step(pool, items, device)
+        x = self._input_rows(items, device)  # (N, C)
+        cos, sin = rotary_cos_sin(batch.positions, self.spec.rotary_dim, self.spec.rope_theta)  # (N, 1, R/2)
+        ctx = PoolAttention(pool, batch, self.start, self.spec.head_dim**-0.5, cos, sin)
         for layer in self.layers.values():
-            x = layer(x, batch)
-        for cache, start, n in zip(caches, starts, lengths):
-            cache.length = start + n
-        rows = [x[i, :n] for i, n in enumerate(lengths)]  # B x (T_i, C)
+            x = layer(x, ctx)
+        end_step(pool, items)
         if not self.has_head:
-            return rows
-        if last_only:
-            rows = [r[-1:] for r in rows]
-        logits = self.lm_head(self.norm(torch.cat(rows)))  # (sum T_i, V): one pass over the head for the batch
-        return list(logits.split([r.shape[0] for r in rows]))  # B x (T_i, V)
+            return [x[first : first + item.num_positions] for item, first in zip(items, batch.offsets)]
+        return self._head_outputs(items, batch.offsets, x, last_only)
 
-    def _input_rows(self, items: list[SegmentInput], width: int) -> torch.Tensor:
-        """Embed or take each session's rows, zero-padded to ``width`` positions: (B, T, C)."""
-        x = torch.zeros(len(items), width, self.spec.hidden_size, dtype=self._dtype(), device=self._device())
-        for i, item in enumerate(items):
-            if self.has_embed:
-                if item.input_ids is None:
-                    raise ValueError("this segment starts with the embedding: give input_ids, not hidden states")
-                rows = self.embed_tokens(item.input_ids.long().to(x.device))
-            else:
-                if item.hidden is None:
-                    raise ValueError(f"this segment starts at layer {self.start}: give hidden states")
-                rows = item.hidden.to(x.device)
-                if rows.ndim != 2 or rows.shape[1] != self.spec.hidden_size:
-                    raise ValueError(f"hidden states must be (T, {self.spec.hidden_size}), got {tuple(rows.shape)}")
-            x[i, : rows.shape[0]] = rows
-        return x
+    def _input_rows(self, items: list[SegmentInput], device) -> torch.Tensor:
+        """Embed or take every session's rows, one after another: (N, C)."""
+        if self.has_embed:
+            ids = torch.cat([item.input_ids for item in items]).long().to(device, non_blocking=True)
+            return self.embed_tokens(ids)
+        dtype = self.pool.k.dtype
+        return torch.cat([item.hidden for item in items]).to(device=device, dtype=dtype, non_blocking=True)
 
-
-def continue_session(sessions: dict, item: SegmentInput, open_session):
-    """The cache of ``item``'s session (opened at position 0), checked to continue where it left off.
-
-    Shared by every backend, so they all answer the same errors the same way.
-    """
-    if item.session_id not in sessions:
-        if item.start_pos != 0:
-            raise SessionError(f"unknown session {item.session_id!r} (a new session starts at position 0)")
-        open_session(item.session_id)
-    cache = sessions[item.session_id]
-    if not 0 <= item.start_pos <= cache.length:
-        raise SessionError(
-            f"session {item.session_id!r} has {cache.length} positions cached; "
-            f"a step cannot start at position {item.start_pos}"
-        )
-    return cache
+    def _head_outputs(self, items: list[SegmentInput], offsets: list[int], x: torch.Tensor, last_only: bool):
+        """One pass of the norm and head over the rows wanted; sample those that ask, in one batch."""
+        wanted = output_rows(items, offsets, last_only)
+        index = torch.tensor([r for rows in wanted for r in rows], device=x.device)
+        logits = self.lm_head(self.norm(x[index]))  # (R, V)
+        return sample_outputs(items, list(logits.split([len(rows) for rows in wanted])))
 
 
 def _local_name(checkpoint_name: str) -> str:
     """``model.layers.3.mlp...`` -> ``layers.3.mlp...``; ``lm_head.weight`` stays."""
     return checkpoint_name.removeprefix("model.")
-
-
-def _attention_batch(caches, starts: list[int], lengths: list[int], spec: GlmSpec, device=None) -> AttentionBatch:
-    """Rotary angles and the causal + padding mask for sessions with different cache lengths."""
-    width = max(lengths)
-    offsets = torch.arange(width, device=device)
-    positions = torch.tensor(starts, device=device)[:, None] + offsets  # (B, T)
-    cos, sin = rotary_cos_sin(positions, spec.rotary_dim, spec.rope_theta)
-    mask = None
-    if len(caches) > 1 or width > 1:
-        ends = torch.tensor([s + n for s, n in zip(starts, lengths)], device=device)  # (B,)
-        keys = torch.arange(int(ends.max()), device=device)  # (L,)
-        causal = keys[None, None, :] <= positions[:, :, None]  # (B, T, L)
-        mask = (causal & (keys[None, None, :] < ends[:, None, None]))[:, None]  # (B, 1, T, L)
-    return AttentionBatch(cos=cos, sin=sin, mask=mask, caches=caches, starts=starts, lengths=lengths)

@@ -2,20 +2,30 @@
 
 This is the split model without the network: the reference the agents are
 checked against, the engine of ``splitglm eval`` and of the one-process demo.
+``LocalTail`` is the tiers after the owner as a ``Downstream`` (frames in,
+StepResults out, sampled by ``TailSessions`` as the cloud does), so a chain's
+generation runs the owner's one decode loop (``session.owner.Generation``).
 """
 
 from __future__ import annotations
 
 import os
-import uuid
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 from partitioner.runtime.checkpoint import load_spec
-from partitioner.runtime.sampling import SamplingParams, draw_generator, sample
+from partitioner.runtime.sampling import SamplingParams
 from partitioner.runtime.segment import Segment, SegmentInput
+from partitioner.runtime.step import SessionError
+from partitioner.session.owner import Generation
+from partitioner.session.terminal import StepError, TailSessions
+from protos import splitglm_pb2 as pb
+from protos.errors import CodecError
+from protos.frames import decode_frame_hidden
+from protos.status import error_result
 
 Link = Callable[[torch.Tensor], torch.Tensor]  # (T, C) -> (T, C): what crossing a link does to hidden states
 
@@ -67,17 +77,50 @@ class Chain:
         params: SamplingParams = SamplingParams(),
         stop_ids: tuple[int, ...] = (),
     ) -> Iterator[tuple[int, float]]:
-        """Yield (token, log-probability) one step at a time: prefill, then one position per step."""
-        session = uuid.uuid4().hex
+        """Yield (token, log-probability) one step at a time: prefill, then one position per step.
+
+        The owner's decode loop over a ``LocalTail`` of the other segments, with lossless (fp32) frames
+        into the first link; an unseeded ``params`` samples with seed 0.
+        """
+        wire = pb.GenerationParams(max_tokens=max_new_tokens, temperature=params.temperature, top_p=params.top_p,
+                                   seed=params.seed or 0, stop_token_ids=list(stop_ids))
+        tail = LocalTail(self.segments[1:], self.links)
+        for event in Generation(self.segments[0], tail, list(prompt_ids), wire, "fp32", tokenizer=None):
+            yield event.token, event.logprob
+
+
+class LocalTail:
+    """The tiers after the owner in this process (a ``Downstream``): ``links[i]`` carries a frame's hidden
+    states (or the previous segment's output) into ``segments[i]``; the last segment samples."""
+
+    def __init__(self, segments: list[Segment], links: list[Link] | None = None):
+        self.segments = segments
+        self.links = links or [identity_link] * len(segments)
+        self.tails = TailSessions()
+        self.lock = threading.Lock()  # one step at a time
+
+    def step(self, frame: pb.Frame) -> pb.StepResult:
         try:
-            logits = self.step(session, 0, torch.tensor(prompt_ids), last_only=True)
-            position = len(prompt_ids)
-            for _ in range(max_new_tokens):
-                token, logprob = sample(logits[-1], params, draw_generator(params.seed, position))
-                yield token, logprob
-                if token in stop_ids:
-                    return
-                logits = self.step(session, position, torch.tensor([token]), last_only=True)
-                position += 1
-        finally:
-            self.close(session)
+            hidden = decode_frame_hidden(frame, self.segments[0].spec.hidden_size)  # (T, C)
+        except CodecError as e:
+            return error_result(frame.session_id, frame.seq, "INVALID_ARGUMENT", str(e))
+        with self.lock:
+            try:
+                stored = self.tails.accept(frame)
+                if stored is not None:
+                    return stored
+                x = hidden
+                for link, segment in zip(self.links, self.segments[:-1]):
+                    x = segment([SegmentInput(frame.session_id, frame.start_pos, hidden=link(x))])[0]
+                work = self.tails.work(frame, self.links[len(self.segments) - 1](x))
+                return self.tails.answer(frame, self.segments[-1]([work])[0])
+            except StepError as e:
+                return error_result(frame.session_id, frame.seq, e.status, str(e))
+            except SessionError as e:
+                return error_result(frame.session_id, frame.seq, "FAILED_PRECONDITION", str(e))
+
+    def close(self, frame: pb.Frame) -> None:
+        with self.lock:
+            self.tails.close(frame.session_id)
+            for segment in self.segments:
+                segment.close_session(frame.session_id)

@@ -55,6 +55,8 @@ class TextStream:
     def push(self, token: int) -> tuple[str, bool]:
         """Add a token; return (newly released text, whether a stop string ended the text)."""
         self.ids.append(token)
+        if self.tokenizer is None:  # token ids only (no text to release)
+            return "", False
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         hits = [i for i in (text.find(s, max(0, self.released - len(s))) for s in self.stop) if i >= 0]
         if hits:
@@ -95,7 +97,7 @@ class Generation:
     prompt_ids: list[int]
     params: pb.GenerationParams
     codec: str
-    tokenizer: object
+    tokenizer: object  # None: token ids only (``text`` stays empty)
     session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     deadline_unix_ms: int = 0
     lock: threading.Lock | None = None  # serialises the owner segment between threads

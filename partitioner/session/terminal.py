@@ -1,48 +1,41 @@
 """The terminal tier's bookkeeping: per-session sampling and idempotent step answers.
 
-Shared by the cloud segment (accurate path) and the edge fast tail, so both
-sample, end generations and answer repeated steps the same way:
+Shared by the cloud segment (accurate path) and the edge fast tail, so both admit frames, sample, end
+generations and answer repeated steps the same way:
 
-- ``accept(frame)``: checks the frame against the session (new sessions start
-  at seq 0 with parameters; seq follows; a repeated seq is answered again
-  from the stored result without recomputing);
-- ``answer(session_id, seq, logits, path, position)``: samples the next token
-  from the last position's logits with the session's parameters, and says
-  whether the generation ended (a stop token, or ``max_tokens`` tokens).
+- ``accept(frame)``: checks the frame against the session (new sessions start at seq 0 with parameters;
+  seq follows; a repeated seq is answered again from the stored result without recomputing; a session
+  that has generated its ``max_tokens`` takes no more steps);
+- ``work(frame, hidden)``: the segment input of an accepted frame, asking the segment to sample the token
+  after its last position with the session's parameters;
+- ``answer(frame, sampled, path)``: records the sampled token and says whether the generation ended (a
+  stop token, or ``max_tokens`` tokens).
 
-A sampled token's random draw depends only on the session's seed and the
-token's position in the sequence (``sampling.draw_generator``), not on the tier or on the
-draws before it: the fast tail that takes over a session mid-generation
-draws exactly what the cloud would have, and a repeated step draws the same.
+A sampled token's random draw depends only on the session's seed and the token's position
+(``sampling.draw_uniform``), not on the tier or on the draws before it: the fast tail that takes over a
+session mid-generation draws exactly what the cloud would have, and a repeated step draws the same.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
 
-from partitioner.runtime.sampling import SamplingParams, draw_generator, sample
+from partitioner.runtime.sampling import SamplingParams
+from partitioner.runtime.step import Sampled, SegmentInput
+from partitioner.session.ledger import Ledger, StepError, idle
 from protos import splitglm_pb2 as pb
 
-
-class StepError(ValueError):
-    """A frame the terminal cannot serve; ``status`` is the gRPC status code name."""
-
-    def __init__(self, status: str, message: str):
-        super().__init__(message)
-        self.status = status
+__all__ = ["StepError", "TailSession", "TailSessions", "sampling_params"]
 
 
 @dataclass
 class TailSession:
     params: pb.GenerationParams
     sampling: SamplingParams
-    next_seq: int = 0  # the seq the next new frame must carry
     generated: int = 0  # tokens sampled so far
-    last: pb.StepResult | None = None  # answer to seq next_seq - 1, for a repeated frame
-    touched: float = field(default_factory=time.monotonic)  # last activity, for the idle TTL
+    ledger: Ledger = field(default_factory=Ledger)
 
 
 def sampling_params(params: pb.GenerationParams) -> SamplingParams:
@@ -69,15 +62,11 @@ class TailSessions:
                 raise StepError("NOT_FOUND", f"unknown session {frame.session_id!r} (a session starts at seq 0)")
             self._open(frame)
             return None
-        state.touched = time.monotonic()
-        if frame.seq == state.next_seq - 1 and state.last is not None:
-            return state.last
-        if frame.seq != state.next_seq:
-            raise StepError(
-                "FAILED_PRECONDITION",
-                f"session {frame.session_id!r} expects seq {state.next_seq}, got {frame.seq}",
-            )
-        return None
+        stored = state.ledger.repeat(frame.session_id, frame.seq)
+        if stored is None and state.generated >= state.params.max_tokens:
+            raise StepError("RESOURCE_EXHAUSTED", f"session {frame.session_id!r} has already generated its "
+                            f"max_tokens {state.params.max_tokens} tokens")
+        return stored
 
     def _open(self, frame: pb.Frame) -> None:
         if not frame.session_id or len(frame.session_id) > 128:
@@ -95,20 +84,22 @@ class TailSessions:
         params.CopyFrom(frame.params)
         self.sessions[frame.session_id] = TailSession(params, sampling)
 
-    def answer(
-        self, session_id: str, seq: int, logits: torch.Tensor, path: int = pb.ACCURATE, *, position: int
-    ) -> pb.StepResult:
-        """Sample the token at ``position`` (the step's start_pos + its positions) from (V,) logits and
-        record the step's answer."""
-        state = self.sessions[session_id]
-        generator = draw_generator(state.params.seed, position) if state.sampling.temperature > 0 else None
-        token, logprob = sample(logits, state.sampling, generator)
+    def work(self, frame: pb.Frame, hidden: torch.Tensor) -> SegmentInput:
+        """The segment input of an accepted frame: its rows (T, C), sampling the token after the last one."""
+        state = self.sessions[frame.session_id]
+        position = frame.start_pos + int(hidden.shape[0])  # the sampled token's
+        rows = tuple(state.sampling.rows(position))
+        return SegmentInput(frame.session_id, frame.start_pos, hidden=hidden, sample=rows)
+
+    def answer(self, frame: pb.Frame, sampled: Sampled, path: int = pb.ACCURATE) -> pb.StepResult:
+        """Record the token sampled for ``frame`` and the step's answer."""
+        state = self.sessions[frame.session_id]
+        token, logprob = sampled.tokens[-1], sampled.logprobs[-1]
         state.generated += 1
         finished = token in state.params.stop_token_ids or state.generated >= state.params.max_tokens
-        result = pb.StepResult(
-            session_id=session_id, seq=seq, tokens=[token], logprobs=[logprob], path=path, finished=finished
-        )
-        state.next_seq, state.last, state.touched = seq + 1, result, time.monotonic()
+        result = pb.StepResult(session_id=frame.session_id, seq=frame.seq, tokens=[token], logprobs=[logprob],
+                               path=path, finished=finished)
+        state.ledger.record(frame.seq, result)
         return result
 
     def close(self, session_id: str) -> None:
@@ -116,5 +107,4 @@ class TailSessions:
 
     def idle(self, ttl_s: float, now: float | None = None) -> list[str]:
         """Sessions without activity for ``ttl_s`` seconds."""
-        now = time.monotonic() if now is None else now
-        return [sid for sid, s in self.sessions.items() if now - s.touched > ttl_s]
+        return idle({sid: s.ledger for sid, s in self.sessions.items()}, ttl_s, now)

@@ -148,6 +148,7 @@ def healthy_reference(tiny_glm):
 
 @contextmanager
 def start_cloud(plan: str, **settings) -> Iterator[CloudServer]:
+    settings = {"dtype": "float32", **settings}  # the references are fp32 (on a GPU too: device auto)
     server = serve(CloudSettings(plan=plan, host="127.0.0.1", port=0, threads=1, **settings))
     try:
         yield server

@@ -77,10 +77,7 @@ class Responder:
         if result is None:
             item = SegmentInput(frame.session_id, frame.start_pos, hidden=received.hidden)
             mid = self.edge([item])[0]  # (T, C)
-            item = SegmentInput(frame.session_id, frame.start_pos, hidden=mid)
-            position = frame.start_pos + received.hidden.shape[0]
-            result = self.tails.answer(frame.session_id, frame.seq, self.cloud([item], last_only=True)[0][-1],
-                                       position=position)
+            result = self.tails.answer(frame, self.cloud([self.tails.work(frame, mid)])[0])
         answer = pb.StepResult()
         answer.CopyFrom(result)
         answer.edge_id = self.edge_id

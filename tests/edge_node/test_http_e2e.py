@@ -20,13 +20,17 @@ MESSAGES = [{"role": "user", "content": "Name three primary colors."}]
 MAX_TOKENS = 20
 
 
-@pytest.fixture(scope="module")
-def edge_url(demo_checkpoint):
+CLOUD_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # cuda: through the device tool
+
+
+@pytest.fixture(scope="module", params=CLOUD_DEVICES)
+def edge_url(request, demo_checkpoint):
+    """The edge in front of a cloud on the CPU and, where there is one, on the GPU (fp32 weights either way)."""
     plan = str(demo_plan(demo_checkpoint, codecs=("fp32", "fp32")))
     procs: list[Proc] = []
     try:
         cloud = Proc.python("cloud", "cloud_service", "--plan", plan, "--host", "127.0.0.1", "--port", "0",
-                            "--threads", "1")  # fmt: skip
+                            "--threads", "1", "--device", request.param, "--dtype", "float32")  # fmt: skip
         procs.append(cloud)
         address = cloud.ready(180).removeprefix("grpc://")
         edge = Proc.python("edge", "edge_node", "--plan", plan, "--cloud", address, "--broker", "",

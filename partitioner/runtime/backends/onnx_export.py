@@ -10,7 +10,7 @@ One graph serves prefill and decode: every token and cache axis is dynamic.
              present_key_{i}, present_value_{i}  (1, K, P + T, D)
 
 The graph reuses the segment's own modules (DecoderLayer, rotary, RMSNorm):
-only the cache is swapped for ``_GraphKV``, which joins the past given as
+only the step context is ``GraphStep``, which joins the past given as
 graph inputs with the new keys and values.
 """
 
@@ -26,11 +26,12 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from partitioner.runtime.checkpoint import GlmSpec
 from partitioner.runtime.compress.quant import Int4Linear, Int8Linear
-from partitioner.runtime.layers import AttentionBatch, rotary_cos_sin
+from partitioner.runtime.layers import rotary_cos_sin
 from partitioner.runtime.segment import Segment
 
 logger = logging.getLogger(__name__)
@@ -44,27 +45,27 @@ _PROTOBUF_LIMIT = 1_800_000_000  # bytes; larger models keep their weights in an
 _EXAMPLE_TOKENS, _EXAMPLE_PAST = 7, 11
 
 
-class _GraphKV:
-    """A KVCache stand-in for tracing: past (graph input) + new keys/values = present (graph output)."""
+class GraphStep:
+    """The step context of a traced segment: past keys/values are graph inputs, the presents its outputs."""
 
-    def __init__(self, past: dict[int, tuple[torch.Tensor, torch.Tensor]]):
+    def __init__(self, past: dict[int, tuple[torch.Tensor, torch.Tensor]], position_offset: torch.Tensor,
+                 tokens: int, spec: GlmSpec):
         self.past = past  # layer -> 2 x (K, P, D)
         self.present: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.positions = position_offset[:, None] + torch.arange(tokens)  # (1, T)
+        self.cos, self.sin = rotary_cos_sin(self.positions, spec.rotary_dim, spec.rope_theta)  # 2 x (1, T, 1, R/2)
 
-    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Past + new keys/values become the layer's present; causal attention of the T rows: (1, T, H, D)."""
         past_k, past_v = self.past[layer]
-        keys, values = torch.cat((past_k, k), dim=1), torch.cat((past_v, v), dim=1)  # (K, P + T, D)
+        keys = torch.cat((past_k, k[0].transpose(0, 1)), dim=1)  # (K, P + T, D)
+        values = torch.cat((past_v, v[0].transpose(0, 1)), dim=1)
         self.present[layer] = (keys, values)
-        return keys, values
-
-
-def graph_attention_batch(position_offset: torch.Tensor, past: int, tokens: int, spec: GlmSpec, kv) -> AttentionBatch:
-    """Rotary angles and the causal mask of T new rows attending to P cached + T new keys."""
-    positions = position_offset[:, None] + torch.arange(tokens)  # (1, T)
-    cos, sin = rotary_cos_sin(positions, spec.rotary_dim, spec.rope_theta)  # 2 x (1, 1, T, R/2)
-    keys = torch.arange(past + tokens)  # (P + T,)
-    mask = keys[None, :] <= (past + torch.arange(tokens))[:, None]  # (T, P + T)
-    return AttentionBatch(cos=cos, sin=sin, mask=mask[None, None], caches=[kv], starts=[past], lengths=[tokens])
+        T, P = q.shape[1], past_k.shape[1]
+        mask = torch.arange(P + T)[None, :] <= (P + torch.arange(T))[:, None]  # (T, P + T)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys[None], values[None],
+                                             attn_mask=mask[None, None], enable_gqa=True)  # (1, H, T, D)
+        return out.transpose(1, 2)  # (1, T, H, D)
 
 
 class SegmentGraph(nn.Module):
@@ -78,13 +79,12 @@ class SegmentGraph(nn.Module):
     def forward(self, inputs: torch.Tensor, position_offset: torch.Tensor, *past: torch.Tensor):
         seg = self.segment
         x = seg.embed_tokens(inputs) if seg.has_embed else inputs  # (1, T, C)
-        kv = _GraphKV({i: (past[2 * j][0], past[2 * j + 1][0]) for j, i in enumerate(self.layer_ids)})
-        cached = past[0].shape[2] if past else 0
-        batch = graph_attention_batch(position_offset, cached, x.shape[1], seg.spec, kv)
+        past_kv = {i: (past[2 * j][0], past[2 * j + 1][0]) for j, i in enumerate(self.layer_ids)}
+        ctx = GraphStep(past_kv, position_offset, x.shape[1], seg.spec)
         for layer in seg.layers.values():
-            x = layer(x, batch)  # (1, T, C)
+            x = layer(x, ctx)  # (1, T, C)
         out = seg.lm_head(seg.norm(x)) if seg.has_head else x  # (1, T, C) or (1, T, V)
-        presents = [t[None] for i in self.layer_ids for t in kv.present[i]]  # 2L x (1, K, P + T, D)
+        presents = [t[None] for i in self.layer_ids for t in ctx.present[i]]  # 2L x (1, K, P + T, D)
         return (out, *presents)
 
 

@@ -2,7 +2,9 @@
 
 Each session's KV cache lives here as numpy arrays, one (1, K, P, D) pair per
 layer; every call feeds the past and keeps the present the graph returns.
-Sessions in one call run one after another.
+Sessions in one call run one after another. ONNX Runtime takes its past as
+dense inputs, so unlike the PyTorch pool a rewind here truncates (copies) the
+arrays; the steps are checked by the same ``runtime.step`` rules.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 
 from partitioner.runtime.backends.onnx_export import FORMAT_VERSION, META_FILE
 from partitioner.runtime.checkpoint import GlmSpec
-from partitioner.runtime.segment import SegmentInput, SessionError, continue_session
+from partitioner.runtime.step import SegmentInput, check_continues, check_items, output_rows, sample_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +41,6 @@ class OnnxCache:
             for i, a in store.items():
                 store[i] = np.ascontiguousarray(a[:, :, :length])
         self.length = length
-
-    def nbytes(self) -> int:
-        return sum(a.nbytes for store in (self.keys, self.values) for a in store.values())
 
 
 def load_meta(folder: str | os.PathLike) -> dict:
@@ -104,6 +103,8 @@ class OnnxSegment:
 
     def open_session(self, session_id: str) -> None:
         empty = np.zeros((1, self.spec.num_kv_heads, 0, self.spec.head_dim), dtype=np.float32)  # (1, K, 0, D)
+        if session_id in self.sessions:
+            raise ValueError(f"session {session_id!r} is already open")
         self.sessions[session_id] = OnnxCache(
             keys={i: empty for i in self.layer_ids}, values={i: empty for i in self.layer_ids}
         )
@@ -114,40 +115,37 @@ class OnnxSegment:
     def cached_length(self, session_id: str) -> int:
         return self.sessions[session_id].length
 
-    def _cache_for(self, item: SegmentInput) -> OnnxCache:
-        """The session's cache, created at position 0, checked to continue where it left off."""
-        return continue_session(self.sessions, item, self.open_session)
+    def reserve(self, session_id: str, positions: int) -> None:
+        """Open the session (ONNX caches grow per step: there is no pool to reserve in)."""
+        if session_id not in self.sessions:
+            self.open_session(session_id)
 
     # ---- compute --------------------------------------------------------------------------------
 
-    def __call__(self, items: list[SegmentInput], last_only: bool = False) -> list[torch.Tensor]:
-        """Per session its hidden states (T, C), or with the head logits (T, V); (1, V) if ``last_only``."""
-        if len({item.session_id for item in items}) != len(items):
-            raise SessionError("a batch holds at most one step per session")
+    def __call__(self, items: list[SegmentInput], last_only: bool = False) -> list:
+        """Per session its hidden states (T, C), or with the head logits (T, V) ((1, V) if ``last_only``),
+        or a ``Sampled`` for a session that asks to sample."""
+        check_items(items, self.spec, self.has_embed, self.has_head, self.start)  # before any cache changes
         for item in items:
-            self._rows(item)  # refuse a malformed batch before any cache changes
-        caches = [self._cache_for(item) for item in items]
-        for cache, item in zip(caches, items, strict=True):
-            cache.truncate(item.start_pos)  # a rewind drops what followed, even if this pass fails
-        out = [self._run_one(cache, item) for cache, item in zip(caches, items, strict=True)]
-        if self.has_head and last_only:
-            out = [rows[-1:] for rows in out]
-        return out
+            cache = self.sessions.get(item.session_id)
+            check_continues(item.session_id, item.start_pos, None if cache is None else cache.length)
+        for item in items:
+            if item.session_id not in self.sessions:
+                self.open_session(item.session_id)
+            self.sessions[item.session_id].truncate(item.start_pos)  # a rewind drops what followed, even on failure
+        out = [self._run_one(self.sessions[item.session_id], item) for item in items]
+        if not self.has_head:
+            return out
+        keep = [rows.stop - rows.start for rows in output_rows(items, [0] * len(items), last_only)]
+        return sample_outputs(items, [rows[rows.shape[0] - k :] for rows, k in zip(out, keep)])
 
     forward = __call__
 
     def _rows(self, item: SegmentInput) -> np.ndarray:
         """The graph's first input for one session: input_ids (1, T) int64 or hidden (1, T, C) float32."""
         if self.has_embed:
-            if item.input_ids is None:
-                raise ValueError("this segment starts with the embedding: give input_ids, not hidden states")
             return item.input_ids.detach().cpu().long().numpy().reshape(1, -1)  # (1, T)
-        if item.hidden is None:
-            raise ValueError(f"this segment starts at layer {self.start}: give hidden states")
-        rows = item.hidden
-        if rows.ndim != 2 or rows.shape[1] != self.spec.hidden_size:
-            raise ValueError(f"hidden states must be (T, {self.spec.hidden_size}), got {tuple(rows.shape)}")
-        return rows.detach().cpu().float().numpy()[None]  # (1, T, C)
+        return item.hidden.detach().cpu().float().numpy()[None]  # (1, T, C)
 
     def _run_one(self, cache: OnnxCache, item: SegmentInput) -> torch.Tensor:
         """One session's new rows through the graph; the cache takes the presents."""

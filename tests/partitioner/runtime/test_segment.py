@@ -109,3 +109,38 @@ def test_view_runs_part_of_a_segment_with_its_own_caches(tiny_glm):
     assert part.layers["2"] is whole.layers["2"]  # shared weights, no copy
     with pytest.raises(ValueError, match="not within"):
         whole.view(4, 7)
+
+
+def test_a_rewind_with_new_content_equals_a_fresh_run(segment):
+    """Rejected speculative positions: the cache rewinds (a length change) and other rows follow."""
+    C = segment.spec.hidden_size
+    prompt, drafts, other = rows(6, C, 20), rows(4, C, 21), rows(2, C, 22)
+    segment([SegmentInput("spec", 0, hidden=prompt)])
+    segment([SegmentInput("spec", 6, hidden=drafts)])  # four drafted positions ...
+    pages = list(segment.pool.sessions["spec"].pages)
+    rewound = segment([SegmentInput("spec", 7, hidden=other)])[0]  # ... one accepted, then other content
+    assert segment.pool.sessions["spec"].pages == pages  # a rewind moved nothing
+    segment([SegmentInput("fresh", 0, hidden=torch.cat([prompt, drafts[:1]]))])
+    fresh = segment([SegmentInput("fresh", 7, hidden=other)])[0]
+    torch.testing.assert_close(rewound, fresh, atol=1e-5, rtol=1e-5)
+    assert segment.cached_length("spec") == 9
+    for name in ("spec", "fresh"):
+        segment.close_session(name)
+
+
+def test_a_full_pool_refuses_new_sessions_and_spares_running_ones(tiny_glm):
+    from partitioner.runtime.kv_pool import PoolExhausted
+
+    small = Segment.from_checkpoint(tiny_glm, 1, 3)
+    small.configure_pool(tokens=64, page_size=16)
+    C = small.spec.hidden_size
+    small.reserve("running", 48)
+    before = small([SegmentInput("running", 0, hidden=rows(8, C, 30))])[0]
+    with pytest.raises(PoolExhausted, match="free positions"):
+        small([SegmentInput("new", 0, hidden=rows(30, C, 31))])
+    assert set(small.sessions) == {"running"} and small.cached_length("running") == 8
+    after = small([SegmentInput("running", 8, hidden=rows(1, C, 32))])[0]  # the running one goes on
+    small.close_session("running")
+    again = small([SegmentInput("running", 0, hidden=torch.cat([rows(8, C, 30), rows(1, C, 32)]))])[0]
+    torch.testing.assert_close(again[:8], before, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(again[8:], after, atol=1e-5, rtol=1e-5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from partitioner.runtime.step import Sampled
 from partitioner.session.local import Chain, split_segments
 from partitioner.session.owner import Generation, StepFailed, TextStream, stage_breakdown
 from partitioner.session.terminal import StepError, TailSessions
@@ -54,7 +55,7 @@ def test_repeated_frame_is_answered_without_recomputing(tiny_glm):
     tails = TailSessions()
     frame = make_frame("s", 0, 0, torch.randn(4, edge.spec.hidden_size), "fp32", params=params(temperature=1.0))
     assert tails.accept(frame) is None
-    first = tails.answer("s", 0, torch.randn(edge.spec.vocab_size), position=4)
+    first = tails.answer(frame, Sampled([3], [-0.5]))
     assert tails.accept(frame) is first  # a retry of seq 0: the same answer, not a new sample
     with pytest.raises(StepError) as e:
         tails.accept(make_frame("s", 5, 4, None))

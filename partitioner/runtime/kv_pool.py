@@ -1,0 +1,169 @@
+"""One preallocated key/value pool per segment: pages of ``page_size`` positions and a page table per session.
+
+Storage is two tensors, keys and values, of shape (layers, pages, page_size, K, D), allocated once (a
+setting in tokens or MiB). A session holds a list of pages in position order: position p lives in slot
+``pages[p // page_size] * page_size + p % page_size`` of the flat (pages * page_size, K, D) view.
+
+- Attention reads the pool in place: the CUDA kernel through the page table, the PyTorch path through
+  ``runs`` (contiguous slot ranges, each a view), so nothing is gathered or padded per step.
+- A rewind (a retried step, a replay, rejected speculative positions) only sets ``length``.
+- ``reserve`` takes pages for a session up front or fails with ``PoolExhausted`` without taking any, so
+  a full pool refuses new work and never corrupts a running session. Page 0 is never handed out: padding
+  rows of a captured CUDA graph write their keys there.
+- ``grow="double"`` (the CPU default) reserves room in doubling steps, preferring the pages right after a
+  session's last one, so a session's pages stay in few contiguous runs; ``"exact"`` takes what is asked.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+DEFAULT_PAGE_SIZE = 16  # positions per page
+DEFAULT_POOL_TOKENS = 32768  # positions a segment's pool holds when no size is given
+
+
+class PoolExhausted(RuntimeError):
+    """The KV pool has no room for what a session asks (the caller answers RESOURCE_EXHAUSTED)."""
+
+
+@dataclass
+class SessionPages:
+    """One session's place in the pool."""
+
+    pages: list[int] = field(default_factory=list)  # page ids, in position order
+    runs: list[list[int]] = field(default_factory=list)  # [first page, pages] of consecutive page ids
+    length: int = 0  # positions cached (valid keys/values)
+
+
+def pool_tokens(per_token_bytes: int, tokens: int | None = None, mib: float | None = None) -> int:
+    """The pool's capacity in positions: ``tokens`` if given, else what ``mib`` MiB hold, else the default."""
+    if tokens is not None and mib is not None:
+        raise ValueError("give the KV pool's size in tokens or in MiB, not both")
+    if mib is not None:
+        tokens = int(mib * 2**20 // max(per_token_bytes, 1))
+    tokens = DEFAULT_POOL_TOKENS if tokens is None else tokens
+    if tokens < 1:
+        raise ValueError(f"the KV pool must hold at least one position, got {tokens}")
+    return tokens
+
+
+class KVPool:
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        tokens: int,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        grow: str = "double",
+    ):
+        if page_size < 1 or tokens < 1:
+            raise ValueError(f"a KV pool needs page_size >= 1 and tokens >= 1, got {page_size}, {tokens}")
+        if grow not in ("double", "exact"):
+            raise ValueError(f"grow must be 'double' or 'exact', got {grow!r}")
+        self.page_size, self.grow = page_size, grow
+        self.num_pages = math.ceil(tokens / page_size) + 1  # + the scratch page 0
+        shape = (num_layers, self.num_pages, page_size, num_kv_heads, head_dim)
+        # torch.empty: on the CPU, memory is committed only as pages are first written
+        self.k = torch.empty(shape, dtype=dtype, device=device)  # (layers, pages, page_size, K, D)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.sessions: dict[str, SessionPages] = {}
+        self._free = list(range(1, self.num_pages))  # sorted
+
+    @property
+    def free_positions(self) -> int:
+        return len(self._free) * self.page_size
+
+    @property
+    def capacity_positions(self) -> int:
+        return (self.num_pages - 1) * self.page_size
+
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    # ---- sessions ---------------------------------------------------------------------------------
+
+    def open(self, session_id: str) -> SessionPages:
+        if session_id in self.sessions:
+            raise ValueError(f"session {session_id!r} is already in the pool")
+        state = self.sessions[session_id] = SessionPages()
+        return state
+
+    def close(self, session_id: str) -> None:
+        state = self.sessions.pop(session_id, None)
+        if state is not None:
+            for page in state.pages:
+                bisect.insort(self._free, page)
+
+    def capacity(self, session_id: str) -> int:
+        return len(self.sessions[session_id].pages) * self.page_size
+
+    def reserve(self, session_id: str, positions: int) -> None:
+        """Make room for ``positions`` positions of the session (all of it, or nothing: PoolExhausted)."""
+        state = self.sessions[session_id]
+        need = math.ceil(positions / self.page_size) - len(state.pages)
+        if need <= 0:
+            return
+        if need > len(self._free):
+            raise PoolExhausted(
+                f"the KV pool has {self.free_positions} free positions of {self.capacity_positions}; session "
+                f"{session_id!r} needs {positions - self.capacity(session_id)} more"
+            )
+        if self.grow == "double":  # room ahead: as many pages again as held, if they are free
+            need = max(need, min(len(state.pages), len(self._free)))
+        for _ in range(need):
+            self._take(state)
+
+    def _take(self, state: SessionPages) -> None:
+        """Give the session one more page: the one after its last if free, else the lowest free one."""
+        after = state.pages[-1] + 1 if state.pages else None
+        i = bisect.bisect_left(self._free, after) if after is not None else 0
+        if after is None or i >= len(self._free) or self._free[i] != after:
+            i = 0
+        page = self._free.pop(i)
+        state.pages.append(page)
+        if state.runs and state.runs[-1][0] + state.runs[-1][1] == page:
+            state.runs[-1][1] += 1
+        else:
+            state.runs.append([page, 1])
+
+    # ---- addressing ---------------------------------------------------------------------------------
+
+    def slots(self, session_id: str, start: int, count: int) -> list[int]:
+        """Flat slot ids of positions [start, start + count) of a session (room must be reserved)."""
+        pages, ps = self.sessions[session_id].pages, self.page_size
+        return [pages[p // ps] * ps + p % ps for p in range(start, start + count)]
+
+    def runs(self, session_id: str, length: int) -> list[tuple[int, int]]:
+        """Contiguous flat slot ranges [a, b) that hold positions [0, length) of a session, in order."""
+        out, left, ps = [], length, self.page_size
+        for first, n in self.sessions[session_id].runs:
+            if left <= 0:
+                break
+            take = min(n * ps, left)
+            out.append((first * ps, first * ps + take))
+            left -= take
+        return out
+
+    def page_table(self, session_id: str) -> list[int]:
+        return list(self.sessions[session_id].pages)
+
+    # ---- storage ------------------------------------------------------------------------------------
+
+    def flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of one (local) layer as (pages * page_size, K, D) views."""
+        k, v = self.k[layer], self.v[layer]
+        return k.view(-1, *k.shape[2:]), v.view(-1, *v.shape[2:])
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store (N, K, D) keys and values of new rows at their (N,) slots."""
+        keys, values = self.flat(layer)
+        keys.index_copy_(0, slots, k.to(keys.dtype))
+        values.index_copy_(0, slots, v.to(values.dtype))

@@ -1,0 +1,265 @@
+"""The cloud tier on a GPU: decode speed against the memory-bandwidth bound, and what else a server meets.
+
+    splitglm bench cloud-gpu [--json] [--shape glm4-9b | --model DIR] [--repeats 3]
+
+Measured in one run, on the CUDA engine (``partitioner.runtime.cuda``, bf16, CUDA graphs):
+- the card's device-to-device copy bandwidth (bytes read + written), the segment's weight bytes, and the
+  batch-1 bound: copy bandwidth / weight bytes tokens per second;
+- decode tokens/s at batch 1, 8 and 32 (128-token prompts, 128 decode steps, every session's step one
+  graph replay), and the fraction of the bound at batch 1;
+- the time of a 5-position step (speculative verification) over a 1-position step;
+- transformers' ``generate`` on the same card, shape and batch sizes (eager, its own KV cache), as a ratio;
+- the p99 decode step of 31 sessions while a 4096-token prompt arrives (in chunks, through the runtime's
+  scheduler), over the p99 without it.
+
+``--shape`` builds random bf16 weights on the GPU (speed does not depend on their values);
+``--model DIR`` loads a checkpoint's layers + head instead. Every figure is a median over ``--repeats``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+
+import torch
+
+GLM4_9B = {  # GLM-4-9B-0414's config.json, as far as the shape goes
+    "model_type": "glm4", "vocab_size": 151552, "hidden_size": 4096, "intermediate_size": 13696,
+    "num_hidden_layers": 40, "num_attention_heads": 32, "num_key_value_heads": 2, "head_dim": 128,
+    "partial_rotary_factor": 0.5, "rope_theta": 10000.0, "rms_norm_eps": 1e-05, "attention_bias": True,
+    "tie_word_embeddings": False, "eos_token_id": [151329, 151336, 151338], "max_position_embeddings": 32768,
+}  # fmt: skip
+SHAPES = {"glm4-9b": GLM4_9B}
+
+
+def copy_gbps(gib: float = 4.0, repeats: int = 20) -> float:
+    """Device-to-device copy bandwidth, GB/s, counting bytes read and written (median of ``repeats``)."""
+    src = torch.empty(int(gib * 2**30), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * src.numel() / statistics.median(times) / 1e9
+
+
+def build_engine(args, spec):
+    from partitioner.runtime.cuda import CudaEngine, random_weights
+
+    common = {"dtype": torch.bfloat16, "pool_mib": args.pool_mib, "prefill_chunk": args.prefill_chunk,
+              "max_batch": 32, "max_positions": 8192}
+    if args.model:
+        from partitioner.runtime.segment import Segment
+
+        segment = Segment.from_checkpoint(args.model, 0, spec.num_layers, head=True, dtype=torch.bfloat16)
+        return CudaEngine(segment, **common)
+    weights = random_weights(spec, spec.num_layers, embed=False, head=True, dtype=torch.bfloat16, device="cuda")
+    return CudaEngine(weights=weights, spec=spec, start=0, head=True, **common)
+
+
+def _rows(n: int, width: int) -> torch.Tensor:
+    return torch.randn(n, width)
+
+
+def decode_rate(engine, batch: int, prompt: int, steps: int) -> tuple[float, float]:
+    """(decode tokens/s over all sessions, median step ms): prompts first, then ``steps`` lockstep steps."""
+    from partitioner.runtime.sampling import SamplingParams
+    from partitioner.runtime.segment import SegmentInput
+
+    C, greedy = engine.spec.hidden_size, SamplingParams()
+    sids = [f"b{batch}-{i}-{time.monotonic_ns()}" for i in range(batch)]
+    for sid in sids:
+        engine([SegmentInput(sid, 0, hidden=_rows(prompt, C), sample=tuple(greedy.rows(prompt)))])
+    step_inputs = [_rows(batch, C) for _ in range(4)]
+    times = []
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for s in range(steps):
+        t0 = time.perf_counter()
+        rows = step_inputs[s % 4]
+        engine([SegmentInput(sid, prompt + s, hidden=rows[i : i + 1], sample=tuple(greedy.rows(prompt + s + 1)))
+                for i, sid in enumerate(sids)])
+        times.append((time.perf_counter() - t0) * 1e3)
+    wall = time.perf_counter() - start
+    for sid in sids:
+        engine.close_session(sid)
+    return batch * steps / wall, statistics.median(times)
+
+
+def verify_ratio(engine, prompt: int = 128, repeats: int = 50) -> tuple[float, float, float]:
+    """(5-position step ms / 1-position step ms, and both medians), one session, rewound after each step."""
+    from partitioner.runtime.sampling import SamplingParams
+    from partitioner.runtime.segment import SegmentInput
+
+    C, greedy = engine.spec.hidden_size, SamplingParams()
+    engine([SegmentInput("verify", 0, hidden=_rows(prompt, C), sample=tuple(greedy.rows(prompt)))])
+    medians = []
+    for n in (1, 5):
+        rows, times = _rows(n, C), []
+        for i in range(repeats + 3):
+            t0 = time.perf_counter()
+            engine([SegmentInput("verify", prompt, hidden=rows, sample=tuple(greedy.rows(prompt + 1, n)))])
+            if i >= 3:
+                times.append((time.perf_counter() - t0) * 1e3)
+        medians.append(statistics.median(times))
+    engine.close_session("verify")
+    return medians[1] / medians[0], medians[0], medians[1]
+
+
+def prompt_interference(engine, sessions: int = 31, prompt: int = 4096, steps: int = 48) -> dict:
+    """p99 of the running sessions' lockstep decode steps without and while a ``prompt``-token prompt arrives."""
+    from partitioner.runtime.sampling import SamplingParams
+    from partitioner.runtime.scheduler import Scheduler
+    from partitioner.runtime.segment import SegmentInput
+
+    C, greedy, lock = engine.spec.hidden_size, SamplingParams(), threading.Lock()
+    scheduler = Scheduler(engine, max_batch=32, lock=lock, name="bench").start()
+    sids = [f"run-{i}" for i in range(sessions)]
+    scheduler([SegmentInput(s, 0, hidden=_rows(128, C), sample=tuple(greedy.rows(128))) for s in sids])
+    pos = {s: 128 for s in sids}
+
+    def round_ms() -> float:
+        with lock:  # every session's step queues before the next step starts
+            t0 = time.perf_counter()
+            futures = [scheduler.submit(SegmentInput(s, pos[s], hidden=_rows(1, C),
+                                                     sample=tuple(greedy.rows(pos[s] + 1)))) for s in sids]
+        for f in futures:
+            f.result()
+        for s in sids:
+            pos[s] += 1
+        return (time.perf_counter() - t0) * 1e3
+
+    calm = [round_ms() for _ in range(steps)]
+    arriving = scheduler.submit(SegmentInput("long", 0, hidden=_rows(prompt, C), sample=tuple(greedy.rows(prompt))))
+    busy = []
+    while not arriving.done():
+        busy.append(round_ms())
+    scheduler.stop()
+    for s in [*sids, "long"]:
+        engine.close_session(s)
+    p99 = lambda xs: sorted(xs)[min(len(xs) - 1, int(0.99 * len(xs)))]  # noqa: E731
+    return {"p99_step_ms_calm": round(p99(calm), 3), "p99_step_ms_prompt": round(p99(busy), 3),
+            "prompt_p99_ratio": round(p99(busy) / p99(calm), 3), "prompt_steps": len(busy)}
+
+
+def kernel_breakdown(engine, batch: int = 1, prompt: int = 128, steps: int = 5) -> dict:
+    """Where a decode step's GPU time goes: per kernel family, microseconds per step (eager passes under
+    the profiler: the kernels are those of the graphs; the gaps between them are the graph's own)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from partitioner.runtime.sampling import SamplingParams
+    from partitioner.runtime.segment import SegmentInput
+
+    C, greedy, graphs = engine.spec.hidden_size, SamplingParams(), engine.graphs
+    sids = [f"prof-{i}" for i in range(batch)]
+    for sid in sids:
+        engine([SegmentInput(sid, 0, hidden=_rows(prompt, C), sample=tuple(greedy.rows(prompt)))])
+    engine.graphs = False
+    try:
+        def step(s: int) -> None:
+            engine([SegmentInput(sid, prompt + s, hidden=_rows(1, C), sample=tuple(greedy.rows(prompt + s + 1)))
+                    for sid in sids])
+
+        step(0)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for s in range(1, steps + 1):
+                step(s)
+    finally:
+        engine.graphs = graphs
+        for sid in sids:
+            engine.close_session(sid)
+    families: dict[str, float] = {}
+    for event in prof.key_averages():
+        us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        name = event.key
+        family = next((f for f in ("skinny_linear", "paged_attention", "rotary_kv_write", "add_rms_norm", "rms_norm",
+                                   "silu_mul", "sort", "softmax", "index", "Memcpy") if f.lower() in name.lower()),
+                      "other")  # fmt: skip
+        families[family] = families.get(family, 0.0) + us / steps
+    total = sum(families.values())
+    return {"batch": batch, "kernel_us_per_step": {k: round(v, 1) for k, v in sorted(families.items())},
+            "kernels_ms_per_step": round(total / 1e3, 3)}
+
+
+def hf_rates(config: dict, batches: tuple[int, ...], prompt: int, short: int = 16, long: int = 48) -> dict[int, float]:
+    """transformers ``generate`` decode tokens/s per batch size: (tokens of ``long`` - ``short`` new) / time."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(**config)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(cfg).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    rates = {}
+    for b in batches:
+        ids = torch.randint(0, cfg.vocab_size, (b, prompt), device="cuda")
+        took = {}
+        for n in (short, long):
+            with torch.no_grad():
+                model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)  # warm
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+                torch.cuda.synchronize()
+                took[n] = time.perf_counter() - t0
+        rates[b] = b * (long - short) / (took[long] - took[short])
+    del model
+    torch.cuda.empty_cache()
+    return rates
+
+
+def run(args: argparse.Namespace) -> int:
+    if not torch.cuda.is_available():
+        sys.stderr.write("splitglm bench cloud-gpu: CUDA is not available on this machine (it needs an NVIDIA GPU)\n")
+        return 2
+    from partitioner.runtime.checkpoint import GlmSpec, load_spec
+
+    config = SHAPES[args.shape] if not args.model else None
+    spec = load_spec(args.model) if args.model else GlmSpec.from_config(config)
+    torch.manual_seed(0)
+    bandwidth = copy_gbps()
+    engine = build_engine(args, spec)
+    weight_gb = engine.nbytes() / 1e9
+    bound = bandwidth / weight_gb
+    out = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": args.model or args.shape,
+           "random_weights": not args.model, "dtype": "bfloat16", "copy_gbps": round(bandwidth, 1),
+           "weight_gb": round(weight_gb, 3), "bound_tok_s": round(bound, 1), "prompt_tokens": 128, "decode_steps": 128,
+           "repeats": args.repeats}  # fmt: skip
+    for b in (1, 8, 32):
+        decode_rate(engine, b, 128, 8)  # captures the graphs of this batch size
+        runs = [decode_rate(engine, b, 128, 128) for _ in range(args.repeats)]
+        out[f"tokens_per_s_b{b}"] = round(statistics.median(r[0] for r in runs), 1)
+        out[f"step_ms_b{b}"] = round(statistics.median(r[1] for r in runs), 3)
+    out["bound_fraction_b1"] = round(out["tokens_per_s_b1"] / bound, 3)
+    ratio, one, five = verify_ratio(engine)
+    out.update(verify5_over_step=round(ratio, 3), step1_ms=round(one, 3), step5_ms=round(five, 3))
+    out.update(prompt_interference(engine))
+    out["breakdown_b1"] = kernel_breakdown(engine, 1)
+    out["graphs"] = dict(engine.stats)
+    if not args.no_hf:
+        hf_config = config or json.loads((__import__("pathlib").Path(args.model) / "config.json").read_text())
+        del engine
+        torch.cuda.empty_cache()
+        hf = hf_rates(hf_config, (1, 8, 32), 128)
+        for b, rate in hf.items():
+            out[f"hf_tokens_per_s_b{b}"] = round(rate, 1)
+            out[f"hf_generate_ratio_b{b}"] = round(out[f"tokens_per_s_b{b}"] / rate, 2)
+    if args.json:
+        sys.stdout.write(json.dumps(out) + "\n")
+    else:
+        for key, value in out.items():
+            sys.stdout.write(f"{key:>24}: {value}\n")
+    return 0
+
