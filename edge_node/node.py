@@ -24,7 +24,7 @@ import uvicorn
 from partitioner.runtime.artifacts import load_plan, load_tier, verify_manifest
 from partitioner.runtime.build import build_segment
 from partitioner.runtime.checkpoint import load_tokenizer
-from partitioner.runtime.scheduler import Scheduler
+from partitioner.runtime.scheduler import FairLock, Scheduler
 from partitioner.session.owner import Downstream, Generation
 from protos import splitglm_pb2 as pb
 
@@ -84,7 +84,7 @@ class EdgeNode:
         self.codec = self.plan["codecs"]["edge_cloud"]
         self.segment = load_tier(settings.plan, "edge")  # embedding + [0, k2)
         self.spec = self.segment.spec
-        self.segment_lock = threading.Lock()
+        self.segment_lock = FairLock()  # the HTTP and the MQTT schedulers take turns on the CPU
         self.owner = Scheduler(self.segment, max_batch=settings.relay_max_batch, lock=self.segment_lock,
                                name="owner-scheduler").start()  # HTTP sessions' steps of [0, k2)
         self.device_segment = self._device_segment()  # [k1, k2) for device frames

@@ -339,7 +339,7 @@ class FrameRelay:
         self.metrics.session_closed("mqtt")
         logger.debug("session %s freed: %s", sid, reason)
         try:
-            state.tail.close(close or make_frame(sid, state.next_seq, 0, None, close=True))
+            state.tail.close(close or make_frame(sid, state.ledger.next_seq, 0, None, close=True))
         except Exception:  # noqa: BLE001 -- best effort: the cloud frees the session when the stream ends
             logger.warning("closing the cloud stream of session %s failed", sid, exc_info=True)
 

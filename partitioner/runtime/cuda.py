@@ -19,6 +19,7 @@ tokens are the only thing read back.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -183,7 +184,7 @@ class CudaEngine:
         self.cos, self.sin = angles.cos().contiguous(), angles.sin().contiguous()
         self._passes: dict[tuple, _Pass] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if graphs else None
-        self.stats = {"graph_replays": 0, "eager_passes": 0, "captures": 0}
+        self.stats = {"graph_replays": 0, "eager_passes": 0, "captures": 0, "fill_ms": 0.0}
 
     # ---- sessions (as Segment) ---------------------------------------------------------------------
 
@@ -266,7 +267,7 @@ class CudaEngine:
             T = max(items[i].num_positions for i in short)
             sampled = any(r.temperature > 0 for i in short for r in items[i].sample)
             p = self._pass((B, T, sampled, True), B, T, sampled, True)
-            layout = [(items[i], b * T, not items[i].sample) for b, i in enumerate(short)]
+            layout = [(items[i], b * T, not items[i].sample and items[i].keep != 0) for b, i in enumerate(short)]
             for i, out in zip(short, self._replay(p, layout)):
                 outputs[i] = out
         for i, item in enumerate(items):
@@ -284,7 +285,7 @@ class CudaEngine:
             rows = {"input_ids": item.input_ids[a:b]} if self.has_embed else {"hidden": item.hidden[a:b]}
             last = b == item.num_positions
             part = SegmentInput(item.session_id, item.start_pos + a, sample=item.sample if last else (), **rows)
-            keep = not item.sample and (last or not last_only)  # logits only where someone reads them
+            keep = not item.sample and item.keep != 0 and (last or not last_only)  # logits where someone reads them
             parts.append(self._replay(p, [(part, 0, keep)])[0])
         if not self.has_head:
             return torch.cat(parts)
@@ -303,27 +304,33 @@ class CudaEngine:
     def _fill(self, p: _Pass, layout: list[tuple[SegmentInput, int, bool]]) -> None:
         """Copy a pass's inputs into its static buffers (padding rows write to no slot and attend nothing)."""
         N, B = p.N, p.B
-        positions, slots = [0] * N, [-1] * N
+        positions, slots, where = [0] * N, [-1] * N, []
         rows, ctx, starts, lens = [0] * B, [0] * B, [0] * B, [0] * B
         samp = [[0.0] * N, [1.0] * N, [0.0] * N]
-        inputs = torch.zeros((N,) + tuple(p.inputs.shape[1:]), dtype=torch.int64 if self.has_embed else torch.float32)
         for b, (item, first, _) in enumerate(layout):
             n = item.num_positions
             positions[first : first + n] = range(item.start_pos, item.start_pos + n)
             slots[first : first + n] = self.pool.slots(item.session_id, item.start_pos, n)
+            where.extend(range(first, first + n))
             rows[b], ctx[b], starts[b], lens[b] = self._rows[item.session_id], item.start_pos + n, first, n
             for j, r in enumerate(item.sample):
                 at = first + n - len(item.sample) + j
                 samp[0][at], samp[1][at], samp[2][at] = r.temperature, r.top_p, r.uniform
-            inputs[first : first + n] = item.input_ids if self.has_embed else item.hidden
         p.meta.copy_(torch.tensor(positions + slots + rows + ctx + starts + lens, dtype=torch.int32), non_blocking=True)
         p.sampling.copy_(torch.tensor(samp, dtype=torch.float32), non_blocking=True)
-        p.inputs.copy_(inputs.to(p.inputs.dtype), non_blocking=True)
+        src = torch.cat([item.input_ids if self.has_embed else item.hidden for item, _, _ in layout])  # (R, C)
+        src = src.to(device=self.device, dtype=p.inputs.dtype, non_blocking=True)
+        if where == list(range(len(where))):  # every session fills its rows: one copy (padding keeps old rows)
+            p.inputs[: len(where)].copy_(src)
+        else:
+            p.inputs.index_copy_(0, torch.tensor(where, device=self.device), src)
 
     def _replay(self, p: _Pass, layout) -> list:
         """Run the pass on ``layout`` ((item, its first row, keep its logits)); per item its rows, or (tokens,
         logprobs, logits or None)."""
+        started = time.perf_counter()
         self._fill(p, layout)
+        self.stats["fill_ms"] += (time.perf_counter() - started) * 1e3
         if self.graphs and p.graph is None:
             self._capture(p)
         if p.graph is not None:
@@ -401,8 +408,11 @@ class CudaEngine:
             if k:
                 answers.append(Sampled(tokens[at : at + k], logprobs[at : at + k]))
                 at += k
+            elif logits is None:  # (keep=0: nobody reads this step's logits)
+                answers.append(None)
             else:
-                answers.append(logits[-1:].float() if last_only else logits.float())
+                n = item.keep if item.keep is not None else (1 if last_only else logits.shape[0])
+                answers.append(logits[logits.shape[0] - n :].float())
         return answers
 
     def nbytes(self) -> int:

@@ -85,11 +85,12 @@ class Scheduler:
         prefill_chunk: int = 256,
         decode_rows: int = 16,
         max_queue: int = 4096,
-        lock: threading.Lock | None = None,
+        lock=None,
         name: str = "scheduler",
         on_step: Callable[[StepStats], None] | None = None,
     ):
-        """``lock``: held around each step (two schedulers of one process can share the CPU that way)."""
+        """``lock``: held around each step and call (two schedulers of one process can share the CPU that way);
+        steps queued while it is busy join the next step."""
         if max_batch < 1 or prefill_chunk < 1 or decode_rows < 1:
             raise ValueError("max_batch, prefill_chunk and decode_rows must be >= 1")
         self.segment, self.max_batch, self.max_queue = segment, max_batch, max_queue
@@ -112,29 +113,33 @@ class Scheduler:
 
     def submit(self, item: SegmentInput, last_only: bool = False) -> StepFuture:
         """Queue one session's step; the future gives its output or raises its error."""
-        return self._enqueue(_Entry(item, last_only, item.session_id))
+        return self._enqueue([_Entry(item, last_only, item.session_id)])[0]
+
+    def submit_all(self, items: list[SegmentInput], last_only: bool = False) -> list[StepFuture]:
+        """Queue several sessions' steps at once: the next step takes them together (up to ``max_batch``)."""
+        return self._enqueue([_Entry(item, last_only, item.session_id) for item in items])
 
     def submit_job(self, session_id: str, admit: Callable[[], object], finish: Callable[[object, dict], object],
                    last_only: bool = False) -> StepFuture:
         """Queue a step admitted in the session's turn (see the module docstring); the future gives
         ``finish``'s answer, ``admit``'s final answer, or the error either (or the step) raised."""
-        return self._enqueue(_Entry(None, last_only, session_id, admit, finish))
+        return self._enqueue([_Entry(None, last_only, session_id, admit, finish)])[0]
 
-    def _enqueue(self, entry: _Entry) -> StepFuture:
+    def _enqueue(self, entries: list[_Entry]) -> list[StepFuture]:
         with self._wake:
-            if self._stopping:
-                entry.future.set_exception(SchedulerClosed("the scheduler has stopped"))
-            elif len(self._queue) >= self.max_queue:
-                entry.future.set_exception(QueueFull(f"{len(self._queue)} steps are waiting (the limit)"))
-            else:
-                self._queue.append(entry)
-                self._wake.notify()
-        return entry.future
+            for entry in entries:
+                if self._stopping:
+                    entry.future.set_exception(SchedulerClosed("the scheduler has stopped"))
+                elif len(self._queue) >= self.max_queue:
+                    entry.future.set_exception(QueueFull(f"{len(self._queue)} steps are waiting (the limit)"))
+                else:
+                    self._queue.append(entry)
+            self._wake.notify()
+        return [entry.future for entry in entries]
 
     def __call__(self, items: list[SegmentInput], last_only: bool = False) -> list:
         """``segment(items)``, run in the scheduler's steps: blocks until every item is done."""
-        futures = [self.submit(item, last_only) for item in items]
-        return [f.result() for f in futures]
+        return [f.result() for f in self.submit_all(items, last_only)]
 
     def call(self, fn: Callable[[], object]) -> Future:
         """Run ``fn()`` on the scheduler's thread before its next step (at once, here, once it has stopped)."""
@@ -180,12 +185,14 @@ class Scheduler:
                     self._wake.wait()
                 if self._stopping:
                     return
-                calls, self._calls = list(self._calls), deque()
-                step = self._take()
-            for fn, done in calls:
-                _settle(done, fn)
-            if step:
-                self._step(step)
+            with self.lock or _NoLock():  # what queued while the lock was busy joins this step
+                with self._wake:
+                    calls, self._calls = list(self._calls), deque()
+                    step = self._take()
+                for fn, done in calls:
+                    _settle(done, fn)
+                if step:
+                    self._step(step)
 
     def _take(self) -> list[tuple[_Entry, int]]:
         """The next step: (entry, positions to run) for queued short steps, then one chunk of a long one."""
@@ -226,8 +233,7 @@ class Scheduler:
 
     def _step(self, step: list[tuple[_Entry, int]]) -> None:
         items = [_chunk(entry, n) for entry, n in step]
-        # a head segment answers a chunk before the last with its last row only, unless every row was asked
-        last_only = [e.last_only or (e.done + n < e.item.num_positions and bool(e.item.sample)) for e, n in step]
+        last_only = [entry.last_only for entry, _ in step]
         started = time.perf_counter()
         for entry, _ in step:
             entry.started = entry.started or started
@@ -252,10 +258,13 @@ class Scheduler:
                 self._finish(entry)
 
     def _run_segment(self, items: list[SegmentInput], last_only: list[bool]) -> list:
-        with self.lock or _NoLock():
-            if all(last_only) or not any(last_only):
-                return self.segment(items, last_only=bool(last_only[0]))
-            return [self.segment([item], last_only=flag)[0] for item, flag in zip(items, last_only)]
+        """One segment call per value of last_only among the items (one call, normally)."""
+        outputs: list = [None] * len(items)
+        for flag in sorted(set(last_only)):
+            group = [i for i, f in enumerate(last_only) if f == flag]
+            for i, out in zip(group, self.segment([items[i] for i in group], last_only=flag)):
+                outputs[i] = out
+        return outputs
 
     def _finish(self, entry: _Entry, error: BaseException | None = None) -> None:
         with self._wake:
@@ -298,8 +307,9 @@ def _chunk(entry: _Entry, n: int) -> SegmentInput:
     a, b = entry.done, entry.done + n
     rows = {"input_ids": item.input_ids[a:b]} if item.input_ids is not None else {"hidden": item.hidden[a:b]}
     last = b == item.num_positions
+    keep = None if last or not (entry.last_only or item.sample) else 0  # a head's answer comes with the last chunk
     return SegmentInput(item.session_id, item.start_pos + a, sample=item.sample if last else (),
-                        reserve=item.reserve if a == 0 else 0, **rows)
+                        reserve=item.reserve if a == 0 else 0, keep=keep, **rows)
 
 
 def _settle(done: Future, fn: Callable[[], object]) -> None:
@@ -312,6 +322,35 @@ def _settle(done: Future, fn: Callable[[], object]) -> None:
 def _fail(future: Future, error: BaseException) -> None:
     if not future.done():
         future.set_exception(error)
+
+
+class FairLock:
+    """A lock its waiters get in the order they asked (threading.Lock lets a busy thread take it again and
+    again): two schedulers sharing one CPU through it take turns."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._next = self._serving = 0
+
+    def acquire(self) -> bool:
+        with self._cond:
+            ticket, self._next = self._next, self._next + 1
+            while ticket != self._serving:
+                self._cond.wait()
+        return True
+
+    def release(self) -> None:
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()
+
+    def __enter__(self) -> FairLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.release()
+        return False
 
 
 class _NoLock:

@@ -181,7 +181,7 @@ class Segment(nn.Module):
     def _head_outputs(self, items: list[SegmentInput], offsets: list[int], x: torch.Tensor, last_only: bool):
         """One pass of the norm and head over the rows wanted; sample those that ask, in one batch."""
         wanted = output_rows(items, offsets, last_only)
-        index = torch.tensor([r for rows in wanted for r in rows], device=x.device)
+        index = torch.tensor([r for rows in wanted for r in rows], dtype=torch.long, device=x.device)
         logits = self.lm_head(self.norm(x[index]))  # (R, V)
         return sample_outputs(items, list(logits.split([len(rows) for rows in wanted])))
 

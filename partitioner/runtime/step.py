@@ -31,6 +31,7 @@ class SegmentInput:
     input_ids: torch.Tensor | None = None  # (T,)
     sample: tuple[SampleRow, ...] = ()  # head segments: sample the last len(sample) rows, one row each
     reserve: int = 0  # positions to hold room for now (a new session's whole room); 0: this step's
+    keep: int | None = None  # head segments: the last rows whose logits are wanted (None: by last_only; 0: none)
 
     @property
     def num_positions(self) -> int:
@@ -146,7 +147,7 @@ def output_rows(items: list[SegmentInput], offsets: list[int], last_only: bool) 
     wanted = []
     for item, first in zip(items, offsets):
         n = item.num_positions
-        keep = len(item.sample) or (1 if last_only else n)
+        keep = len(item.sample) or (item.keep if item.keep is not None else (1 if last_only else n))
         wanted.append(range(first + n - keep, first + n))
     return wanted
 

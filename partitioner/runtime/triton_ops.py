@@ -11,6 +11,7 @@ The module imports without triton; ``AVAILABLE`` says whether the kernels exist.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -26,35 +27,52 @@ except ImportError:  # CPU-only installs: the runtime falls back to plain PyTorc
 
 ATTN_BLOCK_M = 16  # flattened (query position, head) rows per attention program, fixed for batch invariance
 ATTN_BLOCK_N = 64  # keys per attention inner step, fixed for batch invariance
-SKINNY_BLOCK_M = 16  # rows per skinny-linear program, fixed for batch invariance
+SKINNY_BLOCK_M = 16  # the MMA's rows: every row is multiplied by the same instructions whatever the tile holds
+# Rows per skinny program: up to this many rows share one read of a weight tile. A row's arithmetic is that of
+# its 16-row MMA whatever the tile's height (the GPU batch-invariance tests check it); SPLITGLM_SKINNY_ROWS=16
+# keeps every tile at 16 rows.
+SKINNY_MAX_ROWS = int(os.environ.get("SPLITGLM_SKINNY_ROWS", "32"))
 ROTARY_BLOCK_H = 4  # heads per rotary program
 SILU_BLOCK = 1024  # columns per silu_mul program
 PAGE_SIZES = (16, 32, 64, 128)
 
-# (N, K) -> (BLOCK_N, BLOCK_K, num_warps, num_stages); the GLM-4-9B projections, tuned in one place.
-SKINNY_CONFIGS: dict[tuple[int, int], tuple[int, int, int, int]] = {
-    (4608, 4096): (32, 256, 4, 4),  # qkv: 144 programs
-    (4096, 4096): (32, 256, 4, 4),  # o_proj: 128 programs
-    (27392, 4096): (64, 128, 4, 4),  # gate_up: 428 programs, 80 KB of stages (bf16): 2 per SM
-    (4096, 13696): (32, 128, 4, 4),  # down: 13696 = 107 * 128, no K mask
-    (151552, 4096): (64, 128, 4, 4),  # lm_head: 2368 programs
+# (N, K) -> (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K); the GLM-4-9B projections, tuned in one place.
+# SPLIT_K > 1 cuts K into that many fixed ranges (more programs in flight for the narrow matrices); their fp32
+# partial sums are added in a fixed order by a second kernel, so the split depends on (N, K) only.
+SKINNY_CONFIGS: dict[tuple[int, int], tuple[int, int, int, int, int]] = {
+    (4608, 4096): (32, 256, 4, 4, 4),  # qkv: 144 tiles x 4 splits
+    (4096, 4096): (32, 256, 4, 4, 4),  # o_proj: 128 tiles x 4
+    (27392, 4096): (64, 128, 4, 4, 2),  # gate_up: 428 tiles x 2, 80 KB of stages (bf16): 2 per SM
+    (4096, 13696): (32, 128, 4, 4, 4),  # down: 128 tiles x 4 (13696 = 107 * 128, no K mask)
+    (151552, 4096): (64, 128, 4, 4, 1),  # lm_head: 2368 tiles
 }
 SKINNY_SHAPES = tuple(SKINNY_CONFIGS)
+SM_PROGRAMS = 3 * 132  # programs to aim for at M <= 16 (three per H200 SM)
 SKINNY_SMEM_BYTES = 160 * 1024  # cap on a program's pipelined tiles (H200: 227 KB per block), see _fit_stages
 
 
-def skinny_config(n: int, k: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages) for an (N, K) weight; depends on N and K only, never on M."""
+def skinny_config(n: int, k: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K) for an (N, K) weight; from N and K only, never M."""
     if (n, k) in SKINNY_CONFIGS:
         return SKINNY_CONFIGS[(n, k)]
     block_n = 32 if n <= 8192 else 64
     block_k = 256 if block_n == 32 and k % 256 == 0 else 128
-    return block_n, block_k, 4, 4
+    tiles, k_tiles = -(-n // block_n), -(-k // block_k)
+    split = max(1, min(8, k_tiles // 2, SM_PROGRAMS // max(tiles, 1)))
+    return block_n, block_k, 4, 4, split
 
 
-def _fit_stages(num_stages: int, block_n: int, block_k: int, element_size: int) -> int:
+def skinny_rows(m: int) -> int:
+    """Rows per skinny program for an M-row product: 16, 32, ... up to SKINNY_MAX_ROWS."""
+    rows = SKINNY_BLOCK_M
+    while rows < min(m, SKINNY_MAX_ROWS):
+        rows *= 2
+    return rows
+
+
+def _fit_stages(num_stages: int, block_m: int, block_n: int, block_k: int, element_size: int) -> int:
     """Fewer pipeline stages where wide dtypes (fp32) would overflow shared memory; arithmetic is unchanged."""
-    per_stage = (SKINNY_BLOCK_M + block_n) * block_k * element_size
+    per_stage = (block_m + block_n) * block_k * element_size
     return max(1, min(num_stages, SKINNY_SMEM_BYTES // per_stage))
 
 
@@ -304,19 +322,25 @@ if AVAILABLE:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        SPLIT_K: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
-        """One (BLOCK_M, BLOCK_N) output tile: the whole K in BLOCK_K steps, fp32 accumulation."""
+        """One (BLOCK_M, BLOCK_N) output tile over one of SPLIT_K fixed K ranges, in BLOCK_K steps, fp32 sums;
+        with SPLIT_K > 1 the partial sum goes to ``out_ptr`` as fp32 (SPLIT_K, M, N) for ``_splitk_sum``."""
         pid_n, pid_m = _skinny_tile_ids()
+        split = pid_n % SPLIT_K
+        pid_n = pid_n // SPLIT_K
+        k_tiles = tl.cdiv(K, BLOCK_K)
+        first, last = split * k_tiles // SPLIT_K, (split + 1) * k_tiles // SPLIT_K  # this split's K tiles
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
         rk = tl.arange(0, BLOCK_K)  # (BK,)
         m_ok = rm < M
         n_ok = rn < N
-        x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :]  # (BM, BK)
-        w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]  # (BN, BK)
+        x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + first * BLOCK_K + rk[None, :]  # (BM, BK)
+        w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + first * BLOCK_K + rk[None, :]  # (BN, BK)
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
+        for k in range(first, last):
             if EVEN_K:
                 x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
                 w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
@@ -327,10 +351,27 @@ if AVAILABLE:
             acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)  # (BM, BN)
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        out_ptrs = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            out_ptrs = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
+        else:  # the partial sum of this split: (SPLIT_K, M, N) fp32
+            out_ptrs = out_ptr + (split * M + rm.to(tl.int64))[:, None] * N + rn[None, :]
         tl.store(out_ptrs, acc, mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _splitk_sum_kernel(ws_ptr, b_ptr, out_ptr, M, N, stride_om, HAS_BIAS: tl.constexpr,
+                           SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+        """One row, BLOCK columns: out = sum of the SPLIT_K partials in split order (+ bias)."""
+        m = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = cols < N
+        acc = tl.zeros((BLOCK,), tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            acc += tl.load(ws_ptr + (s * M + m) * N + cols, mask=ok, other=0.0)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + m * stride_om + cols, acc, mask=ok)
 
 
 def _require_triton() -> None:
@@ -492,14 +533,22 @@ def skinny_linear(
     if bias is not None:
         assert bias.shape == (n,) and bias.is_contiguous()
     out = _check_out(out, (m, n), x)
-    block_n, block_k, num_warps, num_stages = skinny_config(n, k)
-    num_stages = _fit_stages(num_stages, block_n, block_k, x.element_size())
-    grid = (triton.cdiv(n, block_n), triton.cdiv(m, SKINNY_BLOCK_M))
+    block_n, block_k, num_warps, num_stages, split = skinny_config(n, k)
+    block_m = skinny_rows(m)
+    num_stages = _fit_stages(num_stages, block_m, block_n, block_k, x.element_size())
+    grid = (triton.cdiv(n, block_n) * split, triton.cdiv(m, block_m))
+    target = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     _skinny_linear_kernel[grid](
-        x, weight, weight if bias is None else bias, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, BLOCK_M=SKINNY_BLOCK_M, BLOCK_N=block_n,
-        BLOCK_K=block_k, PRECISION=_dot_precision(x.dtype), num_warps=num_warps, num_stages=num_stages,
+        x, weight, weight if bias is None else bias, target, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k, SPLIT_K=split, PRECISION=_dot_precision(x.dtype), num_warps=num_warps,
+        num_stages=num_stages,
     )  # fmt: skip
+    if split > 1:
+        _splitk_sum_kernel[(m, triton.cdiv(n, SILU_BLOCK))](
+            target, weight if bias is None else bias, out, m, n, out.stride(0), HAS_BIAS=bias is not None,
+            SPLIT_K=split, BLOCK=SILU_BLOCK, num_warps=4,
+        )  # fmt: skip
     return out
 
 

@@ -312,8 +312,8 @@ def test_onnx_edge_tier_serves_device_frames(onnx_edge_plan, mosquitto, cloud, d
             gen, _ = generate(device_segment, device, prompt, 8)
             assert gen.tokens == expected(tiny_glm, prompt, 8)
         # a session the edge owns (as for HTTP): the embedding and [0, k2) on ONNX Runtime
-        own = Generation(node.segment, node.tail("http"), PROMPTS[2], pb.GenerationParams(max_tokens=8), node.codec,
-                         Letters(), lock=node.segment_lock)  # fmt: skip
+        own = Generation(node.owner, node.tail("http"), PROMPTS[2], pb.GenerationParams(max_tokens=8), node.codec,
+                         Letters())  # fmt: skip
         list(own)
         assert own.tokens == expected(tiny_glm, PROMPTS[2], 8)
     finally:
@@ -335,7 +335,7 @@ def test_concurrent_sessions_share_forward_passes(edges, mosquitto, device_segme
         with node.segment_lock:  # hold the edge's layers until every session's first frame waits for them
             for t in threads:
                 t.start()
-            assert wait_until(lambda: len(node.relay._batch._pending) == len(PROMPTS), 20)
+            assert wait_until(lambda: node.relay.scheduler.queued() == len(PROMPTS), 20)
         for t in threads:
             t.join(60)
     finally:
@@ -343,7 +343,7 @@ def test_concurrent_sessions_share_forward_passes(edges, mosquitto, device_segme
             device.close()
     for i, prompt in enumerate(PROMPTS):  # batched with others or not, each session gets its own tokens
         assert gens[i].tokens == expected(tiny_glm, prompt, 10)
-    stats = node.relay._batch.stats
-    assert stats["largest"] == len(PROMPTS) and stats["items"] == 10 * len(PROMPTS) > stats["passes"]
+    stats = node.relay.scheduler.stats
+    assert stats["largest"] == len(PROMPTS) and stats["items"] == 10 * len(PROMPTS) > stats["steps"]
     batches = node.metrics.registry.get_sample_value("splitglm_edge_relay_batch_size_count")
-    assert batches == stats["passes"]
+    assert batches == stats["steps"]

@@ -277,7 +277,8 @@ def test_paged_attention_verify_equals_decode_steps(rowwise_dot):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
-    "m, n, k, bias", [(1, 64, 256, False), (5, 80, 200, True), (33, 96, 512, True), (2, 8200, 128, False)]
+    "m, n, k, bias",
+    [(1, 64, 256, False), (5, 80, 200, True), (33, 96, 512, True), (2, 8200, 128, False), (3, 40, 1100, True)],
 )
 def test_skinny_linear_matches_reference(dtype, m, n, k, bias):
     """x @ w.T + b: N not a multiple of BLOCK_N, K not one of BLOCK_K, M over several tiles, a wide-N config."""
@@ -288,9 +289,9 @@ def test_skinny_linear_matches_reference(dtype, m, n, k, bias):
     _close(out, want, dtype)
 
 
-def test_skinny_linear_is_batch_invariant(rowwise_dot):
+@pytest.mark.parametrize("n, k", [(64, 384), (48, 2048)])  # one split; K cut in 4 (summed in a second kernel)
+def test_skinny_linear_is_batch_invariant(rowwise_dot, n, k):
     """fp32: row i is bit-identical computed alone, in a batch of 7 and in a batch of 33 (other rows random)."""
-    n, k = 64, 384
     w, b = _randn(n, k, scale=k**-0.5), _randn(n)
     big = _randn(33, k)
     full = ops.skinny_linear(big, w, b)
@@ -305,9 +306,10 @@ def test_skinny_linear_is_batch_invariant(rowwise_dot):
 def test_skinny_config_fills_the_gpu_and_divides_k():
     """The tuned shapes get no K mask and at least one program per H200 SM (132) at M = 1."""
     for n, k in ops.SKINNY_SHAPES:
-        block_n, block_k, num_warps, num_stages = ops.skinny_config(n, k)
+        block_n, block_k, num_warps, num_stages, split = ops.skinny_config(n, k)
         assert k % block_k == 0 and block_n % 16 == 0 and block_k % 16 == 0
-        assert triton.cdiv(n, block_n) >= 128 and num_warps in (4, 8) and num_stages >= 3
+        assert triton.cdiv(n, block_n) * split >= 256 and num_warps in (4, 8) and num_stages >= 3
+        assert k // block_k >= split  # every split has K tiles
 
 
 # --- the module without triton; CUDA graphs ---
