@@ -1,13 +1,16 @@
 """Attention against the KV pool in plain PyTorch: the CPU runtime, and the reference of the CUDA kernel.
 
-Each session's keys are read in place as views of the pool's contiguous runs (``KVPool.runs``): scores
-against each run are joined, one causal softmax, then the value products of the runs are summed. No
-session's cache is copied, and no session is padded to another's length.
+Each session's keys are read in place as views of the pool's contiguous runs (``KVPool.runs``): a session
+in one run (the usual case: the pool grows a session's pages in place) goes through PyTorch's fused
+attention on that view; one in several runs gets scores against each run joined, one causal softmax,
+then the value products of the runs summed. No session's cache is copied, and no session is padded to
+another's length.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from partitioner.runtime.kv_pool import KVPool
 from partitioner.runtime.step import StepBatch
@@ -23,6 +26,8 @@ def attend_runs(
     T, H, D = q.shape
     K = keys.shape[1]
     G = H // K
+    if len(runs) == 1:  # the session's keys are one view: PyTorch's fused attention reads it in place
+        return _attend_view(q, keys[runs[0][0] : runs[0][1]], values[runs[0][0] : runs[0][1]], start, scale)
     qg = q.view(T, K, G, D).permute(1, 2, 0, 3).reshape(K, G * T, D)  # (K, G*T, D), row g*T + t
     scores = torch.cat([qg @ keys[a:b].permute(1, 2, 0) for a, b in runs], dim=-1).float() * scale  # (K, G*T, L)
     if T > 1:
@@ -36,6 +41,18 @@ def attend_runs(
         out = part if out is None else out + part
         seen += b - a
     return out.view(K, G, T, D).permute(2, 0, 1, 3).reshape(T, H, D)
+
+
+def _attend_view(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, scale: float) -> torch.Tensor:
+    """Causal attention of T rows at positions start.. to (L, K, D) keys/values views: (T, H, D)."""
+    T, L = q.shape[0], keys.shape[0]
+    mask, causal = None, T > 1 and start == 0  # a whole prompt: plain causal attention
+    if T > 1 and start > 0:  # row t sees keys [0, start + t]
+        mask = torch.arange(L, device=q.device)[None, :] <= start + torch.arange(T, device=q.device)[:, None]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys.transpose(0, 1)[None],
+                                         values.transpose(0, 1)[None], attn_mask=mask, is_causal=causal,
+                                         scale=scale, enable_gqa=True)  # (1, H, T, D)
+    return out[0].transpose(0, 1)  # (T, H, D)
 
 
 class PoolAttention:

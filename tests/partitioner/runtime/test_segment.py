@@ -144,3 +144,20 @@ def test_a_full_pool_refuses_new_sessions_and_spares_running_ones(tiny_glm):
     again = small([SegmentInput("running", 0, hidden=torch.cat([rows(8, C, 30), rows(1, C, 32)]))])[0]
     torch.testing.assert_close(again[:8], before, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(again[8:], after, atol=1e-5, rtol=1e-5)
+
+
+def test_a_session_in_several_pool_runs_equals_one_in_a_single_run(tiny_glm):
+    """Two sessions growing in turn take interleaved pages; attention reads each run in place, exactly."""
+    seg = Segment.from_checkpoint(tiny_glm, 1, 3)
+    seg.configure_pool(tokens=512, page_size=4)
+    C = seg.spec.hidden_size
+    a, b = rows(40, C, 40), rows(40, C, 41)
+    seg([SegmentInput("a", 0, hidden=a[:6]), SegmentInput("b", 0, hidden=b[:6])])
+    out = []
+    for pos in range(6, 40):  # in turn, one position a step: each growth finds the other's pages in the way
+        out.append(seg([SegmentInput("a", pos, hidden=a[pos : pos + 1])])[0])
+        seg([SegmentInput("b", pos, hidden=b[pos : pos + 1])])
+    assert len(seg.pool.sessions["a"].runs) > 1  # the case under test: a's pages are not one run
+    alone = Segment.from_checkpoint(tiny_glm, 1, 3)
+    expected = alone([SegmentInput("a", 0, hidden=a)])[0][6:]
+    torch.testing.assert_close(torch.cat(out), expected, atol=1e-5, rtol=1e-5)
