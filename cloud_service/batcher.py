@@ -36,6 +36,7 @@ class Limits:
     max_positions: int = 8192  # cached positions per session
     session_ttl_s: float = 300.0  # idle sessions are freed after, seconds
     prefill_chunk: int = 256  # prompt positions per step (a long prompt delays decode steps by one chunk)
+    max_draft: int = 8  # drafted tokens a verification frame may carry
 
 
 class Batcher:
@@ -102,6 +103,7 @@ class Batcher:
             raise StepError("INVALID_ARGUMENT", f"step {frame.seq} of session {frame.session_id!r} carries no "
                             "hidden states (only a close frame may be empty)")
         end = frame.start_pos + hidden.shape[0]
+        self._check_drafts(frame)
         with self._lock:
             stored = self.tails.accept(frame)
             if stored is not None:
@@ -113,6 +115,20 @@ class Batcher:
         if frame.seq == 0:  # a new session takes its whole room in the KV pool now, or is refused
             work.reserve = min(end + frame.params.max_tokens, self.limits.max_positions)
         return work
+
+    def _check_drafts(self, frame: pb.Frame) -> None:
+        """A verification frame's drafts: at most max_draft, each a token id of the model."""
+        drafts = frame.draft_tokens
+        if not drafts:
+            return
+        if len(drafts) > self.limits.max_draft:
+            raise StepError("INVALID_ARGUMENT", f"step {frame.seq} of session {frame.session_id!r} carries "
+                            f"{len(drafts)} drafts; the limit is {self.limits.max_draft}")
+        vocab = self.segment.spec.vocab_size
+        bad = next((d for d in drafts if d >= vocab), None)
+        if bad is not None:
+            raise StepError("INVALID_ARGUMENT", f"step {frame.seq} of session {frame.session_id!r}: draft token "
+                            f"{bad} is not in the vocabulary ({vocab} ids)")
 
     def _answer(self, frame: pb.Frame, sampled, timings: dict) -> pb.StepResult:
         """Turn a finished step (its ``Sampled`` tokens) into the session's StepResult."""

@@ -191,7 +191,7 @@ def serve(settings: CloudSettings) -> CloudServer:
     device = resolve_device(settings.device)
     segment, hidden_size = load_segment(settings.plan, settings)
     limits = Limits(settings.max_sessions, settings.max_batch, settings.max_tokens, settings.max_positions,
-                    settings.session_ttl_s, settings.prefill_chunk)
+                    settings.session_ttl_s, settings.prefill_chunk, settings.max_draft)
     batcher = Batcher(segment, limits, device).start()
     workers = max(64, settings.max_sessions + 16)  # one thread per open stream, plus health checks
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cloud-rpc")

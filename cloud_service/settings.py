@@ -41,6 +41,7 @@ class CloudSettings(AgentSettings):
         default=256, ge=1, description="prompt positions per step: a long prompt delays decode steps by one chunk"
     )
     cuda_graphs: bool = Field(default=True, description="on cuda, replay decode and verify steps as CUDA graphs")
+    max_draft: int = Field(default=8, ge=0, le=15, description="most drafted tokens a verification frame carries")
     max_sessions: int = Field(default=1024, ge=1, description="sessions held at once, sessions")
     max_batch: int = Field(default=32, ge=1, description="most sessions in one forward pass, sessions")
     max_frame_bytes: int = Field(default=64 << 20, ge=1024, description="largest accepted frame, bytes")

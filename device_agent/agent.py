@@ -209,6 +209,7 @@ class DeviceAgent:
             stop_token_ids=self.stop_token_ids,
             policy=s.policy,
             latency_budget_ms=s.latency_budget_ms,
+            speculate={"default": pb.SPECULATE_DEFAULT, "on": pb.SPECULATE_ON, "off": pb.SPECULATE_OFF}[s.speculate],
         )
         deadline = int(time.time() * 1e3) + s.latency_budget_ms if s.latency_budget_ms else 0
         return Generation(
@@ -244,7 +245,8 @@ def summary(generation: Generation | None) -> dict[str, Any]:
     if generation is None:
         return {"text": "", "tokens": 0, "finish_reason": None, "path": None, "paths": [], "switches": [],
                 "predicted_ms": None, "actual_ms": 0.0, "timings_ms": dict(ZERO_TIMINGS), "stages_ms": {},
-                "budget_met": None, "frame_bytes": 0, "degraded": False, "policy": None, "error": None}
+                "budget_met": None, "frame_bytes": 0, "degraded": False, "policy": None,
+                "speculative": {"drafted": 0, "accepted": 0, "round_trips": 0}, "error": None}
     budget = generation.params.latency_budget_ms or None
     predicted = generation.predicted_ms
     return {
@@ -266,6 +268,7 @@ def summary(generation: Generation | None) -> dict[str, Any]:
         "frame_bytes": generation.frame_bytes,
         "degraded": generation.degraded,  # the cloud failed: the edge's fast tail answered
         "policy": generation.policy or generation.params.policy or None,
+        "speculative": dict(generation.speculative),  # drafts the cloud verified, accepted, round trips
         "error": None,
     }
 

@@ -53,6 +53,9 @@ class DeviceSettings(AgentSettings):
     temperature: float = Field(0.0, ge=0.0, description="sampling temperature (0 = greedy)")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass (1 = off)")
     seed: int = Field(0, ge=0, description="seed of the sampler (with temperature > 0)")
+    speculate: Literal["default", "on", "off"] = Field(
+        "default", description="speculative split decoding on the accurate path (default: the edge's setting)"
+    )
     latency_budget_ms: int = Field(0, ge=0, description="end-to-end budget per answer, milliseconds (0 = none)")
     policy: Literal["adaptive", "accurate", "fast"] = Field(
         "adaptive", description="the edge router's policy for these sessions (adaptive uses latency_budget_ms)"

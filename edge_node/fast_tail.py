@@ -18,12 +18,14 @@ import torch
 
 from partitioner.runtime.artifacts import load_tier
 from partitioner.runtime.kv_pool import PoolExhausted
-from partitioner.runtime.step import SessionError
+from partitioner.runtime.sampling import SamplingParams
+from partitioner.runtime.step import SegmentInput, SessionError
 from partitioner.session.terminal import StepError, TailSessions
 from protos import splitglm_pb2 as pb
 from protos.status import error_result
 
 logger = logging.getLogger(__name__)
+DRAFT = "#draft"  # the draft session's id: the session's, with this after it
 
 
 class FastTail:
@@ -70,10 +72,19 @@ class FastTail:
         return result
 
     def close(self, session_id: str) -> None:
-        """Free the session's KV cache and sampling state."""
+        """Free the session's KV cache and sampling state (and its draft session's cache)."""
         with self.lock:
             self.tails.close(session_id)
             self.segment.close_session(session_id)
+            self.segment.close_session(session_id + DRAFT)
+
+    def draft(self, session_id: str, start_pos: int, hidden: torch.Tensor, sampling: SamplingParams) -> int:
+        """Draft the token after the last of ``hidden`` (T, C) rows at positions start_pos.. of the session's
+        draft cache (a start before its end rewinds it), drawn as the cloud would draw it there."""
+        item = SegmentInput(session_id + DRAFT, start_pos, hidden=hidden,
+                            sample=tuple(sampling.rows(start_pos + int(hidden.shape[0]))))
+        with self.lock:
+            return self.segment([item])[0].tokens[-1]
 
     def sessions(self) -> int:
         """Sessions held now."""

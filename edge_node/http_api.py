@@ -90,6 +90,7 @@ def generation_params(node, req: GenerationRequest, max_tokens: int | None) -> p
         policy=req.policy or getattr(node.settings, "policy", "adaptive"),
         latency_budget_ms=req.latency_budget_ms or 0,
         token_budget_ms=req.token_budget_ms or 0,
+        speculate={None: pb.SPECULATE_DEFAULT, True: pb.SPECULATE_ON, False: pb.SPECULATE_OFF}[req.speculate],
     )
 
 

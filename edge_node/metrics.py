@@ -87,6 +87,18 @@ class EdgeMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64),
             registry=r,
         )
+        self.spec_acceptance = Histogram(
+            PREFIX + "speculative_acceptance",
+            "Share of the drafts each speculative verification accepted.",
+            buckets=(0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0),
+            registry=r,
+        )
+        self.spec_tokens_per_round_trip = Histogram(
+            PREFIX + "speculative_tokens_per_round_trip",
+            "Tokens one speculative verification (one edge-cloud round trip) gave.",
+            buckets=tuple(range(1, 17)),
+            registry=r,
+        )
         self.sessions_active = Gauge(
             PREFIX + "sessions_active", "Sessions open now, by kind (http, mqtt).", ["kind"], registry=r
         )
@@ -128,6 +140,11 @@ class EdgeMetrics:
     def router_switch(self, reason: str) -> None:
         """Count a session moved to the fast path ('deadline' or 'cloud_error')."""
         self.router_switches_total.labels(reason=reason).inc()
+
+    def speculation(self, drafted: int, accepted: int, tokens: int) -> None:
+        """One verification: g drafts, a accepted, the tokens it gave."""
+        self.spec_acceptance.observe(accepted / max(drafted, 1))
+        self.spec_tokens_per_round_trip.observe(tokens)
 
     def exposition(self) -> bytes:
         """The registry in the Prometheus text format."""

@@ -43,6 +43,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 HTTP_BACKSTOP_S = 5.0  # after the grace period and the cloud streams cancelled, uvicorn cancels what is left
 
 
+def acceptance_prior(plan: dict) -> float:
+    """The draft acceptance to assume before any is measured: the fast tail's greedy agreement with the
+    cloud tier where the plan measured it, shrunk a little (a draft is judged after a prefix of them)."""
+    quality = (plan.get("fast_tail") or {}).get("quality") or {}
+    agreement = quality.get("token_agreement")
+    return 0.8 if agreement is None else max(0.5, min(0.95, float(agreement) - 0.05))
+
+
 @dataclass
 class EdgeGeneration(Generation):
     """A Generation owned by the edge, counted as an open HTTP session while it runs."""
@@ -93,9 +101,15 @@ class EdgeNode:
         self.cloud = CloudClient(settings.cloud, settings.step_timeout_s, settings.max_frame_bytes, self.metrics)
         self.estimates = Estimates.from_plan(self.plan)
         self.estimates.register(self.metrics.registry)
+        fast = FastTail.load(settings.plan)
+        for segment in (self.segment, self.device_segment, fast.segment):
+            if hasattr(segment, "configure_pool"):  # (ONNX Runtime tiers keep their own caches)
+                segment.configure_pool(tokens=settings.kv_pool_tokens)
         self.router = Router(
-            self.cloud, FastTail.load(settings.plan), self.estimates, self.spec.hidden_size, self.metrics,
+            self.cloud, fast, self.estimates, self.spec.hidden_size, self.metrics,
             policy=parse_policy(settings.policy), margin=settings.policy_margin, step_timeout_s=settings.step_timeout_s,
+            speculate=settings.speculate, max_draft=settings.max_draft, fixed_draft=settings.draft_tokens,
+            alpha_prior=acceptance_prior(self.plan),
         )  # fmt: skip
         self.probe = LinkProbe(self.router, settings.probe_interval_s)
         self.relay = None

@@ -46,15 +46,19 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
+from partitioner.runtime.sampling import SamplingParams
 from partitioner.session.ledger import Ledger
+from partitioner.session.terminal import sampling_params
 from protos import splitglm_pb2 as pb
-from protos.errors import CodecError
+from protos.codecs import concat_rows, encode
+from protos.errors import CodecError, OptionError
 from protos.frames import decode_frame_hidden, make_frame
 from protos.status import error_result
 
 from .estimates import Estimates, RobustStat
 from .fast_tail import FastTail
 from .policy import DEFAULT_MARGIN, DEFAULT_POLICY, Policy, choose, parse_policy, should_switch, total_budget_ms
+from .speculation import Acceptance, RoundCosts, best_draft
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +108,18 @@ class History:
 
 
 @dataclass
+class Round:
+    """A speculative round in progress: the committed token's row and the drafts' rows so far."""
+
+    base: int  # position of the committed token (the first row)
+    g: int  # drafts this round
+    rows: list[torch.Tensor]  # (1, C) each, positions base, base + 1, ...
+    encoded: list[pb.EncodedTensor]  # the same rows as they arrived
+    drafts: list[int] = field(default_factory=list)
+    tails_ms: float = 0.0  # time this round's frames spent at the edge's tails
+
+
+@dataclass
 class Router:
     """What the sessions' RoutedTails share; ``tail(kind)`` for each new session."""
 
@@ -118,6 +134,25 @@ class Router:
     upstream: Upstream = field(default_factory=Upstream)
     closed: threading.Event = field(default_factory=threading.Event)  # set: the edge is shutting down
     last_accurate: float = 0.0  # time.monotonic() of the latest measured cloud step
+    # Speculative split decoding (edge_node.speculation): drafts a round at most; fixed_draft > 0 drafts
+    # that many every round instead of choosing; alpha_prior is the acceptance assumed before any is seen.
+    speculate: bool = True
+    max_draft: int = 8
+    fixed_draft: int = 0
+    alpha_prior: float = 0.8
+
+    def __post_init__(self):
+        accurate = self.estimates.accurate  # the cloud's share of a decode step, ms: for speculation's costs
+        self._cloud_ms = RobustStat(max(accurate.get("step") - accurate.get("rtt"), 1.0))
+        self._cost_lock = threading.Lock()
+
+    def observe_cloud(self, ms: float) -> None:
+        with self._cost_lock:
+            self._cloud_ms.observe(ms)
+
+    def cloud_ms(self) -> float:
+        with self._cost_lock:
+            return self._cloud_ms.value("mean")
 
     def tail(self, kind: str = "http") -> RoutedTail:
         return RoutedTail(self, kind)
@@ -193,6 +228,12 @@ class RoutedTail:
         self.degraded = False
         self.ledger = Ledger()  # the answer to a repeated frame
         self.answered_at: float | None = None  # perf_counter() when the last answer left
+        self.cloud_seq = 0  # the seq of the next frame to the cloud (draft steps send it none)
+        self.speculating = False  # this session drafts for the cloud (set at seq 0)
+        self.sampling: SamplingParams | None = None  # the session's, for drafts
+        self.acceptance = Acceptance(router.alpha_prior)
+        self.round: Round | None = None  # the speculative round in progress
+        self.draft_len = 0  # positions the fast tail's draft session holds
         self._lock = threading.Lock()  # one step at a time
 
     # ---- Downstream ---------------------------------------------------------------------------------
@@ -220,6 +261,8 @@ class RoutedTail:
                 result = self._accurate(frame, hidden)
             else:
                 result = self._fast(frame.seq, frame.start_pos, hidden)
+            if self.round is not None:
+                self.round.tails_ms += (time.perf_counter() - arrived) * 1e3
             if result.error:
                 return result
             if frame.seq == 0:
@@ -231,11 +274,14 @@ class RoutedTail:
 
     def close(self, frame: pb.Frame) -> None:
         """Free the session on whichever tails hold it (best effort, never blocks on a step)."""
-        self.history = None
-        if self.fast_seq0 >= 0:
-            self.router.fast.close(frame.session_id or self.session_id)
-        else:  # (a session that moved to the fast path has closed or lost its cloud stream already)
-            self.cloud.close(frame)
+        self.history, self.round = None, None
+        if self.fast_seq0 >= 0 or self.speculating:
+            self.router.fast.close(frame.session_id or self.session_id)  # its fast-path and draft caches
+        if self.fast_seq0 < 0:  # (a session that moved to the fast path has closed or lost its cloud stream)
+            out = pb.Frame()
+            out.CopyFrom(frame)
+            out.seq = self.cloud_seq
+            self.cloud.close(out)
 
     def cancel(self) -> None:
         """Abandon the cloud stream at once (the edge is stopping)."""
@@ -254,6 +300,7 @@ class RoutedTail:
         try:
             self.policy = parse_policy(params.policy or None, self.router.policy)
             self.budget_ms = total_budget_ms(n, params.latency_budget_ms or None, params.token_budget_ms or None)
+            sampling_params(params)
         except ValueError as e:
             return error_result(frame.session_id, frame.seq, "INVALID_ARGUMENT", f"edge router: {e}")
         self.session_id, self.params, self.prompt_tokens = frame.session_id, params, int(hidden.shape[0])
@@ -270,6 +317,9 @@ class RoutedTail:
         self.predicted_ms = decision.predicted_ms + upstream.get(self.kind) * max(n - 1, 0)
         if self.path == "accurate":
             self.history = History()
+            self.speculating = self.router.speculate and params.speculate != pb.SPECULATE_OFF \
+                or params.speculate == pb.SPECULATE_ON
+            self.sampling = sampling_params(params)  # (checked with the policy above)
         self.router.count("router_decision", path=self.path, policy=self.policy.value)
         logger.debug("session %s (%s): %s path, %s", self.session_id, self.kind, self.path, decision.reason)
         return None
@@ -277,20 +327,23 @@ class RoutedTail:
     # ---- the accurate path ---------------------------------------------------------------------------
 
     def _accurate(self, frame: pb.Frame, hidden: torch.Tensor) -> pb.StepResult:
-        """Step the cloud (or move to the fast path first when the deadline is at risk)."""
+        """Step the cloud (or move to the fast path first when the deadline is at risk); or speculate."""
+        if self.round is not None:
+            return self._round_step(frame, hidden)
         try:
             self.history.add(frame.start_pos, hidden)
         except ValueError as e:
             return error_result(frame.session_id, frame.seq, "FAILED_PRECONDITION", f"session {self.session_id!r}: {e}")
         if self.tokens_done > 0 and self._deadline_at_risk():
             return self._to_fast(frame, "deadline")
+        drafts = self._drafts_for_round() if self.tokens_done > 0 else 0
+        if drafts:  # a round starts: this frame's row is the last committed token
+            self.round = Round(frame.start_pos, drafts, [hidden], [pb.EncodedTensor()])
+            self.round.encoded[0].CopyFrom(frame.hidden)
+            return self._draft_step(frame, hidden)
         out = pb.Frame()
         out.CopyFrom(frame)
-        out.deadline_unix_ms = 0  # the router keeps the budget; the cloud must not drop a late step
-        self.cloud.step_timeout_s = self._cloud_wait_s()
-        started = time.perf_counter()
-        result = self.cloud.step(out)
-        wall_ms = (time.perf_counter() - started) * 1e3
+        result, wall_ms = self._cloud_step(out)
         if result.error:
             if result.status in NOT_RETRIED or self.router.closed.is_set():
                 return result
@@ -300,6 +353,107 @@ class RoutedTail:
             return self._to_fast(frame, f"cloud_error: {result.error}", degraded=True)
         self._observe_accurate(int(hidden.shape[0]), wall_ms, result)
         return result
+
+    def _cloud_step(self, out: pb.Frame) -> tuple[pb.StepResult, float]:
+        """One frame to the cloud (renumbered into the cloud stream's seqs); its answer, numbered back, and
+        the wall time in ms."""
+        seq, out.seq = out.seq, self.cloud_seq
+        out.deadline_unix_ms = 0  # the router keeps the budget; the cloud must not drop a late step
+        self.cloud.step_timeout_s = self._cloud_wait_s()
+        started = time.perf_counter()
+        result = self.cloud.step(out)
+        wall_ms = (time.perf_counter() - started) * 1e3
+        if not result.error:
+            self.cloud_seq += 1
+            if self.tokens_done > 0:  # (a prefill is no decode step)
+                self.router.observe_cloud(result.timings_ms.get("compute", 0.0) + result.timings_ms.get("queue", 0.0))
+        answer = pb.StepResult()
+        answer.CopyFrom(result)
+        answer.seq = seq
+        return answer, wall_ms
+
+    # ---- speculation: the fast tail drafts, the cloud verifies several tokens per round trip ------------
+
+    def _drafts_for_round(self) -> int:
+        """g for the round starting now (0: a plain accurate step), from the acceptance and the costs."""
+        if not self.speculating:
+            return 0
+        cap = min(self.router.max_draft, self.params.max_tokens - self.tokens_done - 1)
+        if cap <= 0:
+            return 0
+        if self.router.fixed_draft:
+            return min(self.router.fixed_draft, cap)
+        est, r = self.router.estimates.accurate, self.router
+        costs = RoundCosts(owner_ms=r.upstream.get(self.kind), draft_ms=r.estimates.fast.get("step"),
+                           rtt_ms=est.get("rtt"), verify_ms=r.cloud_ms(), verify_row_ms=est.get("prefill"))
+        forced = 1 if self.params.speculate == pb.SPECULATE_ON else 0  # asked for: at least one draft
+        return best_draft(self.acceptance.alpha, costs, cap, at_least=forced)
+
+    def _draft(self, start_pos: int, hidden: torch.Tensor) -> int:
+        """The fast tail's draft after ``hidden`` (one row at start_pos), catching its cache up first."""
+        rows, at = hidden, start_pos
+        if self.draft_len < start_pos:  # positions it has not seen: from the cloud-bound history
+            rows, at = torch.cat([self.history.tensor()[self.draft_len : start_pos], hidden]), self.draft_len
+        started = time.perf_counter()
+        token = self.router.fast.draft(self.session_id, at, rows, self.sampling)
+        if rows.shape[0] == 1:  # a draft is a fast-tail decode step
+            self.router.estimates.fast.observe_step((time.perf_counter() - started) * 1e3)
+        self.draft_len = start_pos + 1
+        return token
+
+    def _draft_step(self, frame: pb.Frame, hidden: torch.Tensor) -> pb.StepResult:
+        """Draft one token and hand it to the owner to run (not emitted: it is not verified yet)."""
+        token = self._draft(frame.start_pos, hidden)
+        self.round.drafts.append(token)
+        return pb.StepResult(session_id=frame.session_id, seq=frame.seq, draft_tokens=[token],
+                             next_pos=frame.start_pos + 1, path=pb.ACCURATE)
+
+    def _round_step(self, frame: pb.Frame, hidden: torch.Tensor) -> pb.StepResult:
+        """The row of the latest draft: draft again, or send the round to the cloud for verification."""
+        r = self.round
+        if frame.start_pos != r.base + len(r.rows) or hidden.shape[0] != 1:
+            return error_result(frame.session_id, frame.seq, "FAILED_PRECONDITION",
+                                f"session {self.session_id!r}: the draft of position {r.base + len(r.rows)} "
+                                f"comes as one row there, not {hidden.shape[0]} at {frame.start_pos}")
+        r.rows.append(hidden)
+        r.encoded.append(pb.EncodedTensor())
+        r.encoded[-1].CopyFrom(frame.hidden)
+        stopped = r.drafts[-1] in self.params.stop_token_ids
+        if len(r.drafts) < r.g and not stopped:
+            return self._draft_step(frame, hidden)
+        return self._verify(frame)
+
+    def _verify(self, frame: pb.Frame) -> pb.StepResult:
+        """One cloud step over the round's g + 1 rows; the accepted tokens, and where the owner goes on."""
+        r, self.round = self.round, None
+        try:
+            encoded = concat_rows(r.encoded)  # the rows exactly as they came
+        except OptionError:  # entropy-coded rows: sent again losslessly
+            encoded = encode(torch.cat(r.rows), "fp32")
+        out = pb.Frame(session_id=frame.session_id, seq=frame.seq, start_pos=r.base, draft_tokens=r.drafts)
+        out.hidden.CopyFrom(encoded)
+        result, wall_ms = self._cloud_step(out)
+        if result.error:
+            if result.status in NOT_RETRIED or self.router.closed.is_set():
+                return result
+            self.cloud.cancel()
+            return self._to_fast_at(frame.seq, r.base + 1, f"cloud_error: {result.error}", degraded=True)
+        accepted = result.accepted
+        if accepted:  # the cloud now holds the accepted drafts' positions too
+            self.history.add(r.base + 1, torch.cat(r.rows[1 : accepted + 1]))
+        self.acceptance.observe(len(r.drafts), accepted)
+        self._observe_round(r, wall_ms, result)
+        result.next_pos = r.base + 1 + accepted  # the owner rewinds there: rejected drafts are dropped
+        return result
+
+    def _observe_round(self, r: Round, wall_ms: float, result: pb.StepResult) -> None:
+        """The estimates see a round as steps of (the tails' time of the round) / (tokens it gave)."""
+        server_ms = result.timings_ms.get("compute", 0.0) + result.timings_ms.get("queue", 0.0)
+        per_token = (r.tails_ms + wall_ms) / max(len(result.tokens), 1)
+        self.router.estimates.accurate.observe_step(per_token, max(wall_ms - server_ms, 0.0))
+        self.router.last_accurate = time.monotonic()
+        if self.router.metrics is not None:
+            self.router.metrics.speculation(len(r.drafts), result.accepted, len(result.tokens))
 
     def _observe_accurate(self, positions: int, wall_ms: float, result: pb.StepResult) -> None:
         server_ms = result.timings_ms.get("compute", 0.0) + result.timings_ms.get("queue", 0.0)
@@ -348,16 +502,23 @@ class RoutedTail:
 
     def _to_fast(self, frame: pb.Frame, reason: str, degraded: bool = False) -> pb.StepResult:
         """Leave the cloud for good: replay the history on the fast tail, which answers ``frame``."""
+        return self._to_fast_at(frame.seq, frame.start_pos + frame.hidden.shape[0], reason, degraded)
+
+    def _to_fast_at(self, seq: int, end: int, reason: str, degraded: bool = False) -> pb.StepResult:
+        """Leave the cloud for good: the fast tail replays the history's first ``end`` positions and answers
+        the token after them; the owner goes on from position ``end``."""
         if not degraded:
-            self.cloud.close(make_frame(frame.session_id, frame.seq, frame.start_pos, None, close=True))
-        self.path, self.fast_seq0 = "fast", frame.seq
+            self.cloud.close(make_frame(self.session_id, self.cloud_seq, end, None, close=True))
+        if self.speculating:
+            self.router.fast.close(self.session_id)  # its draft cache: the fast path's session is new
+        self.path, self.fast_seq0, self.round = "fast", seq, None
         self.degraded = self.degraded or degraded
         params = pb.GenerationParams()
         params.CopyFrom(self.params)
         params.max_tokens = max(self.params.max_tokens - self.tokens_done, 1)
-        history, self.history = self.history.tensor(), None  # (positions, C)
+        history, self.history = self.history.tensor()[:end], None  # (positions, C)
         started = time.perf_counter()
-        result = self._fast_step(frame.seq, 0, history, params)
+        result = self._fast_step(seq, 0, history, params)
         replay_ms = (time.perf_counter() - started) * 1e3
         if result.error:
             return result
@@ -366,7 +527,8 @@ class RoutedTail:
         self.router.count("router_switch", reason=reason.split(":")[0])
         log = logger.warning if degraded else logger.info
         log("session %s: fast path from token %d (%s); replayed %d positions in %.1f ms",
-            frame.session_id, self.tokens_done, reason, history.shape[0], replay_ms)
+            self.session_id, self.tokens_done, reason, history.shape[0], replay_ms)
+        result.next_pos = end  # (after a round's drafts: the owner rewinds to the token after the committed one)
         return result
 
     def _fast(self, seq: int, start_pos: int, hidden: torch.Tensor) -> pb.StepResult:

@@ -97,6 +97,7 @@ class GenerationRequest(BaseModel):
     latency_budget_ms: Annotated[StrictInt, Field(ge=1, le=UINT32_MAX)] | None = None  # end-to-end budget, ms
     token_budget_ms: Annotated[StrictInt, Field(ge=1, le=UINT32_MAX)] | None = None  # budget per new token, ms
     policy: Literal["adaptive", "accurate", "fast"] | None = None  # router policy; default "adaptive"
+    speculate: StrictBool | None = None  # speculative split decoding where it pays; default: the edge's setting
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -183,6 +184,7 @@ def splitglm_info(job: Job, gen, ttft_ms: float) -> dict:
         "budget_met": None if budget is None else total_ms <= budget,
         "degraded": bool(getattr(gen, "degraded", False)),
         "policy": getattr(gen, "policy", "") or job.params.policy or None,
+        "speculative": dict(getattr(gen, "speculative", {"drafted": 0, "accepted": 0, "round_trips": 0})),
     }
 
 

@@ -60,6 +60,16 @@ class EdgeSettings(AgentSettings):
     )
     policy_margin: float = Field(default=0.2, ge=0, le=10, description="adaptive: the cloud path is chosen only if "
                                  "its p95 prediction times (1 + this) fits the budget, a fraction")
+    kv_pool_tokens: int = Field(default=32768, ge=16, description="KV pool of each of the edge's segments (its "
+                                "[0, k2), the device frames' [k1, k2), the fast tail), positions; a full pool refuses "
+                                "new sessions with RESOURCE_EXHAUSTED")
+    speculate: bool = Field(default=True, description="speculative split decoding on the accurate path where it "
+                            "pays: the fast tail drafts, the cloud verifies several tokens per round trip (a request's "
+                            "\"speculate\" overrides it)")
+    max_draft: int = Field(default=8, ge=1, le=15, description="most tokens drafted per round trip, tokens (at most "
+                           "the cloud's --max-draft)")
+    draft_tokens: int = Field(default=0, ge=0, le=15, description="drafts per round trip when speculating, tokens; "
+                              "0 = chosen per round from the measured acceptance, round trip and step costs")
     probe_interval_s: float = Field(default=0.05, ge=0, description="while no session steps the cloud, time its "
                                     "health check this often to keep the router's link estimates current, seconds; "
                                     "0 = never")

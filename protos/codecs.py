@@ -144,6 +144,37 @@ def decode(msg: pb.EncodedTensor, hidden_size: int,
     return out
 
 
+_ROW_FIELDS = ("values", "scales", "outlier_index", "outlier_values")  # row-major in every codec but DEFLATE'd EC
+
+
+def concat_rows(messages: list[pb.EncodedTensor]) -> pb.EncodedTensor:
+    """The rows of several encodings of one codec and options as one encoding, bytes untouched (so the
+    receiver decodes exactly what each would have given). OptionError where the layout is not row by row
+    (entropy-coded streams) or the messages differ in codec or options."""
+    first = messages[0]
+    if first.entropy != pb.ENTROPY_NONE:
+        raise OptionError(f"codec {codec_name(first.codec)}: entropy-coded rows cannot be joined as they are")
+    head = pb.EncodedTensor()
+    head.CopyFrom(first)
+    for name in _ROW_FIELDS:
+        head.ClearField(name)
+    del head.shape[:]
+    for msg in messages:
+        other = pb.EncodedTensor()
+        other.CopyFrom(msg)
+        for name in _ROW_FIELDS:
+            other.ClearField(name)
+        del other.shape[:]
+        if other != head or msg.shape[1:] != first.shape[1:]:
+            raise OptionError("encodings of different codecs or options cannot be joined")
+    out = pb.EncodedTensor()
+    out.CopyFrom(head)
+    out.shape[:] = [sum(m.shape[0] for m in messages), *first.shape[1:]]
+    for name in _ROW_FIELDS:
+        setattr(out, name, b"".join(getattr(m, name) for m in messages))
+    return out
+
+
 def bytes_per_element(msg: pb.EncodedTensor) -> float:
     """Serialized size of msg divided by its number of elements."""
     n = 1

@@ -23,6 +23,12 @@ class Entropy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ENTROPY_NONE: _ClassVar[Entropy]
     ENTROPY_DEFLATE: _ClassVar[Entropy]
 
+class Speculate(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SPECULATE_DEFAULT: _ClassVar[Speculate]
+    SPECULATE_ON: _ClassVar[Speculate]
+    SPECULATE_OFF: _ClassVar[Speculate]
+
 class Path(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     PATH_UNSPECIFIED: _ClassVar[Path]
@@ -38,6 +44,9 @@ ROT_INT4_OUTLIERS: Codec
 EC_OUTLIERS: Codec
 ENTROPY_NONE: Entropy
 ENTROPY_DEFLATE: Entropy
+SPECULATE_DEFAULT: Speculate
+SPECULATE_ON: Speculate
+SPECULATE_OFF: Speculate
 PATH_UNSPECIFIED: Path
 ACCURATE: Path
 FAST: Path
@@ -73,7 +82,7 @@ class EncodedTensor(_message.Message):
     def __init__(self, codec: _Optional[_Union[Codec, str]] = ..., shape: _Optional[_Iterable[int]] = ..., values: _Optional[bytes] = ..., scales: _Optional[bytes] = ..., outlier_index: _Optional[bytes] = ..., outlier_values: _Optional[bytes] = ..., outliers_per_token: _Optional[int] = ..., group_size: _Optional[int] = ..., rotation_block: _Optional[int] = ..., rotation_seed: _Optional[int] = ..., entropy: _Optional[_Union[Entropy, str]] = ..., channel_class: _Optional[bytes] = ..., stream_bytes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerationParams(_message.Message):
-    __slots__ = ("max_tokens", "temperature", "top_p", "seed", "stop", "stop_token_ids", "policy", "latency_budget_ms", "token_budget_ms")
+    __slots__ = ("max_tokens", "temperature", "top_p", "seed", "stop", "stop_token_ids", "policy", "latency_budget_ms", "token_budget_ms", "speculate")
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +92,7 @@ class GenerationParams(_message.Message):
     POLICY_FIELD_NUMBER: _ClassVar[int]
     LATENCY_BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
+    SPECULATE_FIELD_NUMBER: _ClassVar[int]
     max_tokens: int
     temperature: float
     top_p: float
@@ -92,10 +102,11 @@ class GenerationParams(_message.Message):
     policy: str
     latency_budget_ms: int
     token_budget_ms: int
-    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., policy: _Optional[str] = ..., latency_budget_ms: _Optional[int] = ..., token_budget_ms: _Optional[int] = ...) -> None: ...
+    speculate: Speculate
+    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., policy: _Optional[str] = ..., latency_budget_ms: _Optional[int] = ..., token_budget_ms: _Optional[int] = ..., speculate: _Optional[_Union[Speculate, str]] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("session_id", "seq", "start_pos", "hidden", "params", "deadline_unix_ms", "close", "reply_to")
+    __slots__ = ("session_id", "seq", "start_pos", "hidden", "params", "deadline_unix_ms", "close", "reply_to", "draft_tokens")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     START_POS_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +115,7 @@ class Frame(_message.Message):
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     CLOSE_FIELD_NUMBER: _ClassVar[int]
     REPLY_TO_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     seq: int
     start_pos: int
@@ -112,10 +124,11 @@ class Frame(_message.Message):
     deadline_unix_ms: int
     close: bool
     reply_to: str
-    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., start_pos: _Optional[int] = ..., hidden: _Optional[_Union[EncodedTensor, _Mapping]] = ..., params: _Optional[_Union[GenerationParams, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., close: _Optional[bool] = ..., reply_to: _Optional[str] = ...) -> None: ...
+    draft_tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., start_pos: _Optional[int] = ..., hidden: _Optional[_Union[EncodedTensor, _Mapping]] = ..., params: _Optional[_Union[GenerationParams, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., close: _Optional[bool] = ..., reply_to: _Optional[str] = ..., draft_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("session_id", "seq", "tokens", "logprobs", "path", "timings_ms", "finished", "error", "status", "edge_id", "degraded", "predicted_ms", "switch_reason", "policy")
+    __slots__ = ("session_id", "seq", "tokens", "logprobs", "path", "timings_ms", "finished", "error", "status", "edge_id", "degraded", "predicted_ms", "switch_reason", "policy", "drafted", "accepted", "draft_tokens", "next_pos")
     class TimingsMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +150,10 @@ class StepResult(_message.Message):
     PREDICTED_MS_FIELD_NUMBER: _ClassVar[int]
     SWITCH_REASON_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    DRAFTED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_POS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     seq: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
@@ -151,4 +168,8 @@ class StepResult(_message.Message):
     predicted_ms: float
     switch_reason: str
     policy: str
-    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., path: _Optional[_Union[Path, str]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., finished: _Optional[bool] = ..., error: _Optional[str] = ..., status: _Optional[int] = ..., edge_id: _Optional[str] = ..., degraded: _Optional[bool] = ..., predicted_ms: _Optional[float] = ..., switch_reason: _Optional[str] = ..., policy: _Optional[str] = ...) -> None: ...
+    drafted: int
+    accepted: int
+    draft_tokens: _containers.RepeatedScalarFieldContainer[int]
+    next_pos: int
+    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., path: _Optional[_Union[Path, str]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., finished: _Optional[bool] = ..., error: _Optional[str] = ..., status: _Optional[int] = ..., edge_id: _Optional[str] = ..., degraded: _Optional[bool] = ..., predicted_ms: _Optional[float] = ..., switch_reason: _Optional[str] = ..., policy: _Optional[str] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., draft_tokens: _Optional[_Iterable[int]] = ..., next_pos: _Optional[int] = ...) -> None: ...

@@ -317,13 +317,15 @@ def bench_router(
     threads: int = 1,
     calibration_repeats: int = 3,
     progress: bool = True,
+    speculate: bool = True,
 ) -> dict:
     """Run the whole benchmark; return {"trace": description, "results": [one object per policy], "records"}."""
     phases = parse_trace(trace)
     if unknown := [p for p in policies if p not in POLICIES]:
         raise ValueError(f"unknown policies {unknown}; known: {', '.join(POLICIES)}")
     started = time.perf_counter()
-    with LocalSystem(plan, mqtt=False, threads=threads, cloud_rtt_ms=0.0) as system:
+    edge = () if speculate else ("--speculate", "false")  # the edge's default: speculate where it pays
+    with LocalSystem(plan, mqtt=False, threads=threads, cloud_rtt_ms=0.0, edge_args=edge) as system:
         calibration = calibrate(system, phases, max_tokens, calibration_repeats)
         budgets = derive_budgets(calibration, phases)
         items = make_trace(requests, phases, budgets, seed)
@@ -337,6 +339,7 @@ def bench_router(
     description = {
         "plan": str(plan),
         "requests_per_policy": requests,
+        "speculate": speculate,
         "max_tokens": max_tokens,
         "seed": seed,
         "threads": threads,

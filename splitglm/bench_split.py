@@ -5,7 +5,8 @@ greedy decoding with its KV cache, one token per step. Split: the real
 processes on loopback with a lossless codec (fp32) on both links, two ways:
 the edge's HTTP API as session owner (edge [0, k2) -> gRPC -> cloud), and a
 sensor answer (device [0, k1) -> MQTT broker -> edge [k1, k2) -> gRPC -> cloud).
-Every tier gets the same torch threads as the monolithic run: a single
+Speculation is off here (``splitglm bench speculative`` measures it): this is the cost of the
+split itself. Every tier gets the same torch threads as the monolithic run: a single
 generation runs one tier at a time, so the tiers do not compete for cores.
 The three run in interleaved rounds (one generation each per round), so a
 drift in the machine's speed hits them alike. Monolithic and HTTP figures are
@@ -102,7 +103,8 @@ def bench_split(
     )
     model = load_hf_model(model_dir)
     mono, split, device, split_stages, device_stages = [], [], [], [], []
-    with LocalSystem(plan, broker=broker, threads=threads, mqtt=mqtt, device_max_tokens=tokens) as system:
+    plain = {"edge_args": ("--speculate", "false"), "device_args": ("--speculate", "off")}  # the split itself
+    with LocalSystem(plan, broker=broker, threads=threads, mqtt=mqtt, device_max_tokens=tokens, **plain) as system:
         listener = ResultListener(system.broker, system.device_id) if mqtt else None
         try:
             _monolithic_step_ms(model, list(prompt_ids), 4)  # warm-ups

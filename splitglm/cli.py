@@ -269,7 +269,7 @@ def cmd_bench_router(args) -> int:
     plan = args.plan or str(demo_plan(args.model))
     policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
     result = bench_router(plan, args.requests, args.max_tokens, args.seed, policies, args.trace, args.threads,
-                          progress=not args.quiet)
+                          progress=not args.quiet, speculate=not args.no_speculate)
     if args.records:
         with open(args.records, "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in result["records"])
@@ -302,6 +302,23 @@ def cmd_bench_cloud(args) -> int:
     from splitglm.bench_cloud import run
 
     return run(args)
+
+
+def cmd_bench_speculative(args) -> int:
+    from partitioner.plan.demo import demo_plan
+    from splitglm.bench_speculative import bench_speculative, format_rows
+
+    plan = args.plan or str(demo_plan(args.model))
+    rtts = [float(r) for r in args.rtts.split(",")]
+    paths = tuple(p for p in args.paths.split(",") if p)
+
+    def progress(path, rtt, mode, done):
+        if not args.json:
+            print(f"  {path} {rtt:g} ms {mode}: {done}/{args.requests}", file=sys.stderr)
+
+    rows = bench_speculative(plan, rtts, args.requests, args.max_tokens, args.broker, paths, progress=progress)
+    print(json.dumps(rows, indent=2) if args.json else format_rows(rows))
+    return 0
 
 
 def cmd_bench_cloud_gpu(args) -> int:
@@ -432,6 +449,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int, default=128, help="prompt positions per step (default 128)")
     p.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
     p.set_defaults(func=cmd_bench_cloud_gpu)
+    p = bench.add_parser("speculative", help="speculative split decoding against the plain accurate path, "
+                         "by edge-cloud round trip")
+    p.add_argument("--model", help="GLM checkpoint folder (default: the demo model)")
+    p.add_argument("--plan", help="plan folder with a fast tail (default: the demo plan)")
+    p.add_argument("--rtts", default="0,20,60,150", help="edge-cloud round trips to measure, ms (default 0,20,60,150)")
+    p.add_argument("--requests", type=int, default=10, help="requests per row, each with and without (default 10)")
+    p.add_argument("--max-tokens", type=int, default=48, help="new tokens per request (default 48)")
+    p.add_argument("--paths", default="http,device", help="http and/or device (default both)")
+    p.add_argument("--broker", help="MQTT broker URL (default: start the embedded amqtt broker)")
+    p.add_argument("--json", action="store_true", help="print the JSON list of rows")
+    p.set_defaults(func=cmd_bench_speculative)
     p = bench.add_parser("split", help="per-token latency: split path on loopback vs monolithic generation")
     p.add_argument("--model", help="GLM checkpoint folder (default: the demo model)")
     p.add_argument("--plan", help="plan folder (default: the demo plan with lossless fp32 frames)")
@@ -452,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace", default="20:0.4,300:0.3,50:0.3", help="RTT_MS:SHARE phases in order")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each process (default 1)")
     p.add_argument("--records", help="also write one JSON line per request to this file")
+    p.add_argument("--no-speculate", action="store_true", help="the edge never speculates (default: where it pays)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print only the JSON list of per-policy results")
     p.set_defaults(func=cmd_bench_router)

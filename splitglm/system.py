@@ -37,6 +37,9 @@ class LocalSystem:
     mqtt: bool = True  # False: cloud and edge only, the edge serving HTTP without a broker
     cloud_rtt_ms: float | None = None  # set: the edge reaches the cloud through a DelayProxy of this RTT, ms
     proxy: DelayProxy | None = None  # that proxy (``set_rtt`` changes the link while running)
+    device_agent: bool = True  # with mqtt: start the device agent too
+    edge_args: tuple[str, ...] = ()  # more flags for the edge (e.g. ("--speculate", "false"))
+    device_args: tuple[str, ...] = ()  # more flags for the device agent
     procs: list[Proc] = field(default_factory=list)
     urls: dict[str, str] = field(default_factory=dict)
 
@@ -66,10 +69,11 @@ class LocalSystem:
                 cloud = self.proxy.address
             self._start("edge", "edge_node", "--plan", self.plan, "--broker", self.broker if self.mqtt else "",
                         "--cloud", cloud, "--http-host", self.host,
-                        "--http-port", str(self.http_port or free_port()), *threads)
-            if self.mqtt:
+                        "--http-port", str(self.http_port or free_port()), *threads, *self.edge_args)
+            if self.mqtt and self.device_agent:
                 self._start("device", "device_agent", "--plan", self.plan, "--broker", self.broker,
-                            "--device-id", self.device_id, "--max-tokens", str(self.device_max_tokens), *threads)
+                            "--device-id", self.device_id, "--max-tokens", str(self.device_max_tokens), *threads,
+                            *self.device_args)
         except BaseException:
             self.stop()
             raise

@@ -2,9 +2,13 @@
 
 The owner holds the embedding and the first layers. Each step it runs its
 segment on the new positions, sends one frame downstream and gets back one
-StepResult with the next token (one round trip per token). It detokenizes
-incrementally and ends the generation on a stop string (decided here, where
-the tokenizer is) or when the downstream says ``finished`` (a stop token or
+StepResult. Its ``tokens`` are verified tokens, emitted in order (usually
+one; after a speculative verification up to g + 1). What runs next is the
+last of them, or -- while the edge drafts -- the ``draft_tokens`` it names,
+never emitted; ``next_pos`` moves the next frame back after rejected drafts
+(the owner's cache rewinds: a length change). It detokenizes incrementally
+and ends the generation on a stop string (decided here, where the tokenizer
+is) or when the downstream says ``finished`` (a stop token or
 ``max_tokens``, decided by the terminal tier).
 """
 
@@ -118,6 +122,8 @@ class Generation:
     # Per step: "owner" (own segment + encode) and "downstream" (until its answer) in ms, plus the
     # downstream's StepResult.timings_ms; stage_breakdown() turns the decode steps into a per-token split.
     step_timings: list[dict[str, float]] = field(default_factory=list)
+    # Speculative split decoding: drafts the cloud verified, how many it accepted, in how many round trips.
+    speculative: dict[str, int] = field(default_factory=lambda: {"drafted": 0, "accepted": 0, "round_trips": 0})
 
     def __iter__(self) -> Iterator[TokenEvent]:
         if not self.prompt_ids:
@@ -131,39 +137,48 @@ class Generation:
                 result = self._step(ids, pos, seq)
                 if result.error:
                     raise StepFailed(result.status, result.error)
-                if not result.tokens:
+                if not result.tokens and not result.draft_tokens:
                     raise StepFailed(13, f"step {seq} of session {self.session_id} came back without a token")
-                token, logprob = int(result.tokens[0]), float(result.logprobs[0])
-                self.tokens.append(token)
-                self.logprobs.append(logprob)
-                self.paths.append(result.path)
                 self._note_routing(result)
-                if seq == 0:
-                    self.ttft_ms = (time.perf_counter() - start) * 1e3
-                piece, stopped = stream.push(token)
-                done = stopped or result.finished or len(self.tokens) >= self.params.max_tokens
-                if done and not stopped:
-                    piece += stream.flush()
-                step_ms = (time.perf_counter() - t0) * 1e3
-                yield TokenEvent(token, logprob, piece, result.path, step_ms, dict(result.timings_ms))
+                done, step_ms = False, (time.perf_counter() - t0) * 1e3
+                for i, (token, logprob) in enumerate(zip(result.tokens, result.logprobs)):
+                    token, logprob = int(token), float(logprob)
+                    self.tokens.append(token)
+                    self.logprobs.append(logprob)
+                    self.paths.append(result.path)
+                    if len(self.tokens) == 1:
+                        self.ttft_ms = (time.perf_counter() - start) * 1e3
+                    last = i == len(result.tokens) - 1
+                    piece, stopped = stream.push(token)
+                    done = stopped or (result.finished and last) or len(self.tokens) >= self.params.max_tokens
+                    if done and not stopped:
+                        piece += stream.flush()
+                    yield TokenEvent(token, logprob, piece, result.path, step_ms / len(result.tokens),
+                                     dict(result.timings_ms))
+                    if done:
+                        eos = result.finished and token in self.params.stop_token_ids
+                        self.finish_reason = "stop" if stopped or eos else "length"
+                        break
                 if done:
-                    eos = result.finished and token in self.params.stop_token_ids
-                    self.finish_reason = "stop" if stopped or eos else "length"
                     break
-                pos += int(ids.shape[0])
+                pos = result.next_pos or pos + int(ids.shape[0])
                 seq += 1
-                ids = torch.tensor([token])
+                ids = torch.tensor([int(result.draft_tokens[0]) if result.draft_tokens else self.tokens[-1]])
         finally:
             self.text = stream.text[: stream.released]
             self.total_ms = (time.perf_counter() - start) * 1e3
             self._close(seq + 1, pos)
 
     def _note_routing(self, result: pb.StepResult) -> None:
-        """Keep the router's facts a StepResult carries (the token it answered is the last one)."""
+        """Keep the router's facts a StepResult carries (before the tokens it answers are added)."""
         if result.switch_reason:
             to = "fast" if result.path == pb.FAST else "accurate"
-            self.switches.append({"token": len(self.tokens) - 1, "to": to, "reason": result.switch_reason})
+            self.switches.append({"token": len(self.tokens), "to": to, "reason": result.switch_reason})
         self.degraded = self.degraded or result.degraded
+        if result.drafted:
+            self.speculative["drafted"] += result.drafted
+            self.speculative["accepted"] += result.accepted
+            self.speculative["round_trips"] += 1
         if result.predicted_ms and self.predicted_ms is None:
             self.predicted_ms = float(result.predicted_ms)
         self.policy = self.policy or result.policy

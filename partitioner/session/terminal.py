@@ -7,9 +7,12 @@ generations and answer repeated steps the same way:
   seq follows; a repeated seq is answered again from the stored result without recomputing; a session
   that has generated its ``max_tokens`` takes no more steps);
 - ``work(frame, hidden)``: the segment input of an accepted frame, asking the segment to sample the token
-  after its last position with the session's parameters;
-- ``answer(frame, sampled, path)``: records the sampled token and says whether the generation ended (a
-  stop token, or ``max_tokens`` tokens).
+  after its last position with the session's parameters -- and, for a speculative verification (a frame
+  with ``draft_tokens``: the last committed token and g drafts), after each of its g + 1 positions;
+- ``answer(frame, sampled, path)``: records the sampled token(s) and says whether the generation ended (a
+  stop token, or ``max_tokens`` tokens). A verification accepts the longest prefix of drafts equal to the
+  tokens sampled at their positions and answers that prefix plus its own next token (1 to g + 1 tokens);
+  the next frame then starts after the accepted positions, which rewinds the cache (a length change).
 
 A sampled token's random draw depends only on the session's seed and the token's position
 (``sampling.draw_uniform``), not on the tier or on the draws before it: the fast tail that takes over a
@@ -85,20 +88,33 @@ class TailSessions:
         self.sessions[frame.session_id] = TailSession(params, sampling)
 
     def work(self, frame: pb.Frame, hidden: torch.Tensor) -> SegmentInput:
-        """The segment input of an accepted frame: its rows (T, C), sampling the token after the last one."""
+        """The segment input of an accepted frame: its rows (T, C), sampling the token after the last one
+        (after each of its last g + 1 rows for a verification of g drafts)."""
         state = self.sessions[frame.session_id]
-        position = frame.start_pos + int(hidden.shape[0])  # the sampled token's
-        rows = tuple(state.sampling.rows(position))
+        drafts = len(frame.draft_tokens)
+        if drafts and drafts + 1 != hidden.shape[0]:
+            raise StepError("INVALID_ARGUMENT", f"a verification of {drafts} drafts must carry {drafts + 1} "
+                            f"rows; this one carries {hidden.shape[0]}")
+        first = frame.start_pos + int(hidden.shape[0]) - drafts  # the position of the first token sampled
+        rows = tuple(state.sampling.rows(first, drafts + 1))
         return SegmentInput(frame.session_id, frame.start_pos, hidden=hidden, sample=rows)
 
     def answer(self, frame: pb.Frame, sampled: Sampled, path: int = pb.ACCURATE) -> pb.StepResult:
-        """Record the token sampled for ``frame`` and the step's answer."""
+        """Record the token(s) sampled for ``frame`` and the step's answer."""
         state = self.sessions[frame.session_id]
-        token, logprob = sampled.tokens[-1], sampled.logprobs[-1]
-        state.generated += 1
-        finished = token in state.params.stop_token_ids or state.generated >= state.params.max_tokens
-        result = pb.StepResult(session_id=frame.session_id, seq=frame.seq, tokens=[token], logprobs=[logprob],
-                               path=path, finished=finished)
+        drafts = list(frame.draft_tokens)
+        accepted = 0
+        while accepted < len(drafts) and sampled.tokens[accepted] == drafts[accepted]:
+            accepted += 1
+        tokens, logprobs = sampled.tokens[: accepted + 1], sampled.logprobs[: accepted + 1]
+        left = state.params.max_tokens - state.generated
+        stop = next((i for i, t in enumerate(tokens) if t in state.params.stop_token_ids), None)
+        keep = min(len(tokens), left, len(tokens) if stop is None else stop + 1)
+        tokens, logprobs = tokens[:keep], logprobs[:keep]
+        state.generated += len(tokens)
+        finished = stop is not None and stop < keep or state.generated >= state.params.max_tokens
+        result = pb.StepResult(session_id=frame.session_id, seq=frame.seq, tokens=tokens, logprobs=logprobs,
+                               path=path, finished=finished, drafted=len(drafts), accepted=min(accepted, keep))
         state.ledger.record(frame.seq, result)
         return result
 

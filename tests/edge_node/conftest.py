@@ -13,3 +13,11 @@ def cloud(tiny_plan):
     proc, address = start_cloud(tiny_plan)
     yield address
     assert proc.stop() == 0, proc.output
+
+
+@pytest.fixture(scope="module")
+def device_segment(tiny_plan):
+    """tiny_plan's device tier (embedding + [0, k1)), for tests that play the device."""
+    from partitioner.runtime.artifacts import load_tier
+
+    return load_tier(tiny_plan, "device")

@@ -19,7 +19,6 @@ from paho.mqtt.properties import Properties
 
 from edge_node.node import EdgeNode
 from edge_node.settings import EdgeSettings
-from partitioner.runtime.artifacts import load_tier
 from partitioner.runtime.segment import SegmentInput
 from partitioner.session.local import Chain, split_segments
 from partitioner.session.owner import Generation
@@ -29,11 +28,6 @@ from protos.frames import frame_to_bytes, make_frame
 from tests.edge_node.test_cloud_client import Letters
 
 PROMPTS = [[3, 17, 5, 9, 11, 40, 2], [7, 1, 8], [50, 60, 70, 80, 90], [12, 13]]
-
-
-@pytest.fixture(scope="module")
-def device_segment(tiny_plan):
-    return load_tier(tiny_plan, "device")  # embedding + [0, k1)
 
 
 def expected(tiny_glm, prompt, n) -> list[int]:
@@ -47,6 +41,7 @@ class Edges:
         self.plan, self.broker, self.cloud, self.nodes = plan, broker, cloud, []
 
     def start(self, edge_id: str, **settings) -> EdgeNode:
+        settings = {"speculate": False, **settings}  # one frame a token here (test_speculative drafts)
         node = EdgeNode(EdgeSettings(plan=self.plan, broker=self.broker, cloud=self.cloud, edge_id=edge_id,
                                      http_host="127.0.0.1", http_port=0, connect_timeout_s=30, **settings))
         self.nodes.append(node)

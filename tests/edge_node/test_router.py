@@ -61,6 +61,7 @@ def proxy(cloud):
 
 
 def start_edge(plan: str, cloud: str, **settings) -> EdgeNode:
+    settings = {"speculate": False, **settings}  # one cloud step a token here (test_speculative drafts)
     node = EdgeNode(EdgeSettings(plan=plan, broker="", cloud=cloud, http_host="127.0.0.1", http_port=0,
                                  connect_timeout_s=30, **settings))
     try:

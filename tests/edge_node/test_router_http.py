@@ -19,7 +19,7 @@ from tests.edge_node.test_router import cloud, exact_plan, proxy, start_edge  # 
 from tests.local_chain import char_tokenizer
 
 FIELDS = {"tokens", "paths", "path", "switches", "predicted_ms", "actual_ms", "timings_ms", "latency_budget_ms",
-          "budget_met", "degraded", "policy", "stages_ms"}
+          "budget_met", "degraded", "policy", "stages_ms", "speculative"}
 
 
 def complete(client: openai.OpenAI, max_tokens: int, **extra) -> dict:

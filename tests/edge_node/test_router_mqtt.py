@@ -31,7 +31,8 @@ def system(exact_plan, mosquitto):  # noqa: F811 -- the imported fixture
     host, port = address.rsplit(":", 1)
     proxy = DelayProxy(host, int(port), rtt_ms=150).start()
     node = EdgeNode(EdgeSettings(plan=exact_plan, broker=mosquitto.url, cloud=proxy.address, edge_id="edge-r",
-                                 http_host="127.0.0.1", http_port=0, connect_timeout_s=30, mqtt_protocol="5"))
+                                 http_host="127.0.0.1", http_port=0, connect_timeout_s=30, mqtt_protocol="5",
+                                 speculate=False))  # one frame a token here (test_speculative drafts)
     device = None
     try:
         node.start()
