@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Iterator
@@ -111,11 +112,35 @@ def configure_logging(level: int = logging.INFO) -> None:
 
 @contextmanager
 def stop_on_signals() -> Iterator[threading.Event]:
-    """An Event that SIGTERM / SIGINT set while inside the block; the previous handlers come back after."""
+    """An Event that SIGTERM / SIGINT set while inside the block; the previous handlers come back after.
+
+    The Python-level handler does nothing: a handler runs between two bytecodes of
+    the main thread, which may be inside ``Event.wait`` holding the very lock that
+    ``Event.set`` takes, so setting the event there can deadlock (it did, once in a
+    CI run). The interpreter's C-level handler writes the signal's number to a
+    wakeup socket instead, and a watcher thread sets the event.
+    """
     stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    wanted = (signal.SIGTERM, signal.SIGINT)
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+
+    def watch() -> None:
+        while data := reader.recv(64):
+            if any(number in wanted for number in data):
+                stop.set()
+
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in wanted}
+    previous_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    watcher = threading.Thread(target=watch, name="splitglm-signals", daemon=True)
+    watcher.start()
     try:
         yield stop
     finally:
+        signal.set_wakeup_fd(previous_fd)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        writer.shutdown(socket.SHUT_WR)
+        watcher.join(1.0)
+        reader.close()
+        writer.close()
