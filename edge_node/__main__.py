@@ -8,9 +8,8 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-import threading
 
-from partitioner.settings import configure_logging
+from partitioner.settings import configure_logging, stop_on_signals
 
 from .settings import EdgeSettings, SettingsError
 
@@ -27,31 +26,26 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse: --help (0) or an unknown flag (2)
         return int(e.code or 0)
 
-    stop_requested = threading.Event()
     node = None
 
-    def on_signal(signum, frame):
+    def on_stop(signum: int) -> None:
         logger.info("%s: shutting down", signal.Signals(signum).name)
-        stop_requested.set()
         if node is not None:
             node.stop()
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        from .node import EdgeNode  # heavy imports (torch, transformers) after the settings are known good
+    with stop_on_signals(on_stop) as stop_requested:
+        try:
+            from .node import EdgeNode  # heavy imports (torch, transformers) after the settings are known good
 
-        node = EdgeNode(settings)
-        if stop_requested.is_set():
-            node.stop()
-        node.run()
-    except Exception as e:  # noqa: BLE001 -- a failed start-up is reported, not a traceback for operators
-        logger.error("edge node failed: %s", e, exc_info=logger.isEnabledFor(logging.DEBUG))
-        if node is not None:
-            node.close()
-        return 1
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            node = EdgeNode(settings)
+            if stop_requested.is_set():
+                node.stop()
+            node.run()
+        except Exception as e:  # noqa: BLE001 -- a failed start-up is reported, not a traceback for operators
+            logger.error("edge node failed: %s", e, exc_info=logger.isEnabledFor(logging.DEBUG))
+            if node is not None:
+                node.close()
+            return 1
     return 0
 
 

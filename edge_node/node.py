@@ -171,7 +171,7 @@ class EdgeNode:
             self.close()
 
     def stop(self) -> None:
-        """Ask ``run()`` to return (safe from a signal handler)."""
+        """Ask ``run()`` to return (from any thread)."""
         self._stop.set()
 
     def close(self) -> None:

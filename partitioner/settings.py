@@ -16,7 +16,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -111,8 +111,10 @@ def configure_logging(level: int = logging.INFO) -> None:
 
 
 @contextmanager
-def stop_on_signals() -> Iterator[threading.Event]:
+def stop_on_signals(on_stop: Callable[[int], None] | None = None) -> Iterator[threading.Event]:
     """An Event that SIGTERM / SIGINT set while inside the block; the previous handlers come back after.
+
+    ``on_stop(signal_number)``, if given, runs (in the watcher thread) after each such signal.
 
     The Python-level handler does nothing: a handler runs between two bytecodes of
     the main thread, which may be inside ``Event.wait`` holding the very lock that
@@ -127,8 +129,11 @@ def stop_on_signals() -> Iterator[threading.Event]:
 
     def watch() -> None:
         while data := reader.recv(64):
-            if any(number in wanted for number in data):
-                stop.set()
+            for number in data:
+                if number in wanted:
+                    stop.set()
+                    if on_stop is not None:
+                        on_stop(number)
 
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in wanted}
     previous_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)

@@ -9,12 +9,11 @@ all of that worked). ``serve_demo`` keeps the topology up until SIGINT/SIGTERM.
 from __future__ import annotations
 
 import json
-import signal
-import threading
 import time
 import urllib.request
 
 from partitioner.runtime.artifacts import load_plan
+from partitioner.settings import stop_on_signals
 
 from .system import LocalSystem, ResultListener
 
@@ -90,11 +89,8 @@ def run_demo(plan: str, broker: str | None, device_id: str, threads: int, readin
 
 
 def serve_demo(plan: str, broker: str | None, device_id: str, threads: int, http_port: int) -> int:
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     system = LocalSystem(plan, broker=broker, device_id=device_id, threads=threads, http_port=http_port)
-    with system:
+    with stop_on_signals() as stop, system:
         print(f"http: {system.http}\nmqtt: {system.urls['mqtt']}\ndevice: {device_id}", flush=True)
         print(f"plan: {plan} ({_describe(plan)})", flush=True)
         system.publish_readings(3, interval_s=1.0)
