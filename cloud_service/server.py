@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 SERVICE = "splitglm.v1.SegmentService"
 FREE_TIMEOUT_S = 30.0  # longest wait for the scheduler to free a session at the end of a stream
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 class SegmentServicer:
@@ -123,11 +124,12 @@ class CloudServer:
     health: health.HealthServicer
     host: str
     port: int
+    tls: bool = False
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"grpc://{host}:{self.port}"
+        return f"{'grpcs' if self.tls else 'grpc'}://{host}:{self.port}"
 
     def drain(self) -> None:
         """Health NOT_SERVING, for good: load balancers stop sending new sessions."""
@@ -185,6 +187,37 @@ def load_segment(plan: Path, settings: CloudSettings):
     return segment, load_spec(Path(plan) / "cloud").hidden_size
 
 
+def server_credentials(settings: CloudSettings) -> grpc.ServerCredentials | None:
+    """TLS credentials of the settings' certificate (client certificates required with a client CA); None: none."""
+    if settings.tls_cert is None:
+        return None
+    pair = (settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())
+    client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca is not None else None
+    return grpc.ssl_server_credentials([pair], root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
+def security_mode(settings: CloudSettings) -> str:
+    """How the port is secured, in words for the log."""
+    if settings.tls_client_ca is not None:
+        return f"mutual TLS (clients need a certificate signed by {settings.tls_client_ca})"
+    if settings.tls_cert is not None:
+        return "TLS without client certificates"
+    return "plaintext (no TLS: whoever reaches the port can use it)"
+
+
+def bind(server: grpc.Server, settings: CloudSettings) -> int:
+    """Add the listening port (TLS when the settings have a certificate); the bound port."""
+    address = f"[{settings.host}]" if ":" in settings.host else settings.host
+    credentials = server_credentials(settings)
+    try:
+        if credentials is None:
+            return server.add_insecure_port(f"{address}:{settings.port}")
+        return server.add_secure_port(f"{address}:{settings.port}", credentials)
+    except RuntimeError as e:
+        hint = "" if credentials is None else " (or tls_cert and tls_key are not a matching PEM pair)"
+        raise OSError(f"cannot listen on {address}:{settings.port}{hint}: {e}") from None
+
+
 def serve(settings: CloudSettings) -> CloudServer:
     """Load the cloud segment, start the scheduler and the gRPC server; return once it serves."""
     torch.set_num_threads(settings.threads)
@@ -207,17 +240,19 @@ def serve(settings: CloudSettings) -> CloudServer:
                         server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    address = f"[{settings.host}]" if ":" in settings.host else settings.host
     try:
-        port = server.add_insecure_port(f"{address}:{settings.port}")
-    except RuntimeError as e:
+        port = bind(server, settings)
+    except OSError:  # the port, or the certificate files
         batcher.stop()
         executor.shutdown()
-        raise OSError(f"cannot listen on {address}:{settings.port}: {e}") from None
+        raise
     server.start()
     for name in ("", SERVICE):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    handle = CloudServer(server, executor, batcher, health_servicer, settings.host, port)
-    logger.info("cloud segment on %s, %d max sessions, batches of up to %d; ready: %s",
-                device, settings.max_sessions, settings.max_batch, handle.url)
+    handle = CloudServer(server, executor, batcher, health_servicer, settings.host, port, settings.tls_cert is not None)
+    mode = security_mode(settings)
+    if settings.tls_cert is None and settings.host not in LOOPBACK:
+        logger.warning("gRPC on %s is %s", settings.host, mode)
+    logger.info("cloud segment on %s, %d max sessions, batches of up to %d, %s; ready: %s",
+                device, settings.max_sessions, settings.max_batch, mode, handle.url)
     return handle

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from partitioner.settings import AgentSettings, SettingsError, load_settings  # noqa: F401 -- re-exported
@@ -26,6 +26,10 @@ class CloudSettings(AgentSettings):
     plan: Path = Field(description="plan folder (from `splitglm partition`); the service runs its cloud tier")
     host: str = Field(default="0.0.0.0", min_length=1, description="interface the gRPC server listens on")
     port: int = Field(default=50051, ge=0, le=65535, description="gRPC port; 0 = a free port")
+    tls_cert: Path | None = Field(default=None, description="server certificate (PEM), with tls_key: gRPC over TLS")
+    tls_key: Path | None = Field(default=None, description="private key (PEM) of tls_cert")
+    tls_client_ca: Path | None = Field(default=None, description="CA certificate (PEM); set: mutual TLS, only "
+                                       "clients with a certificate this CA signed are served")
     threads: int = Field(default=1, ge=1, le=256, description="torch CPU threads")
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="where the segment runs; auto = cuda when available"
@@ -49,6 +53,18 @@ class CloudSettings(AgentSettings):
     max_positions: int = Field(default=8192, ge=1, description="most cached positions per session, positions")
     session_ttl_s: float = Field(default=300.0, gt=0, description="idle sessions are freed after, seconds")
     grace_s: float = Field(default=5.0, ge=0, description="on shutdown, time left to running streams, seconds")
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> CloudSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both (TLS) or neither (plaintext)")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key (the server's own certificate)")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: no such file {str(path)!r}")
+        return self
 
     @classmethod
     def load(cls, argv: list[str] | None = None) -> CloudSettings:

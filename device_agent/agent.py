@@ -27,7 +27,7 @@ from partitioner.runtime.artifacts import load_plan, load_tier
 from partitioner.runtime.checkpoint import load_spec, load_tokenizer
 from partitioner.session.owner import Generation
 from protos import splitglm_pb2 as pb
-from protos.mqtt import connect, new_client, wait_for_broker
+from protos.mqtt import MqttAuth, connect, new_client, wait_for_broker
 from protos.topics import results_topic, sensors_subscription
 
 from .link import EdgeLink, LinkClosed
@@ -58,7 +58,8 @@ class DeviceAgent:
         self._sensors_mid: int | None = None
         self._worker = threading.Thread(target=self._work, name=f"device-{self.device_id}", daemon=True)
 
-        self.protocol = wait_for_broker(settings.broker, settings.mqtt_protocol, BROKER_WAIT_S)
+        self.auth = MqttAuth.from_settings(settings)
+        self.protocol = wait_for_broker(settings.broker, settings.mqtt_protocol, BROKER_WAIT_S, self.auth)
         self.client = new_client(f"splitglm-device-{self.device_id}", self.protocol)
         self.link = EdgeLink(
             self.client, self.protocol, self.device_id, settings.pool, settings.step_timeout_s, settings.max_attempts
@@ -72,7 +73,7 @@ class DeviceAgent:
 
     def start(self) -> DeviceAgent:
         self._worker.start()
-        connect(self.client, self.settings.broker, self.protocol)
+        connect(self.client, self.settings.broker, self.protocol, self.auth)
         return self
 
     def stop(self) -> None:

@@ -1,9 +1,11 @@
 """The device's downstream: frames to an edge over MQTT, step results back on the device's steps topic.
 
-Request/reply as ``protos.topics`` describes it: every frame carries
-``reply_to`` (and, on MQTT v5, ResponseTopic + CorrelationData); a session's
-first frame goes to the edge pool, and the answer's ``edge_id`` pins every
-later frame of the session to that edge (it holds the session's KV cache).
+Request/reply as ``protos.topics`` describes it: every frame goes to a
+frames topic that ends in this device's id and carries ``reply_to`` (and, on
+MQTT v5, ResponseTopic + CorrelationData), this device's own steps topic, the
+only one an edge answers it on; a session's first frame goes to the edge pool,
+and the answer's ``edge_id`` pins every later frame of the session to that
+edge (it holds the session's KV cache).
 
 Retries follow Petals' inference session: an explicit attempt loop. When a
 step gets no answer within ``step_timeout_s`` or the connection drops, the
@@ -62,7 +64,8 @@ class EdgeLink:
         if max_attempts < 1 or step_timeout_s <= 0:
             raise ValueError("an EdgeLink needs max_attempts >= 1 and step_timeout_s > 0")
         self.client, self.v5 = client, protocol == V5
-        self.reply_to, self.pool_topic = steps_topic(device_id), frames_topic(pool)
+        self.device_id, self.reply_to = device_id, steps_topic(device_id)
+        self.pool_topic = frames_topic(pool, device_id)
         self.step_timeout_s, self.max_attempts = step_timeout_s, max_attempts
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
         self.stats: Counter[str] = Counter()  # published, republished, answers, ignored
@@ -201,7 +204,7 @@ class EdgeLink:
     def _topic(self, session: str, seq: int) -> str:
         """Seq 0 to the pool; later frames to the edge that answered the session (the pool if none did)."""
         edge = self._edges.get(session) if seq > 0 else None
-        return frames_topic(edge) if edge else self.pool_topic
+        return frames_topic(edge, self.device_id) if edge else self.pool_topic
 
 
 def _correlation_key(message: mqtt.MQTTMessage) -> Key | None:

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 
 from partitioner.settings import configure_logging, stop_on_signals
-from protos.mqtt import connect, new_client, resolve_protocol
+from protos.mqtt import MqttAuth, connect, new_client, resolve_protocol
 from protos.topics import sensor_topic
 
 from .settings import SensorSettings, SettingsError, load_settings
@@ -75,10 +75,11 @@ class Simulator:
             for sensor in settings.sensor_names
         }
         self.connected = threading.Event()
-        protocol = resolve_protocol(settings.broker, settings.mqtt_protocol)
+        auth = MqttAuth.from_settings(settings)
+        protocol = resolve_protocol(settings.broker, settings.mqtt_protocol, auth)
         self.client = new_client(f"splitglm-sensors-{settings.device_ids[0]}-{random.getrandbits(32):08x}", protocol)
         self.client.on_connect = self._on_connect
-        connect(self.client, settings.broker, protocol)
+        connect(self.client, settings.broker, protocol, auth)
 
     def _on_connect(self, client, userdata, flags, reason_code, properties=None) -> None:
         if reason_code.is_failure:

@@ -1,4 +1,5 @@
-"""The edge's gRPC client of the cloud: one channel, the health service, and one stream per session.
+"""The edge's gRPC client of the cloud: one channel (plaintext, TLS or mutual TLS), the health service, and one
+stream per session.
 
 ``CloudClient.tail()`` gives a ``CloudStream``: the accurate tail of one
 session (a ``partitioner.session.owner.Downstream``). Its frames go out through one
@@ -16,6 +17,8 @@ import queue
 import threading
 import time
 import weakref
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -112,22 +115,50 @@ class CloudStream:
         return error_result(frame.session_id, frame.seq, code, message)
 
 
+@dataclass(frozen=True)
+class ChannelTls:
+    """TLS of a channel to the cloud: the CA its certificate must chain to, our client certificate (mutual TLS),
+    the name its certificate must carry (empty: the host of the target)."""
+
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+    server_name: str = ""
+
+    def __post_init__(self):
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("a client certificate and its key go together: give both or neither")
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        key, cert = (self.key.read_bytes(), self.cert.read_bytes()) if self.cert is not None else (None, None)
+        return grpc.ssl_channel_credentials(self.ca.read_bytes(), private_key=key, certificate_chain=cert)
+
+    def options(self) -> list[tuple[str, str]]:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+
+def open_channel(target: str, tls: ChannelTls | None = None, options: list | None = None) -> grpc.Channel:
+    """A channel to ``target`` (HOST:PORT): TLS when ``tls`` is given, else plaintext."""
+    options = list(options or [])
+    if tls is None:
+        return grpc.insecure_channel(target, options=options)
+    return grpc.secure_channel(target, tls.credentials(), options=options + tls.options())
+
+
 class CloudClient:
     """One gRPC channel to ``cloud_service``: health checks and per-session streams."""
 
-    def __init__(self, target: str, step_timeout_s: float = 30.0, max_message_bytes: int = 64 << 20, metrics=None):
+    def __init__(self, target: str, step_timeout_s: float = 30.0, max_message_bytes: int = 64 << 20, metrics=None,
+                 tls: ChannelTls | None = None):
         self.target, self.step_timeout_s, self.metrics = target, step_timeout_s, metrics
         limit = max_message_bytes + (1 << 20)  # the frame plus protobuf framing
-        self.channel = grpc.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_send_message_length", limit),
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
-                ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
-                ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[1]),
-            ],
-        )
+        self.channel = open_channel(target, tls, [
+            ("grpc.max_send_message_length", limit),
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
+            ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
+            ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[1]),
+        ])  # fmt: skip
         self._stub = pb_grpc.SegmentServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self._streams: weakref.WeakSet[CloudStream] = weakref.WeakSet()

@@ -12,8 +12,16 @@ OpenAI's error body; an invalid request is a 4xx, never a 500.
 What ``create_app(node)`` uses of the node: ``model_name``, ``tokenizer``
 (with a chat template; None: text cannot be served), ``spec`` (eos ids,
 vocabulary size), ``metrics`` (``EdgeMetrics``), ``settings``
-(``default_max_tokens``, ``max_tokens_limit``, optional ``max_prompt_tokens`` and ``policy``),
-``generation(prompt_ids, params) -> Generation`` and ``health() -> {name: ok}``.
+(``default_max_tokens``, ``max_tokens_limit``; where present the limits, ``policy``
+and ``api_keys_file``, else EdgeSettings' defaults), ``generation(prompt_ids, params) -> Generation``
+and ``health() -> {name: ok}``.
+
+``guard.Guard`` stands in front of the app (API keys, body size, request rate
+and open requests per client); the prompt limits are checked here, before any
+model work: characters before tokenising (``max_prompt_chars``), tokens
+(``max_prompt_tokens``), and prompt + max_tokens against the cloud's
+``max_positions``. Each refusal is counted in ``splitglm_edge_http_refused_total``.
+A 500 names no exception: its details go to the log under the id the answer gives.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import logging
 import secrets
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import anyio
@@ -34,6 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from partitioner.session.owner import StepFailed, TokenEvent
 from protos import splitglm_pb2 as pb
 
+from .guard import Guard, GuardLimits, setting
 from .metrics import CONTENT_TYPE, path_name
 from .schemas import (
     ChatRequest,
@@ -50,7 +60,6 @@ from .schemas import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_PROMPT_TOKENS = 8192  # used when the settings have no max_prompt_tokens
 # gRPC status of a failed step -> HTTP status (anything else: 503, the cloud is unavailable)
 HTTP_OF_GRPC = {4: 504, 8: 429}  # DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED (overloaded: retry later)
 
@@ -58,9 +67,11 @@ HTTP_OF_GRPC = {4: 504, 8: 429}  # DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED (overlo
 class ApiError(Exception):
     """A request that gets an OpenAI-style error answer."""
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param=None, code=None):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param=None, code=None,
+                 refusal: str | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.refusal = refusal  # a limit's reason label for http_refused_total (None: not a limit)
 
     def response(self) -> JSONResponse:
         return JSONResponse(error_body(self.message, self.type, self.param, self.code), status_code=self.status)
@@ -104,18 +115,26 @@ def check_model(node, req: GenerationRequest) -> None:
         )
 
 
-def check_prompt(node, ids: list[int]) -> list[int]:
-    """Reject empty, too long or out-of-vocabulary prompts."""
-    limit = getattr(node.settings, "max_prompt_tokens", DEFAULT_MAX_PROMPT_TOKENS)
+def check_prompt_chars(node, chars: int, param: str) -> None:
+    """Reject a prompt of more than max_prompt_chars characters before tokenising it."""
+    limit = setting(node.settings, "max_prompt_chars")
+    if chars > limit:
+        raise ApiError(400, f"the prompt has {chars} characters; the limit is {limit}", param=param,
+                       code="prompt_too_long", refusal="prompt_too_long")
+
+
+def check_prompt(node, ids: list[int], max_tokens: int) -> list[int]:
+    """Reject empty, too long or out-of-vocabulary prompts, and prompt + max_tokens beyond the cloud's positions."""
+    limit, positions = setting(node.settings, "max_prompt_tokens"), setting(node.settings, "max_positions")
     if not ids:
         raise ApiError(400, "the prompt is empty (no tokens)", param="prompt")
     if len(ids) > limit:
-        raise ApiError(
-            400,
-            f"the prompt has {len(ids)} tokens; the limit is {limit}",
-            param="prompt",
-            code="context_length_exceeded",
-        )
+        raise ApiError(400, f"the prompt has {len(ids)} tokens; the limit is {limit}", param="prompt",
+                       code="context_length_exceeded", refusal="too_many_tokens")
+    if len(ids) + max_tokens > positions:
+        raise ApiError(400, f"this model's maximum context length is {positions} tokens; you asked for "
+                       f"{len(ids) + max_tokens} ({len(ids)} in the prompt, {max_tokens} in the completion)",
+                       param="max_tokens", code="context_length_exceeded", refusal="context_length")
     bad = [t for t in ids if not 0 <= t < node.spec.vocab_size]
     if bad:
         raise ApiError(400, f"token id {bad[0]} is outside the vocabulary [0, {node.spec.vocab_size})", param="prompt")
@@ -134,8 +153,10 @@ def completion_job(node, req: CompletionRequest) -> Job:
     check_model(node, req)
     check_tokenizer(node)
     params = generation_params(node, req, req.max_tokens)
+    if isinstance(req.prompt, str):
+        check_prompt_chars(node, len(req.prompt), "prompt")
     ids = node.tokenizer.encode(req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
-    return new_job(node, "completions", req, check_prompt(node, ids), params)
+    return new_job(node, "completions", req, check_prompt(node, ids, params.max_tokens), params)
 
 
 def chat_job(node, req: ChatRequest) -> Job:
@@ -143,11 +164,12 @@ def chat_job(node, req: ChatRequest) -> Job:
     check_tokenizer(node)
     params = generation_params(node, req, req.new_tokens())
     messages = [m.as_template_input() for m in req.messages]
+    check_prompt_chars(node, sum(len(m["content"]) for m in messages), "messages")
     try:
         ids = node.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     except Exception as e:  # noqa: BLE001 -- a template that rejects the conversation (e.g. role order)
         raise ApiError(400, f"the chat template rejected the messages: {e}", param="messages") from None
-    return new_job(node, "chat", req, check_prompt(node, list(ids)), params)
+    return new_job(node, "chat", req, check_prompt(node, list(ids), params.max_tokens), params)
 
 
 def new_job(node, api: str, req: GenerationRequest, ids: list[int], params: pb.GenerationParams) -> Job:
@@ -305,6 +327,8 @@ def install_error_handlers(app: FastAPI, metrics) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
         count(request, exc.status)
+        if exc.refusal:
+            metrics.http_refused(exc.refusal)
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
@@ -318,9 +342,11 @@ def install_error_handlers(app: FastAPI, metrics) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
-        log.exception("unexpected error serving %s", request.url.path)
+        error_id = uuid.uuid4().hex[:12]
+        log.exception("unexpected error %s serving %s", error_id, request.url.path)
         count(request, 500)
-        return JSONResponse(error_body(f"internal error: {exc!r}", "server_error"), status_code=500)
+        message = f"internal error {error_id} (the edge's log has the details)"
+        return JSONResponse(error_body(message, "server_error", code="internal_error"), status_code=500)
 
 
 def api_of(request: Request) -> str | None:
@@ -333,6 +359,7 @@ def create_app(node) -> FastAPI:
     app = FastAPI(title="splitglm edge", summary="OpenAI-compatible API of a split GLM model")
     gateway = Gateway(node)
     install_error_handlers(app, node.metrics)
+    app.add_middleware(Guard, limits=GuardLimits.from_settings(node.settings), metrics=node.metrics)
     started = int(time.time())
 
     @app.post("/v1/completions")

@@ -102,6 +102,20 @@ class EdgeMetrics:
         self.sessions_active = Gauge(
             PREFIX + "sessions_active", "Sessions open now, by kind (http, mqtt).", ["kind"], registry=r
         )
+        self.mqtt_refused_total = Counter(
+            PREFIX + "mqtt_refused_total",
+            "MQTT frames refused before any work: a reply topic or a session of another device, a topic that "
+            "names no device.",
+            ["reason"],
+            registry=r,
+        )
+        self.http_refused_total = Counter(
+            PREFIX + "http_refused_total",
+            "HTTP requests refused before any model work, by reason (missing_api_key, invalid_api_key, "
+            "body_too_large, prompt_too_long, too_many_tokens, context_length, rate_limit, concurrency).",
+            ["reason"],
+            registry=r,
+        )
 
     def observe_step(self, result: pb.StepResult, step_s: float, kind: str) -> None:
         """Count one answered step of a session of ``kind`` ('http' or 'mqtt') that took ``step_s`` seconds."""
@@ -120,6 +134,14 @@ class EdgeMetrics:
 
     def session_closed(self, kind: str) -> None:
         self.sessions_active.labels(kind=kind).dec()
+
+    def mqtt_refused(self, reason: str) -> None:
+        """Count a frame refused for ``reason`` ('reply_to', 'foreign_session', 'foreign_close', 'topic')."""
+        self.mqtt_refused_total.labels(reason=reason).inc()
+
+    def http_refused(self, reason: str) -> None:
+        """Count an HTTP request refused for ``reason`` (see ``http_refused_total``)."""
+        self.http_refused_total.labels(reason=reason).inc()
 
     def request(self, api: str, status: str) -> None:
         """Count one request of ``api`` ('completions', 'chat', 'mqtt') that ended with ``status``."""

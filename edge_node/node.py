@@ -28,7 +28,7 @@ from partitioner.runtime.scheduler import FairLock, Scheduler
 from partitioner.session.owner import Downstream, Generation
 from protos import splitglm_pb2 as pb
 
-from .cloud import CloudClient
+from .cloud import ChannelTls, CloudClient
 from .estimates import Estimates
 from .fast_tail import FastTail
 from .metrics import EdgeMetrics
@@ -49,6 +49,23 @@ def acceptance_prior(plan: dict) -> float:
     quality = (plan.get("fast_tail") or {}).get("quality") or {}
     agreement = quality.get("token_agreement")
     return 0.8 if agreement is None else max(0.5, min(0.95, float(agreement) - 0.05))
+
+
+def cloud_tls(settings: EdgeSettings) -> ChannelTls | None:
+    """TLS to the cloud (mutual with a client certificate) when the settings name a CA; None: plaintext."""
+    if settings.cloud_ca is None:
+        return None
+    return ChannelTls(settings.cloud_ca, settings.cloud_cert, settings.cloud_key, settings.cloud_server_name)
+
+
+def security_note(settings: EdgeSettings) -> str:
+    """How the HTTP API and the cloud link are secured, in words for the log."""
+    http = "HTTPS" if settings.tls_cert else "plain HTTP"
+    keys = "API keys" if settings.api_keys_file else "no API keys: anyone who reaches the port can use it"
+    cloud = "plaintext gRPC"
+    if settings.cloud_ca is not None:
+        cloud = "gRPC over mutual TLS" if settings.cloud_cert else "gRPC over TLS"
+    return f"{http} ({keys}), {cloud} to the cloud"
 
 
 @dataclass
@@ -98,7 +115,8 @@ class EdgeNode:
         self.device_segment = self._device_segment()  # [k1, k2) for device frames
         self.tokenizer = self._tokenizer(Path(settings.plan) / "edge")
         self.metrics = EdgeMetrics()
-        self.cloud = CloudClient(settings.cloud, settings.step_timeout_s, settings.max_frame_bytes, self.metrics)
+        self.cloud = CloudClient(settings.cloud, settings.step_timeout_s, settings.max_frame_bytes, self.metrics,
+                                 tls=cloud_tls(settings))
         self.estimates = Estimates.from_plan(self.plan)
         self.estimates.register(self.metrics.registry)
         fast = FastTail.load(settings.plan)
@@ -158,8 +176,8 @@ class EdgeNode:
         if self._stop.is_set():
             return ""
         self.url = self._serve_http()
-        logger.info("edge %s serving plan %s (splits %s, edge->cloud codec %s); ready: %s",
-                    s.edge_id, s.plan, self.plan["splits"], self.codec, self.url)
+        logger.info("edge %s serving plan %s (splits %s, edge->cloud codec %s), %s; ready: %s",
+                    s.edge_id, s.plan, self.plan["splits"], self.codec, security_note(s), self.url)
         return self.url
 
     def run(self) -> None:
@@ -216,6 +234,13 @@ class EdgeNode:
         from .http_api import create_app
 
         s = self.settings
+        tls = {"ssl_certfile": str(s.tls_cert), "ssl_keyfile": str(s.tls_key)} if s.tls_cert else {}
+        config = uvicorn.Config(create_app(self), host=s.http_host, port=s.http_port, log_level="warning",
+                                timeout_graceful_shutdown=s.shutdown_grace_s + HTTP_BACKSTOP_S, **tls)
+        try:
+            config.load()  # reads the certificate and key now: a bad pair fails the start-up with its reason
+        except OSError as e:  # ssl.SSLError too
+            raise OSError(f"HTTPS certificate {s.tls_cert} with key {s.tls_key}: {e}") from e
         family = socket.AF_INET6 if ":" in s.http_host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -225,8 +250,6 @@ class EdgeNode:
             sock.close()
             raise OSError(f"cannot listen on {s.http_host}:{s.http_port}: {e}") from e
         port = sock.getsockname()[1]
-        config = uvicorn.Config(create_app(self), host=s.http_host, port=port, log_level="warning",
-                                timeout_graceful_shutdown=s.shutdown_grace_s + HTTP_BACKSTOP_S)
         self._http = HttpServer(config)
         self._http_thread = threading.Thread(target=self._http.run, kwargs={"sockets": [sock]}, name="http",
                                              daemon=True)
@@ -237,4 +260,4 @@ class EdgeNode:
         host = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(s.http_host, s.http_host)
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
-        return f"http://{host}:{port}"
+        return f"{'https' if s.tls_cert else 'http'}://{host}:{port}"

@@ -3,8 +3,12 @@
 A device agent owns its session: it sends the hidden states of layer k1 as
 Frame bytes (QoS 1) to the edge pool (seq 0, shared subscription) or to this
 edge's own topic (later seqs, named by ``StepResult.edge_id``), and waits for
-the StepResult on its reply topic (v5 ``ResponseTopic``, else
-``Frame.reply_to``). Per session the relay keeps the cloud tail, the next
+the StepResult on its steps topic. The frames topic ends in the device's id,
+which the broker's ACL ties to the device's login: the edge answers only on
+that device's steps topic (a v5 ``ResponseTopic`` or ``Frame.reply_to`` naming
+any other topic is refused), and a session belongs to the device that opened
+it (another device's frames and close frames for it are refused). Each refusal
+is counted (``splitglm_edge_mqtt_refused_total``). Per session the relay keeps the cloud tail, the next
 expected seq and the last answer, so a duplicate delivery is answered again
 without a second step. Messages are served off paho's network thread by a
 pool of workers, the frames of one session in order; the frames of
@@ -35,7 +39,7 @@ from protos import splitglm_pb2 as pb
 from protos import topics
 from protos.errors import CodecError, SizeLimitError
 from protos.frames import decode_frame_hidden, make_frame, parse_frame
-from protos.mqtt import V5, connect, new_client, publish_properties, wait_for_broker
+from protos.mqtt import V5, MqttAuth, connect, new_client, publish_properties, wait_for_broker
 from protos.status import STATUS_NAMES, error_result
 
 from .metrics import path_name
@@ -58,8 +62,9 @@ class Incoming:
     """A received frame and where its answer goes."""
 
     frame: pb.Frame
-    reply_topic: str
+    reply_topic: str  # the sending device's steps topic
     correlation: bytes
+    device: str = ""  # the sending device, from the frames topic
     received: float = field(default_factory=time.perf_counter)
 
 
@@ -68,6 +73,7 @@ class RelaySession:
     """What the edge keeps of one device session between its frames."""
 
     tail: object  # a partitioner.session.owner.Downstream (the cloud stream of this session)
+    device: str  # the device that opened it: the only one whose frames it takes
     ledger: Ledger = field(default_factory=Ledger)  # seq order and the answer to a duplicate delivery
 
 
@@ -135,13 +141,14 @@ class FrameRelay:
     def start(self, timeout_s: float) -> None:
         """Connect, subscribe and wait (at most ``timeout_s``) until the subscriptions are made."""
         self.scheduler.start()
-        self.protocol = wait_for_broker(self.settings.broker, self.settings.mqtt_protocol, timeout_s)
+        self.protocol = wait_for_broker(self.settings.broker, self.settings.mqtt_protocol, timeout_s,
+                                        MqttAuth.from_settings(self.settings))
         self.client = new_client(f"splitglm-edge-{self.edge_id}", self.protocol)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
-        connect(self.client, self.settings.broker, self.protocol)
+        connect(self.client, self.settings.broker, self.protocol, MqttAuth.from_settings(self.settings))
         if not self._subscribed.wait(timeout_s):
             self.stop()
             raise TimeoutError(f"no MQTT subscriptions at {self.settings.broker} within {timeout_s:g} s")
@@ -153,8 +160,8 @@ class FrameRelay:
         if self.protocol == V5:
             pool = topics.pool_subscription(s.pool, s.share_group)
         else:
-            pool = topics.frames_topic(s.pool)
-        return [pool, topics.frames_topic(self.edge_id)]
+            pool = topics.frames_subscription(s.pool)
+        return [pool, topics.frames_subscription(self.edge_id)]
 
     def connected(self) -> bool:
         return self._connected
@@ -193,27 +200,35 @@ class FrameRelay:
             logger.exception("dropping an MQTT message on %s", message.topic)
 
     def _accept(self, message) -> None:
+        try:
+            device = topics.frame_sender(message.topic)
+        except ValueError as e:
+            self.metrics.mqtt_refused("topic")
+            logger.warning("dropping a message: %s", e)
+            return
         props = getattr(message, "properties", None)
-        reply_topic = getattr(props, "ResponseTopic", "") if props is not None else ""
+        asked = getattr(props, "ResponseTopic", "") if props is not None else ""
         correlation = bytes(getattr(props, "CorrelationData", b"")) if props is not None else b""
+        own = topics.steps_topic(device)  # the only topic this edge answers the device on
         self.metrics.add_wire_bytes("device_edge", "in", len(message.payload))
         try:
             frame = parse_frame(message.payload, self.settings.max_frame_bytes)
         except CodecError as e:
             code = Status.RESOURCE_EXHAUSTED if isinstance(e, SizeLimitError) else Status.INVALID_ARGUMENT
-            self._publish(Incoming(pb.Frame(), reply_topic, correlation), error_result("", 0, code, str(e)))
+            self._publish(Incoming(pb.Frame(), own, correlation, device), error_result("", 0, code, str(e)))
             return
-        incoming = Incoming(
-            frame, reply_topic or frame.reply_to, correlation or topics.correlation(frame.session_id, frame.seq)
-        )
+        incoming = Incoming(frame, own, correlation or topics.correlation(frame.session_id, frame.seq), device)
         if frame.close:
-            self._lanes.submit(frame.session_id, lambda: self._free(frame.session_id, "closed by its owner", frame))
+            self._lanes.submit(frame.session_id, lambda: self._close(incoming))
             return
-        if not incoming.reply_topic:
-            logger.warning(
-                "dropping frame %s:%d: no reply topic (v5 ResponseTopic or Frame.reply_to)", frame.session_id, frame.seq
-            )
-            return
+        for topic in (asked, frame.reply_to):
+            if topic and topic != own:
+                self.metrics.mqtt_refused("reply_to")
+                logger.warning("refusing frame %s:%d of device %s: reply topic %r is not its own",
+                               frame.session_id, frame.seq, device, topic[:200])
+                message = f"edge {self.edge_id}: the reply topic must be {own} (the sending device's own)"
+                self._publish(incoming, error_result(frame.session_id, frame.seq, Status.PERMISSION_DENIED, message))
+                return
         key = (frame.session_id, frame.seq)
         with self._lock:
             if key in self._in_flight:
@@ -221,6 +236,17 @@ class FrameRelay:
                 return
             self._in_flight.add(key)
         self._lanes.submit(frame.session_id, lambda: self._serve(incoming))
+
+    def _close(self, incoming: Incoming) -> None:
+        """A close frame, on the session's lane: only the device that opened the session may close it."""
+        sid = incoming.frame.session_id
+        with self._lock:
+            state = self.sessions.get(sid)
+        if state is not None and state.device != incoming.device:
+            self.metrics.mqtt_refused("foreign_close")
+            logger.warning("device %s may not close session %s of device %s", incoming.device, sid, state.device)
+            return
+        self._free(sid, "closed by its owner", incoming.frame)
 
     def _publish(self, incoming: Incoming, result: pb.StepResult) -> None:
         """Publish the answer (QoS 1) to the frame's reply topic, with v5 correlation + edge id properties."""
@@ -268,6 +294,10 @@ class FrameRelay:
             raise RelayError(Status.INVALID_ARGUMENT, "session_id must be 1-128 characters")
         with self._lock:
             state = self.sessions.get(sid)
+        if state is not None and state.device != incoming.device:
+            self.metrics.mqtt_refused("foreign_session")
+            message = f"edge {self.edge_id}: session {sid!r} belongs to another device"
+            raise RelayError(Status.PERMISSION_DENIED, message)
         if state is None and frame.seq != 0:
             raise RelayError(
                 Status.NOT_FOUND,
@@ -283,7 +313,7 @@ class FrameRelay:
         t0 = time.perf_counter()
         hidden = self._decode(frame)  # (T, C)
         if state is None:
-            state = self._open(sid)
+            state = self._open(sid, incoming.device)
         try:
             mid = self.scheduler.submit(SegmentInput(sid, frame.start_pos, hidden=hidden)).result()  # (T, C)
         except SessionError as e:
@@ -321,8 +351,8 @@ class FrameRelay:
         except CodecError as e:
             raise RelayError(Status.INVALID_ARGUMENT, str(e)) from None
 
-    def _open(self, sid: str) -> RelaySession:
-        state = RelaySession(self.new_tail())
+    def _open(self, sid: str, device: str) -> RelaySession:
+        state = RelaySession(self.new_tail(), device)
         with self._lock:
             self.sessions[sid] = state
         self.metrics.session_opened("mqtt")

@@ -39,9 +39,34 @@ class EdgeSettings(AgentSettings):
     share_group: str = Field(default=topics.SHARE_GROUP, description="shared-subscription group of the pool (MQTT v5)")
     broker: str = Field(default="mqtt://127.0.0.1:1883", description="MQTT broker URL; empty = no MQTT (HTTP only)")
     mqtt_protocol: Literal["auto", "5", "3.1.1"] = Field(default="auto", description="MQTT protocol version")
+    mqtt_username: str = Field(default="", description="MQTT login name (empty = anonymous); an edge's is its edge id")
+    mqtt_password_file: Path | None = Field(default=None, description="file whose first line is the MQTT password")
+    mqtt_ca_file: Path | None = Field(default=None, description="PEM CA that signed the broker's certificate "
+                                      "(mqtts://; unset = the system CAs)")
     cloud: str = Field(default="127.0.0.1:50051", description="HOST:PORT of the cloud_service gRPC server")
+    cloud_ca: Path | None = Field(default=None, description="CA certificate (PEM) the cloud's certificate must "
+                                  "chain to; set: gRPC over TLS")
+    cloud_cert: Path | None = Field(default=None, description="client certificate (PEM) for mutual TLS with the "
+                                    "cloud, with cloud_key")
+    cloud_key: Path | None = Field(default=None, description="private key (PEM) of cloud_cert")
+    cloud_server_name: str = Field(default="", description="name the cloud's certificate must carry; empty = the "
+                                   "host of `cloud`")
     http_host: str = Field(default="0.0.0.0", description="interface the HTTP API listens on")
     http_port: int = Field(default=8000, ge=0, le=65535, description="HTTP port; 0 = a free port")
+    tls_cert: Path | None = Field(default=None, description="server certificate (PEM), with tls_key: HTTPS")
+    tls_key: Path | None = Field(default=None, description="private key (PEM) of tls_cert")
+    api_keys_file: Path | None = Field(default=None, description="file of API keys, one a line; set: /v1/* and "
+                                       "/metrics need `Authorization: Bearer KEY`")
+    max_body_bytes: int = Field(default=1 << 20, ge=1024, description="largest HTTP request body, bytes (413)")
+    max_prompt_chars: int = Field(default=100_000, ge=1, description="longest prompt before tokenising, "
+                                  "characters (of all messages of a chat)")
+    max_prompt_tokens: int = Field(default=4096, ge=1, description="longest prompt, tokens")
+    max_positions: int = Field(default=8192, ge=1, description="most positions (prompt + max_tokens) a request may "
+                               "take: the cloud's --max-positions; larger requests get a 400 up front")
+    max_concurrent_per_key: int = Field(default=16, ge=0, description="open requests per API key (per client "
+                                        "address without keys), requests; 0 = no limit (429)")
+    rate_per_key_per_min: int = Field(default=600, ge=0, description="requests per API key (per client address "
+                                      "without keys) per minute, bursts up to as many; 0 = no limit (429)")
     threads: int = Field(default=1, ge=1, le=256, description="torch CPU threads")
     relay_workers: int = Field(default=16, ge=1, le=1024, description="threads serving MQTT frames (sessions)")
     relay_max_batch: int = Field(default=32, ge=1, le=1024, description="most device frames in one forward pass "
@@ -84,7 +109,7 @@ class EdgeSettings(AgentSettings):
     @field_validator("edge_id", "pool", "share_group")
     @classmethod
     def _topic_level(cls, value: str) -> str:
-        topics.frames_topic(value)  # raises ValueError unless a valid topic level
+        topics.frames_subscription(value)  # raises ValueError unless a valid topic level
         return value
 
     @field_validator("broker")
@@ -101,6 +126,26 @@ class EdgeSettings(AgentSettings):
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"cloud address {value!r} must be HOST:PORT")
         return value
+
+    @field_validator("cloud_ca", "cloud_cert", "cloud_key", "tls_cert", "tls_key", "api_keys_file", "mqtt_password_file",
+                     "mqtt_ca_file")
+    @classmethod
+    def _existing_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"no such file {str(value)!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> EdgeSettings:
+        for cert, key in (("cloud_cert", "cloud_key"), ("tls_cert", "tls_key")):
+            if (getattr(self, cert) is None) != (getattr(self, key) is None):
+                raise ValueError(f"{cert} and {key} go together: give both or neither")
+        if self.cloud_ca is None and (self.cloud_cert is not None or self.cloud_server_name):
+            raise ValueError("cloud_cert and cloud_server_name are for TLS to the cloud: give cloud_ca too")
+        if self.max_prompt_tokens >= self.max_positions:
+            raise ValueError(f"max_prompt_tokens {self.max_prompt_tokens} leaves no room for new tokens within "
+                             f"max_positions {self.max_positions}")
+        return self
 
     @model_validator(mode="after")
     def _token_limits(self) -> EdgeSettings:

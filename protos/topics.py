@@ -13,12 +13,18 @@ only a session's first frame (seq 0) goes to the pool topic that the edges
 of a pool share (``$share/<group>/...``); the reply names the edge that took
 it, and every later frame of the session goes to that edge's own topic.
 Close frames (``close``) get no reply.
+
+Identity: a frames topic ends in the sending device's id, and the broker's
+ACL (``pattern write splitglm/v1/edge/+/frames/%u``) lets a device publish only
+under its own login, so the edge knows who sent a frame from its topic alone.
+It answers only on that device's steps topic and refuses a frame whose
+reply topic, or whose session, belongs to another device.
 """
 
 from __future__ import annotations
 
 SENSORS = "sensors/{device_id}/{sensor}"  # JSON readings a device publishes
-FRAMES = "splitglm/v1/edge/{edge_id}/frames"  # frames to one edge, or to a pool of edges
+FRAMES = "splitglm/v1/edge/{edge_id}/frames/{device_id}"  # a device's frames to one edge, or to a pool
 STEPS = "splitglm/v1/device/{device_id}/steps"  # step results back to a device agent
 RESULTS = "results/{device_id}"  # the finished answer for a sensor request (JSON)
 
@@ -42,14 +48,27 @@ def sensors_subscription(device_id: str) -> str:
     return f"sensors/{_check_level('device id', device_id)}/#"
 
 
-def frames_topic(edge_id: str) -> str:
-    """Where to publish frames for one edge (or, with a pool name, for whichever edge of the pool)."""
-    return FRAMES.format(edge_id=_check_level("edge id", edge_id))
+def frames_topic(edge_id: str, device_id: str) -> str:
+    """Where ``device_id`` publishes frames for one edge (or, with a pool name, for whichever edge of the pool)."""
+    return FRAMES.format(edge_id=_check_level("edge id", edge_id), device_id=_check_level("device id", device_id))
+
+
+def frames_subscription(edge_id: str) -> str:
+    """Every device's frames to one edge (or pool): ``splitglm/v1/edge/{edge_id}/frames/+``."""
+    return FRAMES.format(edge_id=_check_level("edge id", edge_id), device_id="+")
 
 
 def pool_subscription(pool: str = DEFAULT_POOL, group: str = SHARE_GROUP) -> str:
     """The shared subscription an edge of ``pool`` takes for new sessions."""
-    return f"$share/{_check_level('share group', group)}/{frames_topic(pool)}"
+    return f"$share/{_check_level('share group', group)}/{frames_subscription(pool)}"
+
+
+def frame_sender(topic: str) -> str:
+    """The device id that a frames topic ends in; ValueError if ``topic`` is not a frames topic."""
+    levels = topic.split("/")
+    if len(levels) != 6 or levels[:3] != ["splitglm", "v1", "edge"] or levels[4] != "frames":
+        raise ValueError(f"{topic!r} is not a frames topic ({FRAMES})")
+    return _check_level("device id", levels[5])
 
 
 def steps_topic(device_id: str) -> str:

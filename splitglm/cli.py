@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 # Never reach for a model hub: everything loads from local folders.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -68,22 +69,34 @@ def cmd_health(args) -> int:
 
     url = urlsplit(args.url)
     try:
-        if url.scheme == "grpc":
-            import grpc
+        if url.scheme in ("grpc", "grpcs"):
             from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-            with grpc.insecure_channel(url.netloc) as channel:
+            from edge_node.cloud import ChannelTls, open_channel
+
+            tls = None
+            if url.scheme == "grpcs":
+                if args.ca is None:
+                    raise ValueError("grpcs:// needs --ca (the CA certificate the server's must chain to)")
+                tls = ChannelTls(args.ca, args.cert, args.key, args.server_name)
+            elif args.ca or args.cert:
+                raise ValueError("--ca and --cert are for grpcs:// and https:// URLs")
+            with open_channel(url.netloc, tls) as channel:
                 reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=args.timeout)
             ok = reply.status == health_pb2.HealthCheckResponse.SERVING
         elif url.scheme in ("http", "https"):
+            import ssl
             import urllib.request
 
-            with urllib.request.urlopen(args.url, timeout=args.timeout) as response:
+            if args.cert:
+                raise ValueError("--cert is for grpcs:// URLs (the edge's HTTPS asks for no client certificate)")
+            context = ssl.create_default_context(cafile=args.ca) if url.scheme == "https" and args.ca else None
+            with urllib.request.urlopen(args.url, timeout=args.timeout, context=context) as response:
                 ok = response.status == 200
         elif url.scheme == "file":
             ok = os.path.exists(url.path)
         else:
-            raise ValueError(f"health URL {args.url!r} must be grpc://HOST:PORT, http(s)://... or file:///PATH")
+            raise ValueError(f"health URL {args.url!r} must be grpc(s)://HOST:PORT, http(s)://... or file:///PATH")
     except Exception as e:  # noqa: BLE001 -- any failure means unhealthy
         if isinstance(e, ValueError):
             raise
@@ -197,12 +210,18 @@ def cmd_demo(args) -> int:
     if args.local:
         return _local_demo(args)
     from partitioner.plan.demo import demo_plan
-    from splitglm.demo_run import run_demo, serve_demo
+    from splitglm.demo_run import demo_secrets, run_demo, serve_demo
 
+    if args.secrets and not args.secure:
+        raise ValueError("--secrets DIR goes with --secure")
+    if args.broker and args.broker.startswith("mqtts://") and not args.secure:
+        raise ValueError("an mqtts:// broker needs --secure (and --secrets DIR: the folder its mosquitto.conf is in)")
+    secrets = demo_secrets(args.device_id, args.secrets) if args.secure else None
     plan = args.plan or str(demo_plan(args.model))
     if args.serve:
-        return serve_demo(plan, args.broker, args.device_id, args.threads, args.http_port)
-    return run_demo(plan, args.broker, args.device_id, args.threads, args.readings, args.prompt, args.max_tokens)
+        return serve_demo(plan, args.broker, args.device_id, args.threads, args.http_port, secrets)
+    return run_demo(plan, args.broker, args.device_id, args.threads, args.readings, args.prompt, args.max_tokens,
+                    secrets)
 
 
 def _local_demo(args) -> int:
@@ -217,6 +236,30 @@ def _local_demo(args) -> int:
     print(f"\n\nsplits device [0,{k1}) edge [{k1},{k2}) cloud [{k2},end); codec {result.codec}")
     print(f"{result.tokens} tokens; first token {result.ttft_ms:.0f} ms, then {result.per_token_ms:.1f} ms/token")
     print(f"frame bytes device->edge {result.link_bytes[0]}, edge->cloud {result.link_bytes[1]}")
+    return 0
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def cmd_secrets(args) -> int:
+    """Write a deployment's development secrets (splitglm.credentials) and list what was written."""
+    from splitglm.credentials import SecretsExist, write_secrets
+
+    if args.keep and (Path(args.out) / "ca.key").is_file():
+        print(f"keeping the secrets already in {args.out}")
+        return 0
+    try:
+        written = write_secrets(args.out, args.devices, args.edges, args.hosts, args.api_keys, args.mqtt_port,
+                                args.force, args.mosquitto_data)
+    except SecretsExist as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(f"{path.stat().st_mode & 0o777:04o}  {path}")
+    conf = written[0].parent / "mosquitto" / "mosquitto.conf"
+    print(f"wrote {len(written)} files; start Mosquitto with: mosquitto -c {conf}")
     return 0
 
 
@@ -346,9 +389,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="plan folder to write (default: the cache)")
     p.set_defaults(func=cmd_demo_plan)
 
-    p = sub.add_parser("health", help="check a service: grpc://HOST:PORT (cloud), http://HOST:PORT/healthz (edge)")
+    p = sub.add_parser("health", help="check a service: grpc(s)://HOST:PORT (cloud), http(s)://HOST:PORT/healthz "
+                       "(edge)")
     p.add_argument("url")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+    p.add_argument("--ca", type=Path, help="grpcs, https: CA certificate (PEM) the server's certificate must chain to")
+    p.add_argument("--cert", type=Path, help="grpcs: client certificate (PEM) for mutual TLS, with --key")
+    p.add_argument("--key", type=Path, help="grpcs: private key (PEM) of --cert")
+    p.add_argument("--server-name", default="", help="grpcs: name the server's certificate must carry "
+                   "(default: the URL's host)")
     p.set_defaults(func=cmd_health)
 
     p = sub.add_parser("eval", help="perplexity and token agreement of hidden-state codecs at the split points")
@@ -417,9 +466,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=0, help="edge HTTP port with --serve (default: a free port)")
     p.add_argument("--prompt", default="What is the GNU General Public License? Answer in one sentence.")
     p.add_argument("--max-tokens", type=int, default=48, help="new tokens of the HTTP completion")
+    p.add_argument("--secure", action="store_true", help="TLS, logins, the MQTT ACL and API keys on every link "
+                   "(secrets made once in the cache, or --secrets DIR)")
+    p.add_argument("--secrets", help="with --secure: a `splitglm secrets` folder (default: made in the cache)")
     p.add_argument("--local", action="store_true", help="the one-process demo: three segments, no network")
     p.add_argument("--codec", default="int8+outliers", type=lambda t: _codec_list(t)[0], help="--local: link codec")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("secrets", help="write development TLS certificates, MQTT logins + ACL and HTTP API keys")
+    p.add_argument("--out", required=True, help="folder to write (refused if it holds a ca.key, unless --force)")
+    p.add_argument("--devices", type=_names, default=["demo-device-1"], help="device ids, comma-separated: one "
+                   "MQTT login each (default demo-device-1)")
+    p.add_argument("--edges", type=_names, default=["edge-demo"], help="edge ids, comma-separated: one MQTT login "
+                   "each (default edge-demo)")
+    p.add_argument("--hosts", type=_names, default=[], help="extra names/addresses for the server certificates, "
+                   "comma-separated (localhost and 127.0.0.1 always)")
+    p.add_argument("--api-keys", type=int, default=1, help="HTTP API keys to write (default 1)")
+    p.add_argument("--mqtt-port", type=int, default=8883, help="TLS port of mosquitto.conf's listener (default 8883)")
+    p.add_argument("--mosquitto-data", type=Path, help="folder where Mosquitto keeps QoS 1 sessions across "
+                   "restarts (default: none, in memory)")
+    p.add_argument("--force", action="store_true", help="replace the secrets already in --out")
+    p.add_argument("--keep", action="store_true", help="if --out already holds secrets, keep them and exit 0 "
+                   "(for a one-shot service that runs at every start)")
+    p.set_defaults(func=cmd_secrets)
 
     for name, (_, help_text) in AGENTS.items():
         p = sub.add_parser(name, help=help_text, add_help=False)

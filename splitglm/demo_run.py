@@ -9,8 +9,10 @@ all of that worked). ``serve_demo`` keeps the topology up until SIGINT/SIGTERM.
 from __future__ import annotations
 
 import json
+import ssl
 import time
 import urllib.request
+from pathlib import Path
 
 from partitioner.runtime.artifacts import load_plan
 from partitioner.settings import stop_on_signals
@@ -28,10 +30,34 @@ def _describe(plan_dir: str) -> str:
             f"codecs device->edge {codecs['device_edge']}, edge->cloud {codecs['edge_cloud']}")
 
 
-def _chat(http: str, prompt: str, max_tokens: int) -> dict:
+OPEN_NOTE = ("security: off -- plain MQTT, gRPC and HTTP without logins or keys, on loopback only "
+             "(--secure turns on TLS, logins, the MQTT ACL and API keys)")
+
+
+def demo_secrets(device_id: str, folder: str | None = None) -> str:
+    """The secrets of a secure demo: ``folder`` as given, else the cache's (made once, remade for a new device)."""
+    from partitioner.convert import default_cache_dir
+    from splitglm.credentials import make_secrets
+
+    if folder is not None:
+        if not (Path(folder) / "devices" / device_id / "password").is_file():
+            raise ValueError(f"{folder} has no MQTT login for device {device_id!r} (see `splitglm secrets --devices`)")
+        return folder
+    out = default_cache_dir() / "demo-secrets" / device_id
+    if not (out / "devices" / device_id / "password").is_file():
+        make_secrets(out, devices=[device_id], force=True)
+    return str(out)
+
+
+def _chat(system: LocalSystem, prompt: str, max_tokens: int) -> dict:
     body = json.dumps({"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens}).encode()
-    request = urllib.request.Request(f"{http}/v1/chat/completions", body, {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=ANSWER_TIMEOUT_S) as response:
+    headers = {"Content-Type": "application/json"}
+    context = None
+    if system.secrets:
+        headers["Authorization"] = f"Bearer {system.api_key}"
+        context = ssl.create_default_context(cafile=str(Path(system.secrets) / "ca.crt"))
+    request = urllib.request.Request(f"{system.http}/v1/chat/completions", body, headers)
+    with urllib.request.urlopen(request, timeout=ANSWER_TIMEOUT_S, context=context) as response:
         return json.loads(response.read())
 
 
@@ -50,14 +76,15 @@ def _print_answer(answer: dict) -> None:
 
 
 def run_demo(plan: str, broker: str | None, device_id: str, threads: int, readings: int,
-             prompt: str, max_tokens: int) -> int:
+             prompt: str, max_tokens: int, secrets: str | None = None) -> int:
     print(f"plan: {plan}\n  {_describe(plan)}")
-    system = LocalSystem(plan, broker=broker, device_id=device_id, threads=threads)
+    print(f"secrets: {secrets}" if secrets else OPEN_NOTE)
+    system = LocalSystem(plan, broker=broker, device_id=device_id, threads=threads, secrets=secrets)
     print("starting broker, cloud, edge and device agent (each a separate process)...", flush=True)
     with system:
         print(f"mqtt: {system.urls['mqtt']}{'' if broker else ' (embedded amqtt broker)'}")
         print(f"cloud: {system.urls['cloud']}\nhttp: {system.http}\ndevice: {device_id}", flush=True)
-        listener = ResultListener(system.broker, device_id)
+        listener = ResultListener(system.broker, device_id, system.device_auth)
         try:
             sensors = system.publish_readings(readings)
             print(f"\nsensor answers ({readings} readings published to sensors/{device_id}/...):", flush=True)
@@ -76,7 +103,7 @@ def run_demo(plan: str, broker: str | None, device_id: str, threads: int, readin
         finally:
             listener.close()
         print(f"\nHTTP completion (POST {system.http}/v1/chat/completions):\n  prompt: {prompt}", flush=True)
-        reply = _chat(system.http, prompt, max_tokens)
+        reply = _chat(system, prompt, max_tokens)
         info = reply.get("splitglm", {})
         timings = info.get("timings_ms", {})
         print(f"  answer: {reply['choices'][0]['message']['content'].strip()}")
@@ -88,10 +115,17 @@ def run_demo(plan: str, broker: str | None, device_id: str, threads: int, readin
     return 1 if bad else 0
 
 
-def serve_demo(plan: str, broker: str | None, device_id: str, threads: int, http_port: int) -> int:
-    system = LocalSystem(plan, broker=broker, device_id=device_id, threads=threads, http_port=http_port)
+def serve_demo(plan: str, broker: str | None, device_id: str, threads: int, http_port: int,
+               secrets: str | None = None) -> int:
+    if not secrets:
+        print(OPEN_NOTE, flush=True)
+    system = LocalSystem(plan, broker=broker, device_id=device_id, threads=threads, http_port=http_port,
+                         secrets=secrets)
     with stop_on_signals() as stop, system:
         print(f"http: {system.http}\nmqtt: {system.urls['mqtt']}\ndevice: {device_id}", flush=True)
+        print(f"cloud: {system.urls['cloud'].split('://', 1)[-1]}", flush=True)
+        if secrets:
+            print(f"secrets: {secrets}", flush=True)
         print(f"plan: {plan} ({_describe(plan)})", flush=True)
         system.publish_readings(3, interval_s=1.0)
         while not stop.wait(1.0):

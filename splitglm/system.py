@@ -4,7 +4,10 @@
 everything stops); ``splitglm demo --serve`` keeps it up until SIGINT/SIGTERM.
 Each part is the same process an operator runs (``python -m cloud_service``,
 ``python -m edge_node``, ``python -m device_agent``), talking over a real MQTT
-broker, real gRPC and real HTTP.
+broker, real gRPC and real HTTP. With ``secrets`` (a folder from ``splitglm
+secrets``) every link is encrypted and authenticated: MQTT over TLS with a
+login per device and per edge and the ACL, mutual TLS from edge to cloud,
+HTTPS with API keys.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ import logging
 import sys
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from protos.mqtt import broker_address, connect, new_client, resolve_protocol
+from protos.mqtt import MqttAuth, broker_address, connect, new_client, resolve_protocol
 from protos.topics import results_topic
 
 from .linkproxy import DelayProxy
@@ -40,6 +44,8 @@ class LocalSystem:
     device_agent: bool = True  # with mqtt: start the device agent too
     edge_args: tuple[str, ...] = ()  # more flags for the edge (e.g. ("--speculate", "false"))
     device_args: tuple[str, ...] = ()  # more flags for the device agent
+    secrets: str | None = None  # a `splitglm secrets` folder: TLS, logins and API keys on every link
+    edge_id: str = "edge-demo"  # with secrets: an edge login of that folder
     procs: list[Proc] = field(default_factory=list)
     urls: dict[str, str] = field(default_factory=dict)
 
@@ -55,29 +61,75 @@ class LocalSystem:
         """Start broker (unless given), cloud, edge and device agent, each once the one before is ready."""
         try:
             if self.mqtt and self.broker is None:
-                self.broker = self._start("broker", "splitglm.broker", "--host", self.host, "--port", str(free_port()))
+                secure = ("--secrets", self.secrets) if self.secrets else ()
+                self.broker = self._start("broker", "splitglm.broker", "--host", self.host, "--port", str(free_port()),
+                                          *secure)
             if self.mqtt:
                 broker_address(self.broker)  # a clear error for a malformed URL before anything loads
                 self.urls["mqtt"] = self.broker
             threads = ("--threads", str(self.threads))
             cloud = self._start("cloud", "cloud_service", "--plan", self.plan, "--host", self.host, "--port", "0",
-                                *threads)
-            cloud = cloud.removeprefix("grpc://")
+                                *threads, *self._cloud_tls())
+            cloud = cloud.split("://", 1)[-1]
             if self.cloud_rtt_ms is not None:
                 host, _, port = cloud.rpartition(":")
                 self.proxy = DelayProxy(host, int(port), self.cloud_rtt_ms).start()
                 cloud = self.proxy.address
             self._start("edge", "edge_node", "--plan", self.plan, "--broker", self.broker if self.mqtt else "",
                         "--cloud", cloud, "--http-host", self.host,
-                        "--http-port", str(self.http_port or free_port()), *threads, *self.edge_args)
+                        "--http-port", str(self.http_port or free_port()), *threads, *self._edge_security(),
+                        *self.edge_args)
             if self.mqtt and self.device_agent:
                 self._start("device", "device_agent", "--plan", self.plan, "--broker", self.broker,
                             "--device-id", self.device_id, "--max-tokens", str(self.device_max_tokens), *threads,
-                            *self.device_args)
+                            *self._device_login(), *self.device_args)
         except BaseException:
             self.stop()
             raise
         return self
+
+    # ---- security (with ``secrets``) -------------------------------------------------------------
+
+    def _secret(self, *parts: str) -> str:
+        return str(Path(self.secrets, *parts))
+
+    def _cloud_tls(self) -> tuple[str, ...]:
+        if not self.secrets:
+            return ()
+        return ("--tls-cert", self._secret("cloud", "server.crt"), "--tls-key", self._secret("cloud", "server.key"),
+                "--tls-client-ca", self._secret("ca.crt"))
+
+    def _edge_security(self) -> tuple[str, ...]:
+        if not self.secrets:
+            return ()
+        login = ("--mqtt-username", self.edge_id, "--mqtt-password-file", self._secret("edges", self.edge_id,
+                 "password"), "--mqtt-ca-file", self._secret("ca.crt")) if self.mqtt else ()
+        return ("--edge-id", self.edge_id, *login,
+                "--cloud-ca", self._secret("ca.crt"), "--cloud-cert", self._secret("edge", "client.crt"),
+                "--cloud-key", self._secret("edge", "client.key"),
+                "--tls-cert", self._secret("edge", "server.crt"), "--tls-key", self._secret("edge", "server.key"),
+                "--api-keys-file", self._secret("api-key"))
+
+    def _device_login(self) -> tuple[str, ...]:
+        if not self.secrets:
+            return ()
+        return ("--mqtt-username", self.device_id, "--mqtt-password-file",
+                self._secret("devices", self.device_id, "password"), "--mqtt-ca-file", self._secret("ca.crt"))
+
+    @property
+    def device_auth(self) -> MqttAuth | None:
+        """The device's MQTT login (None without secrets): what a results listener of that device uses."""
+        if not self.secrets:
+            return None
+        return MqttAuth.from_files(self.device_id, Path(self._secret("devices", self.device_id, "password")),
+                                   Path(self._secret("ca.crt")))
+
+    @property
+    def api_key(self) -> str | None:
+        """The first HTTP API key (None without secrets)."""
+        if not self.secrets:
+            return None
+        return Path(self._secret("api-key")).read_text().split()[0]
 
     @property
     def http(self) -> str:
@@ -86,7 +138,8 @@ class LocalSystem:
     def publish_readings(self, count: int, interval_s: float = 0.5) -> Proc:
         """Run the sensor simulator for ``count`` readings of this system's device."""
         proc = Proc("sensors", [sys.executable, "-m", "device_agent.simulator", "--broker", self.broker,
-                                "--device-id", self.device_id, "--count", str(count), "--interval-s", str(interval_s)])
+                                "--device-id", self.device_id, "--count", str(count), "--interval-s", str(interval_s),
+                                *self._device_login()])
         self.procs.append(proc)
         return proc
 
@@ -111,17 +164,17 @@ class LocalSystem:
 class ResultListener:
     """Collects the JSON answers published on ``results/{device_id}``."""
 
-    def __init__(self, broker: str, device_id: str):
+    def __init__(self, broker: str, device_id: str, auth: MqttAuth | None = None):
         self.topic = results_topic(device_id)
         self.answers: list[dict] = []
         self._changed = threading.Condition()
         self._subscribed = threading.Event()
-        protocol = resolve_protocol(broker, "auto")
+        protocol = resolve_protocol(broker, "auto", auth)
         self.client = new_client(f"splitglm-demo-{free_port()}", protocol)
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = lambda *a, **k: self._subscribed.set()
         self.client.on_message = self._on_message
-        connect(self.client, broker, protocol)
+        connect(self.client, broker, protocol, auth)
         if not self._subscribed.wait(30):
             raise ConnectionError(f"could not subscribe to {self.topic} on {broker}")
 

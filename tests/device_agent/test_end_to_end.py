@@ -16,7 +16,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from protos.mqtt import V5, broker_address
-from protos.topics import frames_topic, sensor_topic
+from protos.topics import frames_subscription, sensor_topic
 from splitglm.system import ResultListener
 from tests.procs import Mosquitto, Proc, free_port
 
@@ -100,7 +100,7 @@ def test_broker_restart_while_generating(system):
     second_frame = threading.Event()
     watcher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=V5)
     watcher.on_message = lambda *a: second_frame.set()  # seq >= 1 goes to the edge's own topic
-    watcher.on_connect = lambda client, *a: client.subscribe(frames_topic(EDGE), qos=0)
+    watcher.on_connect = lambda client, *a: client.subscribe(frames_subscription(EDGE), qos=0)
     watcher.connect(*broker_address(system.broker.url))
     watcher.loop_start()
     try:

@@ -23,7 +23,7 @@ from partitioner.session.terminal import TailSessions
 from protos import splitglm_pb2 as pb
 from protos.frames import frame_from_bytes, make_frame
 from protos.mqtt import PROTOCOLS, V5, connect, new_client, publish_properties
-from protos.topics import EDGE_ID_PROPERTY, correlation, frames_topic
+from protos.topics import EDGE_ID_PROPERTY, correlation, frames_subscription, frames_topic
 
 SPLITS = (2, 4)
 PROMPT = [3, 17, 5, 9, 11, 40, 2]
@@ -53,7 +53,8 @@ class Responder:
         self.closed: list[str] = []
         self.subscribed = threading.Event()
         self.client = new_client(f"responder-{uuid.uuid4().hex[:8]}", protocol)
-        self.client.on_connect = lambda c, *a: c.subscribe([(frames_topic("pool"), 1), (frames_topic(edge_id), 1)])
+        subscriptions = [(frames_subscription("pool"), 1), (frames_subscription(edge_id), 1)]
+        self.client.on_connect = lambda c, *a: c.subscribe(subscriptions)
         self.client.on_subscribe = lambda *a: self.subscribed.set()
         self.client.on_message = self.on_message
         connect(self.client, url, protocol)
@@ -143,7 +144,7 @@ def test_lost_and_repeated_answers(mosquitto, tiny_glm, protocol, expected):
         assert device.link.stats["answers"] == MAX_TOKENS and device.link.stats["ignored"] >= 1
         # session affinity: seq 0 went to the pool, every later frame to the edge that answered it
         topics = [topic for topic, seq, _ in responder.received]
-        assert topics[0] == frames_topic("pool") and set(topics[1:]) == {frames_topic("edge-a")}
+        assert topics[0] == frames_topic("pool", "dev-1") and set(topics[1:]) == {frames_topic("edge-a", "dev-1")}
         assert _wait(lambda: responder.closed == [generation.session_id])
     finally:
         device.stop()

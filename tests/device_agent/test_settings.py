@@ -95,3 +95,18 @@ def test_splitglm_subcommands_pass_their_flags_through(plan):
 
     assert splitglm(["device", "--plan", str(plan), "--device-id", "a+b"]) == 2
     assert splitglm(["sensors", "--device-id", "box", "--interval-s", "-1"]) == 2
+
+
+def test_mqtt_login_settings(plan, tmp_path):
+    from protos.mqtt import MqttAuth
+
+    secret = tmp_path / "password"
+    secret.write_text("s3cret\n")
+    s = device(["--plan", str(plan), "--device-id", "box-1", "--broker", "mqtts://broker.example",
+                "--mqtt-username", "box-1", "--mqtt-password-file", str(secret)])
+    assert MqttAuth.from_settings(s) == MqttAuth("box-1", "s3cret", None)
+    with pytest.raises(SettingsError, match="mqtt_password_file"):  # a file that is not there
+        device(["--plan", str(plan), "--device-id", "box-1", "--mqtt-username", "box-1",
+                "--mqtt-password-file", str(tmp_path / "missing")])
+    with pytest.raises(SettingsError, match="needs mqtt_username"):
+        load_settings(SensorSettings, ["--device-id", "a", "--mqtt-password-file", str(secret)], "sensors", "test")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,11 +19,10 @@ from edge_node.settings import EdgeSettings, SettingsError
 from partitioner.runtime.artifacts import load_tier
 from partitioner.runtime.segment import SegmentInput
 from protos import splitglm_pb2 as pb
-from protos import topics
 from protos.frames import make_frame
 from tests.edge_node.test_cloud_client import start_cloud
 from tests.edge_node.test_relay import MqttDevice, expected, wait_until
-from tests.local_chain import CHARS, char_tokenizer
+from tests.local_chain import CHARS
 from tests.procs import Proc, free_port
 
 
@@ -45,15 +43,6 @@ def start_edge(plan: str, broker: str, cloud: str, *args: str) -> Proc:
                        "--http-host", "127.0.0.1", "--http-port", "0", "--edge-id", "edge-proc", *args)
 
 
-@pytest.fixture(scope="module")
-def talking_plan(tiny_plan, tmp_path_factory) -> str:
-    """The tiny plan with a character tokenizer in its edge tier, so the edge's HTTP API can serve it."""
-    plan = tmp_path_factory.mktemp("talking") / "plan"
-    shutil.copytree(tiny_plan, plan)
-    char_tokenizer().save_pretrained(str(plan / "edge"))
-    return str(plan)
-
-
 def post(url: str, body: dict, timeout: float = 30):
     request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     return urllib.request.urlopen(request, timeout=timeout)
@@ -71,7 +60,7 @@ def test_edge_process_serves_reports_health_and_stops_cleanly(talking_plan, tiny
         device = MqttDevice(mosquitto.url)  # a device frame over MQTT
         try:
             hidden = load_tier(talking_plan, "device")([SegmentInput("p", 0, input_ids=torch.tensor(prompt))])[0]
-            device.send(topics.frames_topic("pool"),
+            device.send("pool",
                         make_frame("p", 0, 0, hidden, "fp32", params=pb.GenerationParams(max_tokens=3)))
             result, _, _ = device.receive(30)
         finally:

@@ -65,7 +65,8 @@ class MqttDevice:
 
     def __init__(self, url: str, protocol: int = mqtt.MQTTv5, device_id: str | None = None):
         self.v5 = protocol == mqtt.MQTTv5
-        self.reply_topic = topics.steps_topic(device_id or f"dev-{uuid.uuid4().hex[:8]}")
+        self.device_id = device_id or f"dev-{uuid.uuid4().hex[:8]}"
+        self.reply_topic = topics.steps_topic(self.device_id)
         self.inbox: queue.Queue = queue.Queue()
         subscribed = threading.Event()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-{uuid.uuid4().hex[:8]}",
@@ -84,16 +85,20 @@ class MqttDevice:
         correlation = bytes(getattr(props, "CorrelationData", b"")) if props is not None else b""
         self.inbox.put((message.payload, correlation, user))
 
-    def send(self, topic: str, payload: bytes | pb.Frame, correlation: bytes | None = None) -> None:
+    def send(self, edge: str, payload: bytes | pb.Frame, correlation: bytes | None = None,
+             reply_topic: str | None = None) -> None:
+        """Publish a frame to ``edge`` (an edge id or a pool) under this device's id; ``reply_topic`` overrides."""
+        reply_topic = reply_topic or self.reply_topic
+        topic = topics.frames_topic(edge, self.device_id)
         if isinstance(payload, pb.Frame):
             if not self.v5:
-                payload.reply_to = self.reply_topic  # 3.1.1: the reply topic travels in the payload
+                payload.reply_to = reply_topic  # 3.1.1: the reply topic travels in the payload
             correlation = correlation or topics.correlation(payload.session_id, payload.seq)
             payload = frame_to_bytes(payload)
         props = None
         if self.v5:
             props = Properties(PacketTypes.PUBLISH)
-            props.ResponseTopic = self.reply_topic
+            props.ResponseTopic = reply_topic
             props.CorrelationData = correlation or b"none"
         self.client.publish(topic, payload, qos=1, properties=props).wait_for_publish(5)
 
@@ -119,14 +124,14 @@ class MqttDownstream:
         self.answers: list[tuple[pb.StepResult, bytes, dict]] = []
 
     def step(self, frame: pb.Frame) -> pb.StepResult:
-        self.device.send(topics.frames_topic(self.edge_id or self.pool), frame)
+        self.device.send(self.edge_id or self.pool, frame)
         answer = self.device.receive()
         self.answers.append(answer)
         self.edge_id = answer[0].edge_id
         return answer[0]
 
     def close(self, frame: pb.Frame) -> None:
-        self.device.send(topics.frames_topic(self.edge_id or self.pool), frame)
+        self.device.send(self.edge_id or self.pool, frame)
 
 
 def generate(device_segment, device: MqttDevice, prompt, n=12, lock=None) -> tuple[Generation, MqttDownstream]:
@@ -203,9 +208,9 @@ def test_duplicate_frames_are_answered_again_without_a_second_step(edges, mosqui
     try:
         hidden = device_segment([SegmentInput("dup", 0, input_ids=torch.tensor(prompt))])[0]
         first = make_frame("dup", 0, 0, hidden, "fp32", params=params)
-        device.send(topics.frames_topic("pool"), first)
+        device.send("pool", first)
         r0, _, _ = device.receive()
-        device.send(topics.frames_topic("edge-dup"), first)  # a redelivery after the answer
+        device.send("edge-dup", first)  # a redelivery after the answer
         again, _, _ = device.receive()
         assert again == r0 and steps_done(node) == 1
         assert list(r0.tokens) == expected(tiny_glm, prompt, 1)
@@ -213,7 +218,7 @@ def test_duplicate_frames_are_answered_again_without_a_second_step(edges, mosqui
         hidden = device_segment([SegmentInput("dup", len(prompt), input_ids=torch.tensor(r0.tokens))])[0]
         second = make_frame("dup", 1, len(prompt), hidden, "fp32")
         for _ in range(3):  # redeliveries while the step may still be running
-            device.send(topics.frames_topic("edge-dup"), second)
+            device.send("edge-dup", second)
         answers = [device.receive()[0]]
         while not device.nothing_more():
             answers.append(device.receive()[0])
@@ -236,9 +241,9 @@ def test_bad_frames_get_error_statuses_and_spare_other_sessions(edges, mosquitto
 
     runner = threading.Thread(target=run_good)
     runner.start()
-    edge_topic = topics.frames_topic("edge-err")
+    edge_topic = "edge-err"
     try:
-        bad.send(topics.frames_topic("pool"), b"\xff\x00 not a frame", correlation=b"junk")
+        bad.send("pool", b"\xff\x00 not a frame", correlation=b"junk")
         result, correlation, user = bad.receive()
         assert result.status == 3 and result.error and correlation == b"junk"
         assert user == {topics.EDGE_ID_PROPERTY: "edge-err"}
@@ -272,7 +277,7 @@ def test_bad_frames_get_error_statuses_and_spare_other_sessions(edges, mosquitto
 def test_idle_sessions_are_freed(edges, mosquitto):
     node = edges.start("edge-ttl", mqtt_protocol="5", session_ttl_s=0.4)
     device = MqttDevice(mosquitto.url)
-    edge_topic = topics.frames_topic("edge-ttl")
+    edge_topic = "edge-ttl"
     try:
         device.send(edge_topic, make_frame("idle", 0, 0, torch.randn(2, 64), "fp32",
                                            params=pb.GenerationParams(max_tokens=4)))
@@ -283,6 +288,46 @@ def test_idle_sessions_are_freed(edges, mosquitto):
         assert device.receive()[0].status == 5
     finally:
         device.close()
+
+
+def test_a_device_is_answered_only_on_its_own_topic_and_owns_its_sessions(edges, mosquitto):
+    node = edges.start("edge-id", mqtt_protocol="5")
+    owner, other = MqttDevice(mosquitto.url, device_id="owner"), MqttDevice(mosquitto.url, device_id="other")
+
+    def refused(reason: str) -> float:
+        return node.metrics.registry.get_sample_value("splitglm_edge_mqtt_refused_total", {"reason": reason}) or 0.0
+
+    try:
+        owner.send("edge-id", make_frame("mine", 0, 0, torch.randn(2, 64), "fp32",
+                                         params=pb.GenerationParams(max_tokens=4)))
+        assert not owner.receive()[0].error
+        # another device's frame for that session: refused, answered on the sender's own topic
+        other.send("edge-id", make_frame("mine", 1, 2, torch.randn(1, 64), "fp32"))
+        result, _, _ = other.receive()
+        assert result.status == 7 and "another device" in result.error  # PERMISSION_DENIED
+        assert refused("foreign_session") == 1
+        # a reply topic of another device, as a v5 ResponseTopic or in the payload: refused, nobody else hears
+        other.send("edge-id", make_frame("theirs", 0, 0, torch.randn(2, 64), "fp32",
+                                         params=pb.GenerationParams(max_tokens=4)), reply_topic=owner.reply_topic)
+        in_payload = make_frame("theirs", 0, 0, torch.randn(2, 64), "fp32", params=pb.GenerationParams(max_tokens=4))
+        in_payload.reply_to = owner.reply_topic
+        other.send("edge-id", in_payload)
+        for _ in range(2):
+            result, _, _ = other.receive()
+            assert result.status == 7 and topics.steps_topic("other") in result.error
+        assert refused("reply_to") == 2 and "theirs" not in node.relay.sessions
+        # another device cannot close it either
+        other.send("edge-id", make_frame("mine", 1, 0, None, close=True))
+        assert wait_until(lambda: refused("foreign_close") == 1)
+        assert "mine" in node.relay.sessions and owner.nothing_more()
+        owner.send("edge-id", make_frame("mine", 1, 2, torch.randn(1, 64), "fp32"))
+        assert not owner.receive()[0].error  # the session went on untouched
+        owner.send("edge-id", make_frame("mine", 2, 0, None, close=True))
+        assert wait_until(lambda: "mine" not in node.relay.sessions)
+        assert other.nothing_more()
+    finally:
+        owner.close()
+        other.close()
 
 
 @pytest.fixture(scope="module")

@@ -22,22 +22,30 @@ PREFIXES = {
 }
 
 
+def _command(name: str) -> list[str]:
+    return SERVICES[name].get("command", [None, None])
+
+
 def test_topology_has_every_part():
-    assert {"mosquitto", "cloud", "edge", "sensors"} <= set(SERVICES)
-    devices = [name for name, s in SERVICES.items() if s.get("command", [None, None])[1:2] == ["device"]]
+    assert {"secrets", "mosquitto", "cloud", "edge"} <= set(SERVICES)
+    devices = [name for name in SERVICES if _command(name)[1:2] == ["device"]]
     assert len(devices) == 2
     ids = {SERVICES[d]["environment"]["SPLITGLM_DEVICE_DEVICE_ID"] for d in devices}
     assert len(ids) == 2  # two distinct devices
-    sensors_cmd = SERVICES["sensors"]["command"]
-    assert set(sensors_cmd[sensors_cmd.index("--device-id") + 1].split(",")) == ids
+    sensors = [name for name in SERVICES if _command(name)[1:2] == ["sensors"]]
+    simulated = {_command(name)[_command(name).index("--device-id") + 1] for name in sensors}
+    assert simulated == ids and len(sensors) == 2  # one simulator per device: each publishes under its login
 
 
 @pytest.mark.parametrize("name", sorted(SERVICES))
 def test_service_has_healthcheck_and_waits_for_healthy_dependencies(name):
     service = SERVICES[name]
-    if name != "sensors":  # nothing depends on the simulator
+    if name not in ("sensors-1", "sensors-2", "secrets"):  # nothing waits for the simulators; secrets is a one-shot
         assert service.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
     for dependency, condition in service.get("depends_on", {}).items():
+        if dependency == "secrets":  # the one-shot that writes the secrets volume
+            assert condition == {"condition": "service_completed_successfully"}
+            continue
         assert condition == {"condition": "service_healthy"}
         assert SERVICES[dependency].get("healthcheck"), f"{name} waits for {dependency}, which has no healthcheck"
 
@@ -56,10 +64,45 @@ def test_services_reach_each_other_by_service_name():
     for name, service in SERVICES.items():
         for key, value in (service.get("environment") or {}).items():
             if key.endswith("_BROKER"):
-                assert value == "mqtt://mosquitto:1883", f"{name}: {key}"
-    conf = (ROOT / "deploy" / "mosquitto.conf").read_text()
-    assert "listener 1883 0.0.0.0" in conf  # beyond loopback: the other containers connect
-    assert "set_tcp_nodelay true" in conf  # else Nagle holds a step's frame back for up to 40 ms per hop
+                assert value == "mqtts://mosquitto:8883", f"{name}: {key}"
+
+
+def test_every_link_is_secured_with_what_the_secrets_service_writes(tmp_path):
+    """Run the `secrets` service's command here; every /secrets path the services name must be one it wrote."""
+    from splitglm.cli import main
+
+    command = _command("secrets")
+    assert command[:2] == ["splitglm", "secrets"] and "--keep" in command  # later starts keep the first secrets
+    out = command[command.index("--out") + 1]
+    assert out == "/secrets"
+    args = [tmp_path if a == out else a for a in command[1:]]
+    assert main([str(a) for a in args]) == 0
+    assert main([str(a) for a in args]) == 0  # --keep: the second start keeps them
+    named = set()
+    for service in SERVICES.values():
+        texts = [str(v) for v in (service.get("environment") or {}).values()]
+        texts += [str(part) for part in service.get("command", [])]
+        texts += [str(part) for part in (service.get("healthcheck") or {}).get("test", [])]
+        for text in texts:
+            named |= {word.strip("\"'()$") for word in text.split() if word.strip("\"'()$").startswith("/secrets/")}
+    assert named, "no service uses the secrets"
+    for path in named:
+        assert (tmp_path / path.removeprefix("/secrets/")).is_file(), f"{path} is not written by the secrets service"
+    conf = (tmp_path / "mosquitto" / "mosquitto.conf").read_text()
+    assert "allow_anonymous false" in conf and "listener 8883" in conf and "set_tcp_nodelay true" in conf
+    assert "persistence_location /mosquitto/data/" in conf  # QoS 1 sessions survive a broker restart
+    for service in ("cloud", "edge"):
+        env = SERVICES[service]["environment"]
+        prefix = "SPLITGLM_CLOUD_" if service == "cloud" else "SPLITGLM_EDGE_"
+        assert env[prefix + "TLS_CERT"] and env[prefix + "TLS_KEY"]
+    assert SERVICES["cloud"]["environment"]["SPLITGLM_CLOUD_TLS_CLIENT_CA"]  # mutual TLS
+    assert SERVICES["edge"]["environment"]["SPLITGLM_EDGE_CLOUD_CERT"]
+    assert SERVICES["edge"]["environment"]["SPLITGLM_EDGE_API_KEYS_FILE"]
+    for name in SERVICES:
+        env = SERVICES[name].get("environment") or {}
+        users = [k for k in env if k.endswith("_MQTT_USERNAME")]
+        if any(k.endswith("_BROKER") for k in env) or name.startswith("device"):
+            assert users, f"{name} connects to the broker without a login"
 
 
 def test_dockerfile_builds_what_compose_runs():

@@ -1,0 +1,127 @@
+"""``splitglm secrets``: the files of the security contract, their modes, certificates and hashes."""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import shutil
+import subprocess
+import sys
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from splitglm.credentials import check_password, hash_password, make_secrets
+
+SECRET_FILES = [
+    "ca.key", "cloud/server.key", "edge/server.key", "edge/client.key", "mosquitto/server.key",
+    "mosquitto/passwd", "devices/dev-a/password", "devices/dev-b/password", "edges/edge-a/password", "api-key",
+]
+PUBLIC_FILES = [
+    "ca.crt", "cloud/server.crt", "edge/server.crt", "edge/client.crt", "mosquitto/server.crt",
+    "mosquitto/mosquitto.conf", "mosquitto/acl", "devices/dev-a/username", "edges/edge-a/username",
+]
+
+
+def splitglm(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "splitglm.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def mode(path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_cli_writes_the_contract_layout_and_refuses_to_overwrite(tmp_path):
+    out = tmp_path / "secrets"
+    r = splitglm("secrets", "--out", str(out), "--devices", "dev-a,dev-b", "--edges", "edge-a",
+                 "--hosts", "edge.example,10.0.0.5", "--api-keys", "3", "--mqtt-port", "18883")
+    assert r.returncode == 0, r.stderr
+    for name in SECRET_FILES:
+        assert mode(out / name) == 0o600, name
+        assert f"0600  {out / name}" in r.stdout  # it says what it wrote
+    for name in PUBLIC_FILES:
+        assert (out / name).is_file(), name
+    folders = [out, *(p for p in out.rglob("*") if p.is_dir())]
+    assert len(folders) >= 9 and all(mode(f) == 0o700 for f in folders)
+    assert (out / "devices/dev-b/username").read_text().strip() == "dev-b"
+    keys = (out / "api-key").read_text().split()
+    assert len(keys) == 3 and len(set(keys)) == 3
+
+    ca_key = (out / "ca.key").read_bytes()
+    r = splitglm("secrets", "--out", str(out))
+    assert r.returncode == 2 and "--force" in r.stderr and str(out) in r.stderr
+    assert (out / "ca.key").read_bytes() == ca_key  # nothing replaced
+    r = splitglm("secrets", "--out", str(out), "--force", "--devices", "dev-a,dev-b", "--edges", "edge-a")
+    assert r.returncode == 0, r.stderr
+    assert (out / "ca.key").read_bytes() != ca_key
+
+
+@pytest.fixture(scope="module")
+def secrets(tmp_path_factory):
+    return make_secrets(tmp_path_factory.mktemp("s") / "secrets", ["dev-a", "dev-b"], ["edge-a"],
+                        ["edge.example", "10.0.0.5"], mqtt_port=18883)
+
+
+def _cert(path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+@pytest.mark.parametrize("folder,service", [("cloud", "cloud"), ("edge", "edge"), ("mosquitto", "mosquitto")])
+def test_server_certificates_chain_to_the_ca_and_name_every_host(secrets, folder, service):
+    ca, cert = _cert(secrets / "ca.crt"), _cert(secrets / folder / "server.crt")
+    cert.verify_directly_issued_by(ca)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == {"localhost", "edge.example", service}
+    assert set(san.get_values_for_type(x509.IPAddress)) == {ipaddress.ip_address("127.0.0.1"),
+                                                            ipaddress.ip_address("10.0.0.5")}
+    usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert ExtendedKeyUsageOID.SERVER_AUTH in usage
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+
+
+def test_edge_client_certificate_is_for_clients(secrets):
+    cert = _cert(secrets / "edge" / "client.crt")
+    cert.verify_directly_issued_by(_cert(secrets / "ca.crt"))
+    assert cert.subject.rfc4514_string() == "CN=edge"
+    assert list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
+        ExtendedKeyUsageOID.CLIENT_AUTH]
+
+
+def test_password_file_holds_one_mosquitto_hash_per_login(secrets):
+    entries = dict(line.split(":", 1) for line in (secrets / "mosquitto/passwd").read_text().splitlines())
+    assert set(entries) == {"dev-a", "dev-b", "edge-a"}
+    for user, hashed in entries.items():
+        kind = "edges" if user.startswith("edge") else "devices"
+        password = (secrets / kind / user / "password").read_text().strip()
+        assert hashed.startswith("$7$101$") and check_password(password, hashed)
+        assert not check_password(password + "x", hashed)
+
+
+def test_mosquitto_conf_and_acl(secrets):
+    conf = (secrets / "mosquitto/mosquitto.conf").read_text().splitlines()
+    for line in ("listener 18883", "allow_anonymous false", "per_listener_settings false", "tls_version tlsv1.2",
+                 f"password_file {secrets}/mosquitto/passwd", f"acl_file {secrets}/mosquitto/acl",
+                 f"cafile {secrets}/ca.crt", f"certfile {secrets}/mosquitto/server.crt",
+                 f"keyfile {secrets}/mosquitto/server.key"):
+        assert line in conf
+    acl = (secrets / "mosquitto/acl").read_text()
+    assert "pattern write splitglm/v1/edge/+/frames/%u" in acl
+    assert "user edge-a\ntopic read splitglm/v1/edge/+/frames/+\ntopic write splitglm/v1/device/+/steps\n" in acl
+
+
+@pytest.mark.skipif(not shutil.which("mosquitto_passwd"), reason="mosquitto_passwd is not installed")
+def test_hashes_agree_with_mosquitto_passwd(tmp_path):
+    passwd = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-c", "-b", str(passwd), "alice", "s3cret pass"], check=True)
+    hashed = passwd.read_text().strip().split(":", 1)[1]
+    assert check_password("s3cret pass", hashed) and not check_password("s3cret", hashed)
+    salt = base64.b64decode(hashed.split("$")[3])
+    assert hash_password("s3cret pass", salt) == hashed  # the same bytes mosquitto_passwd writes
+
+
+@pytest.mark.parametrize("devices,edges", [(["a/b"], ["e"]), (["a b"], ["e"]), (["same"], ["same"])])
+def test_refuses_logins_that_cannot_be_topic_levels(tmp_path, devices, edges):
+    with pytest.raises(ValueError):
+        make_secrets(tmp_path / "s", devices, edges)
+    assert not (tmp_path / "s").exists()
