@@ -10,6 +10,7 @@ RESOURCE_EXHAUSTED.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -40,8 +41,9 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 class SegmentServicer:
     """``SegmentService.Stream``: frames of one session in, its StepResults out."""
 
-    def __init__(self, batcher: Batcher, hidden_size: int, max_frame_bytes: int, max_positions: int):
-        self.batcher, self.hidden_size = batcher, hidden_size
+    def __init__(self, batcher: Batcher, hidden_size: int, max_frame_bytes: int, max_positions: int,
+                 step_timeout_s: float = 300.0):
+        self.batcher, self.hidden_size, self.step_timeout_s = batcher, hidden_size, step_timeout_s
         self.max_frame_bytes, self.max_elements = max_frame_bytes, max_positions * hidden_size
         self._streaming: set[str] = set()  # sessions that have a stream now
         self._lock = threading.Lock()
@@ -59,7 +61,11 @@ class SegmentServicer:
                                     f"{frame.session_id!r}: open one stream per session")
                 if frame.close:
                     return
-                yield self.batcher.submit(frame, self._hidden(frame)).result()
+                try:
+                    yield self.batcher.submit(frame, self._hidden(frame)).result(self.step_timeout_s)
+                except concurrent.futures.TimeoutError:
+                    raise StepError("DEADLINE_EXCEEDED", f"session {session!r}: step {frame.seq} took more than "
+                                    f"{self.step_timeout_s:g} s (step_timeout_s)") from None
         except StepError as e:
             keep = e.status == "DEADLINE_EXCEEDED"  # the session stays for a retry (on a new stream)
             logger.info("stream of session %r ends with %s: %s", session, e.status, e)
@@ -230,14 +236,15 @@ def serve(settings: CloudSettings) -> CloudServer:
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cloud-rpc")
     server = grpc.server(
         executor,
+        maximum_concurrent_rpcs=workers,  # beyond it gRPC answers RESOURCE_EXHAUSTED instead of queueing without end
         options=[
             ("grpc.max_receive_message_length", settings.max_frame_bytes),
             ("grpc.max_send_message_length", settings.max_frame_bytes),
             ("grpc.so_reuseport", 0),  # a port in use is an error, not shared with another server
         ],
     )
-    add_segment_service(SegmentServicer(batcher, hidden_size, settings.max_frame_bytes, settings.max_positions),
-                        server)
+    add_segment_service(SegmentServicer(batcher, hidden_size, settings.max_frame_bytes, settings.max_positions,
+                                        settings.step_timeout_s), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:

@@ -51,6 +51,8 @@ class CloudSettings(AgentSettings):
     max_frame_bytes: int = Field(default=64 << 20, ge=1024, description="largest accepted frame, bytes")
     max_tokens: int = Field(default=4096, ge=1, description="largest max_tokens a session may ask, tokens")
     max_positions: int = Field(default=8192, ge=1, description="most cached positions per session, positions")
+    step_timeout_s: float = Field(default=300.0, gt=0, description="longest wait for one step of a session "
+                                  "(a long prompt's included), seconds; then DEADLINE_EXCEEDED on its stream")
     session_ttl_s: float = Field(default=300.0, gt=0, description="idle sessions are freed after, seconds")
     grace_s: float = Field(default=5.0, ge=0, description="on shutdown, time left to running streams, seconds")
 

@@ -6,7 +6,11 @@ embedding and its layers, and sends only encoded hidden states to an edge
 thread takes every queued reading (up to ``window`` at a time), answers them
 in one generation and publishes one JSON answer on ``results/{device_id}``;
 a failure still publishes an answer, with ``error`` set, so every reading is
-covered by exactly one answer.
+covered by exactly one answer. A sensor message that is not a valid reading
+(``readings.parse_reading``), or that arrives while ``max_queued_readings``
+readings already wait, is refused with a JSON error on the dead-letter topic
+``results/{device_id}/errors`` (``readings.dead_letter``); nothing a sensor
+sends reaches paho's network thread as an exception.
 """
 
 from __future__ import annotations
@@ -28,10 +32,10 @@ from partitioner.runtime.checkpoint import load_spec, load_tokenizer
 from partitioner.session.owner import Generation
 from protos import splitglm_pb2 as pb
 from protos.mqtt import MqttAuth, connect, new_client, wait_for_broker
-from protos.topics import results_topic, sensors_subscription
+from protos.topics import errors_topic, results_topic, sensors_subscription
 
 from .link import EdgeLink, LinkClosed
-from .readings import Reading, ReadingError, parse_reading, prompt_token_ids, render_prompt
+from .readings import Reading, ReadingError, dead_letter, parse_reading, prompt_token_ids, render_prompt
 from .settings import DeviceSettings
 
 logger = logging.getLogger(__name__)
@@ -52,6 +56,7 @@ class DeviceAgent:
         self.window: deque[Reading] = deque(maxlen=settings.window)
         self.inbox: queue.SimpleQueue[Reading | None] = queue.SimpleQueue()
         self.results_topic = results_topic(self.device_id)
+        self.errors_topic = errors_topic(self.device_id)
         self.ready = threading.Event()
         self._stopping = threading.Event()
         self._last_publish: Any = None  # MQTTMessageInfo of the latest answer
@@ -125,15 +130,33 @@ class DeviceAgent:
             logger.info("skipping a retained reading on %s", message.topic)
             return
         try:
-            reading = parse_reading(message.topic, message.payload, self.device_id, self.settings.max_reading_bytes)
+            self.take(message.topic, message.payload)
+        except Exception:  # noqa: BLE001 -- paho's network thread must survive anything a sensor sends
+            logger.exception("dropping a sensor message on %s", message.topic)
+
+    def take(self, topic: str, payload: bytes) -> Reading | None:
+        """Validate one sensor message and queue it for an answer; a refused one gets a dead letter (None)."""
+        try:
+            reading = parse_reading(topic, payload, self.device_id, self.settings.max_reading_bytes)
         except ReadingError as e:
-            logger.warning("skipping an invalid reading on %s: %s", message.topic, e)
-            return
-        logger.info("reading %s", reading.line())
+            self._refuse(topic, payload, str(e))
+            return None
         if self._stopping.is_set():  # too late for a generation, but it is ours now: answer it
             self._publish({**self._request([reading], ""), **failed("the device agent is stopping")})
-            return
+            return reading
+        if self.inbox.qsize() >= self.settings.max_queued_readings:
+            self._refuse(topic, payload, f"{self.settings.max_queued_readings} readings already wait for an "
+                         "answer (max_queued_readings)")
+            return None
+        logger.info("reading %s", reading.line())
         self.inbox.put(reading)
+        return reading
+
+    def _refuse(self, topic: str, payload: bytes, error: str) -> None:
+        """Publish a refused sensor message's error on the dead-letter topic."""
+        logger.warning("refusing a sensor message on %s: %s", topic, error)
+        letter = dead_letter(self.device_id, topic, payload, error)
+        self.client.publish(self.errors_topic, json.dumps(letter), qos=1)
 
     # ---- the worker ----------------------------------------------------------------------------
 

@@ -12,6 +12,12 @@ step gets no answer within ``step_timeout_s`` or the connection drops, the
 same frame (same session id and seq) is published again once connected, after
 a capped exponential backoff; the edge answers a repeated seq from its stored
 result, and a second answer to a seq already answered is ignored.
+
+When the edge holding a session is gone -- it answers NOT_FOUND (it restarted
+and lost the session), or ``replay_after`` attempts in a row got no answer --
+the session is replayed through the pool: one frame of every committed row
+(``device_agent.replay``), whose answer answers the step; later frames are
+renumbered for the new edge. The owner sees one answer per step, as before.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from google.protobuf.message import DecodeError
 from protos import splitglm_pb2 as pb
 from protos.frames import frame_to_bytes
 from protos.mqtt import V5, publish_properties
+from protos.status import STATUS_CODES
 from protos.topics import (
     DEFAULT_POOL,
     EDGE_ID_PROPERTY,
@@ -35,8 +42,11 @@ from protos.topics import (
     steps_topic,
 )
 
+from .replay import NoHistory, SessionHistory
+
 logger = logging.getLogger(__name__)
-Key = tuple[str, int]  # (session id, seq)
+Key = tuple[str, int]  # (session id, seq) as on the wire
+NOT_FOUND = STATUS_CODES["NOT_FOUND"]
 
 
 class LinkError(ConnectionError):
@@ -45,6 +55,10 @@ class LinkError(ConnectionError):
 
 class LinkClosed(LinkError):
     """The link was shut down while a step waited (the agent is stopping)."""
+
+
+class EdgeGone(LinkError):
+    """The edge holding a session lost it or stopped answering: the session must be replayed."""
 
 
 class EdgeLink:
@@ -60,21 +74,23 @@ class EdgeLink:
         max_attempts: int = 30,
         backoff_s: float = 0.5,  # first pause before a republish, seconds; doubles per attempt
         max_backoff_s: float = 5.0,  # cap of that pause, seconds
+        replay_after: int = 3,  # unanswered attempts of a frame to a session's edge before replaying it, count
     ):
-        if max_attempts < 1 or step_timeout_s <= 0:
-            raise ValueError("an EdgeLink needs max_attempts >= 1 and step_timeout_s > 0")
+        if max_attempts < 1 or step_timeout_s <= 0 or replay_after < 1:
+            raise ValueError("an EdgeLink needs max_attempts >= 1, replay_after >= 1 and step_timeout_s > 0")
         self.client, self.v5 = client, protocol == V5
         self.device_id, self.reply_to = device_id, steps_topic(device_id)
         self.pool_topic = frames_topic(pool, device_id)
         self.step_timeout_s, self.max_attempts = step_timeout_s, max_attempts
-        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
-        self.stats: Counter[str] = Counter()  # published, republished, answers, ignored
+        self.backoff_s, self.max_backoff_s, self.replay_after = backoff_s, max_backoff_s, replay_after
+        self.stats: Counter[str] = Counter()  # published, republished, answers, ignored, replays
         self._cond = threading.Condition()
         self._connected = False
         self._epoch = 0  # connections made so far: a frame published in an earlier one may be lost
         self._closed = False
         self._answers: dict[Key, pb.StepResult | None] = {}  # steps in flight: None until answered
-        self._edges: dict[str, str] = {}  # session id -> the edge holding it
+        self._edges: dict[str, str] = {}  # session id (on the wire) -> the edge holding it
+        self._histories: dict[str, SessionHistory] = {}  # the owner's session id -> what a replay needs
         client.message_callback_add(self.reply_to, self.on_message)
 
     # ---- paho callbacks (network thread) ---------------------------------------------------------
@@ -116,22 +132,31 @@ class EdgeLink:
     # ---- Downstream ----------------------------------------------------------------------------
 
     def step(self, frame: pb.Frame) -> pb.StepResult:
-        """Publish the frame and wait for its answer, republishing it until answered or out of attempts."""
+        """Publish the frame and wait for its answer, republishing it until answered or out of attempts; when
+        the session's edge is gone, replay the session to the pool and answer from the replay."""
         frame.reply_to = self.reply_to
-        key = (frame.session_id, int(frame.seq))
-        payload = frame_to_bytes(frame)
-        with self._cond:
-            self._answers[key] = None
+        sid, seq = frame.session_id, int(frame.seq)
+        history = self._history(frame)
+        frame.session_id, frame.seq = history.wire_id, history.wire_seq(seq)
         try:
-            return self._attempts(key, payload)
+            result = self._exchange(frame)
+            if not result.error:
+                history.answered(frame, result)
+        except EdgeGone as e:
+            frame.session_id, frame.seq = sid, seq
+            result = self._replay(frame, history, e)
         finally:
-            with self._cond:
-                self._answers.pop(key, None)
+            frame.session_id, frame.seq = sid, seq
+        result.session_id, result.seq = sid, seq
+        return result
 
     def close(self, frame: pb.Frame) -> None:
         """Publish a close frame to the edge holding the session (QoS 1, no answer, no wait)."""
         frame.reply_to = self.reply_to
         with self._cond:
+            history = self._histories.pop(frame.session_id, None)
+            if history is not None:
+                frame.session_id, frame.seq = history.wire_id, max(history.wire_seq(int(frame.seq)), 0)
             topic = self._topic(frame.session_id, int(frame.seq))
             self._edges.pop(frame.session_id, None)
         self.client.publish(topic, frame_to_bytes(frame), qos=1)
@@ -144,8 +169,57 @@ class EdgeLink:
 
     # ---- internals -----------------------------------------------------------------------------
 
+    def _history(self, frame: pb.Frame) -> SessionHistory:
+        with self._cond:
+            history = self._histories.get(frame.session_id)
+            if history is None or frame.seq == 0:
+                history = SessionHistory(frame.session_id, pb.GenerationParams())
+                history.params.CopyFrom(frame.params)
+                if frame.seq != 0:
+                    history.broken = "its first frame did not go through this link"
+                self._histories[frame.session_id] = history
+            return history
+
+    def _exchange(self, frame: pb.Frame) -> pb.StepResult:
+        """One wire frame's answer (EdgeGone: the edge holding its session lost it or went silent)."""
+        key = (frame.session_id, int(frame.seq))
+        payload = frame_to_bytes(frame)
+        with self._cond:
+            self._answers[key] = None
+        try:
+            result = self._attempts(key, payload)
+        finally:
+            with self._cond:
+                self._answers.pop(key, None)
+        if key[1] > 0 and result.error and result.status == NOT_FOUND:
+            raise EdgeGone(f"the edge lost session {key[0]}: {result.error}")
+        return result
+
+    def _replay(self, frame: pb.Frame, history: SessionHistory, gone: EdgeGone) -> pb.StepResult:
+        """Replay the session's committed rows (and ``frame``'s, unless a draft's) to the pool: the new
+        edge's seq 0, whose answer is ``frame``'s."""
+        old = history.wire_id
+        try:
+            replay = history.replay(frame)
+        except NoHistory as e:
+            raise LinkError(f"step {frame.seq} of session {frame.session_id}: {gone}; {e}") from gone
+        replay.reply_to = self.reply_to
+        with self._cond:
+            edge = self._edges.pop(old, None)
+        logger.warning("step %d of session %s: %s; replaying its %d positions to the pool as session %s",
+                       frame.seq, frame.session_id, gone, replay.hidden.shape[0], replay.session_id)
+        if edge:  # best effort: an edge that was only slow frees the old session at once
+            close = pb.Frame(session_id=old, seq=0, close=True, reply_to=self.reply_to)
+            self.client.publish(frames_topic(edge, self.device_id), frame_to_bytes(close), qos=1)
+        self.stats["replays"] += 1
+        result = self._exchange(replay)
+        if not result.error:
+            history.replayed(replay, result)
+        return result
+
     def _attempts(self, key: Key, payload: bytes) -> pb.StepResult:
         session, seq = key
+        silent = 0  # attempts in a row that got no answer from the session's edge
         for attempt in range(1, self.max_attempts + 1):
             try:
                 epoch = self._publish(key, payload, republish=attempt > 1)
@@ -153,6 +227,9 @@ class EdgeLink:
             except LinkClosed:
                 raise
             except (TimeoutError, ConnectionError) as e:
+                silent = silent + 1 if isinstance(e, TimeoutError) else 0
+                if seq > 0 and silent >= self.replay_after:
+                    raise EdgeGone(f"no answer from its edge after {silent} attempts") from e
                 if attempt == self.max_attempts:
                     raise LinkError(
                         f"step {seq} of session {session}: no answer after {attempt} attempts ({e})"

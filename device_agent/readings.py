@@ -3,15 +3,21 @@
 A reading arrives on ``sensors/{device_id}/{sensor}`` as a JSON object such as
 ``{"value": 21.5, "unit": "C", "ts": 1732460000.0}`` or as a bare number.
 Anything else (not UTF-8 JSON, too large, not an object or number,
-non-finite numbers) is refused with a ``ReadingError``.
+non-finite numbers, nested deeper than ``MAX_DEPTH``, text that is not
+Unicode scalar values, such as an escaped lone surrogate) is refused with a
+``ReadingError``; ``dead_letter`` is what the agent publishes about it.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
+
+MAX_DEPTH = 8  # nesting of JSON objects and arrays a reading may have (deeper ones break the prompt and the answer)
+HEAD_BYTES = 64  # bytes of a refused payload quoted in its dead letter
 
 
 class ReadingError(ValueError):
@@ -58,13 +64,57 @@ def parse_reading(topic: str, payload: bytes, device_id: str, max_bytes: int) ->
         data = json.loads(bytes(payload).decode("utf-8"), parse_constant=_no_constants, parse_float=_finite)
     except UnicodeDecodeError:
         raise ReadingError("the payload is not UTF-8 text") from None
+    except RecursionError:
+        raise ReadingError(f"the payload nests deeper than {MAX_DEPTH} levels") from None
+    except ReadingError:  # a non-finite number, from the hooks above
+        raise
     except json.JSONDecodeError as e:
         raise ReadingError(f"the payload is not JSON: {e}") from None
+    except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise ReadingError("the payload holds an integer of too many digits") from None
     if isinstance(data, (int, float)) and not isinstance(data, bool):
         data = {"value": data}
     if not isinstance(data, dict) or not data:
         raise ReadingError(f"a reading is a non-empty JSON object or a number, not {type(data).__name__}")
+    _check_tree(data)
     return Reading(topic[len(prefix) :], data)
+
+
+def _check_tree(data: Any) -> None:
+    """ReadingError where the parsed JSON nests deeper than MAX_DEPTH or holds text that is not UTF-8 encodable."""
+    stack = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, str):
+            _check_text(node)
+            continue
+        if not isinstance(node, (dict, list)):
+            continue
+        if depth > MAX_DEPTH:
+            raise ReadingError(f"the payload nests deeper than {MAX_DEPTH} levels")
+        if isinstance(node, dict):
+            for key in node:
+                _check_text(key)
+        stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+
+
+def _check_text(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ReadingError(f"the payload's text holds {text[e.start:e.end]!r}, not a Unicode character") from None
+
+
+def dead_letter(device_id: str, topic: str, payload: bytes, error: str) -> dict[str, Any]:
+    """The JSON published on ``results/{device_id}/errors`` about a sensor message that was refused."""
+    return {
+        "device_id": device_id,
+        "topic": topic,
+        "error": error,
+        "payload_bytes": len(payload),
+        "payload_head": bytes(payload[:HEAD_BYTES]).decode("utf-8", "replace"),
+        "ts": time.time(),
+    }
 
 
 def render_readings(readings: list[Reading]) -> str:

@@ -79,6 +79,8 @@ class DeviceSettings(AgentSettings):
     step_timeout_s: float = Field(10.0, gt=0, description="wait for one step's answer before republishing, seconds")
     max_attempts: int = Field(30, ge=1, description="publishes of one step before giving up (count)")
     max_reading_bytes: int = Field(4096, ge=1, description="largest accepted sensor payload, bytes")
+    max_queued_readings: int = Field(256, ge=1, description="readings waiting for an answer, readings; more are "
+                                     "refused on the dead-letter topic results/{device_id}/errors")
     ready_file: Path | None = Field(None, description="file touched once ready, removed at exit (health checks)")
 
     _check_broker = field_validator("broker")(_mqtt_url)

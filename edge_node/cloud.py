@@ -1,5 +1,14 @@
-"""The edge's gRPC client of the cloud: one channel (plaintext, TLS or mutual TLS), the health service, and one
-stream per session.
+"""The edge's gRPC client of the cloud: its replicas (a channel each: plaintext, TLS or mutual TLS), the health
+service, and one stream per session.
+
+The cloud is one or more replicas: ``--cloud HOST:PORT[,HOST:PORT...]``, and
+an entry may be a DNS name (``dns:///cloud-headless:50051``, the form of a
+Kubernetes headless service), whose channel spreads its streams over every
+address the name resolves to with gRPC's ``round_robin`` policy. A new session
+goes to the replica with the fewest open sessions among those whose channel is
+not failing; ``splitglm_edge_cloud_sessions{replica}`` counts them. When a
+replica fails mid-generation the router moves its sessions to another one by
+replaying their split-point history (``edge_node.router``).
 
 ``CloudClient.tail()`` gives a ``CloudStream``: the accurate tail of one
 session (a ``partitioner.session.owner.Downstream``). Its frames go out through one
@@ -35,11 +44,11 @@ RECONNECT_BACKOFF_MS = (200, 2000)  # the channel's reconnect backoff after a fa
 class CloudStream:
     """The cloud tail of one session: ``step(frame) -> StepResult`` and ``close(frame)`` over one gRPC stream."""
 
-    def __init__(
-        self, stub: pb_grpc.SegmentServiceStub, target: str, step_timeout_s: float, metrics=None, kind: str = "http"
-    ):
-        self.target, self.step_timeout_s, self.metrics, self.kind = target, step_timeout_s, metrics, kind
-        self._stub = stub
+    def __init__(self, client: CloudClient, replica: Replica | None, step_timeout_s: float, metrics=None,
+                 kind: str = "http"):
+        self._client, self.replica = client, replica  # None: the least loaded one when the stream opens
+        self.step_timeout_s, self.metrics, self.kind = step_timeout_s, metrics, kind
+        self._counted = False  # counted in the replica's open sessions
         self._outbox: queue.Queue[pb.Frame | None] = queue.Queue()  # requests; None ends the stream
         self._inbox: queue.Queue = queue.Queue()  # StepResult, grpc.RpcError, or None (stream ended)
         self._call = None
@@ -65,6 +74,7 @@ class CloudStream:
 
     def close(self, frame: pb.Frame) -> None:
         """Send the close frame and end the stream (no answer; never blocks)."""
+        self._uncount()
         if self._call is None or self._failure is not None:
             return
         self._outbox.put(frame)
@@ -72,13 +82,29 @@ class CloudStream:
 
     def cancel(self) -> None:
         """Abandon the stream at once (the cloud frees the session when the call ends)."""
+        self._uncount()
         if self._call is not None:
             self._call.cancel()
             self._outbox.put(None)  # ends gRPC's thread that reads our requests
 
+    @property
+    def target(self) -> str:
+        return self.replica.target if self.replica is not None else self._client.target
+
     def _open(self) -> None:
-        self._call = self._stub.Stream(iter(self._outbox.get, None))
+        self.replica = self._client.acquire(self.replica)
+        self._counted = True
+        if self.metrics is not None:
+            self.metrics.cloud_sessions.labels(replica=self.replica.target).inc()
+        self._call = self.replica.stub.Stream(iter(self._outbox.get, None))
         threading.Thread(target=self._read, name="cloud-stream-reader", daemon=True).start()
+
+    def _uncount(self) -> None:
+        if self._counted:
+            self._counted = False
+            self._client.release(self.replica)
+            if self.metrics is not None:
+                self.metrics.cloud_sessions.labels(replica=self.replica.target).dec()
 
     def _read(self) -> None:
         """Move the call's answers into the inbox until the stream ends."""
@@ -110,6 +136,7 @@ class CloudStream:
     def _fail(self, frame: pb.Frame, code: grpc.StatusCode, details: str) -> pb.StepResult:
         message = f"cloud {self.target}: {code.name}: {details}"
         self._failure = (code, message)
+        self._uncount()
         self._outbox.put(None)
         logger.warning("session %s seq %d: %s", frame.session_id, frame.seq, message)
         return error_result(frame.session_id, frame.seq, code, message)
@@ -145,34 +172,78 @@ def open_channel(target: str, tls: ChannelTls | None = None, options: list | Non
     return grpc.secure_channel(target, tls.credentials(), options=options + tls.options())
 
 
+def parse_targets(value: str) -> list[str]:
+    """``HOST:PORT[,HOST:PORT...]`` (an entry may be ``dns:///NAME:PORT``) -> the entries; ValueError otherwise."""
+    targets = [part.strip() for part in value.split(",") if part.strip()]
+    if not targets:
+        raise ValueError(f"cloud address {value!r} names no replica")
+    for target in targets:
+        address = target.removeprefix("dns:///")
+        host, sep, port = address.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"cloud replica {target!r} must be HOST:PORT or dns:///NAME:PORT")
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"cloud address {value!r} names a replica twice")
+    return targets
+
+
+class Replica:
+    """One cloud replica: its channel (``round_robin`` over what its name resolves to), stubs and open sessions."""
+
+    def __init__(self, target: str, tls: ChannelTls | None, options: list):
+        self.target = target
+        self.channel = open_channel(target, tls, options + [("grpc.lb_policy_name", "round_robin")])
+        self.stub = pb_grpc.SegmentServiceStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+        self.sessions = 0  # streams open now (CloudClient.acquire / release, under its lock)
+        self.state = grpc.ChannelConnectivity.IDLE
+        self.channel.subscribe(self._on_state, try_to_connect=True)
+
+    def _on_state(self, state: grpc.ChannelConnectivity) -> None:
+        if state != self.state:
+            (logger.warning if state == grpc.ChannelConnectivity.TRANSIENT_FAILURE else logger.debug)(
+                "cloud replica %s: %s", self.target, state.name)
+        self.state = state
+
+    def failing(self) -> bool:
+        return self.state in (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN)
+
+    def healthy(self, timeout_s: float) -> bool:
+        try:
+            reply = self.health.Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+        except grpc.RpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    def close(self) -> None:
+        self.channel.unsubscribe(self._on_state)
+        self.channel.close()
+
+
 class CloudClient:
-    """One gRPC channel to ``cloud_service``: health checks and per-session streams."""
+    """The cloud's replicas: health checks and per-session streams, each on the least loaded replica."""
 
     def __init__(self, target: str, step_timeout_s: float = 30.0, max_message_bytes: int = 64 << 20, metrics=None,
                  tls: ChannelTls | None = None):
         self.target, self.step_timeout_s, self.metrics = target, step_timeout_s, metrics
         limit = max_message_bytes + (1 << 20)  # the frame plus protobuf framing
-        self.channel = open_channel(target, tls, [
+        options = [
             ("grpc.max_send_message_length", limit),
             ("grpc.max_receive_message_length", limit),
             ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
             ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
             ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[1]),
-        ])  # fmt: skip
-        self._stub = pb_grpc.SegmentServiceStub(self.channel)
-        self._health = health_pb2_grpc.HealthStub(self.channel)
+        ]
+        self.replicas = [Replica(t, tls, options) for t in parse_targets(target)]
         self._streams: weakref.WeakSet[CloudStream] = weakref.WeakSet()
+        self._pick = threading.Lock()
 
     def healthy(self, timeout_s: float = 1.0) -> bool:
-        """Whether the cloud's health service says SERVING within ``timeout_s`` seconds."""
-        try:
-            reply = self._health.Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
-        except grpc.RpcError:
-            return False
-        return reply.status == health_pb2.HealthCheckResponse.SERVING
+        """Whether a replica's health service says SERVING within ``timeout_s`` seconds."""
+        return any(r.healthy(timeout_s) for r in sorted(self.replicas, key=Replica.failing))
 
     def wait_ready(self, timeout_s: float, abort: threading.Event | None = None) -> None:
-        """Block until the cloud is healthy (or ``abort`` is set); TimeoutError after ``timeout_s`` seconds."""
+        """Block until a replica is healthy (or ``abort`` is set); TimeoutError after ``timeout_s`` seconds."""
         deadline, delay, attempt = time.monotonic() + timeout_s, 0.2, 0
         abort = abort or threading.Event()
         while not abort.is_set():
@@ -187,14 +258,39 @@ class CloudClient:
             abort.wait(delay)
             delay = min(delay * 2, 2.0)
 
-    def tail(self, kind: str = "http") -> CloudStream:
-        """The accurate tail of a new session (a Downstream); ``kind`` labels its metrics (http, mqtt)."""
-        stream = CloudStream(self._stub, self.target, self.step_timeout_s, self.metrics, kind)
+    def replicas_for(self, failed: Replica | None = None) -> list[Replica]:
+        """Replicas to try for a session, best first: the ones not failing, fewest open sessions first; after a
+        failure of ``failed``, the others, then ``failed`` itself if it is a DNS name (its channel may reach
+        another address)."""
+        with self._pick:
+            order = sorted(self.replicas, key=lambda r: (r.failing(), r.sessions))
+        if failed is None:
+            return order
+        again = [failed] if failed.target.startswith("dns:") else []
+        return [r for r in order if r is not failed] + again
+
+    def acquire(self, replica: Replica | None = None) -> Replica:
+        """Count a stream opening on ``replica`` (None: the best one now); the replica."""
+        with self._pick:
+            if replica is None:
+                replica = min(self.replicas, key=lambda r: (r.failing(), r.sessions))
+            replica.sessions += 1
+        return replica
+
+    def release(self, replica: Replica) -> None:
+        with self._pick:
+            replica.sessions -= 1
+
+    def tail(self, kind: str = "http", replica: Replica | None = None) -> CloudStream:
+        """The accurate tail of a new session (a Downstream) on ``replica`` (default: the least loaded one when
+        its first step goes out); ``kind`` labels its metrics (http, mqtt)."""
+        stream = CloudStream(self, replica, self.step_timeout_s, self.metrics, kind)
         self._streams.add(stream)
         return stream
 
     def close(self) -> None:
-        """Cancel the open streams (their steps fail with CANCELLED) and close the channel."""
+        """Cancel the open streams (their steps fail with CANCELLED) and close the channels."""
         for stream in list(self._streams):
             stream.cancel()
-        self.channel.close()
+        for replica in self.replicas:
+            replica.close()

@@ -20,7 +20,8 @@ and ``health() -> {name: ok}``.
 and open requests per client); the prompt limits are checked here, before any
 model work: characters before tokenising (``max_prompt_chars``), tokens
 (``max_prompt_tokens``), and prompt + max_tokens against the cloud's
-``max_positions``. Each refusal is counted in ``splitglm_edge_http_refused_total``.
+``max_positions``. Each refusal is counted in ``splitglm_edge_http_refused_total``, and so
+is a streaming client dropped for not reading (``slow_client``).
 A 500 names no exception: its details go to the log under the id the answer gives.
 """
 
@@ -36,7 +37,7 @@ from collections.abc import AsyncIterator, Iterator
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -57,6 +58,7 @@ from .schemas import (
     sse,
     usage,
 )
+from .streaming import BoundedStream
 
 log = logging.getLogger(__name__)
 
@@ -248,8 +250,9 @@ class Gateway:
         self.finish_metrics(job, ttft_ms, "200")
         return JSONResponse(response_body(job, gen, ttft_ms))
 
-    async def stream(self, job: Job, gen) -> StreamingResponse:
-        """SSE answer; the first token is computed first, so a failing cloud still gets a plain 503."""
+    async def stream(self, job: Job, gen) -> BoundedStream:
+        """SSE answer; the first token is computed first, so a failing cloud still gets a plain 503. A client
+        that takes no event for ``stream_send_timeout_s`` is dropped (``edge_node.streaming``)."""
         it = iter(gen)
         try:
             first = await next_event(it)
@@ -259,8 +262,10 @@ class Gateway:
             await close_shielded(it)
             raise
         ttft_ms = job.elapsed_ms()
-        return StreamingResponse(
+        return BoundedStream(
             self.events(job, gen, it, first, ttft_ms),
+            setting(self.node.settings, "stream_send_timeout_s"),
+            on_drop=lambda: self.metrics.http_refused("slow_client"),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )

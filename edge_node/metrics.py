@@ -102,6 +102,16 @@ class EdgeMetrics:
         self.sessions_active = Gauge(
             PREFIX + "sessions_active", "Sessions open now, by kind (http, mqtt).", ["kind"], registry=r
         )
+        self.cloud_sessions = Gauge(
+            PREFIX + "cloud_sessions", "Cloud streams open now, by replica (an entry of --cloud).", ["replica"],
+            registry=r,
+        )
+        self.cloud_failovers_total = Counter(
+            PREFIX + "cloud_failovers_total",
+            "Sessions moved to another cloud replica by replaying their split-point history, by outcome.",
+            ["outcome"],
+            registry=r,
+        )
         self.mqtt_refused_total = Counter(
             PREFIX + "mqtt_refused_total",
             "MQTT frames refused before any work: a reply topic or a session of another device, a topic that "
@@ -158,6 +168,10 @@ class EdgeMetrics:
     def router_decision(self, path: str, policy: str) -> None:
         """Count a new session the router started on ``path`` under ``policy``."""
         self.router_decisions_total.labels(path=path, policy=policy).inc()
+
+    def cloud_failover(self, outcome: str) -> None:
+        """Count a failed replica's session: 'moved' to another replica, or 'none_left' (the fast path takes it)."""
+        self.cloud_failovers_total.labels(outcome=outcome).inc()
 
     def router_switch(self, reason: str) -> None:
         """Count a session moved to the fast path ('deadline' or 'cloud_error')."""

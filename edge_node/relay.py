@@ -14,8 +14,9 @@ without a second step. Messages are served off paho's network thread by a
 pool of workers, the frames of one session in order; the frames of
 concurrent sessions share forward passes of [k1, k2) (the runtime's
 ``Scheduler``, prompts in chunks). A bad frame, an unknown session or a
-cloud failure is answered with an error StepResult carrying its gRPC status;
-nothing here raises into paho or touches another session.
+cloud failure is answered with an error StepResult carrying its gRPC status (a
+session whose first frame fails is not kept); nothing here raises into paho or
+touches another session.
 """
 
 from __future__ import annotations
@@ -78,21 +79,26 @@ class RelaySession:
 
 
 class SerialLanes:
-    """Runs tasks on a thread pool; the tasks of one key run in order, one at a time."""
+    """Runs tasks on a thread pool; the tasks of one key run in order, one at a time, at most ``depth`` waiting."""
 
-    def __init__(self, workers: int):
+    def __init__(self, workers: int, depth: int = 64):
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="relay")
         self._lanes: dict[str, deque[Callable[[], None]]] = {}
         self._lock = threading.Lock()
+        self.depth = depth
 
-    def submit(self, key: str, task: Callable[[], None]) -> None:
+    def submit(self, key: str, task: Callable[[], None]) -> bool:
+        """Queue ``task`` on its key's lane; False (nothing queued) when ``depth`` tasks already wait there."""
         with self._lock:
             lane = self._lanes.get(key)
             if lane is not None:
+                if len(lane) >= self.depth:
+                    return False
                 lane.append(task)
-                return
+                return True
             self._lanes[key] = deque([task])
         self._pool.submit(self._drain, key)
+        return True
 
     def busy(self, key: str) -> bool:
         with self._lock:
@@ -126,7 +132,7 @@ class FrameRelay:
         self.sessions: dict[str, RelaySession] = {}
         self._in_flight: set[tuple[str, int]] = set()  # (session, seq) queued or running
         self._lock = threading.Lock()  # guards sessions and _in_flight
-        self._lanes = SerialLanes(settings.relay_workers)
+        self._lanes = SerialLanes(settings.relay_workers, settings.relay_queue)
         # concurrent sessions' frames share forward passes of [k1, k2); prompts run in chunks
         self.scheduler = Scheduler(segment, max_batch=settings.relay_max_batch, lock=lock, name="relay-scheduler",
                                    on_step=lambda step: metrics.relay_batch_size.observe(step.sessions))
@@ -235,7 +241,12 @@ class FrameRelay:
                 logger.debug("ignoring a duplicate of frame %s:%d still in progress", *key)
                 return
             self._in_flight.add(key)
-        self._lanes.submit(frame.session_id, lambda: self._serve(incoming))
+        if not self._lanes.submit(frame.session_id, lambda: self._serve(incoming)):
+            with self._lock:
+                self._in_flight.discard(key)
+            message = (f"edge {self.edge_id}: session {frame.session_id!r} already has "
+                       f"{self.settings.relay_queue} frames waiting (relay_queue)")
+            self._publish(incoming, error_result(frame.session_id, frame.seq, Status.RESOURCE_EXHAUSTED, message))
 
     def _close(self, incoming: Incoming) -> None:
         """A close frame, on the session's lane: only the device that opened the session may close it."""
@@ -312,8 +323,19 @@ class FrameRelay:
                 return stored
         t0 = time.perf_counter()
         hidden = self._decode(frame)  # (T, C)
-        if state is None:
-            state = self._open(sid, incoming.device)
+        if state is not None:
+            return self._forward(incoming, state, hidden, t0)
+        state = self._open(sid, incoming.device)
+        try:
+            return self._forward(incoming, state, hidden, t0)
+        except BaseException:
+            self._free(sid, "its first step failed")  # a refused first frame leaves no session behind
+            raise
+
+    def _forward(self, incoming: Incoming, state: RelaySession, hidden, t0: float) -> pb.StepResult:
+        """Run [k1, k2) on the frame's hidden states (T, C), step the session's tail; the answer."""
+        frame = incoming.frame
+        sid = frame.session_id
         try:
             mid = self.scheduler.submit(SegmentInput(sid, frame.start_pos, hidden=hidden)).result()  # (T, C)
         except SessionError as e:
@@ -344,14 +366,24 @@ class FrameRelay:
         return result
 
     def _decode(self, frame: pb.Frame):
+        """The frame's hidden states, within the positions a frame and a session may hold."""
+        s = self.settings
         try:
-            return decode_frame_hidden(frame, self.hidden_size)
+            hidden = decode_frame_hidden(frame, self.hidden_size, s.max_frame_positions * self.hidden_size)
         except SizeLimitError as e:
             raise RelayError(Status.RESOURCE_EXHAUSTED, str(e)) from None
         except CodecError as e:
             raise RelayError(Status.INVALID_ARGUMENT, str(e)) from None
+        if frame.start_pos + hidden.shape[0] > s.max_positions:
+            raise RelayError(Status.RESOURCE_EXHAUSTED, f"edge {self.edge_id}: positions {frame.start_pos}.."
+                             f"{frame.start_pos + hidden.shape[0]} pass max_positions {s.max_positions}")
+        return hidden
 
     def _open(self, sid: str, device: str) -> RelaySession:
+        with self._lock:
+            if len(self.sessions) >= self.settings.relay_max_sessions:
+                raise RelayError(Status.RESOURCE_EXHAUSTED, f"edge {self.edge_id} holds "
+                                 f"{self.settings.relay_max_sessions} device sessions (relay_max_sessions)")
         state = RelaySession(self.new_tail(), device)
         with self._lock:
             self.sessions[sid] = state

@@ -16,8 +16,12 @@ from MQTT). Per session:
   ``policy.should_switch``; a cloud step waits at most what the budget leaves
   for it (``step_timeout_s`` without a budget, or when the fast path would be
   no quicker).
+- a cloud replica that fails (not one that is slow): the session moves to
+  another replica (``edge_node.cloud``), which gets the history replayed in
+  one step (as fp32: exactly what the failed one decoded) and answers the
+  current frame; the tokens are the same, nothing is degraded.
 - moving to the fast path (reason "deadline", or "cloud_error: ..." when the
-  cloud fails or times out): the cloud stream is closed, the fast tail's
+  cloud times out or no replica is left): the cloud stream is closed, the fast tail's
   session is built by replaying the history in one step (which also answers
   the current frame), and the session never goes back. After a cloud failure
   every answer is ``degraded``; no request fails because the cloud did
@@ -162,7 +166,7 @@ class Router:
         self.closed.set()
 
     def count(self, what: str, **labels: str) -> None:
-        """Count on the edge's metrics (``router_decision`` or ``router_switch``), if any."""
+        """Count on the edge's metrics (``router_decision``, ``router_switch``, ``cloud_failover``), if any."""
         if self.metrics is not None:
             getattr(self.metrics, what)(**labels)
 
@@ -350,9 +354,41 @@ class RoutedTail:
             if result.status == grpc.StatusCode.DEADLINE_EXCEEDED.value[0] and self.tokens_done > 0:
                 self.router.estimates.accurate.observe_step(wall_ms)  # the step took at least this long
             self.cloud.cancel()
+            moved = self._to_replica(frame.seq, frame.start_pos + int(hidden.shape[0]), result)
+            if moved is not None:
+                return moved
             return self._to_fast(frame, f"cloud_error: {result.error}", degraded=True)
         self._observe_accurate(int(hidden.shape[0]), wall_ms, result)
         return result
+
+    def _to_replica(self, seq: int, end: int, failed: pb.StepResult) -> pb.StepResult | None:
+        """The cloud replica failed: replay the history's first ``end`` positions on another replica (a new
+        stream), which answers the token after them; None when no replica takes it (then the fast path does).
+
+        The history holds the hidden states exactly as the cloud decoded them, sent again as fp32, and the
+        draws are keyed by position: the new replica gives the tokens the failed one would have."""
+        if failed.status == grpc.StatusCode.DEADLINE_EXCEEDED.value[0] or self.router.closed.is_set():
+            return None  # a slow cloud, not a dead one: the budget is better spent on the fast path
+        params = pb.GenerationParams()
+        params.CopyFrom(self.params)
+        params.max_tokens = max(self.params.max_tokens - self.tokens_done, 1)
+        history = self.history.tensor()[:end]
+        for replica in self.router.cloud.replicas_for(self.cloud.replica):
+            self.cloud, self.cloud_seq = self.router.cloud.tail(self.kind, replica), 0
+            out = make_frame(self.session_id, seq, 0, history, "fp32", params=params)
+            result, wall_ms = self._cloud_step(out)
+            if not result.error:
+                self.router.count("cloud_failover", outcome="moved")
+                logger.warning("session %s: moved to cloud replica %s at token %d (%s); replayed %d positions in "
+                               "%.1f ms", self.session_id, replica.target, self.tokens_done, failed.error,
+                               history.shape[0], wall_ms)
+                result.next_pos = end  # (after a round's drafts: the owner rewinds to the token after the committed)
+                return result
+            self.cloud.cancel()
+            if result.status in NOT_RETRIED:
+                break
+        self.router.count("cloud_failover", outcome="none_left")
+        return None
 
     def _cloud_step(self, out: pb.Frame) -> tuple[pb.StepResult, float]:
         """One frame to the cloud (renumbered into the cloud stream's seqs); its answer, numbered back, and
@@ -437,6 +473,9 @@ class RoutedTail:
             if result.status in NOT_RETRIED or self.router.closed.is_set():
                 return result
             self.cloud.cancel()
+            moved = self._to_replica(frame.seq, r.base + 1, result)
+            if moved is not None:
+                return moved
             return self._to_fast_at(frame.seq, r.base + 1, f"cloud_error: {result.error}", degraded=True)
         accepted = result.accepted
         if accepted:  # the cloud now holds the accepted drafts' positions too

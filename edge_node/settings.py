@@ -19,6 +19,8 @@ from partitioner.settings import AgentSettings, SettingsError, load_settings  # 
 from protos import topics
 from protos.mqtt import broker_address
 
+from .cloud import parse_targets
+
 DESCRIPTION = "splitglm edge node: MQTT frames from devices, gRPC to the cloud, an OpenAI-compatible HTTP API"
 
 
@@ -43,7 +45,8 @@ class EdgeSettings(AgentSettings):
     mqtt_password_file: Path | None = Field(default=None, description="file whose first line is the MQTT password")
     mqtt_ca_file: Path | None = Field(default=None, description="PEM CA that signed the broker's certificate "
                                       "(mqtts://; unset = the system CAs)")
-    cloud: str = Field(default="127.0.0.1:50051", description="HOST:PORT of the cloud_service gRPC server")
+    cloud: str = Field(default="127.0.0.1:50051", description="the cloud_service replicas: HOST:PORT[,HOST:PORT...]; "
+                       "an entry may be dns:///NAME:PORT (round_robin over its addresses, e.g. a headless service)")
     cloud_ca: Path | None = Field(default=None, description="CA certificate (PEM) the cloud's certificate must "
                                   "chain to; set: gRPC over TLS")
     cloud_cert: Path | None = Field(default=None, description="client certificate (PEM) for mutual TLS with the "
@@ -61,8 +64,9 @@ class EdgeSettings(AgentSettings):
     max_prompt_chars: int = Field(default=100_000, ge=1, description="longest prompt before tokenising, "
                                   "characters (of all messages of a chat)")
     max_prompt_tokens: int = Field(default=4096, ge=1, description="longest prompt, tokens")
-    max_positions: int = Field(default=8192, ge=1, description="most positions (prompt + max_tokens) a request may "
-                               "take: the cloud's --max-positions; larger requests get a 400 up front")
+    max_positions: int = Field(default=8192, ge=1, description="most positions (prompt + max_tokens) a request or a "
+                               "device session may take: the cloud's --max-positions; larger HTTP requests get a 400 "
+                               "up front, device frames beyond it RESOURCE_EXHAUSTED")
     max_concurrent_per_key: int = Field(default=16, ge=0, description="open requests per API key (per client "
                                         "address without keys), requests; 0 = no limit (429)")
     rate_per_key_per_min: int = Field(default=600, ge=0, description="requests per API key (per client address "
@@ -71,11 +75,19 @@ class EdgeSettings(AgentSettings):
     relay_workers: int = Field(default=16, ge=1, le=1024, description="threads serving MQTT frames (sessions)")
     relay_max_batch: int = Field(default=32, ge=1, le=1024, description="most device frames in one forward pass "
                                  "of the edge's layers, frames")
+    relay_max_sessions: int = Field(default=1024, ge=1, description="device sessions held at once, sessions; "
+                                    "more get RESOURCE_EXHAUSTED")
+    max_frame_positions: int = Field(default=2048, ge=1, description="most positions one device frame may carry "
+                                     "(its hidden states' rows); the cap on what one frame can make the edge compute")
+    relay_queue: int = Field(default=64, ge=1, description="frames waiting per device session, frames; more get "
+                             "RESOURCE_EXHAUSTED")
     step_timeout_s: float = Field(default=30.0, gt=0, description="longest wait for one cloud step, seconds")
     connect_timeout_s: float = Field(default=60.0, gt=0, description="longest wait for the cloud at start-up, seconds")
     shutdown_grace_s: float = Field(default=5.0, ge=0, description="on SIGTERM, time open HTTP responses get "
                                     "before their cloud streams are cancelled, seconds")
     session_ttl_s: float = Field(default=300.0, gt=0, description="idle MQTT sessions are freed after, seconds")
+    stream_send_timeout_s: float = Field(default=30.0, gt=0, description="longest wait for a streaming HTTP client to "
+                                         "take one event, seconds; one that takes longer is dropped, its session freed")
     max_frame_bytes: int = Field(default=64 << 20, ge=1024, description="largest accepted frame, bytes")
     default_max_tokens: int = Field(default=128, ge=1, description="max_tokens of HTTP requests that set none, tokens")
     max_tokens_limit: int = Field(default=2048, ge=1, description="largest max_tokens an HTTP request may ask, tokens")
@@ -122,13 +134,11 @@ class EdgeSettings(AgentSettings):
     @field_validator("cloud")
     @classmethod
     def _cloud_address(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"cloud address {value!r} must be HOST:PORT")
+        parse_targets(value)
         return value
 
-    @field_validator("cloud_ca", "cloud_cert", "cloud_key", "tls_cert", "tls_key", "api_keys_file", "mqtt_password_file",
-                     "mqtt_ca_file")
+    @field_validator("cloud_ca", "cloud_cert", "cloud_key", "tls_cert", "tls_key", "api_keys_file",
+                     "mqtt_password_file", "mqtt_ca_file")
     @classmethod
     def _existing_file(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():

@@ -79,6 +79,10 @@ def results_topic(device_id: str) -> str:
     return RESULTS.format(device_id=_check_level("device id", device_id))
 
 
+def errors_topic(device_id: str) -> str:  # dead letters: the device's refused sensor messages (JSON)
+    return f"{results_topic(device_id)}/errors"
+
+
 def correlation(session_id: str, seq: int) -> bytes:
     """CorrelationData of a frame and of its step result."""
     return f"{session_id}:{seq}".encode()

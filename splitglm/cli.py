@@ -364,10 +364,35 @@ def cmd_bench_speculative(args) -> int:
     return 0
 
 
+def cmd_bench_soak(args) -> int:
+    from partitioner.plan.demo import demo_plan
+    from splitglm.bench_soak import bench_soak, format_report, summary_line
+
+    plan = args.plan or str(demo_plan(args.model))
+
+    def progress(elapsed, tally):
+        if not args.json and int(elapsed) % 30 == 0:
+            print(summary_line(elapsed, tally), file=sys.stderr, flush=True)
+
+    report = bench_soak(plan, args.minutes, args.sessions, args.max_tokens, args.threads, args.secrets, progress,
+                        not args.no_slow_consumers)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0 if report["requests_failed"] == 0 else 1
+
+
 def cmd_bench_cloud_gpu(args) -> int:
     from splitglm.bench_cloud_gpu import run
 
     return run(args)
+
+
+def cmd_bench_fuzz(args) -> int:
+    from splitglm.bench_fuzz import bench_fuzz, format_report
+
+    names = [n.strip() for n in args.targets.split(",") if n.strip()]
+    result = bench_fuzz(args.inputs, names, args.seed, args.threads, args.workdir, progress=not args.quiet)
+    print(json.dumps(result, indent=2) if args.json else "\n".join(format_report(result)))
+    return 1 if result["failures"] else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -529,6 +554,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--broker", help="MQTT broker URL (default: start the embedded amqtt broker)")
     p.add_argument("--json", action="store_true", help="print the JSON list of rows")
     p.set_defaults(func=cmd_bench_speculative)
+    p = bench.add_parser("soak", help="concurrent HTTPS and MQTT-over-TLS sessions for minutes: failures, "
+                         "tokens/s, per-token p50/p99, memory growth of each process")
+    p.add_argument("--model", help="GLM checkpoint folder (default: the demo model)")
+    p.add_argument("--plan", help="plan folder (default: the demo plan)")
+    p.add_argument("--minutes", type=float, default=10.0, help="how long the sessions run, minutes (default 10)")
+    p.add_argument("--sessions", type=int, default=30, help="concurrent sessions, half HTTP, half MQTT (default 30)")
+    p.add_argument("--max-tokens", type=int, default=32, help="new tokens per request (default 32)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each process (default 1)")
+    p.add_argument("--secrets", help="`splitglm secrets` folder with logins soak-dev-0... and soak-staller "
+                   "(default: made anew)")
+    p.add_argument("--no-slow-consumers", action="store_true", help="skip the phase with a stalled HTTP client and "
+                   "a stalled device (their effect on other sessions' per-token p99)")
+    p.add_argument("--json", action="store_true", help="print the JSON report")
+    p.set_defaults(func=cmd_bench_soak)
     p = bench.add_parser("split", help="per-token latency: split path on loopback vs monolithic generation")
     p.add_argument("--model", help="GLM checkpoint folder (default: the demo model)")
     p.add_argument("--plan", help="plan folder (default: the demo plan with lossless fp32 frames)")
@@ -553,6 +592,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print only the JSON list of per-policy results")
     p.set_defaults(func=cmd_bench_router)
+    p = bench.add_parser("fuzz", help="bad input at every receiver (frames, relay, readings, gRPC, HTTP): "
+                         "failures, inputs/s, RSS growth")
+    p.add_argument("--inputs", type=int, default=100_000, help="inputs in all, shared among the targets "
+                   "(default 100000)")
+    p.add_argument("--targets", default="frames,readings,relay,grpc,http", help="comma-separated (default all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first chunk of each target (default 0)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--workdir", help="folder for the tiny model and its plan (default: the temp folder)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_bench_fuzz)
     return parser
 
 

@@ -3,8 +3,9 @@
 ``LocalDownstream`` answers frames the way the cloud does (edge layers +
 cloud tail + ``TailSessions``) without a network; ``TestNode`` offers what
 ``edge_node.http_api.create_app`` needs from an edge node, built from those
-real parts; ``char_tokenizer`` is a character-level tokenizer over the tiny
-model's 96 ids (``tiny_glm`` has no tokenizer files).
+real parts; ``char_tokenizer`` (``splitglm.fuzz.stack``'s, which ``splitglm
+bench fuzz`` uses too) is a character-level tokenizer over the tiny model's 96
+ids (``tiny_glm`` has no tokenizer files).
 """
 
 from __future__ import annotations
@@ -20,23 +21,7 @@ from partitioner.session.local import Chain, LocalTail, split_segments
 from partitioner.session.owner import Generation
 from protos import splitglm_pb2 as pb
 from protos.frames import frame_from_bytes, frame_to_bytes
-
-CHARS = ["\n"] + [chr(c) for c in range(32, 127)]  # 96 tokens: id 0 is "\n", then printable ASCII
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<assistant>{% endif %}"
-)
-
-
-def char_tokenizer():
-    """A transformers fast tokenizer: one token per character of CHARS ('?' for anything else)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(CHARS)}, unk_token="?"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=CHAT_TEMPLATE)
+from splitglm.fuzz.stack import CHARS, CHAT_TEMPLATE, char_tokenizer  # noqa: F401 -- one definition, re-exported
 
 
 class LocalDownstream(LocalTail):

@@ -100,17 +100,28 @@ class Run:
         hidden = self.edge.hidden(self.session, pos, ids)
         return make_frame(self.session, seq, pos, hidden, codec="fp32", params=params if seq == 0 else None, **kw)
 
-    def __call__(self, start: threading.Barrier | None = None, pace: threading.Event | None = None) -> Run:
-        """Generate all tokens on one stream; ``pace``: sleep between steps until it is set."""
+    def __call__(self, start: threading.Barrier | None = None, pace: threading.Event | None = None,
+                 lockstep: threading.Barrier | None = None) -> Run:
+        """Generate all tokens on one stream; ``pace``: sleep between steps until it is set; ``lockstep``: every
+        step's frame is made first, then sent when all the runs sharing the barrier have theirs (so the frames of
+        concurrent sessions reach the server together, however fast it answers)."""
         stream = Stream(self.port)
         pos, ids = 0, self.prompt
         try:
             if start is not None:
                 start.wait()
             for seq in range(self.max_tokens):
-                result = stream.step(self.frame(seq, pos, ids))
+                frame = self.frame(seq, pos, ids)
+                if lockstep is not None:
+                    try:
+                        lockstep.wait(10)
+                    except threading.BrokenBarrierError:
+                        pass  # a run that finished early: the rest go on without it
+                result = stream.step(frame)
                 self.results.append(result)
                 if result.finished:
+                    if lockstep is not None:
+                        lockstep.abort()
                     break
                 pos, ids = pos + len(ids), [result.tokens[0]]
                 if pace is not None and not pace.is_set():

@@ -34,9 +34,9 @@ def test_concurrent_sessions_are_batched_and_equal_each_run_alone(cloud, edge):
     alone = [Run(edge, cloud.port, p, 16, t, seed=i)() for i, (p, t) in enumerate(zip(prompts, temperatures))]
     assert all(r.timings_ms["batch_size"] == 1 for run in alone for r in run.results)
 
-    start = threading.Barrier(len(prompts))
+    start, lockstep = threading.Barrier(len(prompts)), threading.Barrier(len(prompts))
     together = [Run(edge, cloud.port, p, 16, t, seed=i) for i, (p, t) in enumerate(zip(prompts, temperatures))]
-    threads = [threading.Thread(target=run, args=(start,)) for run in together]
+    threads = [threading.Thread(target=run, args=(start, None, lockstep)) for run in together]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -63,7 +63,7 @@ def test_every_reading_is_answered_once_even_without_an_edge(mosquitto, tmp_path
         listener, sensors = ResultListener(mosquitto.url, DEVICE), Sensors(mosquitto.url)
         sensors.send("temperature", {"value": 1.5, "unit": "C"})
         wait_new(device, r"generating for 1 reading", 0)
-        # while the first generation retries, invalid payloads (skipped) and two valid readings (queued) arrive
+        # while the first generation retries, invalid payloads (dead-lettered) and two valid readings (queued) arrive
         sensors.send("temperature", b"{not json")
         sensors.send("temperature", {"value": 1, "pad": "x" * 300})
         sensors.send("temperature", b"[1, 2]")
@@ -78,7 +78,7 @@ def test_every_reading_is_answered_once_even_without_an_edge(mosquitto, tmp_path
         # the failed reading stays in the window: the next prompt still shows it
         assert "temperature: 1.5 C\nhumidity: 47.25\nvibration: 3.5 mm/s" in second["prompt"]
         assert len(listener.answers) == 2
-        assert device.output.count("skipping an invalid reading") == 3
+        assert device.output.count("refusing a sensor message") == 3  # on results/<device>/errors
 
         # stopping while a generation retries: it is abandoned, its reading answered with an error, exit 0
         since = len(device.lines)

@@ -34,3 +34,13 @@ def talking_plan(tiny_plan, tmp_path_factory) -> str:
     shutil.copytree(tiny_plan, plan)
     char_tokenizer().save_pretrained(str(plan / "edge"))
     return str(plan)
+
+
+@pytest.fixture(scope="module")
+def spec_plan(tiny_glm, tmp_path_factory) -> str:
+    """The tiny plan with lossless fp32 frames and the default fast tail (int8 weights): its drafts are mostly,
+    not always, right."""
+    from partitioner.plan.export import cached_plan, fixed_plan
+
+    plan = fixed_plan((2, 4), ("fp32", "fp32"))
+    return str(cached_plan(tiny_glm, plan, tmp_path_factory.mktemp("spec-plans")))

@@ -330,6 +330,48 @@ def test_a_device_is_answered_only_on_its_own_topic_and_owns_its_sessions(edges,
         other.close()
 
 
+def test_frames_and_sessions_beyond_the_relay_limits_are_refused(edges, mosquitto):
+    node = edges.start("edge-limits", mqtt_protocol="5", max_frame_positions=4, max_positions=10, max_prompt_tokens=8,
+                       relay_max_sessions=1)
+    device = MqttDevice(mosquitto.url)
+    params = pb.GenerationParams(max_tokens=4)
+    try:
+        device.send("edge-limits", make_frame("wide", 0, 0, torch.randn(5, 64), "fp32", params=params))
+        result, _, _ = device.receive()
+        assert result.status == 8 and "limit" in result.error  # RESOURCE_EXHAUSTED: 5 rows > max_frame_positions
+        device.send("edge-limits", make_frame("a", 0, 0, torch.randn(3, 64), "fp32", params=params))
+        assert not device.receive()[0].error
+        device.send("edge-limits", make_frame("b", 0, 0, torch.randn(3, 64), "fp32", params=params))
+        result, _, _ = device.receive()
+        assert result.status == 8 and "relay_max_sessions" in result.error
+        device.send("edge-limits", make_frame("a", 1, 3, torch.randn(4, 64), "fp32"))
+        assert not device.receive()[0].error  # 7 positions
+        device.send("edge-limits", make_frame("a", 2, 7, torch.randn(4, 64), "fp32"))
+        result, _, _ = device.receive()
+        assert result.status == 8 and "max_positions" in result.error  # 11 > 10
+        assert set(node.relay.sessions) == {"a"}
+    finally:
+        device.close()
+
+
+def test_a_session_lane_holds_at_most_depth_waiting_tasks():
+    from edge_node.relay import SerialLanes
+
+    lanes, started, release, ran = SerialLanes(2, depth=2), threading.Event(), threading.Event(), []
+    try:
+        assert lanes.submit("s", lambda: (started.set(), release.wait(10), ran.append(0)))
+        assert started.wait(5)
+        assert lanes.submit("s", lambda: ran.append(1)) and lanes.submit("s", lambda: ran.append(2))
+        assert not lanes.submit("s", lambda: ran.append(3))  # two already wait
+        assert lanes.submit("other", lambda: ran.append(9))  # other sessions are not held up
+        assert wait_until(lambda: 9 in ran)
+        release.set()
+        assert wait_until(lambda: len(ran) == 4) and [r for r in ran if r != 9] == [0, 1, 2]
+    finally:
+        release.set()
+        lanes.shutdown()
+
+
 @pytest.fixture(scope="module")
 def onnx_edge_plan(tiny_glm, tmp_path_factory) -> str:
     """The tiny plan with its edge tier on ONNX Runtime (fp32): the relay builds its own [k1, k2) segment."""

@@ -16,7 +16,6 @@ import pytest
 from edge_node.node import EdgeNode
 from edge_node.settings import EdgeSettings
 from edge_node.speculation import Acceptance, RoundCosts, best_draft, expected_tokens
-from partitioner.plan.export import cached_plan, fixed_plan
 from partitioner.session.owner import Generation
 from protos import splitglm_pb2 as pb
 from tests.edge_node.test_cloud_client import Letters, start_cloud
@@ -25,12 +24,6 @@ from tests.edge_node.test_relay import MqttDevice, MqttDownstream
 PROMPT = [3, 17, 5, 9, 11, 40, 2]
 TOKENS = 24
 SAMPLED = {"temperature": 0.9, "top_p": 0.95, "seed": 7}
-
-
-@pytest.fixture(scope="module")
-def spec_plan(tiny_glm, tmp_path_factory) -> str:
-    plan = fixed_plan((2, 4), ("fp32", "fp32"))  # the default fast tail: int8 weights
-    return str(cached_plan(tiny_glm, plan, tmp_path_factory.mktemp("spec-plans")))
 
 
 @pytest.fixture(scope="module")

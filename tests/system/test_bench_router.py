@@ -67,8 +67,10 @@ def test_bench_router_reports_each_policy(demo_checkpoint):
     accurate, fast = by_policy["accurate"], by_policy["fast"]
     assert accurate["accurate_token_frac"] == 1 and accurate["token_agreement"] == 1
     assert accurate["switches"] == 0 and accurate["degraded"] == 0
-    # the proxy is on the accurate path: each of its tokens pays the congested round trip (300 ms, not 20)
+    # the proxy is on the accurate path: a request pays the congested round trip (300 ms, not 20) for its
+    # prompt and at least once more for the other tokens (one per token, or fewer when speculation verifies
+    # several per round trip)
     calm, congested = accurate["phases"][0]["p50_ms"], accurate["phases"][1]["p50_ms"]
-    assert congested - calm > 0.5 * max_tokens * (300 - 20), accurate["phases"]
+    assert congested - calm > 1.5 * (300 - 20), accurate["phases"]
     assert fast["accurate_token_frac"] == 0 and fast["accurate_token_frac_calm"] == 0
     assert len(result["records"]) == 24 and all(row["wall_ms"] > 0 for row in result["records"])
