@@ -186,7 +186,7 @@ class RelayTarget:
         own = topics.frames_topic(self.relay.edge_id, device)
         live = self.live[x.pick % len(self.live)] if self.live else None
         if x.kind == "junk" and x.junk is not None:
-            return own, device, x.junk.data, "", Expected(not _is_close(x.junk.data))
+            return own, device, x.junk.data, "", Expected(not is_close_frame(x.junk.data))
         if x.kind == "bad-topic":
             return f"splitglm/v1/edge/{x.topic}", device, x.junk.data if x.junk else b"", "", Expected(False)
         if x.kind == "mutant-new":  # a first frame with one field outside its tensor broken
@@ -299,7 +299,7 @@ class RelayTarget:
         self.relay.stop()
 
 
-def _is_close(data: bytes) -> bool:
+def is_close_frame(data: bytes) -> bool:
     """Whether ``data`` parses as a close frame (which gets no answer)."""
     try:
         return parse_frame(data).close

@@ -21,7 +21,7 @@ from protos import splitglm_pb2 as pb
 from protos import topics
 from protos.frames import frame_to_bytes, make_frame
 from splitglm.fuzz.frames import frame_bytes
-from splitglm.fuzz.relay import DEVICES, RelayTarget, _is_close
+from splitglm.fuzz.relay import DEVICES, RelayTarget, is_close_frame
 from tests.edge_node.test_relay import PROMPTS, Edges, MqttDevice, expected, generate
 
 FUZZ = settings(derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck))
@@ -47,7 +47,7 @@ def test_junk_over_mosquitto_is_answered_beside_a_correct_generation(tiny_plan, 
 
     try:
         send()
-        due = len([e for e in sent if not _is_close(e.data)])
+        due = len([e for e in sent if not is_close_frame(e.data)])
         answers = []
         with contextlib.suppress(queue.Empty):  # until none comes for 3 s
             while True:
