@@ -3,7 +3,7 @@
 An edge holds a device session's caches of [k1, k2) (and its cloud stream).
 When that edge is gone -- it restarted and answers NOT_FOUND, or it stopped
 answering -- the device sends the new edge one frame: seq 0, start_pos 0,
-every committed row exactly as it was first sent (``protos.codecs.concat_rows``:
+every committed row exactly as it was first sent (``protos.codecs.join_rows``:
 the bytes untouched, so the new edge decodes what the old one did) and the
 session's ``GenerationParams``. Sampling draws are keyed by position, so the
 new edge's tails answer the tokens the old ones would have.
@@ -24,11 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from protos import splitglm_pb2 as pb
-from protos.codecs import concat_rows, decode, encode
-from protos.errors import OptionError
+from protos.codecs import decode, encode, join_rows
 
 
 class NoHistory(RuntimeError):
@@ -37,14 +34,6 @@ class NoHistory(RuntimeError):
 
 def _rows(msg: pb.EncodedTensor) -> int:
     return int(msg.shape[0]) if msg.shape else 0
-
-
-def join_rows(messages: list[pb.EncodedTensor]) -> pb.EncodedTensor:
-    """One encoding of all rows: the bytes as sent where the codec allows, else what they decode to as fp32."""
-    try:
-        return concat_rows(messages)
-    except OptionError:  # entropy-coded, or codecs changed: fp32 is lossless for what was decoded
-        return encode(torch.cat([decode(m, int(m.shape[1])) for m in messages]), "fp32")
 
 
 def first_rows(msg: pb.EncodedTensor, n: int) -> pb.EncodedTensor:

@@ -11,10 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from partitioner.settings import AgentSettings, SettingsError, load_settings  # noqa: F401 -- re-exported
+from partitioner.settings import AgentSettings, MqttClientSettings, SettingsError, load_settings  # noqa: F401 -- re-exported
 from protos.mqtt import broker_address
 from protos.topics import DEFAULT_POOL, frames_topic, steps_topic
 
@@ -33,19 +33,7 @@ def _protocol(value: Any) -> str:
     return str(value)
 
 
-def _existing_file(value: Path | None) -> Path | None:
-    if value is not None and not value.is_file():
-        raise ValueError(f"no such file {str(value)!r}")
-    return value
-
-
-def _login_complete(settings):
-    if settings.mqtt_password_file is not None and not settings.mqtt_username:
-        raise ValueError("mqtt_password_file needs mqtt_username too")
-    return settings
-
-
-class DeviceSettings(AgentSettings):
+class DeviceSettings(MqttClientSettings):
     """The device agent: one device's sensor readings in, its answers out; runs the plan's device segment."""
 
     model_config = SettingsConfigDict(env_prefix="SPLITGLM_DEVICE_", extra="forbid")
@@ -54,10 +42,6 @@ class DeviceSettings(AgentSettings):
     device_id: str = Field(description="this device's id: one MQTT topic level (no '/', '+', '#', '$')")
     broker: str = Field("mqtt://127.0.0.1:1883", description="MQTT broker URL, mqtt://HOST[:PORT] or (TLS) mqtts://...")
     mqtt_protocol: Literal["auto", "5", "3.1.1"] = Field("auto", description="MQTT version: auto (probe), 5, 3.1.1")
-    mqtt_username: str = Field("", description="MQTT login name (empty = anonymous); a device's is its device id")
-    mqtt_password_file: Path | None = Field(None, description="file whose first line is the MQTT password")
-    mqtt_ca_file: Path | None = Field(None, description="PEM CA that signed the broker's certificate (mqtts://; "
-                                      "unset = the system CAs)")
     pool: str = Field(DEFAULT_POOL, description="edge pool that new sessions (seq 0 frames) go to")
     threads: int = Field(1, ge=1, description="torch CPU threads for the device segment")
     window: int = Field(8, ge=1, description="readings kept for the prompt (count); also the most per answer")
@@ -85,8 +69,6 @@ class DeviceSettings(AgentSettings):
 
     _check_broker = field_validator("broker")(_mqtt_url)
     _check_protocol = field_validator("mqtt_protocol", mode="before")(_protocol)
-    _check_files = field_validator("mqtt_password_file", "mqtt_ca_file")(_existing_file)
-    _check_login = model_validator(mode="after")(_login_complete)
 
     @field_validator("plan")
     @classmethod
@@ -117,7 +99,7 @@ class DeviceSettings(AgentSettings):
         return value
 
 
-class SensorSettings(AgentSettings):
+class SensorSettings(MqttClientSettings):
     """The sensor simulator: plausible readings, with an occasional anomaly, for one or more devices."""
 
     model_config = SettingsConfigDict(env_prefix="SPLITGLM_SENSORS_", extra="forbid")
@@ -125,10 +107,6 @@ class SensorSettings(AgentSettings):
     device_id: str = Field(description="device id(s) to publish for, comma-separated")
     broker: str = Field("mqtt://127.0.0.1:1883", description="MQTT broker URL, mqtt://HOST[:PORT] or (TLS) mqtts://...")
     mqtt_protocol: Literal["auto", "5", "3.1.1"] = Field("auto", description="MQTT version: auto (probe), 5, 3.1.1")
-    mqtt_username: str = Field("", description="MQTT login name (empty = anonymous); a device's is its device id")
-    mqtt_password_file: Path | None = Field(None, description="file whose first line is the MQTT password")
-    mqtt_ca_file: Path | None = Field(None, description="PEM CA that signed the broker's certificate (mqtts://; "
-                                      "unset = the system CAs)")
     count: int = Field(0, ge=0, description="readings per device before exiting (0 = forever)")
     interval_s: float = Field(1.0, ge=0.0, description="pause between rounds of readings, seconds")
     sensors: str = Field(",".join(SENSOR_NAMES[:3]), description=f"comma-separated, of {', '.join(SENSOR_NAMES)}")
@@ -137,8 +115,6 @@ class SensorSettings(AgentSettings):
 
     _check_broker = field_validator("broker")(_mqtt_url)
     _check_protocol = field_validator("mqtt_protocol", mode="before")(_protocol)
-    _check_files = field_validator("mqtt_password_file", "mqtt_ca_file")(_existing_file)
-    _check_login = model_validator(mode="after")(_login_complete)
 
     @field_validator("device_id")
     @classmethod

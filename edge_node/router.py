@@ -54,8 +54,8 @@ from partitioner.runtime.sampling import SamplingParams
 from partitioner.session.ledger import Ledger
 from partitioner.session.terminal import sampling_params
 from protos import splitglm_pb2 as pb
-from protos.codecs import concat_rows, encode
-from protos.errors import CodecError, OptionError
+from protos.codecs import join_rows
+from protos.errors import CodecError
 from protos.frames import decode_frame_hidden, make_frame
 from protos.status import error_result
 
@@ -462,12 +462,8 @@ class RoutedTail:
     def _verify(self, frame: pb.Frame) -> pb.StepResult:
         """One cloud step over the round's g + 1 rows; the accepted tokens, and where the owner goes on."""
         r, self.round = self.round, None
-        try:
-            encoded = concat_rows(r.encoded)  # the rows exactly as they came
-        except OptionError:  # entropy-coded rows: sent again losslessly
-            encoded = encode(torch.cat(r.rows), "fp32")
         out = pb.Frame(session_id=frame.session_id, seq=frame.seq, start_pos=r.base, draft_tokens=r.drafts)
-        out.hidden.CopyFrom(encoded)
+        out.hidden.CopyFrom(join_rows(r.encoded))  # the rows exactly as they came (entropy-coded: as fp32)
         result, wall_ms = self._cloud_step(out)
         if result.error:
             if result.status in NOT_RETRIED or self.router.closed.is_set():

@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from partitioner.settings import AgentSettings, SettingsError, load_settings  # noqa: F401 -- re-exported
+from partitioner.settings import MqttClientSettings, SettingsError, existing_file, load_settings  # noqa: F401 -- re-exported
 from protos import topics
 from protos.mqtt import broker_address
 
@@ -30,7 +30,7 @@ def default_edge_id() -> str:
     return f"edge-{host}"[:64]
 
 
-class EdgeSettings(AgentSettings):
+class EdgeSettings(MqttClientSettings):
     """Settings of ``python -m edge_node``."""
 
     model_config = SettingsConfigDict(env_prefix="SPLITGLM_EDGE_", extra="forbid")
@@ -41,10 +41,6 @@ class EdgeSettings(AgentSettings):
     share_group: str = Field(default=topics.SHARE_GROUP, description="shared-subscription group of the pool (MQTT v5)")
     broker: str = Field(default="mqtt://127.0.0.1:1883", description="MQTT broker URL; empty = no MQTT (HTTP only)")
     mqtt_protocol: Literal["auto", "5", "3.1.1"] = Field(default="auto", description="MQTT protocol version")
-    mqtt_username: str = Field(default="", description="MQTT login name (empty = anonymous); an edge's is its edge id")
-    mqtt_password_file: Path | None = Field(default=None, description="file whose first line is the MQTT password")
-    mqtt_ca_file: Path | None = Field(default=None, description="PEM CA that signed the broker's certificate "
-                                      "(mqtts://; unset = the system CAs)")
     cloud: str = Field(default="127.0.0.1:50051", description="the cloud_service replicas: HOST:PORT[,HOST:PORT...]; "
                        "an entry may be dns:///NAME:PORT (round_robin over its addresses, e.g. a headless service)")
     cloud_ca: Path | None = Field(default=None, description="CA certificate (PEM) the cloud's certificate must "
@@ -137,13 +133,8 @@ class EdgeSettings(AgentSettings):
         parse_targets(value)
         return value
 
-    @field_validator("cloud_ca", "cloud_cert", "cloud_key", "tls_cert", "tls_key", "api_keys_file",
-                     "mqtt_password_file", "mqtt_ca_file")
-    @classmethod
-    def _existing_file(cls, value: Path | None) -> Path | None:
-        if value is not None and not value.is_file():
-            raise ValueError(f"no such file {str(value)!r}")
-        return value
+    _existing_files = field_validator("cloud_ca", "cloud_cert", "cloud_key", "tls_cert", "tls_key",
+                                      "api_keys_file")(existing_file)
 
     @model_validator(mode="after")
     def _tls_pairs(self) -> EdgeSettings:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import ValidationError
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 _CONFIG_FILE: ContextVar[Path | None] = ContextVar("splitglm_config_file", default=None)
@@ -67,6 +67,31 @@ class AgentSettings(BaseSettings):
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, **other_sources):
         return init_settings, env_settings, YamlFile(settings_cls)
+
+
+def existing_file(value: Path | None) -> Path | None:
+    """A field validator: unset, or a file that exists."""
+    if value is not None and not value.is_file():
+        raise ValueError(f"no such file {str(value)!r}")
+    return value
+
+
+class MqttClientSettings(AgentSettings):
+    """The MQTT login of an agent that talks to a broker (``protos.mqtt.MqttAuth.from_settings`` reads it)."""
+
+    mqtt_username: str = Field("", description="MQTT login name (empty = anonymous); a device's is its device id, "
+                               "an edge's its edge id")
+    mqtt_password_file: Path | None = Field(None, description="file whose first line is the MQTT password")
+    mqtt_ca_file: Path | None = Field(None, description="PEM CA that signed the broker's certificate (mqtts://; "
+                                      "unset = the system CAs)")
+
+    _check_login_files = field_validator("mqtt_password_file", "mqtt_ca_file")(existing_file)
+
+    @model_validator(mode="after")
+    def _login_complete(self):
+        if self.mqtt_password_file is not None and not self.mqtt_username:
+            raise ValueError("mqtt_password_file needs mqtt_username too")
+        return self
 
 
 def settings_parser(cls: type[BaseSettings], prog: str, description: str) -> argparse.ArgumentParser:

@@ -175,6 +175,14 @@ def concat_rows(messages: list[pb.EncodedTensor]) -> pb.EncodedTensor:
     return out
 
 
+def join_rows(messages: list[pb.EncodedTensor]) -> pb.EncodedTensor:
+    """``concat_rows`` where the codec allows; else what the rows decode to, as fp32 (lossless for that)."""
+    try:
+        return concat_rows(messages)
+    except OptionError:  # entropy-coded, or codecs changed
+        return encode(torch.cat([decode(m, int(m.shape[1])) for m in messages]), "fp32")
+
+
 def bytes_per_element(msg: pb.EncodedTensor) -> float:
     """Serialized size of msg divided by its number of elements."""
     n = 1

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from device_agent.replay import NoHistory, SessionHistory, join_rows
+from device_agent.replay import NoHistory, SessionHistory
 from protos import splitglm_pb2 as pb
-from protos.codecs import decode, encode
+from protos.codecs import decode, encode, join_rows
 from protos.frames import make_frame
 
 C = 8
