@@ -6,7 +6,8 @@ are set, every ``/v1/*`` request and ``/metrics`` need ``Authorization: Bearer K
 declared body size, its client's request rate (a bucket of
 ``rate_per_key_per_min`` requests, refilled continuously), its client's open
 requests, and its body, read whole (at most ``max_body_bytes``) before the
-app sees it. The client is the API key, or the peer's address when no keys
+app sees it. A peer address that fails authentication more than ``AUTH_FAILURES_PER_MIN`` times a
+minute gets 429s (with ``Retry-After``) instead of 401s, so guessing keys costs time. The client is the API key, or the peer's address when no keys
 are set. Every refusal answers with OpenAI's error body (429s with
 ``Retry-After``) and counts ``EdgeMetrics.http_refused(reason)``; a refused
 request never reaches the app, so no model work is done for it. ``/healthz``
@@ -29,6 +30,7 @@ from .settings import EdgeSettings
 
 RETRY_CONCURRENT_S = 1  # Retry-After of a refusal for too many open requests, seconds
 MAX_CLIENTS = 10_000  # rate buckets kept before the full (idle) ones are dropped
+AUTH_FAILURES_PER_MIN = 30  # failed authentications per peer address a minute before 429s instead of 401s
 
 
 def setting(settings, name: str):
@@ -146,6 +148,7 @@ class Guard:
         self.app, self.limits, self.metrics = app, limits, metrics
         self.keys = ApiKeys(limits.api_keys)
         self.rates = RateBuckets(limits.rate_per_min)
+        self.failures = RateBuckets(AUTH_FAILURES_PER_MIN)  # per peer address
         self.open: dict[str, int] = {}  # client -> requests in progress (the event loop's thread only)
 
     async def __call__(self, scope, receive, send) -> None:
@@ -183,13 +186,23 @@ class Guard:
             return f"addr:{peer[0] if peer else '?'}"
         token = bearer(scope)
         if not token:
+            self.check_failures(scope)
             raise Refusal(401, "missing_api_key", "You didn't provide an API key: send it in an Authorization "
                           "header, `Authorization: Bearer KEY`.", "invalid_api_key", {"WWW-Authenticate": "Bearer"})
         index = self.keys.match(token)
         if index is None:
+            self.check_failures(scope)
             raise Refusal(401, "invalid_api_key", "Incorrect API key provided.", "invalid_api_key",
                           {"WWW-Authenticate": "Bearer"})
         return f"key:{index}"
+
+    def check_failures(self, scope) -> None:
+        """Count a failed authentication of the peer's address; 429 once it has failed too often."""
+        peer = scope.get("client")
+        wait_s = self.failures.take(peer[0] if peer else "?")
+        if wait_s > 0:
+            raise Refusal(429, "auth_rate", f"Too many failed authentications from this address; retry in "
+                          f"{wait_s:.1f} s.", "rate_limit_exceeded", {"Retry-After": str(max(1, math.ceil(wait_s)))})
 
     def check_declared_size(self, scope) -> None:
         n = content_length(scope)

@@ -125,19 +125,23 @@ def cmd_eval(args) -> int:
         progress=not args.quiet,
     )
     rows = [r.as_dict() for r in results]
-    fast = None
-    if args.plan:  # the plan's fast tail against its accurate path: one more row
-        from partitioner.eval.assess import evaluate_fast_tail
+    fast, tiers = None, []
+    if args.plan:  # each compressed tier alone vs the uncompressed model; the fast tail vs the accurate path
+        from partitioner.eval.assess import evaluate_fast_tail, evaluate_tiers
 
+        tiers = evaluate_tiers(args.model, args.text, args.plan, args.tokens, args.window)
         fast = evaluate_fast_tail(args.model, args.text, args.plan, args.tokens, args.window)
     if args.json:
-        print(json.dumps(rows + ([fast] if fast else []), indent=2))
+        print(json.dumps(rows + tiers + ([fast] if fast else []), indent=2))
     else:
         from partitioner.eval.assess import format_fast_tail
 
         what = f"plan {args.plan}" if args.plan else f"splits {args.splits[0]},{args.splits[1]}"
         print(f"model {args.model}  {what}  compression {args.compression or 'none'}  text {args.text}")
         print(format_table(results))
+        for row in tiers:
+            print(f"{row['codec']} ({row['compression']}) alone vs the uncompressed model: delta "
+                  f"{row['perplexity_delta_pct']:+.3f} % perplexity, agreement {row['token_agreement']:.4f}")
         if fast:
             print(format_fast_tail(fast))
     return 0
@@ -157,6 +161,7 @@ def cmd_partition(args) -> int:
         measure_top=args.measure_top,
         measure_repeats=args.measure_repeats,
         fast_tail_floor=Floor(args.fast_tail_max_ppl_pct, args.fast_tail_min_agreement),
+        students=args.student or (),
     )
     k1, k2 = plan["splits"]
     p = plan["predicted"]
@@ -446,6 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
 
+    from splitglm import cli_distill
+
+    cli_distill.add_parser(sub)
+
     p = sub.add_parser("profile", help="measure per-layer time and memory of a model on this machine")
     p.add_argument("--model", required=True, help="GLM checkpoint folder")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
@@ -464,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run the best candidates live (3 processes on loopback, shaped links) and compare",
     )
+    p.add_argument("--student", action="append", help="a `splitglm distill` folder of layers K2,L offered to the "
+                   "fast-tail choice beside the quantised copies (repeatable)")
     p.add_argument("--measure-top", type=int, default=4, help="candidates measured with --measure (default 4)")
     p.add_argument("--measure-repeats", type=int, default=2, help="runs per workload with --measure (default 2)")
     p.add_argument(

@@ -12,7 +12,8 @@ mkdir -p .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl $pins
-# the demo model's GGUF (98 MB) travels in two calls of at most 64 MiB: .gguf/part00 and .gguf/part01
+# the demo model's GGUF (98 MB) travels in three calls of at most 64 MiB with the wheels and the tree:
+# .gguf/part00 .. part02, each with .gguf/sha256 (the whole file's), so the GPU side knows when it is complete
 gguf=$(.venv/bin/python -c "from partitioner.convert import find_demo_gguf; print(find_demo_gguf())")
-mkdir -p .gguf && split -b 49M -d "$gguf" .gguf/part
+rm -rf .gguf && mkdir -p .gguf && split -b 36M -d "$gguf" .gguf/part && sha256sum < "$gguf" | cut -d' ' -f1 > .gguf/sha256
 du -sh .whl .gguf/*

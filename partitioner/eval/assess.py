@@ -108,6 +108,43 @@ def evaluate_fast_tail(
     }
 
 
+def compressed_tiers(plan: dict) -> list[str]:
+    """The plan's device / edge / cloud tiers that run anything but the exact weights (passes or a student)."""
+    entries = plan.get("compression", {})
+    return [t for t in ("device", "edge", "cloud")
+            if entries.get(t, {}).get("passes") or entries.get(t, {}).get("student") or
+            entries.get(t, {}).get("backend", "torch") != "torch"]
+
+
+def evaluate_tiers(
+    model: str | os.PathLike, text: str | os.PathLike, plan_dir: str | os.PathLike, tokens: int = 4096,
+    window: int = 1024,
+) -> list[dict]:
+    """Each compressed, sparse or distilled tier of the plan alone against the uncompressed model.
+
+    The model at the plan's splits with lossless links, one tier swapped for the plan's (as deployed:
+    verified, rebuilt, compressed); perplexity change and greedy agreement against no swap.
+    """
+    from partitioner.eval.compression import compare
+
+    plan = load_plan(plan_dir)
+    deployed, _ = plan_segments(plan_dir)
+    reference = split_segments(model, *plan["splits"])
+    ids = text_ids(model, text, tokens)
+    baseline = None
+    rows = []
+    for tier in compressed_tiers(plan):
+        index = ("device", "edge", "cloud").index(tier)
+        candidate = [deployed[i] if i == index else reference[i] for i in range(3)]
+        if baseline is None:
+            from partitioner.eval.compression import window_scores
+
+            baseline = window_scores(reference, ids, window)
+        rows.append({"codec": f"tier:{tier}", "compression": plan["compression"][tier]["name"],
+                     **compare(reference, candidate, ids, window, baseline)})
+    return rows
+
+
 def format_fast_tail(row: dict) -> str:
     """One line: the fast tail's perplexity and agreement against the accurate path."""
     return (

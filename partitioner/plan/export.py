@@ -62,15 +62,19 @@ def plan_id(plan: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _write_tier(model: Path, folder: Path, layout: dict, info: dict) -> None:
-    a, b = layout["layers"]
-    segment = Segment.from_checkpoint(model, a, b, embed=layout["embed"], head=layout["head"])
-    state = {
-        ("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v.detach().clone().contiguous()
-        for k, v in segment.state_dict().items()
-    }
+def _write_tier(model: Path, folder: Path, layout: dict, info: dict, source: Path | None = None) -> None:
+    """A tier folder: the model's weights of the tier's layers, or (``source``) a distilled student's weights."""
     folder.mkdir(parents=True)
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    if source is not None:
+        shutil.copy2(Path(source) / "model.safetensors", folder / "model.safetensors")
+    else:
+        a, b = layout["layers"]
+        segment = Segment.from_checkpoint(model, a, b, embed=layout["embed"], head=layout["head"])
+        state = {
+            ("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v.detach().clone().contiguous()
+            for k, v in segment.state_dict().items()
+        }
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((model / "config.json").read_text())
     config["tie_word_embeddings"] = False  # each tier stores exactly the tensors it runs
     (folder / "config.json").write_text(json.dumps(config, indent=2))
@@ -81,8 +85,13 @@ def _write_tier(model: Path, folder: Path, layout: dict, info: dict) -> None:
     write_manifest(folder, {**info, **layout})
 
 
-def export_plan(model: str | os.PathLike, plan: dict, out: str | os.PathLike) -> dict:
-    """Write ``plan.json`` and the tier folders (device, edge, cloud, fast_tail) into ``out`` (new or empty)."""
+def export_plan(model: str | os.PathLike, plan: dict, out: str | os.PathLike,
+                sources: dict[str, str | os.PathLike] | None = None) -> dict:
+    """Write ``plan.json`` and the tier folders (device, edge, cloud, fast_tail) into ``out`` (new or empty).
+
+    ``sources``: tiers whose weights come from a distilled student's folder (its compression entry, with
+    the ``"student"`` structure, is already the plan's), e.g. ``{"fast_tail": DIR}``.
+    """
     model, out = resolve_checkpoint(model), Path(out)
     if out.exists() and any(out.iterdir()):
         raise ArtifactError(f"output folder {str(out)!r} exists and is not empty")
@@ -100,7 +109,7 @@ def export_plan(model: str | os.PathLike, plan: dict, out: str | os.PathLike) ->
             "plan_id": plan["plan_id"],
             "compression": _tier_compression(plan, tier),
         }
-        _write_tier(model, out / tier, layout, info)
+        _write_tier(model, out / tier, layout, info, (sources or {}).get(tier))
     (out / "plan.json").write_text(json.dumps(plan, indent=2))
     return plan
 

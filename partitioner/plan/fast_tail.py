@@ -16,6 +16,10 @@ Choosing its compression by measurement (``choose_fast_tail``):
   (perplexity increase <= ``max_perplexity_increase_pct`` and agreement >=
   ``min_token_agreement``); "none" (the exact copy) always meets it.
 
+Distilled students (``splitglm distill --layers K2,L``, ``DistilledTail``) join the candidates under
+``<compression name>@<first 12 hex of their weights' sha256>``, measured the same way; a chosen one's
+weights are what the plan's ``fast_tail/`` folder holds.
+
 Measurements are cached in the model's measurement file (``partitioner.plan.measure``)
 under ``"fast_tail"`` -> ``"k2=<k2>"`` -> candidate, so re-partitioning is cheap.
 """
@@ -64,8 +68,35 @@ Front = Callable[[torch.Tensor], torch.Tensor]  # (T,) token ids -> (T, C) hidde
 Link = Callable[[torch.Tensor], torch.Tensor]  # (T, C) -> (T, C)
 
 
-def fast_tail_entry(name: str) -> dict:
+@dataclass(frozen=True)
+class DistilledTail:
+    """A distilled fast tail offered to the choice: its folder and its tier's compression entry."""
+
+    folder: str
+    entry: dict
+
+    @classmethod
+    def offer(cls, folders, model_id: str, k2: int, num_layers: int) -> dict[str, DistilledTail]:
+        """{candidate name: tail} of the ``splitglm distill`` folders that are layers [k2, L) + head of this
+        model (verified); one of other layers is left out with a warning (the plan cut elsewhere)."""
+        from partitioner.runtime.artifacts import verify_manifest
+
+        offered = {}
+        for folder in folders:
+            manifest = verify_manifest(folder, {"tier": "student", "model": model_id})
+            if manifest["layers"] != [k2, num_layers] or not manifest["head"]:
+                logger.warning("%s holds layers %s, not this plan's fast tail [%d, %d) + head: not offered",
+                               folder, manifest["layers"], k2, num_layers)
+                continue
+            digest = manifest["files"]["model.safetensors"][:12]
+            offered[f"{manifest['compression']['name']}@{digest}"] = cls(str(folder), manifest["compression"])
+        return offered
+
+
+def fast_tail_entry(name: str, students: dict[str, DistilledTail] | None = None) -> dict:
     """The fast tail's compression as plan.json / manifest.json record it (like ``measure.compression_entry``)."""
+    if students and name in students:
+        return students[name].entry
     if name not in FAST_TAIL_COMPRESSIONS:
         raise ValueError(f"unknown fast-tail compression {name!r}; known: {', '.join(FAST_TAIL_COMPRESSIONS)}")
     return {"name": name, "backend": "torch", "passes": FAST_TAIL_COMPRESSIONS[name]}
@@ -194,10 +225,16 @@ class FastTailChoice:
     name: str
     floor: Floor
     measured: dict[str, dict] = field(default_factory=dict)  # per candidate: quality and timing
+    students: dict[str, DistilledTail] = field(default_factory=dict)  # the distilled candidates
 
     @property
     def entry(self) -> dict:
-        return fast_tail_entry(self.name)
+        return fast_tail_entry(self.name, self.students)
+
+    @property
+    def source(self) -> str | None:
+        """The folder whose weights the fast tail ships (a distilled student's), or None (the model's)."""
+        return self.students[self.name].folder if self.name in self.students else None
 
     def record(self) -> dict:
         """plan.json's ``"fast_tail"``: the compression, its quality, the floor and every candidate."""
@@ -218,6 +255,7 @@ def measure_fast_tails(
     data: dict | None = None,
     window: int = 512,
     progress: bool = False,
+    students: dict[str, DistilledTail] | None = None,
 ) -> dict[str, dict]:
     """Quality (``compare_scores``) and speed (``step_times``) of each candidate for layers [k2, L) + head.
 
@@ -226,7 +264,8 @@ def measure_fast_tails(
     cache (``measure.load_measurements``); what it holds is reused, what is measured is added (the
     caller saves it).
     """
-    names = names or list(CANDIDATES)
+    students = students or {}
+    names = (names or list(CANDIDATES)) + [n for n in students if n not in (names or ())]
     L = load_spec(model).num_layers
     cache = (data if data is not None else {}).setdefault("fast_tail", {}).setdefault(f"k2={k2}", {})
     for name in names:
@@ -234,7 +273,8 @@ def measure_fast_tails(
     todo_quality = [n for n in names if "quality" not in cache[n]]
     todo_timing = [n for n in names if str(threads) not in cache[n]["timing"]]
     tails = {
-        name: build_segment(model, k2, L, False, True, fast_tail_entry(name))
+        name: build_segment(students[name].folder if name in students else model, k2, L, False, True,
+                            fast_tail_entry(name, students))
         for name in dict.fromkeys(todo_quality + todo_timing)
     }
     if todo_quality:
@@ -260,9 +300,10 @@ def choose_fast_tail(
     names: list[str] | None = None,
     window: int = 512,
     progress: bool = False,
+    students: dict[str, DistilledTail] | None = None,
 ) -> FastTailChoice:
     """Measure each candidate compression of [k2, L) + head on ``ids`` (T,) and pick (``pick_fast_tail``)."""
-    measured = measure_fast_tails(model, k2, ids, threads, names, data, window, progress)
+    measured = measure_fast_tails(model, k2, ids, threads, names, data, window, progress, students)
     name = pick_fast_tail(measured, floor)
     logger.info("fast tail at k2=%d: %s (%s)", k2, name, measured[name])
-    return FastTailChoice(name, floor, measured)
+    return FastTailChoice(name, floor, measured, dict(students or {}))

@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from partitioner.plan.export import export_plan
-from partitioner.plan.fast_tail import FastTailChoice, Floor, choose_fast_tail
+from partitioner.plan.fast_tail import DistilledTail, FastTailChoice, Floor, choose_fast_tail
 from partitioner.plan.measure import (
     QUALITY_TOKENS,
     codec_costs,
@@ -23,7 +23,8 @@ from partitioner.plan.planner import Candidate, CompressionCost, Costs, plan, se
 from partitioner.plan.profiler import Profile
 from partitioner.plan.report import write_report
 from partitioner.plan.topology import TIERS, Topology, load_topology, tier_backend
-from partitioner.runtime.checkpoint import load_spec, load_tokenizer
+from partitioner.runtime.artifacts import model_fingerprint
+from partitioner.runtime.checkpoint import load_spec, load_tokenizer, resolve_checkpoint
 
 logger = logging.getLogger(__name__)
 LIVE_THREADS = 1  # --measure runs three tier processes on this machine's cores: one thread each
@@ -62,6 +63,10 @@ def _tier_choices(topo: Topology, data: dict, num_layers: int) -> dict[str, list
         costs = compression_costs(data, _threads(topo, tier), num_layers, tier_backend(topo, tier))
         choices[tier] = costs if tier != "cloud" else [c for c in costs if c.name == "none"]
     return choices
+
+
+def model_fingerprint_of(model: str | os.PathLike) -> str:
+    return model_fingerprint(json.loads((resolve_checkpoint(model) / "config.json").read_text()))
 
 
 def path_predictions(
@@ -120,13 +125,15 @@ def partition(
     measure_top: int = 4,
     measure_repeats: int = 2,
     fast_tail_floor: Floor = Floor(),
+    students: list[str | os.PathLike] = (),
 ) -> dict:
     """Plan ``model`` for ``topology`` and write the plan folder ``out``; return plan.json's content.
 
     ``measure``: also run the best ``measure_top`` candidates and a few contrasting splits live
     (``partitioner.plan.live``) and add predicted vs measured to plan.json ("measured") and report.md.
     The edge's fast tail ([k2, L) + head) gets the fastest compression within ``fast_tail_floor``
-    (``partitioner.plan.fast_tail``), measured at the edge's threads on the same text.
+    (``partitioner.plan.fast_tail``), measured at the edge's threads on the same text; ``students``
+    (``splitglm distill`` folders of layers [k2, L) + head) join its candidates.
     """
     topo = load_topology(topology)
     spec = load_spec(model)
@@ -152,7 +159,9 @@ def partition(
             f"tier's memory_mb or the quality floor ({topo.max_perplexity_increase_pct}% perplexity)"
         )
     best = candidates[0]
-    fast = choose_fast_tail(model, best.splits[1], ids[:QUALITY_TOKENS], _threads(topo, "edge"), fast_tail_floor, data)
+    offered = DistilledTail.offer(students, model_fingerprint_of(model), best.splits[1], spec.num_layers)
+    fast = choose_fast_tail(model, best.splits[1], ids[:QUALITY_TOKENS], _threads(topo, "edge"), fast_tail_floor, data,
+                            students=offered)
     save_measurements(model, data)
     result = export_plan(
         model,
@@ -174,6 +183,7 @@ def partition(
             "measurements": {"codecs": data["codecs"], "compression": data["compression"]},
         },
         out,
+        sources={"fast_tail": fast.source} if fast.source else None,
     )
     if measure:  # added after export: plan_id names the plan, not one machine's timings
         from partitioner.plan.live import contrasting, measure_candidates, summary

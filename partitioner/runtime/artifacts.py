@@ -32,13 +32,14 @@ def model_fingerprint(config: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def write_manifest(folder: str | os.PathLike, info: dict) -> dict:
-    """Hash every file in ``folder`` (but the manifest) and write ``manifest.json`` with ``info``."""
+def write_manifest(folder: str | os.PathLike, info: dict, exclude: tuple[str, ...] = ()) -> dict:
+    """Hash every file in ``folder`` (but the manifest and the top-level entries ``exclude``) and write
+    ``manifest.json`` with ``info``."""
     folder = Path(folder)
     files = {
         p.relative_to(folder).as_posix(): sha256_file(p)
         for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
+        if p.is_file() and p.name != MANIFEST and p.relative_to(folder).parts[0] not in exclude
     }
     manifest = {**info, "files": files}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))

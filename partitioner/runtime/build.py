@@ -8,6 +8,7 @@ from pathlib import Path
 
 from partitioner.runtime.compress import apply_compression
 from partitioner.runtime.segment import Segment
+from partitioner.runtime.student import load_student
 
 
 def build_segment(
@@ -23,8 +24,16 @@ def build_segment(
     """A ``Segment``, or an ``OnnxSegment`` for an onnxruntime entry (exported into a temporary folder).
 
     ``compression`` is a plan entry (``partitioner.plan.measure.compression_entry``); ``runs`` is the
-    layer range its torch passes apply to (default: all of [start, end)).
+    layer range its torch passes apply to (default: all of [start, end)). An entry with a ``"student"``
+    (``partitioner.runtime.student``: a distilled segment of another structure) is rebuilt from the
+    weights in ``path``, then gets its passes over every layer it holds.
     """
+    if compression.get("student") is not None:
+        segment = load_student(path, start, compression["student"], embed, head)
+        passes = compression.get("passes", [])
+        if passes and segment.end > start:
+            apply_compression(segment, [{**p, "layers": p.get("layers", [start, segment.end])} for p in passes])
+        return segment
     segment = Segment.from_checkpoint(path, start, end, embed=embed, head=head)
     if compression.get("backend", "torch") == "onnxruntime":
         from partitioner.runtime.backends import OnnxSegment, export_onnx

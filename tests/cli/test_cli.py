@@ -134,7 +134,10 @@ def test_partition_writes_a_verified_plan(demo_checkpoint, tmp_path):
         "--quiet",
     )
     assert r.returncode == 0, r.stderr
-    row, fast = json.loads(r.stdout)  # the plan as deployed, then its fast tail against the accurate path
+    row, *tiers, fast = json.loads(r.stdout)  # the plan as deployed, each compressed tier alone, the fast tail
+    compressed = [t for t in ("device", "edge", "cloud") if plan["compression"][t]["name"] != "none"]
+    assert [t["codec"] for t in tiers] == [f"tier:{t}" for t in compressed]
+    assert all(t["tokens"] == 298 and 0 < t["token_agreement"] <= 1 for t in tiers)
     assert row["codec"] == f"{plan['codecs']['device_edge']}/{plan['codecs']['edge_cloud']}"
     assert 0 < row["token_agreement"] <= 1 and row["tokens"] == 298
     assert fast["codec"] == "fast_tail" and fast["compression"] == plan["fast_tail"]["compression"]["name"]

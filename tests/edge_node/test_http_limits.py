@@ -159,6 +159,21 @@ def test_limits_count_per_api_key(started, tmp_path):
     assert http.get("/v1/models", headers=b).status_code == 200  # key b has its own bucket
 
 
+def test_repeated_failed_authentication_is_429_and_a_good_key_still_passes(started, tmp_path):
+    from edge_node.guard import AUTH_FAILURES_PER_MIN
+
+    keys = tmp_path / "keys"
+    keys.write_text("key-a\n")
+    node, http = started(api_keys_file=keys)
+    wrong = {"Authorization": "Bearer guess"}
+    codes = [http.get("/v1/models", headers=wrong).status_code for _ in range(AUTH_FAILURES_PER_MIN + 2)]
+    assert codes[:AUTH_FAILURES_PER_MIN] == [401] * AUTH_FAILURES_PER_MIN and codes[-2:] == [429, 429]
+    r = http.get("/v1/models", headers=wrong)
+    assert_refused(r, 429, "rate_limit_exceeded")
+    assert int(r.headers["Retry-After"]) >= 1 and refused(node, "auth_rate") >= 3
+    assert http.get("/v1/models", headers={"Authorization": "Bearer key-a"}).status_code == 200
+
+
 def test_a_500_does_not_echo_the_exception(started):
     node, http = started()
 
