@@ -6,9 +6,10 @@ are set, every ``/v1/*`` request and ``/metrics`` need ``Authorization: Bearer K
 declared body size, its client's request rate (a bucket of
 ``rate_per_key_per_min`` requests, refilled continuously), its client's open
 requests, and its body, read whole (at most ``max_body_bytes``) before the
-app sees it. A peer address that fails authentication more than ``AUTH_FAILURES_PER_MIN`` times a
-minute gets 429s (with ``Retry-After``) instead of 401s, so guessing keys costs time. The client is the API key, or the peer's address when no keys
-are set. Every refusal answers with OpenAI's error body (429s with
+app sees it. A peer address that fails authentication more than
+``AUTH_FAILURES_PER_MIN`` times a minute gets 429s (with ``Retry-After``)
+instead of 401s, so guessing keys costs time. The client is the API key, or
+the peer's address when no keys are set. Every refusal answers with OpenAI's error body (429s with
 ``Retry-After``) and counts ``EdgeMetrics.http_refused(reason)``; a refused
 request never reaches the app, so no model work is done for it. ``/healthz``
 stays open.

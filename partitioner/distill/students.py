@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from partitioner.distill.dense import DenseContext, dense_forward
 from partitioner.runtime.compress import low_rank, prune_heads, prune_mlp
 from partitioner.runtime.segment import Segment
 
@@ -45,8 +46,6 @@ def greedy_keep(teacher: Segment, x: torch.Tensor, depth: int, back: Segment | N
 
     Every-other on the demo model's tail [20, 30) starts at KL 6.2, this choice ([20, 24, 27, 28, 29]) at 2.1.
     """
-    from partitioner.distill.dense import DenseContext
-
     if not 1 <= depth <= len(teacher.layers):
         raise ValueError(f"a layer-dropped student keeps 1..{len(teacher.layers)} layers, got {depth}")
     ctx = DenseContext(x.shape[1], teacher.spec, x.device)
@@ -56,7 +55,7 @@ def greedy_keep(teacher: Segment, x: torch.Tensor, depth: int, back: Segment | N
         h = start
         for i in keep:
             h = teacher.layers[str(i)](h, ctx)
-        h = back.lm_head(back.norm(_through(back, h, ctx))) if back is not None else teacher.lm_head(teacher.norm(h))
+        h = dense_forward(back, h)[0] if back is not None else teacher.lm_head(teacher.norm(h))  # (B, T, V)
         return torch.log_softmax(h.float().flatten(0, 1), -1)  # (B * T, V)
 
     keep = [int(k) for k in teacher.layers]
@@ -66,12 +65,6 @@ def greedy_keep(teacher: Segment, x: torch.Tensor, depth: int, back: Segment | N
                                                      log_target=True, reduction="batchmean")) for i in keep}
         keep.remove(min(cost, key=cost.get))
     return keep
-
-
-def _through(segment: Segment, h: torch.Tensor, ctx) -> torch.Tensor:
-    for layer in segment.layers.values():
-        h = layer(h, ctx)
-    return h
 
 
 def layer_dropped(teacher: Segment, keep: list[int]) -> Student:
@@ -115,13 +108,13 @@ def _same_depth(kind: str, teacher: Segment, student: Segment) -> Student:
     return Student(kind, student, [int(k) for k in keys], [(k, k) for k in keys])
 
 
-def trainable(student: Student, train_head: bool = False, train_embed: bool = False) -> list[nn.Parameter]:
-    """Turn on gradients for the student's layers and final norm (and head / embedding if asked)."""
+def trainable(student: Student, train_head: bool = False) -> list[nn.Parameter]:
+    """Turn on gradients for the student's layers and final norm (and head if asked); off for the rest."""
     segment = student.segment
     params = []
     for name, p in segment.named_parameters():
         wanted = name.startswith("layers.") or name.startswith("norm.")
-        wanted = wanted or (train_head and name.startswith("lm_head.")) or (train_embed and name.startswith("embed"))
+        wanted = wanted or (train_head and name.startswith("lm_head."))
         p.requires_grad_(wanted)
         if wanted:
             params.append(p)

@@ -24,13 +24,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from partitioner.distill import qat
 from partitioner.distill.dense import dense_forward
 from partitioner.distill.students import Student, greedy_keep, make_student, trainable
-from partitioner.runtime.artifacts import model_fingerprint, write_manifest
+from partitioner.plan.export import save_weights, write_config
+from partitioner.runtime.artifacts import checkpoint_fingerprint, write_manifest
 from partitioner.runtime.checkpoint import load_spec, load_tokenizer, resolve_checkpoint
 from partitioner.runtime.segment import Segment
 from partitioner.runtime.student import structure_of
@@ -155,24 +155,25 @@ def learning_rate(step: int, cfg: DistillConfig) -> float:
 # ---- the loop -------------------------------------------------------------------------------------
 
 
-def build(model: str | os.PathLike, cfg: DistillConfig) -> tuple[Student, Frozen]:
-    """The student (with its QAT parametrisations) and the frozen teacher, front and back, on ``cfg.device``."""
+def build(model: str | os.PathLike, cfg: DistillConfig, ids: torch.Tensor) -> tuple[Student, Frozen]:
+    """The student (with its QAT parametrisations) and the frozen teacher, front and back, on ``cfg.device``;
+    ``ids`` (N,): the training text's tokens, whose first windows choose kept layers / score pruned channels."""
     a, b = cfg.layers
     L = load_spec(model).num_layers
     front = Segment.from_checkpoint(model, 0, a, embed=True) if a > 0 else None
     back = Segment.from_checkpoint(model, b, L, head=True) if b < L else None
     generator = torch.Generator().manual_seed(cfg.seed)
-    ids = batches(text_tokens(model, cfg.texts), CALIBRATION_WINDOWS, cfg.seq_len, generator)  # (W, T)
+    windows = batches(ids, CALIBRATION_WINDOWS, cfg.seq_len, generator)  # (W, T)
 
     def auto_keep(teacher: Segment, depth: int) -> list[int]:
-        x = dense_forward(front, ids)[0] if front is not None else ids
+        x = dense_forward(front, windows)[0] if front is not None else windows
         keep = greedy_keep(teacher, x, depth, back)
-        logger.info("layers kept (greedy, on %d training windows): %s", ids.shape[0], keep)
+        logger.info("layers kept (greedy, on %d training windows): %s", windows.shape[0], keep)
         return keep
 
     student, teacher = make_student(model, cfg.layers, cfg.kind, None if cfg.keep == "auto" else cfg.keep, cfg.depth,
                                     cfg.mlp_fraction, cfg.head_fraction, cfg.rank_fraction,
-                                    calibration=list(ids) if a == 0 else None,
+                                    calibration=list(windows) if a == 0 else None,
                                     auto_keep=auto_keep if cfg.keep == "auto" else None)
     for segment in (front, back):
         for p in (segment.parameters() if segment is not None else ()):
@@ -209,7 +210,8 @@ def distill(model: str | os.PathLike, cfg: DistillConfig, out: str | os.PathLike
     if (out / "manifest.json").exists() and not resume:
         raise FileExistsError(f"{out} already holds a distilled tier; give another --out (or --resume)")
     torch.manual_seed(cfg.seed)
-    student, frozen = build(model, cfg)
+    ids = text_tokens(model, cfg.texts)
+    student, frozen = build(model, cfg, ids)
     params = trainable(student, cfg.train_head)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     step, history = 0, []
@@ -222,7 +224,6 @@ def distill(model: str | os.PathLike, cfg: DistillConfig, out: str | os.PathLike
         student.segment.load_state_dict(state["student"])
         optimizer.load_state_dict(state["optimizer"])
         step, history = state["step"], state["history"]
-    ids = text_tokens(model, cfg.texts)
     generator = torch.Generator().manual_seed(cfg.seed + step)
     student.segment.train()
     bar = tqdm(total=cfg.steps, initial=step, desc=f"distill {cfg.kind}", disable=not progress)
@@ -269,18 +270,14 @@ def export_student(model: Path, student: Student, cfg: DistillConfig, out: Path,
     """Write ``out/model.safetensors`` (checkpoint names), ``config.json``, ``history.json`` and the manifest."""
     segment = student.segment.to("cpu")
     qat.finish(segment)
-    state = {(k if k == "lm_head.weight" else f"model.{k}"): v.detach().float().contiguous()
-             for k, v in segment.state_dict().items()}
     out.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((model / "config.json").read_text())
-    config["tie_word_embeddings"] = False
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    save_weights(segment, out)
+    write_config(model, out)
     (out / "history.json").write_text(json.dumps(history))
     a, b = cfg.layers
     info = {
         "tier": "student",
-        "model": model_fingerprint(json.loads((model / "config.json").read_text())),
+        "model": checkpoint_fingerprint(model),
         "layers": [a, b],
         "embed": segment.has_embed,
         "head": segment.has_head,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from partitioner.eval.compression import compare, window_scores
 from partitioner.eval.quality import CodecQuality, FrameLink, evaluate_codecs
 from partitioner.plan.fast_tail import compare_scores, hidden_windows, tail_scores
 from partitioner.plan.measure import COMPRESSIONS
@@ -110,10 +111,9 @@ def evaluate_fast_tail(
 
 def compressed_tiers(plan: dict) -> list[str]:
     """The plan's device / edge / cloud tiers that run anything but the exact weights (passes or a student)."""
-    entries = plan.get("compression", {})
-    return [t for t in ("device", "edge", "cloud")
-            if entries.get(t, {}).get("passes") or entries.get(t, {}).get("student") or
-            entries.get(t, {}).get("backend", "torch") != "torch"]
+    entries = {t: plan.get("compression", {}).get(t, {}) for t in ("device", "edge", "cloud")}
+    return [t for t, e in entries.items()
+            if e.get("passes") or e.get("student") or e.get("backend", "torch") != "torch"]
 
 
 def evaluate_tiers(
@@ -125,21 +125,18 @@ def evaluate_tiers(
     The model at the plan's splits with lossless links, one tier swapped for the plan's (as deployed:
     verified, rebuilt, compressed); perplexity change and greedy agreement against no swap.
     """
-    from partitioner.eval.compression import compare
-
     plan = load_plan(plan_dir)
+    tiers = compressed_tiers(plan)
+    if not tiers:
+        return []
     deployed, _ = plan_segments(plan_dir)
     reference = split_segments(model, *plan["splits"])
     ids = text_ids(model, text, tokens)
-    baseline = None
+    baseline = window_scores(reference, ids, window)
     rows = []
-    for tier in compressed_tiers(plan):
+    for tier in tiers:
         index = ("device", "edge", "cloud").index(tier)
         candidate = [deployed[i] if i == index else reference[i] for i in range(3)]
-        if baseline is None:
-            from partitioner.eval.compression import window_scores
-
-            baseline = window_scores(reference, ids, window)
         rows.append({"codec": f"tier:{tier}", "compression": plan["compression"][tier]["name"],
                      **compare(reference, candidate, ids, window, baseline)})
     return rows

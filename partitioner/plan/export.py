@@ -62,6 +62,22 @@ def plan_id(plan: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def save_weights(segment: Segment, folder: Path) -> None:
+    """The segment's tensors as ``folder/model.safetensors``, under the checkpoint's names."""
+    state = {
+        ("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v.detach().clone().contiguous()
+        for k, v in segment.state_dict().items()
+    }
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def write_config(model: Path, folder: Path) -> None:
+    """The model's ``config.json`` in ``folder``, untied: each tier stores exactly the tensors it runs."""
+    config = json.loads((model / "config.json").read_text())
+    config["tie_word_embeddings"] = False
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
 def _write_tier(model: Path, folder: Path, layout: dict, info: dict, source: Path | None = None) -> None:
     """A tier folder: the model's weights of the tier's layers, or (``source``) a distilled student's weights."""
     folder.mkdir(parents=True)
@@ -69,15 +85,8 @@ def _write_tier(model: Path, folder: Path, layout: dict, info: dict, source: Pat
         shutil.copy2(Path(source) / "model.safetensors", folder / "model.safetensors")
     else:
         a, b = layout["layers"]
-        segment = Segment.from_checkpoint(model, a, b, embed=layout["embed"], head=layout["head"])
-        state = {
-            ("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v.detach().clone().contiguous()
-            for k, v in segment.state_dict().items()
-        }
-        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((model / "config.json").read_text())
-    config["tie_word_embeddings"] = False  # each tier stores exactly the tensors it runs
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
+        save_weights(Segment.from_checkpoint(model, a, b, embed=layout["embed"], head=layout["head"]), folder)
+    write_config(model, folder)
     if layout["embed"]:
         for name in TOKENIZER_FILES:
             if (model / name).is_file():

@@ -23,8 +23,8 @@ from partitioner.plan.planner import Candidate, CompressionCost, Costs, plan, se
 from partitioner.plan.profiler import Profile
 from partitioner.plan.report import write_report
 from partitioner.plan.topology import TIERS, Topology, load_topology, tier_backend
-from partitioner.runtime.artifacts import model_fingerprint
-from partitioner.runtime.checkpoint import load_spec, load_tokenizer, resolve_checkpoint
+from partitioner.runtime.artifacts import checkpoint_fingerprint
+from partitioner.runtime.checkpoint import load_spec, load_tokenizer
 
 logger = logging.getLogger(__name__)
 LIVE_THREADS = 1  # --measure runs three tier processes on this machine's cores: one thread each
@@ -63,10 +63,6 @@ def _tier_choices(topo: Topology, data: dict, num_layers: int) -> dict[str, list
         costs = compression_costs(data, _threads(topo, tier), num_layers, tier_backend(topo, tier))
         choices[tier] = costs if tier != "cloud" else [c for c in costs if c.name == "none"]
     return choices
-
-
-def model_fingerprint_of(model: str | os.PathLike) -> str:
-    return model_fingerprint(json.loads((resolve_checkpoint(model) / "config.json").read_text()))
 
 
 def path_predictions(
@@ -159,7 +155,7 @@ def partition(
             f"tier's memory_mb or the quality floor ({topo.max_perplexity_increase_pct}% perplexity)"
         )
     best = candidates[0]
-    offered = DistilledTail.offer(students, model_fingerprint_of(model), best.splits[1], spec.num_layers)
+    offered = DistilledTail.offer(students, checkpoint_fingerprint(model), best.splits[1], spec.num_layers)
     fast = choose_fast_tail(model, best.splits[1], ids[:QUALITY_TOKENS], _threads(topo, "edge"), fast_tail_floor, data,
                             students=offered)
     save_measurements(model, data)

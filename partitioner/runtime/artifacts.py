@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from partitioner.runtime.build import build_segment
+from partitioner.runtime.checkpoint import resolve_checkpoint
 
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 20
@@ -30,6 +31,11 @@ def model_fingerprint(config: dict) -> str:
     """A short id of a model's architecture and weights source, stable across processes."""
     canonical = json.dumps(config, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def checkpoint_fingerprint(model: str | os.PathLike) -> str:
+    """``model_fingerprint`` of a checkpoint folder's ``config.json``."""
+    return model_fingerprint(json.loads((resolve_checkpoint(model) / "config.json").read_text()))
 
 
 def write_manifest(folder: str | os.PathLike, info: dict, exclude: tuple[str, ...] = ()) -> dict:

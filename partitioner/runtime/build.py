@@ -29,12 +29,9 @@ def build_segment(
     weights in ``path``, then gets its passes over every layer it holds.
     """
     if compression.get("student") is not None:
-        segment = load_student(path, start, compression["student"], embed, head)
-        passes = compression.get("passes", [])
-        if passes and segment.end > start:
-            apply_compression(segment, [{**p, "layers": p.get("layers", [start, segment.end])} for p in passes])
-        return segment
-    segment = Segment.from_checkpoint(path, start, end, embed=embed, head=head)
+        segment = load_student(path, start, compression["student"], embed, head)  # it ends where it ends
+    else:
+        segment = Segment.from_checkpoint(path, start, end, embed=embed, head=head)
     if compression.get("backend", "torch") == "onnxruntime":
         from partitioner.runtime.backends import OnnxSegment, export_onnx
 
@@ -43,7 +40,7 @@ def build_segment(
         export_onnx(segment, folder, quantize_int8=onnx["precision"] == "int8", keep_fp32=onnx.get("keep_fp32", ()))
         return OnnxSegment(folder, precision=onnx["precision"], threads=threads)
     passes = compression.get("passes", [])
-    if passes and end > start:
-        layers = list(runs or (start, end))
+    if passes and segment.end > start:
+        layers = list(runs or (start, segment.end))
         apply_compression(segment, [{**p, "layers": p.get("layers", layers)} for p in passes])
     return segment

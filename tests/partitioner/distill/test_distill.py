@@ -48,10 +48,11 @@ def config(text: str, **overrides) -> DistillConfig:
 
 def held_out_loss(model, cfg, state=None) -> float:
     """The loss of a student (fresh, or with ``state``) on a fixed batch the training never draws."""
-    student, frozen = build(model, cfg)
+    ids = text_tokens(model, cfg.texts)
+    student, frozen = build(model, cfg, ids)
     if state is not None:
         student.segment.load_state_dict(state, strict=False)
-    ids = batches(text_tokens(model, cfg.texts), 8, cfg.seq_len, torch.Generator().manual_seed(12345))
+    ids = batches(ids, 8, cfg.seq_len, torch.Generator().manual_seed(12345))
     with torch.no_grad():
         return float(distill_loss(student, frozen, ids, cfg)["loss"])
 
@@ -208,12 +209,12 @@ def test_cli_documents_the_students_and_refuses_judging_on_training_text(texts, 
 def test_a_distilled_fast_tail_joins_the_choice_and_ships_in_the_plan(tiny_text_model, texts, tmp_path):
     from partitioner.plan.export import export_plan, fixed_plan
     from partitioner.plan.fast_tail import DistilledTail, Floor, choose_fast_tail
-    from partitioner.plan.partition import model_fingerprint_of
-    from partitioner.runtime.artifacts import load_plan, load_tier
+    from partitioner.runtime.artifacts import checkpoint_fingerprint, load_plan, load_tier
 
     distill(tiny_text_model, config(texts[0], layers=(4, 6), depth=1, steps=5), tmp_path / "tail", progress=False)
     distill(tiny_text_model, config(texts[0], layers=(3, 6), depth=1, steps=2), tmp_path / "other", progress=False)
-    offered = DistilledTail.offer([tmp_path / "tail", tmp_path / "other"], model_fingerprint_of(tiny_text_model), 4, 6)
+    model_id = checkpoint_fingerprint(tiny_text_model)
+    offered = DistilledTail.offer([tmp_path / "tail", tmp_path / "other"], model_id, 4, 6)
     assert list(offered) and all(name.startswith("distilled-layer_drop@") for name in offered)  # "other": k2 = 3
     name = next(iter(offered))
     ids = torch.randint(0, 96, (256,))
