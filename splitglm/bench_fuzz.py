@@ -116,10 +116,10 @@ def run_target(target, inputs: int, seed: int, progress: bool) -> TargetReport:
     report.seconds = round(time.perf_counter() - t0, 2)
     report.inputs_per_s = round(report.inputs / max(report.seconds, 1e-9), 1)
     report.rss_after_mib = rss_mib()
+    for name in ("rss_before_mib", "rss_warm_mib", "rss_after_mib"):  # rounded first: the growths are
+        setattr(report, name, round(getattr(report, name), 1))  # the differences of the figures shown
     report.growth_mib = round(report.rss_after_mib - report.rss_before_mib, 1)
     report.growth_after_warmup_mib = round(report.rss_after_mib - report.rss_warm_mib, 1)
-    for name in ("rss_before_mib", "rss_warm_mib", "rss_after_mib"):
-        setattr(report, name, round(getattr(report, name), 1))
     return report
 
 
