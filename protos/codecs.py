@@ -85,6 +85,7 @@ _SPECS: dict[str, _Spec] = {
     "int4+outliers": _Spec(pb.INT4_OUTLIERS, lowbit.encode_int4, lowbit.decode_int4),
     "rot-int4+outliers": _Spec(pb.ROT_INT4_OUTLIERS, lowbit.encode_rot_int4, lowbit.decode_rot_int4),
     "ec+outliers": _Spec(pb.EC_OUTLIERS, lowbit.encode_ec, lowbit.decode_ec),
+    "gr+outliers": _Spec(pb.GR_OUTLIERS, lowbit.encode_gr, lowbit.decode_gr),
 }
 CODECS: tuple[str, ...] = tuple(_SPECS)
 # Defaults that differ from the shared encoder's keyword defaults. All defaults
@@ -144,7 +145,8 @@ def decode(msg: pb.EncodedTensor, hidden_size: int,
     return out
 
 
-_ROW_FIELDS = ("values", "scales", "outlier_index", "outlier_values")  # row-major in every codec but DEFLATE'd EC
+_ROW_FIELDS = ("values", "scales", "outlier_index", "outlier_values")  # row-major but in DEFLATE'd EC, GR
+_BIT_STREAM_CODECS = (pb.GR_OUTLIERS,)  # values is one bit string over all rows
 
 
 def concat_rows(messages: list[pb.EncodedTensor]) -> pb.EncodedTensor:
@@ -152,7 +154,7 @@ def concat_rows(messages: list[pb.EncodedTensor]) -> pb.EncodedTensor:
     receiver decodes exactly what each would have given). OptionError where the layout is not row by row
     (entropy-coded streams) or the messages differ in codec or options."""
     first = messages[0]
-    if first.entropy != pb.ENTROPY_NONE:
+    if first.entropy != pb.ENTROPY_NONE or first.codec in _BIT_STREAM_CODECS:
         raise OptionError(f"codec {codec_name(first.codec)}: entropy-coded rows cannot be joined as they are")
     head = pb.EncodedTensor()
     head.CopyFrom(first)

@@ -17,6 +17,7 @@ class Codec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INT4_OUTLIERS: _ClassVar[Codec]
     ROT_INT4_OUTLIERS: _ClassVar[Codec]
     EC_OUTLIERS: _ClassVar[Codec]
+    GR_OUTLIERS: _ClassVar[Codec]
 
 class Entropy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -42,6 +43,7 @@ INT8_OUTLIERS: Codec
 INT4_OUTLIERS: Codec
 ROT_INT4_OUTLIERS: Codec
 EC_OUTLIERS: Codec
+GR_OUTLIERS: Codec
 ENTROPY_NONE: Entropy
 ENTROPY_DEFLATE: Entropy
 SPECULATE_DEFAULT: Speculate
@@ -52,7 +54,7 @@ ACCURATE: Path
 FAST: Path
 
 class EncodedTensor(_message.Message):
-    __slots__ = ("codec", "shape", "values", "scales", "outlier_index", "outlier_values", "outliers_per_token", "group_size", "rotation_block", "rotation_seed", "entropy", "channel_class", "stream_bytes")
+    __slots__ = ("codec", "shape", "values", "scales", "outlier_index", "outlier_values", "outliers_per_token", "group_size", "rotation_block", "rotation_seed", "entropy", "channel_class", "stream_bytes", "rice_parameter")
     CODEC_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +68,7 @@ class EncodedTensor(_message.Message):
     ENTROPY_FIELD_NUMBER: _ClassVar[int]
     CHANNEL_CLASS_FIELD_NUMBER: _ClassVar[int]
     STREAM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RICE_PARAMETER_FIELD_NUMBER: _ClassVar[int]
     codec: Codec
     shape: _containers.RepeatedScalarFieldContainer[int]
     values: bytes
@@ -79,7 +82,8 @@ class EncodedTensor(_message.Message):
     entropy: Entropy
     channel_class: bytes
     stream_bytes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, codec: _Optional[_Union[Codec, str]] = ..., shape: _Optional[_Iterable[int]] = ..., values: _Optional[bytes] = ..., scales: _Optional[bytes] = ..., outlier_index: _Optional[bytes] = ..., outlier_values: _Optional[bytes] = ..., outliers_per_token: _Optional[int] = ..., group_size: _Optional[int] = ..., rotation_block: _Optional[int] = ..., rotation_seed: _Optional[int] = ..., entropy: _Optional[_Union[Entropy, str]] = ..., channel_class: _Optional[bytes] = ..., stream_bytes: _Optional[_Iterable[int]] = ...) -> None: ...
+    rice_parameter: bytes
+    def __init__(self, codec: _Optional[_Union[Codec, str]] = ..., shape: _Optional[_Iterable[int]] = ..., values: _Optional[bytes] = ..., scales: _Optional[bytes] = ..., outlier_index: _Optional[bytes] = ..., outlier_values: _Optional[bytes] = ..., outliers_per_token: _Optional[int] = ..., group_size: _Optional[int] = ..., rotation_block: _Optional[int] = ..., rotation_seed: _Optional[int] = ..., entropy: _Optional[_Union[Entropy, str]] = ..., channel_class: _Optional[bytes] = ..., stream_bytes: _Optional[_Iterable[int]] = ..., rice_parameter: _Optional[bytes] = ...) -> None: ...
 
 class GenerationParams(_message.Message):
     __slots__ = ("max_tokens", "temperature", "top_p", "seed", "stop", "stop_token_ids", "policy", "latency_budget_ms", "token_budget_ms", "speculate")

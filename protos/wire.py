@@ -22,7 +22,7 @@ from protos.errors import (
 )
 
 OPTION_FIELDS = ("outliers_per_token", "group_size", "rotation_block", "rotation_seed",
-                 "entropy", "stream_bytes")
+                 "entropy", "stream_bytes", "rice_parameter")
 MAX_INDEXED_HIDDEN = 65536  # outlier indices are uint16
 
 

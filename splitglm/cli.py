@@ -391,6 +391,17 @@ def cmd_bench_cloud_gpu(args) -> int:
     return run(args)
 
 
+def cmd_bench_sparse(args) -> int:
+    from partitioner.convert import demo_model
+    from splitglm.bench_sparse import APACHE2, GPL3, bench_sparse, format_report, parse_sparsities
+
+    result = bench_sparse(args.model or str(demo_model()), args.calibration_text or GPL3, args.text or APACHE2,
+                          parse_sparsities(args.sparsities), args.tokens, args.allocation, args.repeats,
+                          progress=not args.json)
+    print(json.dumps(result, indent=2) if args.json else "\n".join(format_report(result)))
+    return 0
+
+
 def cmd_bench_fuzz(args) -> int:
     from splitglm.bench_fuzz import bench_fuzz, format_report
 
@@ -614,6 +625,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench_fuzz)
+    p = bench.add_parser("sparse", help="TEAL-style MLP activation sparsity (sparse_mlp): perplexity cost and "
+                         "CPU decode speed-up, dense vs sparse")
+    p.add_argument("--model", help="GLM checkpoint folder (default: the demo model)")
+    p.add_argument("--calibration-text", help="text the thresholds are calibrated on (default: the GPL-3)")
+    p.add_argument("--text", help="text the model is judged on, never the calibration text (default: Apache-2.0)")
+    p.add_argument("--sparsities", default="0.3,0.4,0.5", help="comma-separated shares zeroed, each one share or "
+                   "GATE_UP:DOWN (default 0.3,0.4,0.5)")
+    p.add_argument("--allocation", choices=["uniform", "equal_error"], default="uniform",
+                   help="per-layer thresholds: the same share zeroed, or the same share of energy (default uniform)")
+    p.add_argument("--tokens", type=int, help="at most this many tokens of each text (default: all)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved timing repeats, best kept (default 5)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_bench_sparse)
     return parser
 
 

@@ -214,7 +214,8 @@ def _valid_or_codec_error(msg: pb.EncodedTensor):
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FIELDS = ["codec", "shape", "values", "scales", "outlier_index", "outlier_values", "outliers_per_token",
-          "group_size", "rotation_block", "rotation_seed", "entropy", "channel_class", "stream_bytes"]
+          "group_size", "rotation_block", "rotation_seed", "entropy", "channel_class", "stream_bytes",
+          "rice_parameter"]
 
 
 @FUZZ

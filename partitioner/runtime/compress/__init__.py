@@ -1,4 +1,4 @@
-"""Compression passes for segments: int8 / W8A8, SmoothQuant, int4, structured pruning, low rank.
+"""Compression passes for segments: int8 / W8A8, SmoothQuant, int4, structured pruning, low rank, sparsity.
 
 Each pass rewrites a Segment (or any module holding DecoderLayers) in place
 over a layer range [start, end) and returns a JSON-able dict of what it did;
@@ -12,18 +12,22 @@ from partitioner.runtime.compress.passes import PASSES, apply_compression, valid
 from partitioner.runtime.compress.prune import prune_heads, prune_mlp
 from partitioner.runtime.compress.quant import Int4Linear, Int8Linear, quantize_int4_weights, quantize_int8_weights
 from partitioner.runtime.compress.smooth import smoothquant
+from partitioner.runtime.compress.sparse import SparseMLP, calibrate_sparse_mlp, sparse_mlp
 
 __all__ = [
     "PASSES",
     "CompressionError",
     "Int4Linear",
     "Int8Linear",
+    "SparseMLP",
     "apply_compression",
+    "calibrate_sparse_mlp",
     "low_rank",
     "prune_heads",
     "prune_mlp",
     "quantize_int4_weights",
     "quantize_int8_weights",
     "smoothquant",
+    "sparse_mlp",
     "validate",
 ]

@@ -12,6 +12,7 @@ from partitioner.runtime.compress.lowrank import low_rank
 from partitioner.runtime.compress.prune import prune_heads, prune_mlp
 from partitioner.runtime.compress.quant import quantize_int4_weights, quantize_int8_weights
 from partitioner.runtime.compress.smooth import smoothquant
+from partitioner.runtime.compress.sparse import check_thresholds, sparse_mlp
 
 logger = logging.getLogger(__name__)
 
@@ -22,9 +23,11 @@ PASSES = {
     "prune_heads": prune_heads,
     "prune_mlp": prune_mlp,
     "low_rank": low_rank,
+    "sparse_mlp": sparse_mlp,
 }
 NEEDS_CALIBRATION = {"smoothquant"}  # calibration comes from the caller, never from the description
 OPTIONAL_CALIBRATION = {"prune_heads", "prune_mlp"}
+ARGUMENT_CHECKS = {"sparse_mlp": lambda args: check_thresholds(args["thresholds"])}  # beyond names and layers
 
 
 def _arguments(fn) -> tuple[set[str], set[str]]:
@@ -61,6 +64,7 @@ def validate(spec) -> list[dict]:
             raise CompressionError(f"{where} ({name}): missing required argument {missing[0]!r}")
         try:
             as_range(args.get("layers"))
+            ARGUMENT_CHECKS.get(name, lambda _args: None)(args)
         except CompressionError as e:
             raise CompressionError(f"{where} ({name}): {e}") from None
         checked.append(dict(entry))
