@@ -40,7 +40,7 @@ class Proc:
 
     def __init__(self, name: str, args: list[str], env: dict[str, str] | None = None, cwd: str | None = None):
         self.name, self.args = name, args
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
         self.popen = subprocess.Popen(
             args, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True,

@@ -19,10 +19,20 @@ from edge_node.relay import FrameRelay
 from edge_node.settings import EdgeSettings
 from protos import splitglm_pb2 as pb
 from protos import topics
-from protos.frames import frame_to_bytes, make_frame
+from protos.errors import CodecError
+from protos.frames import frame_to_bytes, make_frame, parse_frame
 from splitglm.fuzz.frames import frame_bytes
 from splitglm.fuzz.relay import DEVICES, RelayTarget, is_close_frame
 from tests.edge_node.test_relay import PROMPTS, Edges, MqttDevice, expected, generate
+
+def frame_key(data: bytes) -> tuple[str, int] | None:
+    """The (session, seq) of a frame that parses, else None."""
+    try:
+        frame = parse_frame(data)
+    except CodecError:
+        return None
+    return frame.session_id, frame.seq
+
 
 FUZZ = settings(derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck))
 
@@ -47,14 +57,24 @@ def test_junk_over_mosquitto_is_answered_beside_a_correct_generation(tiny_plan, 
 
     try:
         send()
-        due = len([e for e in sent if not is_close_frame(e.data)])
-        answers = []
+        answers = {}
         with contextlib.suppress(queue.Empty):  # until none comes for 3 s
             while True:
-                answers.append(bad.receive(3.0)[0])
-        # one answer each (a frame repeating one still in flight may be dropped as a duplicate delivery)
-        assert 0.9 * due <= len(answers) <= due
-        assert all(r.status not in (2, 13) for r in answers)  # never UNKNOWN or INTERNAL
+                result, correlation, _ = bad.receive(3.0)
+                assert correlation.decode() not in answers, "a frame answered twice"
+                answers[correlation.decode()] = result
+        # a frame repeating the (session, seq) of an earlier one may be dropped, as a duplicate delivery of one
+        # still in flight; every other frame (undecodable ones too) but a close gets exactly one answer
+        seen, due = set(), []
+        for i, example in enumerate(sent, 1):
+            key = frame_key(example.data)
+            if key is not None and key in seen or is_close_frame(example.data):
+                continue
+            seen.add(key)
+            due.append(f"junk-{i}")
+        assert set(due) <= set(answers), f"unanswered: {sorted(set(due) - set(answers))}"
+        assert set(answers) <= {f"junk-{i}" for i in range(1, len(sent) + 1)}
+        assert all(r.status not in (2, 13) for r in answers.values())  # never UNKNOWN or INTERNAL
     finally:
         runner.join(60)
         good.close()
