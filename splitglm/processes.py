@@ -2,15 +2,15 @@
 
 Used by ``splitglm demo`` and by the integration tests. Each child runs in its
 own session (a terminal's Ctrl-C reaches only the parent, which stops the
-children in order) and gets SIGTERM if the parent dies (Linux ``PR_SET_PDEATHSIG``).
+children in order) and gets SIGTERM if the parent dies (Linux ``PR_SET_PDEATHSIG``, set by ``setpriv``).
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import queue
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,11 +19,19 @@ import threading
 import time
 
 
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+SETPRIV = shutil.which("setpriv")  # util-linux (essential on Debian): sets PR_SET_PDEATHSIG, then execs
+
+
+def _with_parent_death_signal(args: list[str]) -> list[str]:
+    """``args`` run so that the child gets SIGTERM if this process dies.
+
+    ``setpriv --pdeathsig`` sets it in the child after the fork and execs the
+    command in place (same pid). Not a Python ``preexec_fn``: Python code
+    between fork and exec in a process with other threads (gRPC's, torch's)
+    can crash the child before it starts (it did: an edge exited -11 with no
+    output).
+    """
+    return [SETPRIV, "--pdeathsig", "TERM", "--", *args] if SETPRIV else args
 
 
 READY = re.compile(r"ready: (\S+)")
@@ -42,9 +50,8 @@ class Proc:
         self.name, self.args = name, args
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
         self.popen = subprocess.Popen(
-            args, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
+            _with_parent_death_signal(args), cwd=cwd, env=full_env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, start_new_session=True,
         )
         self.lines: list[str] = []
         self._new: queue.Queue[str | None] = queue.Queue()
