@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +46,31 @@ BROKER_WAIT_S = 60.0  # how long a starting agent waits for the broker to come u
 SHUTDOWN_PUBLISH_S = 5.0  # how long a stopping agent waits for its last answers to be acknowledged, seconds
 
 
+@dataclass
+class DeviceTier:
+    """A plan's loaded device tier; agents in one process may share one (``lock`` serialises its use)."""
+
+    segment: Any
+    tokenizer: Any
+    stop_token_ids: list[int]
+    codec: str  # the device-edge frame codec of the plan
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def load(cls, plan: Path | str) -> DeviceTier:
+        folder = Path(plan) / "device"
+        return cls(load_tier(plan, "device"), load_tokenizer(folder), list(load_spec(folder).eos_token_ids),
+                   load_plan(plan)["codecs"]["device_edge"])
+
+
 class DeviceAgent:
-    def __init__(self, settings: DeviceSettings):
+    def __init__(self, settings: DeviceSettings, tier: DeviceTier | None = None):
+        """``tier``: an already loaded device tier of ``settings.plan`` to share (None: load one)."""
         self.settings, self.device_id = settings, settings.device_id
         torch.set_num_threads(settings.threads)
-        self.codec = load_plan(settings.plan)["codecs"]["device_edge"]
-        self.segment = load_tier(settings.plan, "device")
-        self.tokenizer = load_tokenizer(Path(settings.plan) / "device")
-        self.stop_token_ids = list(load_spec(Path(settings.plan) / "device").eos_token_ids)
+        self.tier = tier or DeviceTier.load(settings.plan)
+        self.codec, self.segment, self.tokenizer = self.tier.codec, self.tier.segment, self.tier.tokenizer
+        self.stop_token_ids = self.tier.stop_token_ids
         self.window: deque[Reading] = deque(maxlen=settings.window)
         self.inbox: queue.SimpleQueue[Reading | None] = queue.SimpleQueue()
         self.results_topic = results_topic(self.device_id)
@@ -245,6 +263,7 @@ class DeviceAgent:
             self.tokenizer,
             session_id=request_id,
             deadline_unix_ms=deadline,
+            lock=self.tier.lock,
         )
 
     def _publish(self, answer: dict[str, Any]) -> None:

@@ -78,24 +78,40 @@ def measure(port: int, hidden: torch.Tensor, sessions: int, prompt: int, steps: 
             "mean_batch_size": mean("batch_size"), "mean_compute_ms": mean("compute"), "mean_queue_ms": mean("queue")}
 
 
+def bench_cloud(plan: str, sessions=(1, 8), prompt: int = 32, steps: int = 64, threads: int = 1,
+                rows=None) -> list[dict]:
+    """One row per session count (decode steps/s over all sessions, mean step latency, batch sizes);
+    each row is also appended to ``rows`` (a list, or anything with ``append``) as soon as it is measured."""
+    torch.set_num_threads(1)
+    codec = load_plan(plan)["codecs"]["edge_cloud"]
+    hidden = edge_hidden(plan, prompt + max(steps, 4))  # (the warm-up takes 4 steps)
+    cloud = Proc.python("cloud", "cloud_service", "--plan", plan, "--host", "127.0.0.1", "--port", "0",
+                        "--threads", str(threads), "--device", "cpu")
+    out = []
+    try:
+        port = int(cloud.ready(300).rsplit(":", 1)[1])
+        measure(port, hidden, 1, prompt, 4, codec)  # warm-up
+        for n in sessions:
+            out.append({**measure(port, hidden, n, prompt, steps, codec), "threads": threads, "codec": codec,
+                        "prompt": prompt, "steps": steps})
+            if rows is not None:
+                rows.append(out[-1])
+    finally:
+        cloud.stop()
+    return out
+
+
+class _Printer:
+    def append(self, row: dict) -> None:
+        sys.stdout.write(json.dumps(row) + "\n")
+        sys.stdout.flush()
+
+
 def run(args: argparse.Namespace) -> int:
-    """One JSON line per session count: decode steps/s over all sessions, mean step latency, batch sizes."""
+    """One JSON line per session count, printed as it is measured."""
     if args.plan is None:
         from partitioner.plan.demo import demo_plan
 
         args.plan = str(demo_plan())
-    torch.set_num_threads(1)
-    codec = load_plan(args.plan)["codecs"]["edge_cloud"]
-    hidden = edge_hidden(args.plan, args.prompt + args.steps)
-    cloud = Proc.python("cloud", "cloud_service", "--plan", args.plan, "--host", "127.0.0.1", "--port", "0",
-                        "--threads", str(args.threads), "--device", "cpu")
-    try:
-        port = int(cloud.ready(300).rsplit(":", 1)[1])
-        measure(port, hidden, 1, args.prompt, 4, codec)  # warm-up
-        for n in args.sessions:
-            row = {**measure(port, hidden, n, args.prompt, args.steps, codec), "threads": args.threads, "codec": codec}
-            sys.stdout.write(json.dumps(row) + "\n")
-            sys.stdout.flush()
-    finally:
-        cloud.stop()
+    bench_cloud(args.plan, args.sessions, args.prompt, args.steps, args.threads, rows=_Printer())
     return 0

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 # Never reach for a model hub: everything loads from local folders.
@@ -310,6 +311,20 @@ def _stages(stages: dict[str, float]) -> str:
     return ", ".join(f"{name} {ms:.1f}" for name, ms in stages.items())
 
 
+def cmd_bench_all(args) -> int:
+    from splitglm.bench_all import SECTIONS, bench_all
+
+    sections = SECTIONS if args.sections == "all" else tuple(s.strip() for s in args.sections.split(",") if s.strip())
+    started = time.monotonic()
+
+    def say(line: str) -> None:
+        print(f"[{time.monotonic() - started:6.0f} s] {line}", file=sys.stderr, flush=True)
+
+    results = bench_all(args.out, args.quick, args.model, args.plan, sections, say=say)
+    print(Path(args.out) / "REPORT.md")
+    return 1 if results["errors"] else 0
+
+
 def cmd_bench_router(args) -> int:
     from partitioner.plan.demo import demo_plan
     from splitglm.bench_router import bench_router, format_report
@@ -383,6 +398,31 @@ def cmd_bench_soak(args) -> int:
                         not args.no_slow_consumers)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0 if report["requests_failed"] == 0 else 1
+
+
+def cmd_bench_fanin(args) -> int:
+    from tqdm import tqdm
+
+    from partitioner.plan.demo import demo_plan
+    from splitglm.bench_fanin import bench_fanin, format_rows
+
+    plan = args.plan or str(demo_plan(args.model))
+    levels = tuple(int(n) for n in args.devices.split(",") if n.strip())
+    bars: dict[int, tqdm] = {}
+
+    def progress(devices, done, total):
+        bar = bars.get(devices) or bars.setdefault(devices, tqdm(total=total, desc=f"{devices} devices",
+                                                                 unit="reading", file=sys.stderr))
+        bar.update(done - bar.n)
+
+    try:
+        rows = bench_fanin(plan, levels, args.readings, args.interval_s, args.max_tokens, args.threads,
+                           args.answer_timeout_s, progress)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    print(json.dumps(rows, indent=2) if args.json else format_rows(rows))
+    return 0 if all(r["delivered"] == r["readings"] for r in rows) else 1
 
 
 def cmd_bench_cloud_gpu(args) -> int:
@@ -543,6 +583,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=_run_agent)
 
     bench = sub.add_parser("bench", help="benchmarks that report numbers").add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("all", help="the benchmark report: codecs, splits, baselines (cloud-, edge-, device-only), "
+                         "router, batching, MQTT fan-in, side by side; writes OUT/REPORT.md, results.json, plots")
+    p.add_argument("--out", required=True, help="folder for REPORT.md, results.json, the plots and the plans")
+    p.add_argument("--quick", action="store_true", help="smaller runs (under 25 minutes on 2 cores)")
+    p.add_argument("--sections", default="all", help="comma-separated, of codecs,splits,baselines,router,batching,"
+                   "fanin (default all; baselines needs splits)")
+    p.add_argument("--model", help="GLM checkpoint folder (default: the demo model)")
+    p.add_argument("--plan", help="the agents' plan for router, speculation, batching, fan-in (default: the demo plan)")
+    p.set_defaults(func=cmd_bench_all)
     p = bench.add_parser("codecs", help="encode/decode time and size of every codec")
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--hidden", type=int, default=4096)
@@ -590,6 +639,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "a stalled device (their effect on other sessions' per-token p99)")
     p.add_argument("--json", action="store_true", help="print the JSON report")
     p.set_defaults(func=cmd_bench_soak)
+    p = bench.add_parser("fanin", help="many simulated devices through Mosquitto (TLS, a login per device, ACL): "
+                         "readings delivered, lost, duplicated; latency; broker and edge CPU")
+    p.add_argument("--model", help="GLM checkpoint folder (default: the demo model)")
+    p.add_argument("--plan", help="plan folder (default: the demo plan)")
+    p.add_argument("--devices", default="50,100,200", help="device counts, one level each (default 50,100,200)")
+    p.add_argument("--readings", type=int, default=2, help="readings per device and level (default 2)")
+    p.add_argument("--interval-s", type=float, default=1.0, help="between a device's readings, seconds (default 1)")
+    p.add_argument("--max-tokens", type=int, default=1, help="new tokens per answer (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each process (default 1)")
+    p.add_argument("--answer-timeout-s", type=float, default=600.0, help="a reading not answered within this is "
+                   "lost, seconds (default 600)")
+    p.add_argument("--json", action="store_true", help="print the JSON list of rows")
+    p.set_defaults(func=cmd_bench_fanin)
     p = bench.add_parser("split", help="per-token latency: split path on loopback vs monolithic generation")
     p.add_argument("--model", help="GLM checkpoint folder (default: the demo model)")
     p.add_argument("--plan", help="plan folder (default: the demo plan with lossless fp32 frames)")

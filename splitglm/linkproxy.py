@@ -1,7 +1,9 @@
 """A TCP proxy that delays a link in user space (netem is not available here), for benchmarks and tests.
 
 Put it between the edge and the cloud: every chunk of bytes is forwarded
-``rtt_ms / 2`` after it arrived, in each direction, in order. The delay can be
+``rtt_ms / 2`` after it arrived, in each direction, in order; with
+``bandwidth_mbit_s`` a chunk also waits for the ones before it to have left
+and takes ``bytes x 8 / bandwidth`` itself (a serialising link). The delay can be
 changed while connections are open (``set_rtt``), so a benchmark can replay a
 trace of link conditions; ``cut()`` drops every connection (a dead link).
 """
@@ -19,10 +21,11 @@ logger = logging.getLogger(__name__)
 class DelayProxy:
     """``DelayProxy(target_host, target_port).start()`` -> listens on 127.0.0.1:``port``, runs in its own thread."""
 
-    def __init__(self, target_host: str, target_port: int, rtt_ms: float = 0.0, host: str = "127.0.0.1"):
+    def __init__(self, target_host: str, target_port: int, rtt_ms: float = 0.0, host: str = "127.0.0.1",
+                 bandwidth_mbit_s: float | None = None):
         self.target = (target_host, target_port)
         self.host, self.port = host, 0
-        self.rtt_ms = rtt_ms
+        self.rtt_ms, self.bandwidth_mbit_s = rtt_ms, bandwidth_mbit_s
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.base_events.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
@@ -72,12 +75,16 @@ class DelayProxy:
             writer.close()
             return
         self._writers |= {writer, up_writer}
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True)
+        try:
+            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True)
+        except asyncio.CancelledError:  # stop(): ends here (a cancelled accept task is reported as an error)
+            pass
         self._writers -= {writer, up_writer}
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Forward chunks in order, each released one-way delay after it arrived."""
+        """Forward chunks in order, each released one-way delay after it arrived (and after its serialisation)."""
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+        free_at = 0.0  # when the link has sent the chunks queued so far (with a bandwidth limit)
 
         async def release():
             while True:
@@ -93,7 +100,11 @@ class DelayProxy:
         sender = asyncio.ensure_future(release())
         try:
             while chunk := await reader.read(1 << 16):
-                queue.put_nowait((time.monotonic() + self.rtt_ms / 2e3, chunk))
+                due = time.monotonic() + self.rtt_ms / 2e3
+                if self.bandwidth_mbit_s:
+                    free_at = max(free_at, due) + len(chunk) * 8 / (self.bandwidth_mbit_s * 1e6)
+                    due = free_at
+                queue.put_nowait((due, chunk))
         finally:
             queue.put_nowait((0.0, b""))
             try:

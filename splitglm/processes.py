@@ -18,7 +18,6 @@ import sys
 import threading
 import time
 
-
 SETPRIV = shutil.which("setpriv")  # util-linux (essential on Debian): sets PR_SET_PDEATHSIG, then execs
 
 
@@ -37,6 +36,14 @@ def _with_parent_death_signal(args: list[str]) -> list[str]:
 READY = re.compile(r"ready: (\S+)")
 
 
+def mosquitto_binary() -> str:
+    """The installed Mosquitto broker's executable (RuntimeError if there is none)."""
+    found = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK) else None)
+    if not found:
+        raise RuntimeError("mosquitto is not installed: apt-get install mosquitto")
+    return found
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -48,7 +55,8 @@ class Proc:
 
     def __init__(self, name: str, args: list[str], env: dict[str, str] | None = None, cwd: str | None = None):
         self.name, self.args = name, args
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1", "HF_HUB_OFFLINE": "1",
+                    **(env or {})}
         self.popen = subprocess.Popen(
             _with_parent_death_signal(args), cwd=cwd, env=full_env, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, start_new_session=True,

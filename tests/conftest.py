@@ -92,3 +92,18 @@ def tiny_plan(tiny_glm, tmp_path_factory) -> str:
     from partitioner.plan.export import cached_plan, fixed_plan
 
     return str(cached_plan(tiny_glm, fixed_plan((2, 4), ("fp32", "fp32")), tmp_path_factory.mktemp("plans")))
+
+
+@pytest.fixture(scope="session")
+def talking_plan(tiny_plan, tmp_path_factory) -> str:
+    """The tiny plan with a character tokenizer in its device and edge tiers, so both can serve text (the
+    device agent renders prompts, the edge's HTTP API serves completions)."""
+    import shutil
+
+    from splitglm.fuzz.stack import char_tokenizer
+
+    plan = tmp_path_factory.mktemp("talking") / "plan"
+    shutil.copytree(tiny_plan, plan)
+    for tier in ("device", "edge"):
+        char_tokenizer().save_pretrained(str(plan / tier))
+    return str(plan)

@@ -7,21 +7,12 @@ waits for it and returns the URL. The process machinery is ``splitglm.processes`
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from pathlib import Path
 
-from splitglm.processes import READY, Proc, free_port  # noqa: F401 -- re-exported for the tests
+from splitglm.processes import READY, Proc, free_port, mosquitto_binary  # noqa: F401 -- re-exported for the tests
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def mosquitto_binary() -> str:
-    found = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK) else None)
-    if not found:
-        raise RuntimeError("mosquitto is not installed: run `make test` (it installs it) or apt-get install mosquitto")
-    return found
 
 
 class Mosquitto:

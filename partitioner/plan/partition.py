@@ -120,13 +120,15 @@ def partition(
     measure: bool = False,
     measure_top: int = 4,
     measure_repeats: int = 2,
+    measure_decode_steps: int = 16,
     fast_tail_floor: Floor = Floor(),
     students: list[str | os.PathLike] = (),
 ) -> dict:
     """Plan ``model`` for ``topology`` and write the plan folder ``out``; return plan.json's content.
 
     ``measure``: also run the best ``measure_top`` candidates and a few contrasting splits live
-    (``partitioner.plan.live``) and add predicted vs measured to plan.json ("measured") and report.md.
+    (``partitioner.plan.live``; ``measure_repeats`` runs of each workload, at most ``measure_decode_steps``
+    decode steps each) and add predicted vs measured to plan.json ("measured") and report.md.
     The edge's fast tail ([k2, L) + head) gets the fastest compression within ``fast_tail_floor``
     (``partitioner.plan.fast_tail``), measured at the edge's threads on the same text; ``students``
     (``splitglm distill`` folders of layers [k2, L) + head) join its candidates.
@@ -185,7 +187,8 @@ def partition(
         from partitioner.plan.live import contrasting, measure_candidates, summary
 
         chosen = ranked[:measure_top] + contrasting(ranked, spec.num_layers, ranked[:measure_top])
-        rows = measure_candidates(model, topo, chosen, repeats=measure_repeats, data=data, threads=LIVE_THREADS)
+        rows = measure_candidates(model, topo, chosen, repeats=measure_repeats, data=data, threads=LIVE_THREADS,
+                                  max_decode_steps=measure_decode_steps)
         result["measured"] = {"candidates": rows, "summary": summary(rows)}
         (Path(out) / "plan.json").write_text(json.dumps(result, indent=2))
     write_report(Path(out), result, topo, data, spec.num_layers)

@@ -8,7 +8,6 @@ worker and paho's network thread alive.
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -18,18 +17,14 @@ from device_agent.readings import MAX_DEPTH
 from device_agent.settings import DeviceSettings
 from protos.topics import errors_topic, sensor_topic
 from splitglm.fuzz.readings import Listener, ReadingsTarget
-from splitglm.fuzz.stack import char_tokenizer
 
 FUZZ = settings(derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck))
 DEVICE = "box-fuzz"
 
 
 @pytest.fixture(scope="module")
-def plan(tiny_plan, tmp_path_factory) -> str:
-    folder = tmp_path_factory.mktemp("device-talks") / "plan"
-    shutil.copytree(tiny_plan, folder)
-    char_tokenizer().save_pretrained(str(folder / "device"))
-    return str(folder)
+def plan(talking_plan) -> str:
+    return talking_plan
 
 
 @pytest.fixture()

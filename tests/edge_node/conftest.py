@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
-
-from tests.local_chain import char_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -25,15 +21,6 @@ def device_segment(tiny_plan):
     from partitioner.runtime.artifacts import load_tier
 
     return load_tier(tiny_plan, "device")
-
-
-@pytest.fixture(scope="module")
-def talking_plan(tiny_plan, tmp_path_factory) -> str:
-    """The tiny plan with a character tokenizer in its edge tier, so the edge's HTTP API can serve text."""
-    plan = tmp_path_factory.mktemp("talking") / "plan"
-    shutil.copytree(tiny_plan, plan)
-    char_tokenizer().save_pretrained(str(plan / "edge"))
-    return str(plan)
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from splitglm.fuzz.frames import frame_bytes
 from splitglm.fuzz.relay import DEVICES, RelayTarget, is_close_frame
 from tests.edge_node.test_relay import PROMPTS, Edges, MqttDevice, expected, generate
 
+
 def frame_key(data: bytes) -> tuple[str, int] | None:
     """The (session, seq) of a frame that parses, else None."""
     try:
