@@ -242,12 +242,11 @@ def wait_for_broker(url: str, setting: str, timeout_s: float, auth: MqttAuth | N
 
 def _poll_select(rlist, wlist, xlist, timeout=None):
     """``select.select`` for readability and writability, made of ``poll`` (no limit on descriptor numbers)."""
-    poller, masks, objects = select.poll(), {}, {}
+    poller, masks = select.poll(), {}
     for items, mask in ((rlist, select.POLLIN), (wlist, select.POLLOUT)):
         for item in items:
-            fd = item if isinstance(item, int) else item.fileno()
+            fd = _fd(item)
             masks[fd] = masks.get(fd, 0) | mask
-            objects[fd] = item
     for fd, mask in masks.items():
         poller.register(fd, mask)  # (a closed socket's -1 raises ValueError, as select does)
     events = dict(poller.poll(None if timeout is None else max(timeout, 0) * 1e3))

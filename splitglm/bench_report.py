@@ -188,8 +188,7 @@ def fanin_md(rows: list[dict]) -> list[str]:
     out = ["## 6. MQTT fan-in", "",
            f"Simulated devices in one process, each with its own MQTT login, on {rows[0].get('broker', 'Mosquitto')}; "
            f"{rows[0].get('readings_per_device')} readings per device, {rows[0].get('interval_s')} s apart; "
-           "each "
-           f"answer {rows[0].get('max_tokens')} token(s) through device, edge and cloud.", "",
+           f"each answer {rows[0].get('max_tokens')} token(s) through device, edge and cloud.", "",
            "| devices | readings | answers | delivered | lost | duplicated | reading → answer p50 / p99 ms "
            "| broker CPU | edge CPU |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
