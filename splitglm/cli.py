@@ -258,7 +258,8 @@ def cmd_secrets(args) -> int:
         return 0
     try:
         written = write_secrets(args.out, args.devices, args.edges, args.hosts, args.api_keys, args.mqtt_port,
-                                args.force, args.mosquitto_data)
+                                args.force, args.mosquitto_data,
+                                None if args.mosquitto_plugin == "none" else args.mosquitto_plugin)
     except SecretsExist as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -572,6 +573,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mqtt-port", type=int, default=8883, help="TLS port of mosquitto.conf's listener (default 8883)")
     p.add_argument("--mosquitto-data", type=Path, help="folder where Mosquitto keeps QoS 1 sessions across "
                    "restarts (default: none, in memory)")
+    p.add_argument("--mosquitto-plugin", default="auto", help="path of Mosquitto's dynamic-security plugin where "
+                   "the broker runs: it refuses a SUBSCRIBE outside the ACL (default auto: found on this machine; "
+                   "none: password_file and acl_file, which grant every SUBSCRIBE and filter delivery)")
     p.add_argument("--force", action="store_true", help="replace the secrets already in --out")
     p.add_argument("--keep", action="store_true", help="if --out already holds secrets, keep them and exit 0 "
                    "(for a one-shot service that runs at every start)")

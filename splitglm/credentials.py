@@ -7,11 +7,21 @@
     edge/server.{crt,key}               edge HTTPS server (SAN: hosts + "edge")
     edge/client.{crt,key}               edge client certificate for mTLS to the cloud (CN "edge")
     mosquitto/server.{crt,key}          MQTT broker (SAN: hosts + "mosquitto")
-    mosquitto/mosquitto.conf            TLS listener, no anonymous clients, password and ACL files
+    mosquitto/mosquitto.conf            TLS listener, no anonymous clients, the logins and the ACL enforced
     mosquitto/passwd, mosquitto/acl     Mosquitto password file ($7$, as mosquitto_passwd writes) and ACL
+    mosquitto/dynamic-security.json     the same logins and ACL for Mosquitto's dynamic-security plugin
     devices/<id>/{username,password}    one MQTT login per device (username = device id)
     edges/<id>/{username,password}      one MQTT login per edge (username = edge id)
     api-key                             HTTP API keys, one per line
+
+Mosquitto 2.0's ``acl_file`` grants every SUBSCRIBE and only filters what it
+delivers; its dynamic-security plugin refuses a subscription outside the ACL in
+the SUBACK. So ``mosquitto.conf`` loads the plugin, with ``dynamic-security.json``
+rendered from the ``acl`` file (one role per login, ``%u`` replaced: the plugin
+of 2.0 has no pattern substitution), wherever the plugin is found, or is named
+with ``mosquitto_plugin``; without it, it falls back to ``password_file`` and
+``acl_file``. The embedded broker reads ``passwd`` and ``acl`` and refuses
+subscriptions itself.
 
 Keys and passwords are mode 0600, folders 0700. The Mosquitto password hash
 (``check_password`` verifies it; the embedded broker uses it too) is
@@ -27,6 +37,7 @@ import getpass
 import hashlib
 import hmac
 import ipaddress
+import json
 import os
 import secrets
 from pathlib import Path
@@ -44,6 +55,12 @@ DEFAULT_HOSTS = ("localhost", "127.0.0.1")  # always in every server certificate
 CA_DAYS = 3650  # validity of the development CA, days
 LEAF_DAYS = 825  # validity of the server and client certificates, days
 PBKDF2_ITERATIONS, SALT_BYTES = 101, 12  # what mosquitto_passwd uses for $7$ hashes
+DYNSEC_PLUGIN = "mosquitto_dynamic_security.so"
+DYNSEC_FOLDERS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib", "/usr/lib/mosquitto",
+                  "/usr/local/lib", "/opt/homebrew/lib")  # Debian/Ubuntu, the eclipse-mosquitto image, source builds
+# the plugin's ACL types for each access of an acl_file line
+DYNSEC_ACCESS = {"read": ("subscribePattern", "publishClientReceive"), "write": ("publishClientSend",),
+                 "readwrite": ("subscribePattern", "publishClientReceive", "publishClientSend")}
 
 DEVICE_ACL = """\
 # devices: the login name is the device id
@@ -66,11 +83,17 @@ class SecretsExist(FileExistsError):
 # ---- Mosquitto password hashes ------------------------------------------------------------------
 
 
-def hash_password(password: str, salt: bytes | None = None) -> str:
-    """The ``$7$`` hash that mosquitto_passwd writes for ``password``."""
+def _pbkdf2(password: str, salt: bytes | None) -> tuple[str, str]:
+    """(salt, digest), base64: PBKDF2-HMAC-SHA512 as Mosquitto hashes passwords (a new salt when None)."""
     salt = secrets.token_bytes(SALT_BYTES) if salt is None else salt
     digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, PBKDF2_ITERATIONS)
-    return f"$7${PBKDF2_ITERATIONS}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+    return base64.b64encode(salt).decode(), base64.b64encode(digest).decode()
+
+
+def hash_password(password: str, salt: bytes | None = None) -> str:
+    """The ``$7$`` hash that mosquitto_passwd writes for ``password``."""
+    salt_b64, digest_b64 = _pbkdf2(password, salt)
+    return f"$7${PBKDF2_ITERATIONS}${salt_b64}${digest_b64}"
 
 
 def check_password(password: str, hashed: str) -> bool:
@@ -193,14 +216,64 @@ def _check_login(kind: str, name: str) -> str:
     return name
 
 
-def mosquitto_conf(out: Path, port: int, data: Path | None = None) -> str:
+def find_dynsec_plugin() -> str | None:
+    """Where Mosquitto's dynamic-security plugin lies on this machine (None: not found)."""
+    return next((str(Path(f) / DYNSEC_PLUGIN) for f in DYNSEC_FOLDERS if (Path(f) / DYNSEC_PLUGIN).is_file()), None)
+
+
+def acl_rules(acl: str, users: list[str]) -> dict[str, list[tuple[str, str]]]:
+    """(access, topic) rules per login of a Mosquitto ACL file: its patterns (``%u`` replaced) and user blocks."""
+    rules: dict[str, list[tuple[str, str]]] = {u: [] for u in users}
+    user = None
+    for line in acl.splitlines():
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            continue
+        if words[0] == "user":
+            user = words[1]
+            continue
+        access, topic = words[1:3] if len(words) == 3 else ("readwrite", words[1])
+        if access not in DYNSEC_ACCESS:
+            raise ValueError(f"ACL line {line!r}: access must be one of {sorted(DYNSEC_ACCESS)}")
+        if words[0] == "pattern":
+            for u in users:
+                rules[u].append((access, topic.replace("%u", u)))
+        elif words[0] == "topic" and user in rules:
+            rules[user].append((access, topic))
+    return rules
+
+
+def dynsec_config(acl: str, passwords: dict[str, str]) -> dict:
+    """The dynamic-security plugin's configuration for these logins and this ACL: one role per login,
+    nothing allowed by default (a SUBSCRIBE outside the role is refused in the SUBACK)."""
+    clients, roles = [], []
+    for user, rules in acl_rules(acl, list(passwords)).items():
+        salt, digest = _pbkdf2(passwords[user], None)
+        clients.append({"username": user, "password": digest, "salt": salt, "iterations": PBKDF2_ITERATIONS,
+                        "roles": [{"rolename": user}]})
+        acls = [(kind, topic) for access, topic in rules for kind in DYNSEC_ACCESS[access]]
+        # the plugin checks a shared subscription with its "$share/<group>/" prefix: allow it where reading is
+        acls += [("subscribePattern", f"$share/+/{topic}") for kind, topic in list(acls) if kind == "subscribePattern"]
+        roles.append({"rolename": user, "acls": [{"acltype": kind, "topic": topic, "priority": 0, "allow": True}
+                                                 for kind, topic in acls]})
+    return {"clients": clients, "groups": [], "roles": roles,
+            "defaultACLAccess": {"publishClientSend": False, "publishClientReceive": False, "subscribe": False,
+                                 "unsubscribe": True}}
+
+
+def mosquitto_conf(out: Path, port: int, data: Path | None = None, plugin: str | None = None) -> str:
     """A Mosquitto 2 configuration: one TLS listener on all interfaces, logins and the ACL from ``out``.
 
     ``data``: a folder where the broker keeps QoS 1 sessions and their queues across restarts (None: in memory).
+    ``plugin``: the dynamic-security plugin's path (logins and ACL from ``dynamic-security.json``; None: from
+    ``passwd`` and ``acl``, where Mosquitto grants every SUBSCRIBE and filters what it delivers).
     """
     m = out / "mosquitto"
     persistence = (f"persistence true\npersistence_location {data}/\nautosave_interval 5\n" if data is not None
                    else "persistence false\n")
+    security = (f"# the dynamic-security plugin refuses a SUBSCRIBE outside the ACL (acl_file only filters delivery)\n"
+                f"plugin {plugin}\nplugin_opt_config_file {m / 'dynamic-security.json'}\n" if plugin else
+                f"password_file {m / 'passwd'}\nacl_file {m / 'acl'}\n")
     return (
         "# written by `splitglm secrets`: TLS only, every client logs in, the ACL confines each login\n"
         "per_listener_settings false\n"
@@ -212,8 +285,7 @@ def mosquitto_conf(out: Path, port: int, data: Path | None = None) -> str:
         "# frames of long prompts are large: up to 64 MiB\n"
         "message_size_limit 67108864\n"
         "allow_anonymous false\n"
-        f"password_file {m / 'passwd'}\n"
-        f"acl_file {m / 'acl'}\n"
+        + security +
         f"listener {port}\n"
         f"cafile {out / 'ca.crt'}\n"
         f"certfile {m / 'server.crt'}\n"
@@ -239,15 +311,21 @@ def _logins(out: Path, kind: str, names: list[str]) -> tuple[dict[str, str], lis
 
 
 def make_secrets(out, devices=DEFAULT_DEVICES, edges=DEFAULT_EDGES, hosts=(), api_keys: int = 1,
-                 mqtt_port: int = 8883, force: bool = False, mosquitto_data: Path | None = None) -> Path:
+                 mqtt_port: int = 8883, force: bool = False, mosquitto_data: Path | None = None,
+                 mosquitto_plugin: str | None = "auto") -> Path:
     """Write a deployment's development secrets into ``out`` (see the module docstring); return ``out``."""
-    write_secrets(out, devices, edges, hosts, api_keys, mqtt_port, force, mosquitto_data)
+    write_secrets(out, devices, edges, hosts, api_keys, mqtt_port, force, mosquitto_data, mosquitto_plugin)
     return Path(out).resolve()
 
 
 def write_secrets(out, devices=DEFAULT_DEVICES, edges=DEFAULT_EDGES, hosts=(), api_keys: int = 1,
-                  mqtt_port: int = 8883, force: bool = False, mosquitto_data: Path | None = None) -> list[Path]:
-    """``make_secrets``, returning every file written."""
+                  mqtt_port: int = 8883, force: bool = False, mosquitto_data: Path | None = None,
+                  mosquitto_plugin: str | None = "auto") -> list[Path]:
+    """``make_secrets``, returning every file written.
+
+    ``mosquitto_plugin``: the dynamic-security plugin's path where Mosquitto will run, "auto" (found on this
+    machine, else none) or None (``mosquitto.conf`` uses the password and ACL files).
+    """
     out = Path(out).resolve()
     devices = [_check_login("device id", d) for d in dict.fromkeys(devices)]
     edges = [_check_login("edge id", e) for e in dict.fromkeys(edges)]
@@ -270,11 +348,16 @@ def write_secrets(out, devices=DEFAULT_DEVICES, edges=DEFAULT_EDGES, hosts=(), a
 
     device_passwords, files = _logins(out, "devices", devices)
     edge_passwords, more = _logins(out, "edges", edges)
-    passwd = "".join(f"{user}:{hash_password(pw)}\n" for user, pw in {**device_passwords, **edge_passwords}.items())
+    passwords = {**device_passwords, **edge_passwords}
+    passwd = "".join(f"{user}:{hash_password(pw)}\n" for user, pw in passwords.items())
+    acl = acl_text(edges)
+    plugin = find_dynsec_plugin() if mosquitto_plugin == "auto" else mosquitto_plugin
     written += files + more + [
         _write(out / "mosquitto" / "passwd", passwd, secret=True),
-        _write(out / "mosquitto" / "acl", acl_text(edges)),
-        _write(out / "mosquitto" / "mosquitto.conf", mosquitto_conf(out, mqtt_port, mosquitto_data)),
+        _write(out / "mosquitto" / "acl", acl),
+        _write(out / "mosquitto" / "dynamic-security.json", json.dumps(dynsec_config(acl, passwords), indent=1),
+               secret=True),
+        _write(out / "mosquitto" / "mosquitto.conf", mosquitto_conf(out, mqtt_port, mosquitto_data, plugin)),
         _write(out / "api-key", "".join(f"sk-{secrets.token_urlsafe(32)}\n" for _ in range(api_keys)), secret=True),
     ]
     return written

@@ -12,11 +12,19 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from splitglm.credentials import check_password, hash_password, make_secrets
+from splitglm.credentials import (
+    PBKDF2_ITERATIONS,
+    acl_rules,
+    check_password,
+    dynsec_config,
+    hash_password,
+    make_secrets,
+)
 
 SECRET_FILES = [
     "ca.key", "cloud/server.key", "edge/server.key", "edge/client.key", "mosquitto/server.key",
-    "mosquitto/passwd", "devices/dev-a/password", "devices/dev-b/password", "edges/edge-a/password", "api-key",
+    "mosquitto/passwd", "mosquitto/dynamic-security.json", "devices/dev-a/password", "devices/dev-b/password",
+    "edges/edge-a/password", "api-key",
 ]
 PUBLIC_FILES = [
     "ca.crt", "cloud/server.crt", "edge/server.crt", "edge/client.crt", "mosquitto/server.crt",
@@ -60,7 +68,7 @@ def test_cli_writes_the_contract_layout_and_refuses_to_overwrite(tmp_path):
 @pytest.fixture(scope="module")
 def secrets(tmp_path_factory):
     return make_secrets(tmp_path_factory.mktemp("s") / "secrets", ["dev-a", "dev-b"], ["edge-a"],
-                        ["edge.example", "10.0.0.5"], mqtt_port=18883)
+                        ["edge.example", "10.0.0.5"], mqtt_port=18883, mosquitto_plugin=None)
 
 
 def _cert(path) -> x509.Certificate:
@@ -108,6 +116,35 @@ def test_mosquitto_conf_and_acl(secrets):
     acl = (secrets / "mosquitto/acl").read_text()
     assert "pattern write splitglm/v1/edge/+/frames/%u" in acl
     assert "user edge-a\ntopic read splitglm/v1/edge/+/frames/+\ntopic write splitglm/v1/device/+/steps\n" in acl
+
+
+def test_mosquitto_conf_with_the_dynamic_security_plugin(tmp_path):
+    out = make_secrets(tmp_path / "s", ["dev-a"], ["edge-a"], mosquitto_plugin="/usr/lib/mosquitto_dynamic_security.so")
+    conf = (out / "mosquitto/mosquitto.conf").read_text().splitlines()
+    assert "plugin /usr/lib/mosquitto_dynamic_security.so" in conf
+    assert f"plugin_opt_config_file {out}/mosquitto/dynamic-security.json" in conf
+    assert not any(line.startswith(("password_file", "acl_file")) for line in conf)  # the plugin decides alone
+
+
+def test_dynamic_security_roles_are_the_acl_with_each_login_substituted():
+    acl = ("pattern readwrite sensors/%u/#\npattern write f/%u\n# edges\nuser e\ntopic read f/+\n"
+           "user ghost\ntopic read x\n")
+    rules = acl_rules(acl, ["d1", "e"])
+    assert rules == {"d1": [("readwrite", "sensors/d1/#"), ("write", "f/d1")],
+                     "e": [("readwrite", "sensors/e/#"), ("write", "f/e"), ("read", "f/+")]}
+    config = dynsec_config(acl, {"d1": "pw1", "e": "pw2"})
+    assert config["defaultACLAccess"] == {"publishClientSend": False, "publishClientReceive": False,
+                                          "subscribe": False, "unsubscribe": True}
+    d1 = next(r for r in config["roles"] if r["rolename"] == "d1")
+    assert {(a["acltype"], a["topic"]) for a in d1["acls"]} == {
+        ("subscribePattern", "sensors/d1/#"), ("publishClientReceive", "sensors/d1/#"),
+        ("publishClientSend", "sensors/d1/#"), ("publishClientSend", "f/d1"),
+        ("subscribePattern", "$share/+/sensors/d1/#")}  # shared subscriptions are checked with their prefix
+    client = next(c for c in config["clients"] if c["username"] == "d1")
+    assert client["roles"] == [{"rolename": "d1"}] and client["iterations"] == PBKDF2_ITERATIONS
+    assert hash_password("pw1", base64.b64decode(client["salt"])).endswith("$" + client["password"])
+    with pytest.raises(ValueError, match="access must be one of"):
+        acl_rules("pattern rw x/%u\n", ["d1"])
 
 
 @pytest.mark.skipif(not shutil.which("mosquitto_passwd"), reason="mosquitto_passwd is not installed")
