@@ -145,24 +145,24 @@ def device_login(folder: Path, device_id: str):
 
 
 def device_tier(plan: str) -> dict:
-    """The plan's device tier, shared by the simulated devices (one at a time through ``lock``)."""
-    from partitioner.runtime.artifacts import load_plan, load_tier
-    from partitioner.runtime.checkpoint import load_spec, load_tokenizer
+    """The plan's device tier (``DeviceTier``), shared by the simulated devices (one at a time through
+    ``lock``), with the chat prompt and the generation parameters they send."""
+    from device_agent.agent import DeviceTier
     from protos import splitglm_pb2 as pb
 
-    tokenizer = load_tokenizer(Path(plan) / "device")
-    stop_ids = list(load_spec(Path(plan) / "device").eos_token_ids)
+    tier = DeviceTier.load(plan)
 
     def prompt(text: str) -> list[int]:
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                  tokenize=True, return_dict=False))
+        return list(tier.tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                       add_generation_prompt=True, tokenize=True,
+                                                       return_dict=False))
 
     def params(max_tokens: int, sampling: dict) -> pb.GenerationParams:
-        return pb.GenerationParams(max_tokens=max_tokens, stop_token_ids=stop_ids,
+        return pb.GenerationParams(max_tokens=max_tokens, stop_token_ids=tier.stop_token_ids,
                                    temperature=sampling["temperature"], seed=sampling.get("seed", 0))
 
-    return {"segment": load_tier(plan, "device"), "tokenizer": tokenizer, "prompt": prompt, "params": params,
-            "codec": load_plan(plan)["codecs"]["device_edge"], "lock": threading.Lock()}
+    return {"segment": tier.segment, "tokenizer": tier.tokenizer, "prompt": prompt, "params": params,
+            "codec": tier.codec, "lock": tier.lock}
 
 
 def _loop(name: str, session, texts: list[str], max_tokens: int, until: float, tally: Tally) -> None:
