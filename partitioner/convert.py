@@ -30,6 +30,10 @@ class ConversionError(RuntimeError):
     """The GGUF cannot be converted, or the converted model does not match it."""
 
 
+class ConversionRace(ConversionError):
+    """Another process wrote the output folder while this conversion ran."""
+
+
 def halves_to_pairs(weight: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
     """Reorder q/k projection rows from llama's half-split rotary layout to GLM's interleaved one."""
     half = head_dim // 2
@@ -142,10 +146,13 @@ def convert_gguf(gguf: str | os.PathLike, out: str | os.PathLike) -> float:
             raise ConversionError(
                 f"converted model differs from the GGUF: max logit diff {diff:.3g} > {MAX_LOGIT_DIFF}"
             )
-        if out.exists():
-            out.rmdir()
         work.chmod(0o755)
-        work.rename(out)
+        try:
+            if out.exists():
+                out.rmdir()  # empty when checked above
+            work.rename(out)
+        except OSError as e:  # another conversion filled ``out`` meanwhile
+            raise ConversionRace(f"output folder {str(out)!r} was written by another process meanwhile") from e
         return diff
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -168,12 +175,22 @@ def default_cache_dir() -> Path:
     return Path(root).expanduser()
 
 
+def _is_converted(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
 def demo_model(out: str | os.PathLike | None = None) -> Path:
     """Convert the demo GGUF once into ``out`` (default: the cache) and return that folder."""
     folder = Path(out) if out else default_cache_dir() / "models" / "smollm2-135m-instruct-glm"
-    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+    if _is_converted(folder):
         logger.info("demo model already converted in %s", folder)
         return folder
-    diff = convert_gguf(find_demo_gguf(), folder)
+    try:
+        diff = convert_gguf(find_demo_gguf(), folder)
+    except ConversionRace:
+        if not _is_converted(folder):
+            raise
+        logger.info("demo model converted by another process in %s", folder)
+        return folder
     logger.info("converted the demo model into %s (max logit diff %.3g)", folder, diff)
     return folder

@@ -35,6 +35,24 @@ def test_demo_model_prints_its_folder_last(demo_checkpoint):
 
 
 @pytest.mark.slow
+def test_two_demo_model_conversions_at_once_both_succeed(tmp_path):
+    """Two first runs at once (say `make demo` beside `make test`): the later rename must not fail."""
+    out = tmp_path / "glm"
+    cmd = [sys.executable, "-m", "splitglm.cli", "demo-model", "--out", str(out)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [p.communicate(timeout=600) for p in procs]
+    for p, (stdout, stderr) in zip(procs, results):
+        assert p.returncode == 0, stderr
+        assert stdout.strip().splitlines()[-1] == str(out)
+    # one converts; the other, started at the same time, finds the folder filled while it converted
+    # (or, if it started late, already there)
+    assert sum("converted the demo model into" in stderr for _, stderr in results) == 1
+    assert sum("by another process" in e or "already converted" in e for _, e in results) == 1
+    assert json.loads((out / "config.json").read_text())["model_type"] == "glm"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".convert-")]
+
+
+@pytest.mark.slow
 def test_convert_checks_itself(tmp_path):
     from partitioner.convert import find_demo_gguf
 
