@@ -46,7 +46,7 @@ def calib_ids():
 
 
 def hidden_and_fisher(ids):
-    H10, H20, G10, G20, _Y = [], [], [], [], []
+    H10, H20, G10, G20 = [], [], [], []
     for w in windows(ids):
         with torch.no_grad():
             h10, _ = dense_forward(dev, w[None])
@@ -114,7 +114,7 @@ def entropy_bits(q_eval, keep_eval, q_cal=None, keep_cal=None, per_channel=False
     return total
 
 
-def quantise(h, st, step_rel, mu=None, w=None):
+def quantise(h, step_rel, mu=None, w=None):
     """Returns reconstructed h, symbols (T, C) int, keep mask."""
     y, keep, rms, idx = split_out(h)
     z = y / rms[:, None]
@@ -128,7 +128,7 @@ def quantise(h, st, step_rel, mu=None, w=None):
 
 
 def ppl(ids, f10, f20):
-    nll, n, _agree = 0.0, 0, 0
+    nll, n = 0.0, 0
     with torch.no_grad():
         for w in windows(ids):
             h10, _ = dense_forward(dev, w[None])
@@ -176,36 +176,35 @@ for text in ["/usr/share/common-licenses/GPL-3", "/usr/lib/python3.11/argparse.p
     for name, mult, use_mu, alpha in variants:
         fs, bits = [], {}
         for link in range(2):
-            mu, sd, F = ST[link]
+            mu, _, F = ST[link]
             w = None
             if alpha:
                 w = (F.log().mean().exp() / F) ** alpha  # step_c ~ F_c^-alpha, geometric mean 1
             step = base_step * mult
-            _, qe, ke = quantise(He[link], ST[link], step, mu if use_mu else None, w)
-            _, qc, kc = quantise(Hc[link], ST[link], step, mu if use_mu else None, w)
-            T = qe.shape[0]
+            _, qe, ke = quantise(He[link], step, mu if use_mu else None, w)
+            _, qc, kc = quantise(Hc[link], step, mu if use_mu else None, w)
             n = ke.sum()
             m = np.abs(qe) * ke
             # Rice: per-token parameter (today) / per-channel static offset on top
-            bits["rice_tok"] = bits.get("rice_tok", 0) + best_r_rows(np.where(ke, m, 0)) - (~ke).sum()
+            bits["rice_tok"] = bits.get("rice_tok", 0) + best_r_rows(m) - (~ke).sum()
             # per-channel static parameter from calibration magnitudes
             mc = np.abs(qc) * kc
             rc = np.zeros(qe.shape[1], dtype=np.int64)
             for c in range(qe.shape[1]):
                 col = mc[kc[:, c], c]
                 if col.size:
-                    rc[c] = min(range(12), key=lambda r: ((col >> r) + 1 + r).sum() + 0)
+                    rc[c] = min(range(12), key=lambda r: ((col >> r) + 1 + r).sum())
             bits["rice_chan"] = bits.get("rice_chan", 0) + rice_bits(m[ke], np.broadcast_to(rc, m.shape)[ke])
-            bits["H_pooled"] = bits.get("H_pooled", 0) + entropy_bits(qe, ke, qc, kc) + (m > 0).sum() * 0
+            bits["H_pooled"] = bits.get("H_pooled", 0) + entropy_bits(qe, ke, qc, kc)
             bits["H_chan"] = bits.get("H_chan", 0) + entropy_bits(qe, ke, qc, kc, per_channel=True)
             bits["n"] = bits.get("n", 0) + n
-            fs.append((ST[link], step, mu if use_mu else None, w))
+            fs.append((step, mu if use_mu else None, w))
 
         def f10(h, a=fs[0]):
-            return quantise(h, a[0], a[1], a[2], a[3])[0]
+            return quantise(h, *a)[0]
 
         def f20(h, a=fs[1]):
-            return quantise(h, a[0], a[1], a[2], a[3])[0]
+            return quantise(h, *a)[0]
 
         p = ppl(ids, f10, f20)
         row = {
