@@ -18,6 +18,10 @@ Students (--student):
   prune       the teacher with --mlp-fraction of its MLP channels and/or --head-fraction of its query
               heads removed (compress.prune_mlp / prune_heads), recovered by distillation.
   low_rank    the teacher with mlp.down_proj factorised at --rank-fraction (compress.low_rank).
+  sparse      the teacher with its MLP inputs below per-layer thresholds zeroed (compress.sparse_mlp, TEAL)
+              at --sparsity S (both inputs) or GU:DOWN, trained with the inputs zeroed (sparsity-aware
+              fine-tuning); the thresholds are recalibrated on the student's own inputs at every
+              checkpoint and travel in the tier as its sparse_mlp pass. Not with --qat.
 Any student can add quantisation-aware training: --qat int8|int4 fake-quantises the layers' weights
 (straight-through estimator) and --qat-head int8|int4 the LM head's; the tier then loads them as real
 int8 / int4 kernels.
@@ -50,12 +54,23 @@ def _ints(text: str) -> list[int] | str:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
 
 
+def _sparsity(text: str) -> float | list[float]:
+    try:
+        shares = [float(part) for part in text.split(":")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--sparsity takes S or GU:DOWN, shares in [0, 1), got {text!r}") from None
+    if len(shares) > 2 or not all(0 <= s < 1 for s in shares):
+        raise argparse.ArgumentTypeError(f"--sparsity takes S or GU:DOWN, shares in [0, 1), got {text!r}")
+    return shares[0] if len(shares) == 1 else shares
+
+
 def add_parser(sub) -> None:
     from partitioner.distill.qat import QAT_BITS
     from partitioner.distill.students import KINDS
 
-    p = sub.add_parser("distill", help="distil a student segment (layer-dropped, pruned, low-rank, QAT) against "
-                       "its teacher", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("distill", help="distil a student segment (layer-dropped, pruned, low-rank, sparse, QAT) "
+                       "against its teacher", description=DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="GLM checkpoint folder (default: the demo model)")
     p.add_argument("--layers", type=_pair, required=True, help="A,B: the teacher's layers [A, B) "
                    "(B = L: with the head)")
@@ -66,6 +81,8 @@ def add_parser(sub) -> None:
     p.add_argument("--mlp-fraction", type=float, default=0.0, help="prune: MLP channels removed (e.g. 0.25)")
     p.add_argument("--head-fraction", type=float, default=0.0, help="prune: query heads removed per kv group")
     p.add_argument("--rank-fraction", type=float, default=0.5, help="low_rank: rank kept (default 0.5)")
+    p.add_argument("--sparsity", type=_sparsity, help="sparse: share of the MLP inputs zeroed, S or GU:DOWN "
+                   "(e.g. 0.4 or 0.2:0.5)")
     p.add_argument("--qat", choices=QAT_BITS, help="fake-quantise the layers' weights while training")
     p.add_argument("--qat-head", choices=QAT_BITS, help="fake-quantise the LM head's weights too")
     p.add_argument("--text", action="append", required=True, help="training text file (repeatable)")
@@ -104,7 +121,8 @@ def cmd_distill(args) -> int:
         raise ValueError(f"--eval-text {same[0]} is also a training text: judge on text the student never saw")
     cfg = DistillConfig(
         layers=args.layers, kind=args.student, keep=args.keep, depth=args.depth, mlp_fraction=args.mlp_fraction,
-        head_fraction=args.head_fraction, rank_fraction=args.rank_fraction, qat=args.qat, qat_head=args.qat_head,
+        sparsity=args.sparsity, head_fraction=args.head_fraction, rank_fraction=args.rank_fraction, qat=args.qat,
+        qat_head=args.qat_head,
         steps=args.steps, batch=args.batch, seq_len=args.seq_len, lr=args.lr, warmup=args.warmup,
         temperature=args.temperature, kl_weight=args.kl_weight, hidden_weight=args.hidden_weight,
         ce_weight=args.ce_weight, train_head=args.train_head, seed=args.seed, save_every=args.save_every,

@@ -3,7 +3,8 @@
 The exported tier is rebuilt from its folder (``runtime.build.build_segment``: the structure, then the
 passes that make QAT weights low-bit) and runs through the runtime, KV pool and all. Both it and the
 teacher segment sit between the same frozen layers (front [0, a), back [b, L) + head), so the numbers
-are the whole model's perplexity change and greedy agreement with the student in place.
+are the whole model's perplexity change and greedy agreement with the student in place (and, for a sparse
+tier, the share of its MLP inputs zeroed on the judged text).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from partitioner.eval.compression import compare
 from partitioner.runtime.artifacts import verify_manifest
 from partitioner.runtime.build import build_segment
 from partitioner.runtime.checkpoint import load_spec, load_tokenizer
+from partitioner.runtime.compress.sparse import sparsity_tally
 from partitioner.runtime.segment import Segment
 
 
@@ -36,5 +38,10 @@ def judge(model: str | os.PathLike, folder: str | os.PathLike, text: str | os.Pa
     teacher = Segment.from_checkpoint(model, a, b, embed=a == 0, head=b == L)
     ids = load_tokenizer(model)(Path(text).read_text(encoding="utf-8", errors="replace"),
                                 return_tensors="pt").input_ids[0][:tokens]
-    return {"text": str(text), "compression": manifest["compression"]["name"],
-            **compare(front + [teacher] + back, front + [student] + back, ids, window)}
+    with sparsity_tally(student) as shares:
+        result = compare(front + [teacher] + back, front + [student] + back, ids, window)
+    out = {"text": str(text), "compression": manifest["compression"]["name"], **result}
+    if shares:  # a sparse tier: the share of its MLP inputs zeroed on this text
+        out["mlp_inputs_zeroed"] = {site: round(sum(s.get(site, 0.0) for s in shares.values()) / len(shares), 4)
+                                    for site in ("gate_up", "down")}
+    return out

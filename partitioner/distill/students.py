@@ -10,16 +10,60 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from partitioner.distill.dense import DenseContext, dense_forward
 from partitioner.runtime.compress import low_rank, prune_heads, prune_mlp
+from partitioner.runtime.compress.sparse import (
+    attach_input_masks,
+    histogram_hooks,
+    plain_mlp_blocks,
+    sparse_description,
+)
 from partitioner.runtime.segment import Segment
 
-KINDS = ("layer_drop", "prune", "low_rank")
+KINDS = ("layer_drop", "prune", "low_rank", "sparse")
+
+
+@dataclass
+class SparseMasks:
+    """A sparse student's MLP input masks (``compress.sparse``): thresholds that zero ``sparsity`` of each
+    input on the calibration inputs, recalibrated on the student's own activations as it trains (so it
+    cannot escape its sparsity by growing them)."""
+
+    sparsity: float | tuple[float, float]
+    calibration: torch.Tensor  # (W, T) ids or (W, T, C) hidden states entering the student
+    description: dict | None = None  # {"pass": "sparse_mlp", "thresholds": ...} in force
+    handles: list = field(default_factory=list)
+
+    def calibrate(self, segment: Segment) -> dict:
+        """Measure the inputs (masks off) and put the new thresholds in force; returns the description."""
+        self.remove()
+        blocks = plain_mlp_blocks(segment)
+        hooks, hists = histogram_hooks(blocks)
+        handles = [module.register_forward_pre_hook(hook) for module, hook in hooks.items()]
+        try:
+            with torch.no_grad():
+                for rows in self.calibration.split(4):
+                    dense_forward(segment, rows.to(next(segment.parameters()).device))
+        finally:
+            for h in handles:
+                h.remove()
+        return self.use(segment, sparse_description(hists, blocks, self.sparsity))
+
+    def use(self, segment: Segment, description: dict) -> dict:
+        self.remove()
+        self.description = description
+        self.handles = attach_input_masks(segment, description["thresholds"])
+        return description
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
 
 
 @dataclass
@@ -28,6 +72,7 @@ class Student:
     segment: Segment  # trainable: real fp32 parameters
     teacher_layers: list[int]  # the teacher layer each student layer was initialised from
     aligned: list[tuple[str, str]]  # (student layer key, teacher layer key) matched by the hidden-state loss
+    sparse: SparseMasks | None = None  # a sparse student's input masks
 
 
 def every_other(start: int, end: int, depth: int | None = None) -> list[int]:
@@ -103,6 +148,16 @@ def low_ranked(teacher: Segment, rank_fraction: float, names: list[str] | None =
     return _same_depth("low_rank", teacher, student)
 
 
+def sparse_masked(teacher: Segment, sparsity, calibration: torch.Tensor) -> Student:
+    """A copy of the teacher whose MLPs zero ``sparsity`` of their inputs (TEAL thresholds on ``calibration``,
+    (W, T) ids or (W, T, C) hidden states), to be fine-tuned with the masks in place."""
+    student = _same_depth("sparse", teacher, copy.deepcopy(teacher))
+    student.segment.pool = None
+    student.sparse = SparseMasks(sparsity, calibration)
+    student.sparse.calibrate(student.segment)
+    return student
+
+
 def _same_depth(kind: str, teacher: Segment, student: Segment) -> Student:
     keys = list(teacher.layers)
     return Student(kind, student, [int(k) for k in keys], [(k, k) for k in keys])
@@ -132,11 +187,14 @@ def make_student(
     rank_fraction: float = 0.5,
     calibration: torch.Tensor | None = None,
     auto_keep=None,
+    sparsity: float | tuple[float, float] | None = None,
+    sparse_calibration: torch.Tensor | None = None,
 ) -> tuple[Student, Segment]:
     """(student, teacher) for layers [a, b) of ``model``: the embedding if a == 0, the head if b == L.
 
     ``calibration``: windows (B, T) of token ids for calibrated pruning; ``auto_keep``: a function
-    (teacher, depth) -> kept layers (``greedy_keep`` on training windows) when ``keep`` is None.
+    (teacher, depth) -> kept layers (``greedy_keep`` on training windows) when ``keep`` is None;
+    ``sparsity`` and ``sparse_calibration`` (the windows entering the segment): the sparse student's.
     """
     from partitioner.runtime.checkpoint import load_spec
 
@@ -153,6 +211,10 @@ def make_student(
         student = pruned(teacher, mlp_fraction, head_fraction, calibration)
     elif kind == "low_rank":
         student = low_ranked(teacher, rank_fraction)
+    elif kind == "sparse":
+        if sparsity is None or sparse_calibration is None:
+            raise ValueError("a sparse student needs a sparsity and calibration windows")
+        student = sparse_masked(teacher, sparsity, sparse_calibration)
     else:
         raise ValueError(f"unknown student kind {kind!r}; known: {', '.join(KINDS)}")
     for p in teacher.parameters():

@@ -38,6 +38,7 @@ from partitioner.runtime.student import structure_of
 logger = logging.getLogger(__name__)
 STATE = Path("train") / "state.pt"
 CALIBRATION_WINDOWS = 4  # training windows that choose the kept layers / score pruned channels
+SPARSE_WINDOWS = 16  # training windows whose MLP inputs set a sparse student's thresholds
 
 
 @dataclass
@@ -49,6 +50,7 @@ class DistillConfig:
     mlp_fraction: float = 0.0  # prune: MLP channels removed
     head_fraction: float = 0.0  # prune: query heads removed
     rank_fraction: float = 0.5  # low_rank: rank kept of mlp.down_proj
+    sparsity: float | list[float] | None = None  # sparse: share of both MLP inputs zeroed, or [gate_up, down]
     qat: str | None = None  # "int8" / "int4": fake-quantise the layers' weights
     qat_head: str | None = None  # "int8" / "int4": and the LM head's
     steps: int = 400
@@ -79,6 +81,14 @@ class DistillConfig:
             raise ValueError("seq_len must be at least 2 (each window predicts its own next tokens)")
         if not self.texts:
             raise ValueError("give at least one training text (--text)")
+        if self.kind == "sparse":
+            shares = self.sparsity if isinstance(self.sparsity, (list, tuple)) else [self.sparsity]
+            if self.sparsity is None or len(shares) not in (1, 2) or not all(
+                    isinstance(x, (int, float)) and 0 <= x < 1 for x in shares) or not any(shares):
+                raise ValueError(f"a sparse student needs --sparsity S or GU:DOWN, shares in [0, 1) and not all 0, "
+                                 f"got {self.sparsity!r}")
+            if self.qat or self.qat_head:
+                raise ValueError("a sparse student cannot take --qat: sparse_mlp needs the plain MLP's weights")
 
 
 # ---- data -----------------------------------------------------------------------------------------
@@ -164,6 +174,11 @@ def build(model: str | os.PathLike, cfg: DistillConfig, ids: torch.Tensor) -> tu
     back = Segment.from_checkpoint(model, b, L, head=True) if b < L else None
     generator = torch.Generator().manual_seed(cfg.seed)
     windows = batches(ids, CALIBRATION_WINDOWS, cfg.seq_len, generator)  # (W, T)
+    sparse_windows = None
+    if cfg.kind == "sparse":
+        sparse_windows = batches(ids, SPARSE_WINDOWS, cfg.seq_len, generator)  # (W, T) ids
+        with torch.no_grad():
+            sparse_windows = dense_forward(front, sparse_windows)[0] if front is not None else sparse_windows
 
     def auto_keep(teacher: Segment, depth: int) -> list[int]:
         x = dense_forward(front, windows)[0] if front is not None else windows
@@ -174,7 +189,8 @@ def build(model: str | os.PathLike, cfg: DistillConfig, ids: torch.Tensor) -> tu
     student, teacher = make_student(model, cfg.layers, cfg.kind, None if cfg.keep == "auto" else cfg.keep, cfg.depth,
                                     cfg.mlp_fraction, cfg.head_fraction, cfg.rank_fraction,
                                     calibration=list(windows) if a == 0 else None,
-                                    auto_keep=auto_keep if cfg.keep == "auto" else None)
+                                    auto_keep=auto_keep if cfg.keep == "auto" else None,
+                                    sparsity=cfg.sparsity, sparse_calibration=sparse_windows)
     for segment in (front, back):
         for p in (segment.parameters() if segment is not None else ()):
             p.requires_grad_(False)
@@ -198,7 +214,8 @@ def save_state(out: Path, student: Student, optimizer, step: int, history: list[
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"student": student.segment.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "history": history, "config": asdict(cfg)}, tmp)
+                "history": history, "config": asdict(cfg),
+                "sparse": student.sparse.description if student.sparse else None}, tmp)
     os.replace(tmp, path)  # a crash mid-save keeps the previous checkpoint
 
 
@@ -224,6 +241,8 @@ def distill(model: str | os.PathLike, cfg: DistillConfig, out: str | os.PathLike
         student.segment.load_state_dict(state["student"])
         optimizer.load_state_dict(state["optimizer"])
         step, history = state["step"], state["history"]
+        if student.sparse and state.get("sparse"):
+            student.sparse.use(student.segment, state["sparse"])
     generator = torch.Generator().manual_seed(cfg.seed + step)
     student.segment.train()
     bar = tqdm(total=cfg.steps, initial=step, desc=f"distill {cfg.kind}", disable=not progress)
@@ -242,25 +261,39 @@ def distill(model: str | os.PathLike, cfg: DistillConfig, out: str | os.PathLike
         bar.update(1)
         bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", kl=f"{history[-1]['kl']:.4f}")
         if step % cfg.save_every == 0 or step == cfg.steps:
+            if student.sparse:  # the thresholds follow the student's activations
+                student.sparse.calibrate(student.segment)
+                logger.info("step %d: sparse thresholds recalibrated, mean gate_up/down %s", step,
+                            _mean_thresholds(student.sparse.description))
             save_state(out, student, optimizer, step, history, cfg)
     bar.close()
     student.segment.eval()
-    record = export_student(model, student, cfg, out, history, time.perf_counter() - started)
-    plot_loss(history, out / "loss.png")
-    return record
+    plot_loss(history, out / "loss.png")  # before the manifest, which covers it (a resumed run redraws it)
+    return export_student(model, student, cfg, out, history, time.perf_counter() - started)
 
 
 # ---- export ---------------------------------------------------------------------------------------
 
 
+def _mean_thresholds(description: dict) -> list[float]:
+    pairs = list(description["thresholds"].values())
+    return [round(sum(p[i] for p in pairs) / max(len(pairs), 1), 6) for i in (0, 1)]
+
+
 def student_entry(student: Student, cfg: DistillConfig) -> dict:
-    """The tier's compression entry: the structure to rebuild and the passes that make the QAT weights low-bit."""
+    """The tier's compression entry: the structure to rebuild and the passes at load (QAT weights made low-bit,
+    a sparse student's thresholds)."""
     suffix = f"+qat-{cfg.qat}" if cfg.qat else ""
     suffix += f"+head-{cfg.qat_head}" if cfg.qat_head and student.segment.has_head else ""
+    passes = qat.export_passes(cfg.qat, cfg.qat_head if student.segment.has_head else None)
+    if student.sparse:
+        shares = cfg.sparsity if isinstance(cfg.sparsity, (list, tuple)) else [cfg.sparsity]
+        suffix += "-" + ":".join(f"{x:g}" for x in shares)
+        passes = [student.sparse.description, *passes]
     return {
         "name": f"distilled-{cfg.kind}{suffix}",
         "backend": "torch",
-        "passes": qat.export_passes(cfg.qat, cfg.qat_head if student.segment.has_head else None),
+        "passes": passes,
         "student": structure_of(student.segment, student.teacher_layers),
     }
 
@@ -270,6 +303,8 @@ def export_student(model: Path, student: Student, cfg: DistillConfig, out: Path,
     """Write ``out/model.safetensors`` (checkpoint names), ``config.json``, ``history.json`` and the manifest."""
     segment = student.segment.to("cpu")
     qat.finish(segment)
+    if student.sparse:  # the masks become the tier's sparse_mlp pass
+        student.sparse.remove()
     out.mkdir(parents=True, exist_ok=True)
     save_weights(segment, out)
     write_config(model, out)

@@ -159,7 +159,8 @@ def sparse_mlp(module: nn.Module, thresholds: dict, layers: LayerRange = None) -
 
 
 def log_histogram(x: torch.Tensor) -> torch.Tensor:
-    """Count and energy (sum x^2) of log2|x| in ``BINS`` bins from LOG2_LOW to LOG2_HIGH: (...) -> (2, BINS).
+    """Count and energy (sum x^2) of log2|x| in ``BINS`` bins from LOG2_LOW to LOG2_HIGH: (...) -> (2, BINS),
+    on the CPU wherever x is.
 
     Values beyond the range fall into the end bins.
     """
@@ -167,7 +168,7 @@ def log_histogram(x: torch.Tensor) -> torch.Tensor:
     logs = x.clamp(min=2.0**LOG2_LOW).log2()
     bins = ((logs - LOG2_LOW) * BINS_PER_OCTAVE).long().clamp(0, BINS - 1)  # (M,)
     return torch.stack((torch.bincount(bins, minlength=BINS).double(),
-                        torch.bincount(bins, weights=x.double().square(), minlength=BINS)))
+                        torch.bincount(bins, weights=x.double().square(), minlength=BINS))).cpu()
 
 
 def histogram_quantile(mass: torch.Tensor, share: float) -> float:
@@ -221,8 +222,9 @@ def _site_shares(sparsity) -> tuple[float, float]:
     return tuple(check_fraction(s, f"sparsity of the {site} input") for s, site in zip(pair, SITES))
 
 
-def input_histograms(segment, calibration, blocks: dict[int, nn.Module]) -> dict[tuple[int, str], torch.Tensor]:
-    """log2 |x| histograms of the gate_up and down inputs of each block over the calibration data."""
+def histogram_hooks(blocks: dict[int, nn.Module]) -> tuple[dict, dict[tuple[int, str], torch.Tensor]]:
+    """Forward pre-hooks {linear: hook} that add the gate_up and down inputs of each block to log2 |x|
+    histograms, and the histograms they fill, {(layer, site): (2, BINS)}."""
     hists: dict[tuple[int, str], torch.Tensor] = {}
 
     def hook_for(key):
@@ -235,8 +237,34 @@ def input_histograms(segment, calibration, blocks: dict[int, nn.Module]) -> dict
     for i, block in blocks.items():
         hooks[block.mlp.gate_up_proj] = hook_for((i, "gate_up"))
         hooks[block.mlp.down_proj] = hook_for((i, "down"))
+    return hooks, hists
+
+
+def input_histograms(segment, calibration, blocks: dict[int, nn.Module]) -> dict[tuple[int, str], torch.Tensor]:
+    """log2 |x| histograms of the gate_up and down inputs of each block over the calibration data."""
+    hooks, hists = histogram_hooks(blocks)
     run_calibration(segment, calibration, hooks)
     return hists
+
+
+def sparse_description(hists: dict[tuple[int, str], torch.Tensor], blocks: dict[int, nn.Module], sparsity,
+                       allocation: str = "uniform") -> dict:
+    """The ``sparse_mlp`` description whose thresholds zero ``sparsity`` of each input of ``hists``."""
+    shares = _site_shares(sparsity)
+    if allocation not in ALLOCATIONS:
+        raise CompressionError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
+    per_site = [site_thresholds([hists[i, site] for i in blocks], share, allocation) for site, share in
+                zip(SITES, shares)]  # [site][layer]
+    thresholds = {str(i): [float(f"{t[n]:.6g}") for t in per_site] for n, i in enumerate(blocks)}
+    return {"pass": "sparse_mlp", "thresholds": thresholds}
+
+
+def plain_mlp_blocks(segment, layers: LayerRange = None) -> dict[int, nn.Module]:
+    """{layer: block} of the chosen blocks, each with its plain MLP (else a CompressionError)."""
+    blocks = dict(decoder_layers(segment, layers))
+    if any(not isinstance(b.mlp.gate_up_proj, nn.Linear) for b in blocks.values()):
+        raise CompressionError("calibrate_sparse_mlp needs the plain MLP (calibrate before any MLP pass)")
+    return blocks
 
 
 def calibrate_sparse_mlp(
@@ -249,14 +277,26 @@ def calibrate_sparse_mlp(
     each layer's input energy (sum x^2), so that the layers' mean share zeroed is ``sparsity``;
     ``calibration``: token ids (T,), or hidden states (T, C) for a segment without the embedding.
     """
-    shares = _site_shares(sparsity)
+    _site_shares(sparsity)
     if allocation not in ALLOCATIONS:
         raise CompressionError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
-    blocks = dict(decoder_layers(segment, layers))
-    if any(not isinstance(b.mlp.gate_up_proj, nn.Linear) for b in blocks.values()):
-        raise CompressionError("calibrate_sparse_mlp needs the plain MLP (calibrate before any MLP pass)")
+    blocks = plain_mlp_blocks(segment, layers)
     hists = input_histograms(segment, calibration, blocks) if blocks else {}
-    per_site = [site_thresholds([hists[i, site] for i in blocks], share, allocation) for site, share in
-                zip(SITES, shares)]  # [site][layer]
-    thresholds = {str(i): [float(f"{t[n]:.6g}") for t in per_site] for n, i in enumerate(blocks)}
-    return {"pass": "sparse_mlp", "thresholds": thresholds}
+    return sparse_description(hists, blocks, sparsity, allocation)
+
+
+# ---- training with the inputs zeroed --------------------------------------------------------------
+
+
+def attach_input_masks(module: nn.Module, thresholds: dict) -> list:
+    """Zero the MLP inputs below their thresholds in the plain MLPs under ``module`` (forward pre-hooks on
+    gate_up_proj and down_proj), as ``SparseMLP`` does, but differentiable in the weights and the kept
+    inputs: sparsity-aware fine-tuning trains the model it will be. Returns the hook handles to remove."""
+    table = check_thresholds(thresholds)
+    handles = []
+    for i, block in plain_mlp_blocks(module).items():
+        for linear, threshold in zip((block.mlp.gate_up_proj, block.mlp.down_proj), table.get(i, (0.0, 0.0))):
+            if threshold > 0:
+                handles.append(linear.register_forward_pre_hook(
+                    lambda _m, args, t=threshold: (torch.where(args[0].abs() >= t, args[0], 0),)))
+    return handles

@@ -15,6 +15,7 @@ from partitioner.distill.students import every_other, greedy_keep, layer_dropped
 from partitioner.distill.train import STATE, DistillConfig, batches, build, distill, distill_loss, text_tokens
 from partitioner.runtime.artifacts import ArtifactError
 from partitioner.runtime.compress.quant import Int4Linear, Int8Linear
+from partitioner.runtime.compress.sparse import SparseMLP, attach_input_masks
 from partitioner.runtime.segment import Segment, SegmentInput
 from partitioner.runtime.student import StudentError, load_student, structure_of
 from tests.conftest import GPL3
@@ -46,12 +47,15 @@ def config(text: str, **overrides) -> DistillConfig:
     return DistillConfig(**{**base, **overrides})
 
 
-def held_out_loss(model, cfg, state=None) -> float:
-    """The loss of a student (fresh, or with ``state``) on a fixed batch the training never draws."""
+def held_out_loss(model, cfg, state=None, sparse=None) -> float:
+    """The loss of a student (fresh, or with ``state`` and a sparse tier's ``sparse`` pass) on a fixed batch
+    the training never draws."""
     ids = text_tokens(model, cfg.texts)
     student, frozen = build(model, cfg, ids)
     if state is not None:
         student.segment.load_state_dict(state, strict=False)
+    if sparse is not None:
+        student.sparse.use(student.segment, sparse)
     ids = batches(ids, 8, cfg.seq_len, torch.Generator().manual_seed(12345))
     with torch.no_grad():
         return float(distill_loss(student, frozen, ids, cfg)["loss"])
@@ -108,8 +112,11 @@ def test_greedy_keep_never_does_worse_than_every_other(tiny_glm):
         {"kind": "low_rank", "rank_fraction": 0.25, "lr": 2e-4},
         {"kind": "prune", "mlp_fraction": 0.5, "layers": (0, 3), "lr": 2e-4},  # device: through the rest
         {"kind": "layer_drop", "qat": "int8", "layers": (1, 5)},  # a middle segment
+        {"kind": "sparse", "sparsity": 0.7, "lr": 2e-4},  # the tiny random model shrugs off less
+        {"kind": "sparse", "sparsity": [0.6, 0.8], "layers": (0, 3), "lr": 2e-4},  # device: through the rest
     ],
-    ids=["layer-drop", "layer-drop-auto-qat4", "prune", "low-rank", "prune-device", "qat8-middle"],
+    ids=["layer-drop", "layer-drop-auto-qat4", "prune", "low-rank", "prune-device", "qat8-middle", "sparse",
+         "sparse-device"],
 )
 def test_each_student_learns_and_its_exported_tier_loads(tiny_text_model, texts, tmp_path, overrides):
     cfg = config(texts[0], **overrides)
@@ -121,7 +128,8 @@ def test_each_student_learns_and_its_exported_tier_loads(tiny_text_model, texts,
     assert manifest["compression"] == record["compression"]
     state = load_student(tmp_path / "out", cfg.layers[0], manifest["compression"]["student"], tier.has_embed,
                          tier.has_head).state_dict()
-    after = held_out_loss(tiny_text_model, cfg, state)
+    passes = manifest["compression"]["passes"]
+    after = held_out_loss(tiny_text_model, cfg, state, passes[0] if cfg.kind == "sparse" else None)
     assert after < before, f"the held-out loss did not fall: {before} -> {after}"
     a, b = cfg.layers
     x = torch.randint(0, 96, (20,)) if a == 0 else torch.randn(20, 64)
@@ -131,6 +139,39 @@ def test_each_student_learns_and_its_exported_tier_loads(tiny_text_model, texts,
     if cfg.qat:  # the tier runs real low-bit kernels
         kinds = {type(m) for m in tier.modules()}
         assert (Int4Linear if cfg.qat == "int4" else Int8Linear) in kinds
+    if cfg.kind == "sparse":  # the tier's MLPs zero their inputs, at the thresholds it trained with
+        assert [type(b.mlp) for b in tier.layers.values()] == [SparseMLP] * (b - a)
+        assert manifest["compression"]["passes"][0]["pass"] == "sparse_mlp"
+
+
+def test_a_sparse_student_trains_the_model_it_becomes(tiny_text_model, texts, tmp_path):
+    """The masks in training compute what the exported SparseMLP tier does; the recalibrated thresholds keep
+    the sparsity asked for on the student's own inputs; bad settings are refused."""
+    cfg = config(texts[0], kind="sparse", sparsity=0.5, steps=10, save_every=5, lr=1e-3)
+    distill(tiny_text_model, cfg, tmp_path / "out", progress=False)
+    tier, manifest = load_distilled(tmp_path / "out")
+    description = manifest["compression"]["passes"][0]
+    plain = load_student(tmp_path / "out", 2, manifest["compression"]["student"], False, True)
+    handles = attach_input_masks(plain, description["thresholds"])
+    x = torch.randn(1, 24, 64)
+    with torch.no_grad():
+        masked = dense_forward(plain, x)[0]
+    for h in handles:
+        h.remove()
+    with torch.no_grad():
+        unmasked = dense_forward(plain, x)[0]
+    item = SegmentInput("s", 0, hidden=x[0])
+    assert torch.allclose(tier([item])[0], masked[0], atol=1e-4)  # train-time masks == the deployed kernel
+    assert (masked - unmasked).abs().max() > 1e-4  # and the masks do zero something
+    row = judge(tiny_text_model, tmp_path / "out", texts[1], tokens=300, window=64)
+    assert row["compression"] == "distilled-sparse-0.5"
+    assert 0.35 < row["mlp_inputs_zeroed"]["gate_up"] < 0.65 and 0.35 < row["mlp_inputs_zeroed"]["down"] < 0.65
+    with pytest.raises(ValueError, match="--sparsity"):
+        config(texts[0], kind="sparse").check()
+    with pytest.raises(ValueError, match="--sparsity"):
+        config(texts[0], kind="sparse", sparsity=1.0).check()
+    with pytest.raises(ValueError, match="--qat"):
+        config(texts[0], kind="sparse", sparsity=0.3, qat="int8").check()
 
 
 def test_qat_weights_are_what_the_runtime_kernels_hold():
@@ -157,6 +198,7 @@ def test_resume_continues_from_the_checkpoint(tiny_text_model, texts, tmp_path):
     distill(tiny_text_model, config(texts[0], steps=20, save_every=5), out, resume=True, progress=False)
     history = json.loads((out / "history.json").read_text())
     assert [h["step"] for h in history] == list(range(1, 21))
+    load_distilled(out)  # the manifest covers the files as the resumed run left them (loss.png redrawn)
     with pytest.raises(ValueError, match="trained as"):
         distill(tiny_text_model, config(texts[0], steps=30, kind="low_rank"), out, resume=True, progress=False)
 
@@ -200,7 +242,7 @@ def test_cli_documents_the_students_and_refuses_judging_on_training_text(texts, 
     with pytest.raises(SystemExit):
         main(["distill", "--help"])
     text = capsys.readouterr().out
-    for word in ("layer_drop", "prune", "low_rank", "--qat", "--resume", "KL", "MSE"):
+    for word in ("layer_drop", "prune", "low_rank", "sparse", "--sparsity", "--qat", "--resume", "KL", "MSE"):
         assert word in text
     code = main(["distill", "--layers", "2,6", "--text", texts[0], "--eval-text", texts[0], "--out", str(tmp_path)])
     assert code == 1 and "also a training text" in capsys.readouterr().err
