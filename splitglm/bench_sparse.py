@@ -23,7 +23,7 @@ from tqdm import tqdm
 from partitioner.eval.compression import compare, window_scores
 from partitioner.runtime.checkpoint import load_spec, load_tokenizer
 from partitioner.runtime.compress import apply_compression, calibrate_sparse_mlp
-from partitioner.runtime.compress.sparse import sparsity_tally
+from partitioner.runtime.compress.sparse import mean_shares, sparsity_tally
 from partitioner.runtime.segment import Segment, SegmentInput
 
 GPL3 = "/usr/share/common-licenses/GPL-3"
@@ -130,7 +130,7 @@ def _timings(dense: Segment, sparse: Segment, ids: torch.Tensor, repeats: int) -
 
 def _reached(shares: dict[int, dict[str, float]]) -> dict:
     """Mean share zeroed per input, and of the MLP's weight reads (gate_up holds 2/3 of the weights)."""
-    mean = {site: sum(s.get(site, 0.0) for s in shares.values()) / max(len(shares), 1) for site in ("gate_up", "down")}
+    mean = mean_shares(shares)
     return {"gate_up": round(mean["gate_up"], 4), "down": round(mean["down"], 4),
             "weights_skipped": round((2 * mean["gate_up"] + mean["down"]) / 3, 4)}
 

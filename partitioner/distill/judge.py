@@ -16,7 +16,7 @@ from partitioner.eval.compression import compare
 from partitioner.runtime.artifacts import verify_manifest
 from partitioner.runtime.build import build_segment
 from partitioner.runtime.checkpoint import load_spec, load_tokenizer
-from partitioner.runtime.compress.sparse import sparsity_tally
+from partitioner.runtime.compress.sparse import mean_shares, sparsity_tally
 from partitioner.runtime.segment import Segment
 
 
@@ -42,6 +42,5 @@ def judge(model: str | os.PathLike, folder: str | os.PathLike, text: str | os.Pa
         result = compare(front + [teacher] + back, front + [student] + back, ids, window)
     out = {"text": str(text), "compression": manifest["compression"]["name"], **result}
     if shares:  # a sparse tier: the share of its MLP inputs zeroed on this text
-        out["mlp_inputs_zeroed"] = {site: round(sum(s.get(site, 0.0) for s in shares.values()) / len(shares), 4)
-                                    for site in ("gate_up", "down")}
+        out["mlp_inputs_zeroed"] = {site: round(share, 4) for site, share in mean_shares(shares).items()}
     return out

@@ -32,6 +32,8 @@ from partitioner.distill.students import Student, greedy_keep, make_student, tra
 from partitioner.plan.export import save_weights, write_config
 from partitioner.runtime.artifacts import checkpoint_fingerprint, write_manifest
 from partitioner.runtime.checkpoint import load_spec, load_tokenizer, resolve_checkpoint
+from partitioner.runtime.compress.common import CompressionError
+from partitioner.runtime.compress.sparse import check_thresholds, mean_thresholds, site_shares
 from partitioner.runtime.segment import Segment
 from partitioner.runtime.student import structure_of
 
@@ -82,11 +84,12 @@ class DistillConfig:
         if not self.texts:
             raise ValueError("give at least one training text (--text)")
         if self.kind == "sparse":
-            shares = self.sparsity if isinstance(self.sparsity, (list, tuple)) else [self.sparsity]
-            if self.sparsity is None or len(shares) not in (1, 2) or not all(
-                    isinstance(x, (int, float)) and 0 <= x < 1 for x in shares) or not any(shares):
-                raise ValueError(f"a sparse student needs --sparsity S or GU:DOWN, shares in [0, 1) and not all 0, "
-                                 f"got {self.sparsity!r}")
+            try:
+                shares = site_shares(self.sparsity)
+            except CompressionError as e:
+                raise ValueError(f"a sparse student needs --sparsity S or GU:DOWN: {e}") from None
+            if not any(shares):
+                raise ValueError("a sparse student needs --sparsity above 0 at one input at least")
             if self.qat or self.qat_head:
                 raise ValueError("a sparse student cannot take --qat: sparse_mlp needs the plain MLP's weights")
 
@@ -264,7 +267,7 @@ def distill(model: str | os.PathLike, cfg: DistillConfig, out: str | os.PathLike
             if student.sparse:  # the thresholds follow the student's activations
                 student.sparse.calibrate(student.segment)
                 logger.info("step %d: sparse thresholds recalibrated, mean gate_up/down %s", step,
-                            _mean_thresholds(student.sparse.description))
+                            mean_thresholds(check_thresholds(student.sparse.description["thresholds"])))
             save_state(out, student, optimizer, step, history, cfg)
     bar.close()
     student.segment.eval()
@@ -273,11 +276,6 @@ def distill(model: str | os.PathLike, cfg: DistillConfig, out: str | os.PathLike
 
 
 # ---- export ---------------------------------------------------------------------------------------
-
-
-def _mean_thresholds(description: dict) -> list[float]:
-    pairs = list(description["thresholds"].values())
-    return [round(sum(p[i] for p in pairs) / max(len(pairs), 1), 6) for i in (0, 1)]
 
 
 def student_entry(student: Student, cfg: DistillConfig) -> dict:

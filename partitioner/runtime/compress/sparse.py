@@ -149,10 +149,18 @@ def sparse_mlp(module: nn.Module, thresholds: dict, layers: LayerRange = None) -
         "pass": "sparse_mlp",
         "layers": [touched[0], touched[-1] + 1] if touched else [],
         "sparse_layers": len(touched),
-        "mean_thresholds": [round(sum(table[i][s] for i in touched) / len(touched), 6) for s in (0, 1)]
-        if touched
-        else [],
+        "mean_thresholds": mean_thresholds({i: table[i] for i in touched}) if touched else [],
     }
+
+
+def mean_thresholds(table: dict[int, tuple[float, float]]) -> list[float]:
+    """The layers' mean [t_gate_up, t_down] of a non-empty threshold table."""
+    return [round(sum(pair[s] for pair in table.values()) / len(table), 6) for s in (0, 1)]
+
+
+def mean_shares(shares: dict[int, dict[str, float]]) -> dict[str, float]:
+    """The layers' mean share zeroed per input site, from ``sparsity_tally``'s {layer: {site: share}}."""
+    return {site: sum(s.get(site, 0.0) for s in shares.values()) / max(len(shares), 1) for site in SITES}
 
 
 # ---- calibration ----------------------------------------------------------------------------------
@@ -214,12 +222,19 @@ def site_thresholds(hists: list[torch.Tensor], share: float, allocation: str) ->
     return equal_error_thresholds(hists, share)
 
 
-def _site_shares(sparsity) -> tuple[float, float]:
+def site_shares(sparsity) -> tuple[float, float]:
     """One share for both inputs, or [gate_up, down]: each in [0, 1)."""
     pair = sparsity if isinstance(sparsity, (list, tuple)) else (sparsity, sparsity)
     if len(pair) != 2:
         raise CompressionError(f"sparsity is one share or [gate_up, down], got {sparsity!r}")
     return tuple(check_fraction(s, f"sparsity of the {site} input") for s, site in zip(pair, SITES))
+
+
+def _checked(sparsity, allocation: str) -> tuple[float, float]:
+    """The two site shares of ``sparsity``, after checking it and ``allocation``."""
+    if allocation not in ALLOCATIONS:
+        raise CompressionError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
+    return site_shares(sparsity)
 
 
 def histogram_hooks(blocks: dict[int, nn.Module]) -> tuple[dict, dict[tuple[int, str], torch.Tensor]]:
@@ -250,9 +265,7 @@ def input_histograms(segment, calibration, blocks: dict[int, nn.Module]) -> dict
 def sparse_description(hists: dict[tuple[int, str], torch.Tensor], blocks: dict[int, nn.Module], sparsity,
                        allocation: str = "uniform") -> dict:
     """The ``sparse_mlp`` description whose thresholds zero ``sparsity`` of each input of ``hists``."""
-    shares = _site_shares(sparsity)
-    if allocation not in ALLOCATIONS:
-        raise CompressionError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
+    shares = _checked(sparsity, allocation)
     per_site = [site_thresholds([hists[i, site] for i in blocks], share, allocation) for site, share in
                 zip(SITES, shares)]  # [site][layer]
     thresholds = {str(i): [float(f"{t[n]:.6g}") for t in per_site] for n, i in enumerate(blocks)}
@@ -277,9 +290,7 @@ def calibrate_sparse_mlp(
     each layer's input energy (sum x^2), so that the layers' mean share zeroed is ``sparsity``;
     ``calibration``: token ids (T,), or hidden states (T, C) for a segment without the embedding.
     """
-    _site_shares(sparsity)
-    if allocation not in ALLOCATIONS:
-        raise CompressionError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
+    _checked(sparsity, allocation)  # before the calibration runs
     blocks = plain_mlp_blocks(segment, layers)
     hists = input_histograms(segment, calibration, blocks) if blocks else {}
     return sparse_description(hists, blocks, sparsity, allocation)
