@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 import sys
 
-from partitioner.runtime.artifacts import ArtifactError
-from partitioner.settings import configure_logging, stop_on_signals
+from runtime.artifacts import ArtifactError
+from runtime.settings import configure_logging, stop_on_signals
 
 from .settings import CloudSettings, SettingsError
 

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
-from partitioner.runtime.kv_pool import PoolExhausted
-from partitioner.runtime.scheduler import QueueFull, Scheduler, SchedulerClosed
-from partitioner.runtime.step import SessionError
-from partitioner.session.terminal import StepError, TailSessions
 from protos import splitglm_pb2 as pb
+from runtime.kv_pool import PoolExhausted
+from runtime.scheduler import QueueFull, Scheduler, SchedulerClosed
+from runtime.step import SessionError
+from runtime.terminal import StepError, TailSessions
 
 logger = logging.getLogger(__name__)
 

@@ -21,12 +21,12 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from partitioner.runtime.artifacts import load_tier
-from partitioner.runtime.checkpoint import load_spec
-from partitioner.session.terminal import StepError
 from protos import splitglm_pb2 as pb
 from protos.errors import CodecError, SizeLimitError
 from protos.frames import decode_frame_hidden, parse_frame
+from runtime.artifacts import load_tier
+from runtime.checkpoint import load_spec
+from runtime.terminal import StepError
 
 from .batcher import Batcher, Limits
 from .settings import CloudSettings, SettingsError
@@ -181,7 +181,7 @@ def load_segment(plan: Path, settings: CloudSettings):
     if mib is None and settings.kv_pool_tokens is None:
         mib = 8192 if device.type == "cuda" else 1024
     if device.type == "cuda":
-        from partitioner.runtime.cuda import CudaEngine
+        from runtime.cuda import CudaEngine
 
         segment = CudaEngine(segment, dtype=dtype, pool_tokens=settings.kv_pool_tokens, pool_mib=mib,
                              prefill_chunk=settings.prefill_chunk, max_batch=settings.max_batch,

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from partitioner.settings import AgentSettings, SettingsError, load_settings  # noqa: F401 -- re-exported
+from runtime.settings import AgentSettings, SettingsError, load_settings  # noqa: F401 -- re-exported
 
 DESCRIPTION = "splitglm cloud service: a plan's cloud segment over gRPC, steps of many sessions batched"
 

@@ -10,7 +10,7 @@ import logging
 import sys
 import threading
 
-from partitioner.settings import configure_logging, stop_on_signals
+from runtime.settings import configure_logging, stop_on_signals
 
 from .settings import DeviceSettings, SettingsError, load_settings
 
@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(settings: DeviceSettings, stop: threading.Event) -> int:
-    from partitioner.runtime.artifacts import ArtifactError
-    from partitioner.runtime.checkpoint import CheckpointError
+    from runtime.artifacts import ArtifactError
+    from runtime.checkpoint import CheckpointError
 
     from .agent import DeviceAgent
 

@@ -28,12 +28,12 @@ from typing import Any
 
 import torch
 
-from partitioner.runtime.artifacts import load_plan, load_tier
-from partitioner.runtime.checkpoint import load_spec, load_tokenizer
-from partitioner.session.owner import Generation
 from protos import splitglm_pb2 as pb
 from protos.mqtt import MqttAuth, connect, new_client, wait_for_broker
 from protos.topics import errors_topic, results_topic, sensors_subscription
+from runtime.artifacts import load_plan, load_tier
+from runtime.checkpoint import load_spec, load_tokenizer
+from runtime.owner import Generation
 
 from .link import EdgeLink, LinkClosed
 from .readings import Reading, ReadingError, dead_letter, parse_reading, prompt_token_ids, render_prompt

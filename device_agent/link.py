@@ -62,7 +62,7 @@ class EdgeGone(LinkError):
 
 
 class EdgeLink:
-    """``partitioner.session.owner.Downstream`` over MQTT; the owner of ``client`` forwards its connect callbacks."""
+    """``runtime.owner.Downstream`` over MQTT; the owner of ``client`` forwards its connect callbacks."""
 
     def __init__(
         self,

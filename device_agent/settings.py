@@ -14,9 +14,9 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from partitioner.settings import AgentSettings, MqttClientSettings, SettingsError, load_settings  # noqa: F401 -- re-exported
 from protos.mqtt import broker_address
 from protos.topics import DEFAULT_POOL, frames_topic, steps_topic
+from runtime.settings import AgentSettings, MqttClientSettings, SettingsError, load_settings  # noqa: F401 -- re-exported
 
 DEFAULT_PROMPT = (
     "You monitor the sensors of device {device_id}. Recent readings:\n{readings}\n"

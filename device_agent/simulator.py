@@ -18,9 +18,9 @@ import threading
 import time
 from dataclasses import dataclass
 
-from partitioner.settings import configure_logging, stop_on_signals
 from protos.mqtt import MqttAuth, connect, new_client, resolve_protocol
 from protos.topics import sensor_topic
+from runtime.settings import configure_logging, stop_on_signals
 
 from .settings import SensorSettings, SettingsError, load_settings
 

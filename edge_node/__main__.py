@@ -9,7 +9,7 @@ import logging
 import signal
 import sys
 
-from partitioner.settings import configure_logging, stop_on_signals
+from runtime.settings import configure_logging, stop_on_signals
 
 from .settings import EdgeSettings, SettingsError
 

@@ -11,7 +11,7 @@ replica fails mid-generation the router moves its sessions to another one by
 replaying their split-point history (``edge_node.router``).
 
 ``CloudClient.tail()`` gives a ``CloudStream``: the accurate tail of one
-session (a ``partitioner.session.owner.Downstream``). Its frames go out through one
+session (a ``runtime.owner.Downstream``). Its frames go out through one
 ``SegmentService.Stream`` call (requests fed from a queue); a reader thread
 moves the answers into a queue that ``step`` reads under a timeout. Failures
 never raise: a gRPC error or a timeout comes back as a ``StepResult`` with

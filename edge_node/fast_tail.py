@@ -16,13 +16,13 @@ import time
 
 import torch
 
-from partitioner.runtime.artifacts import load_tier
-from partitioner.runtime.kv_pool import PoolExhausted
-from partitioner.runtime.sampling import SamplingParams
-from partitioner.runtime.step import SegmentInput, SessionError
-from partitioner.session.terminal import StepError, TailSessions
 from protos import splitglm_pb2 as pb
 from protos.status import error_result
+from runtime.artifacts import load_tier
+from runtime.kv_pool import PoolExhausted
+from runtime.sampling import SamplingParams
+from runtime.step import SegmentInput, SessionError
+from runtime.terminal import StepError, TailSessions
 
 logger = logging.getLogger(__name__)
 DRAFT = "#draft"  # the draft session's id: the session's, with this after it

@@ -1,7 +1,7 @@
 """The edge's OpenAI-compatible HTTP gateway: completions and chat (plain or streamed), health, metrics.
 
 The edge is the session owner of an HTTP request: ``node.generation`` runs
-the edge's layers and drives the cloud step by step (``partitioner.session.owner``).
+the edge's layers and drives the cloud step by step (``runtime.owner``).
 The endpoints only adapt: validate the body (``schemas``), build
 ``GenerationParams``, iterate the blocking Generation in a worker thread and
 shape OpenAI responses plus a ``splitglm`` object (which path made each token,
@@ -41,8 +41,8 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from partitioner.session.owner import StepFailed, TokenEvent
 from protos import splitglm_pb2 as pb
+from runtime.owner import StepFailed, TokenEvent
 
 from .guard import Guard, GuardLimits, setting
 from .metrics import CONTENT_TYPE, path_name

@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 import uvicorn
 
-from partitioner.runtime.artifacts import load_plan, load_tier, verify_manifest
-from partitioner.runtime.build import build_segment
-from partitioner.runtime.checkpoint import load_tokenizer
-from partitioner.runtime.scheduler import FairLock, Scheduler
-from partitioner.session.owner import Downstream, Generation
 from protos import splitglm_pb2 as pb
+from runtime.artifacts import load_plan, load_tier, verify_manifest
+from runtime.build import build_segment
+from runtime.checkpoint import load_tokenizer
+from runtime.owner import Downstream, Generation
+from runtime.scheduler import FairLock, Scheduler
 
 from .cloud import ChannelTls, CloudClient
 from .estimates import Estimates

@@ -31,17 +31,17 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from partitioner.runtime.kv_pool import PoolExhausted
-from partitioner.runtime.scheduler import QueueFull, Scheduler, SchedulerClosed
-from partitioner.runtime.step import SegmentInput, SessionError
-from partitioner.session.ledger import Ledger, StepError
-from partitioner.session.ledger import idle as ledger_idle
 from protos import splitglm_pb2 as pb
 from protos import topics
 from protos.errors import CodecError, SizeLimitError
 from protos.frames import decode_frame_hidden, make_frame, parse_frame
 from protos.mqtt import V5, MqttAuth, connect, new_client, publish_properties, wait_for_broker
 from protos.status import STATUS_NAMES, error_result
+from runtime.kv_pool import PoolExhausted
+from runtime.ledger import Ledger, StepError
+from runtime.ledger import idle as ledger_idle
+from runtime.scheduler import QueueFull, Scheduler, SchedulerClosed
+from runtime.step import SegmentInput, SessionError
 
 from .metrics import path_name
 
@@ -73,7 +73,7 @@ class Incoming:
 class RelaySession:
     """What the edge keeps of one device session between its frames."""
 
-    tail: object  # a partitioner.session.owner.Downstream (the cloud stream of this session)
+    tail: object  # a runtime.owner.Downstream (the cloud stream of this session)
     device: str  # the device that opened it: the only one whose frames it takes
     ledger: Ledger = field(default_factory=Ledger)  # seq order and the answer to a duplicate delivery
 
@@ -355,7 +355,7 @@ class FrameRelay:
             self._free(sid, f"cloud step failed: {result.error}")
             return result
         t2 = time.perf_counter()
-        # the edge's share of the step, for the owner's breakdown (partitioner.session.owner.stage_breakdown)
+        # the edge's share of the step, for the owner's breakdown (runtime.owner.stage_breakdown)
         result.timings_ms["edge_queue"] = (t0 - incoming.received) * 1e3  # waiting for its lane
         result.timings_ms["edge_compute"] = (t1 - t0) * 1e3  # decode, layers [k1, k2), encode
         result.timings_ms["tail"] = (t2 - t1) * 1e3  # the tail's step: cloud round trip (or the fast tail)

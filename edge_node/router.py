@@ -3,7 +3,7 @@ fast tail), chosen per request and switched mid-generation when the deadline or 
 
 ``Router`` holds what every session shares: the cloud client, the fast tail,
 the online estimates, the metrics and the deployment's policy.
-``Router.tail(kind)`` gives a ``RoutedTail``, the ``partitioner.session.owner.Downstream``
+``Router.tail(kind)`` gives a ``RoutedTail``, the ``runtime.owner.Downstream``
 of ONE session (an HTTP session the edge owns, or a device session relayed
 from MQTT). Per session:
 
@@ -50,14 +50,14 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from partitioner.runtime.sampling import SamplingParams
-from partitioner.session.ledger import Ledger
-from partitioner.session.terminal import sampling_params
 from protos import splitglm_pb2 as pb
 from protos.codecs import join_rows
 from protos.errors import CodecError
 from protos.frames import decode_frame_hidden, make_frame
 from protos.status import error_result
+from runtime.ledger import Ledger
+from runtime.sampling import SamplingParams
+from runtime.terminal import sampling_params
 
 from .estimates import Estimates, RobustStat
 from .fast_tail import FastTail

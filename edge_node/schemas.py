@@ -6,7 +6,7 @@ way OpenAI ignores unknown ones) plus two splitglm fields:
 ``latency_budget_ms`` (or ``token_budget_ms``, per new token) and ``policy``. Types are strict: ``"5"`` is not a
 number and ``1`` is not a boolean. A validated request becomes a ``Job``;
 responses (whole, or streamed chunks) are plain dicts shaped from a Job and
-its finished ``partitioner.session.owner.Generation``, with a ``splitglm`` object;
+its finished ``runtime.owner.Generation``, with a ``splitglm`` object;
 ``error_body`` is the one error shape every failure uses.
 """
 

@@ -15,9 +15,9 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from partitioner.settings import MqttClientSettings, SettingsError, existing_file, load_settings  # noqa: F401 -- re-exported
 from protos import topics
 from protos.mqtt import broker_address
+from runtime.settings import MqttClientSettings, SettingsError, existing_file, load_settings  # noqa: F401 -- re-exported
 
 from .cloud import parse_targets
 

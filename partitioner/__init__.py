@@ -1,10 +1,4 @@
-"""The partitioner and the runtime every tier shares.
-
-- ``runtime``: checkpoints, layers, the KV pool, segments, the scheduler, sampling, artifacts, backends and
-  the compression passes applied at load;
-- ``session``: the owner's decode loop and the terminal's bookkeeping (one of each);
-- ``plan``: profiling, measurements, topologies, the planner, partition/export, the fast-tail choice, live runs;
-- ``eval``: the quality harness (perplexity, agreement, codecs, compression).
-
-``partitioner.runtime`` imports nothing from ``plan`` or ``eval``; no package here imports an agent.
+"""The offline tools: the planner and its measurements (``plan``), the quality harness (``eval``), students and
+their training (``distill``) and the GGUF converter (``convert``). They run on ``runtime``; nothing here is
+imported by an agent, and ``eval`` imports nothing from ``plan``.
 """

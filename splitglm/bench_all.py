@@ -108,7 +108,7 @@ def machine() -> dict:
 
 
 def model_info(model: str) -> dict:
-    from partitioner.runtime.checkpoint import load_spec
+    from runtime.checkpoint import load_spec
 
     spec = load_spec(model)
     return {"folder": str(model), "name": Path(model).name, "layers": spec.num_layers, "hidden": spec.hidden_size,
@@ -126,8 +126,8 @@ def spread(values: list[float]) -> dict:
 
 def codecs_section(run: Run) -> list[dict]:
     from partitioner.eval.assess import evaluate
-    from partitioner.runtime.checkpoint import load_spec
     from protos.codecs import CODECS
+    from runtime.checkpoint import load_spec
 
     L = load_spec(run.model).num_layers
     splits = (L // 3, 2 * L // 3)

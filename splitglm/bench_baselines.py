@@ -71,7 +71,7 @@ class WholeModelRig(LiveChain):
     stopping (``close``); ``weight_bytes`` is what the loaded model's parameters occupy."""
 
     def __init__(self, model: str, topo: Topology, tier: str, threads: int = 1):
-        from partitioner.runtime.checkpoint import load_spec
+        from runtime.checkpoint import load_spec
 
         L = load_spec(model).num_layers
         link = {n: {"bandwidth_mbit_s": topo.links[n].bandwidth_mbit_s, "rtt_ms": topo.links[n].rtt_ms}
@@ -187,7 +187,7 @@ def bench_baselines(model: str, topology_path: str, split: dict, prompt_tokens: 
     ``split``: {"splits": [k1, k2], "codecs": {link: codec}, "compression": {tier: name}} (a plan's
     chosen candidate). The prompt is ``prompt_tokens`` seeded random ids: as text (the tokenizer's
     decoding) for the whole-model systems, as the ids themselves for the split ones."""
-    from partitioner.runtime.checkpoint import load_spec, load_tokenizer
+    from runtime.checkpoint import load_spec, load_tokenizer
 
     model, topo = str(model), load_topology(topology_path)
     tokenizer, spec = load_tokenizer(model), load_spec(model)

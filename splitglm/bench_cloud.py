@@ -23,11 +23,11 @@ import uuid
 import grpc
 import torch
 
-from partitioner.runtime.artifacts import load_plan, load_tier
-from partitioner.runtime.segment import SegmentInput
 from protos import splitglm_pb2 as pb
 from protos import splitglm_pb2_grpc as rpc
 from protos.frames import make_frame
+from runtime.artifacts import load_plan, load_tier
+from runtime.segment import SegmentInput
 
 from .processes import Proc
 

@@ -2,7 +2,7 @@
 
     splitglm bench cloud-gpu [--json] [--shape glm4-9b | --model DIR] [--repeats 3]
 
-Measured in one run, on the CUDA engine (``partitioner.runtime.cuda``, bf16, CUDA graphs):
+Measured in one run, on the CUDA engine (``runtime.cuda``, bf16, CUDA graphs):
 - the card's device-to-device copy bandwidth (bytes read + written), the segment's weight bytes, and the
   batch-1 bound: copy bandwidth / weight bytes tokens per second;
 - decode tokens/s at batch 1, 8 and 32 (128-token prompts, 128 decode steps, every session's step one
@@ -52,12 +52,12 @@ def copy_gbps(gib: float = 4.0, repeats: int = 20) -> float:
 
 
 def build_engine(args, spec):
-    from partitioner.runtime.cuda import CudaEngine, random_weights
+    from runtime.cuda import CudaEngine, random_weights
 
     common = {"dtype": torch.bfloat16, "pool_mib": args.pool_mib, "prefill_chunk": args.prefill_chunk,
               "max_batch": 32, "max_positions": 8192}
     if args.model:
-        from partitioner.runtime.segment import Segment
+        from runtime.segment import Segment
 
         segment = Segment.from_checkpoint(args.model, 0, spec.num_layers, head=True, dtype=torch.bfloat16)
         return CudaEngine(segment, **common)
@@ -71,8 +71,8 @@ def _rows(n: int, width: int) -> torch.Tensor:
 
 def decode_rate(engine, batch: int, prompt: int, steps: int) -> tuple[float, float]:
     """(decode tokens/s over all sessions, median step ms): prompts first, then ``steps`` lockstep steps."""
-    from partitioner.runtime.sampling import SamplingParams
-    from partitioner.runtime.segment import SegmentInput
+    from runtime.sampling import SamplingParams
+    from runtime.segment import SegmentInput
 
     C, greedy = engine.spec.hidden_size, SamplingParams()
     sids = [f"b{batch}-{i}-{time.monotonic_ns()}" for i in range(batch)]
@@ -96,8 +96,8 @@ def decode_rate(engine, batch: int, prompt: int, steps: int) -> tuple[float, flo
 
 def verify_ratio(engine, prompt: int = 128, repeats: int = 50) -> tuple[float, float, float]:
     """(5-position step ms / 1-position step ms, and both medians), one session, rewound after each step."""
-    from partitioner.runtime.sampling import SamplingParams
-    from partitioner.runtime.segment import SegmentInput
+    from runtime.sampling import SamplingParams
+    from runtime.segment import SegmentInput
 
     C, greedy = engine.spec.hidden_size, SamplingParams()
     engine([SegmentInput("verify", 0, hidden=_rows(prompt, C), sample=tuple(greedy.rows(prompt)))])
@@ -116,9 +116,9 @@ def verify_ratio(engine, prompt: int = 128, repeats: int = 50) -> tuple[float, f
 
 def prompt_interference(engine, sessions: int = 31, prompt: int = 4096, steps: int = 48) -> dict:
     """p99 of the running sessions' lockstep decode steps without and while a ``prompt``-token prompt arrives."""
-    from partitioner.runtime.sampling import SamplingParams
-    from partitioner.runtime.scheduler import Scheduler
-    from partitioner.runtime.segment import SegmentInput
+    from runtime.sampling import SamplingParams
+    from runtime.scheduler import Scheduler
+    from runtime.segment import SegmentInput
 
     C, greedy = engine.spec.hidden_size, SamplingParams()
     scheduler = Scheduler(engine, max_batch=32, name="bench").start()
@@ -158,8 +158,8 @@ def kernel_breakdown(engine, batch: int = 1, prompt: int = 128, steps: int = 5) 
     the profiler: the kernels are those of the graphs; the gaps between them are the graph's own)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from partitioner.runtime.sampling import SamplingParams
-    from partitioner.runtime.segment import SegmentInput
+    from runtime.sampling import SamplingParams
+    from runtime.segment import SegmentInput
 
     C, greedy, graphs = engine.spec.hidden_size, SamplingParams(), engine.graphs
     sids = [f"prof-{i}" for i in range(batch)]
@@ -226,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         sys.stderr.write("splitglm bench cloud-gpu: CUDA is not available on this machine (it needs an NVIDIA GPU)\n")
         return 2
-    from partitioner.runtime.checkpoint import GlmSpec, load_spec
+    from runtime.checkpoint import GlmSpec, load_spec
 
     config = SHAPES[args.shape] if not args.model else None
     spec = load_spec(args.model) if args.model else GlmSpec.from_config(config)

@@ -86,10 +86,10 @@ class MqttStaller:
                  rate_hz: float = 10.0, read: bool = False):
         import torch
 
-        from partitioner.runtime.segment import SegmentInput
         from protos.frames import frame_to_bytes, make_frame
         from protos.mqtt import V5, broker_address, resolve_protocol, uses_tls
         from protos.topics import DEFAULT_POOL, frames_topic, steps_topic
+        from runtime.segment import SegmentInput
 
         protocol = resolve_protocol(broker, "auto", auth)
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"staller-{uuid.uuid4().hex[:8]}",

@@ -122,7 +122,7 @@ class DeviceSession:
         connect(self.client, broker, protocol, auth)
 
     def run(self, prompt: str, max_tokens: int, sampling: dict) -> tuple[int, list[float]]:
-        from partitioner.session.owner import Generation
+        from runtime.owner import Generation
 
         gen = Generation(self.tier["segment"], self.link, self.tier["prompt"](prompt), self.tier["params"](
             max_tokens, sampling), self.tier["codec"], self.tier["tokenizer"], lock=self.tier["lock"])

@@ -21,10 +21,10 @@ import torch
 from tqdm import tqdm
 
 from partitioner.eval.compression import compare, window_scores
-from partitioner.runtime.checkpoint import load_spec, load_tokenizer
-from partitioner.runtime.compress import apply_compression, calibrate_sparse_mlp
-from partitioner.runtime.compress.sparse import mean_shares, sparsity_tally
-from partitioner.runtime.segment import Segment, SegmentInput
+from runtime.checkpoint import load_spec, load_tokenizer
+from runtime.compress import apply_compression, calibrate_sparse_mlp
+from runtime.compress.sparse import mean_shares, sparsity_tally
+from runtime.segment import Segment, SegmentInput
 
 GPL3 = "/usr/share/common-licenses/GPL-3"
 APACHE2 = "/usr/share/common-licenses/Apache-2.0"

@@ -67,9 +67,9 @@ class Device:
 
     def __init__(self, plan: str, broker: str):
         from device_agent.link import EdgeLink
-        from partitioner.runtime.artifacts import load_plan, load_tier
-        from partitioner.runtime.checkpoint import load_spec, load_tokenizer
         from protos.mqtt import connect, new_client, wait_for_broker
+        from runtime.artifacts import load_plan, load_tier
+        from runtime.checkpoint import load_spec, load_tokenizer
 
         self.segment = load_tier(plan, "device")
         self.tokenizer = load_tokenizer(Path(plan) / "device")
@@ -83,8 +83,8 @@ class Device:
         connect(self.client, broker, protocol)
 
     def generate(self, prompt: str, max_tokens: int, speculate: bool, sampling: dict) -> dict:
-        from partitioner.session.owner import Generation
         from protos import splitglm_pb2 as pb
+        from runtime.owner import Generation
 
         ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                                  tokenize=True, return_dict=False)

@@ -12,7 +12,7 @@ The three run in interleaved rounds (one generation each per round), so a
 drift in the machine's speed hits them alike. Monolithic and HTTP figures are
 medians of the per-token gaps; the device path's is the median of each
 answer's mean per token, as the device agent reports it. Each split answer
-also says where its time went (``stages_ms``, ``partitioner.session.owner.stage_breakdown``).
+also says where its time went (``stages_ms``, ``runtime.owner.stage_breakdown``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import urllib.request
 
 import torch
 
-from partitioner.runtime.checkpoint import load_hf_model, load_tokenizer
+from runtime.checkpoint import load_hf_model, load_tokenizer
 
 from .system import LocalSystem, ResultListener
 

@@ -14,8 +14,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from partitioner.runtime.artifacts import load_plan
-from partitioner.settings import stop_on_signals
+from runtime.artifacts import load_plan
+from runtime.settings import stop_on_signals
 
 from .system import LocalSystem, ResultListener
 

@@ -17,10 +17,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import SimpleNamespace
 
-from partitioner.session.local import Chain, LocalTail, split_segments
-from partitioner.session.owner import Generation
 from protos import splitglm_pb2 as pb
 from protos.frames import frame_from_bytes, frame_to_bytes
+from runtime.local import Chain, LocalTail, split_segments
+from runtime.owner import Generation
 from splitglm.fuzz.stack import CHARS, CHAT_TEMPLATE, char_tokenizer  # noqa: F401 -- one definition, re-exported
 
 
@@ -88,7 +88,7 @@ class TestNode:
 
 
 def greedy_tokens(checkpoint, k1: int, k2: int, prompt_ids: list[int], n: int, stop_ids=()) -> list[int]:
-    """The reference: the chained segments' greedy tokens (``partitioner.session.local.Chain``)."""
+    """The reference: the chained segments' greedy tokens (``runtime.local.Chain``)."""
     return [t for t, _ in Chain(split_segments(checkpoint, k1, k2)).generate(prompt_ids, n, stop_ids=tuple(stop_ids))]
 
 

@@ -41,7 +41,7 @@ def pack(folder: Path, out: Path, name: str) -> None:
 
 
 def unpack(files_at: Path, name: str, model: Path, folder: Path) -> None:
-    from partitioner.runtime.artifacts import write_manifest
+    from runtime.artifacts import write_manifest
 
     meta = json.loads((files_at / f"{name}.json").read_text())
     manifest = meta["manifest"]
@@ -49,7 +49,7 @@ def unpack(files_at: Path, name: str, model: Path, folder: Path) -> None:
     for shard in sorted(files_at.glob(f"{name}-*.safetensors")):
         state.update({k: v.float() for k, v in load_file(str(shard)).items()})
     if manifest["head"] or manifest["embed"]:
-        from partitioner.runtime.checkpoint import load_tensors
+        from runtime.checkpoint import load_tensors
 
         wanted = {"lm_head.weight", "model.embed_tokens.weight"}
         source = load_tensors(model, lambda n: n in wanted)

@@ -24,8 +24,8 @@ import torch
 from partitioner.convert import demo_model
 from partitioner.distill.dense import dense_forward
 from partitioner.eval.assess import text_ids
-from partitioner.session.local import split_segments
 from protos import quant
+from runtime.local import split_segments
 
 torch.set_num_threads(1)
 

@@ -1,6 +1,6 @@
 """The differentiable forward of a segment over windows of B sequences of T positions (training only).
 
-The runtime's layers (``partitioner.runtime.layers``) take any leading shape; here the rows are (B, T)
+The runtime's layers (``runtime.layers``) take any leading shape; here the rows are (B, T)
 and attention is plain causal attention over each sequence (``DenseContext``), with no KV pool, so
 autograd sees every operation. Equal to the runtime's output for a fresh session (tested).
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from partitioner.runtime.layers import rotary_cos_sin
-from partitioner.runtime.segment import Segment
+from runtime.layers import rotary_cos_sin
+from runtime.segment import Segment
 
 
 class DenseContext:

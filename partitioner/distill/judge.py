@@ -13,11 +13,11 @@ import os
 from pathlib import Path
 
 from partitioner.eval.compression import compare
-from partitioner.runtime.artifacts import verify_manifest
-from partitioner.runtime.build import build_segment
-from partitioner.runtime.checkpoint import load_spec, load_tokenizer
-from partitioner.runtime.compress.sparse import mean_shares, sparsity_tally
-from partitioner.runtime.segment import Segment
+from runtime.artifacts import verify_manifest
+from runtime.build import build_segment
+from runtime.checkpoint import load_spec, load_tokenizer
+from runtime.compress.sparse import mean_shares, sparsity_tally
+from runtime.segment import Segment
 
 
 def load_distilled(folder: str | os.PathLike) -> tuple[Segment, dict]:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from partitioner.runtime.compress.quant import int4_dequantize, int4_groups, int8_per_channel
+from runtime.compress.quant import int4_dequantize, int4_groups, int8_per_channel
 
 QAT_BITS = ("int8", "int4")
 INT4_GROUP = 32

@@ -16,14 +16,14 @@ import torch
 from torch import nn
 
 from partitioner.distill.dense import DenseContext, dense_forward
-from partitioner.runtime.compress import low_rank, prune_heads, prune_mlp
-from partitioner.runtime.compress.sparse import (
+from runtime.compress import low_rank, prune_heads, prune_mlp
+from runtime.compress.sparse import (
     attach_input_masks,
     histogram_hooks,
     plain_mlp_blocks,
     sparse_description,
 )
-from partitioner.runtime.segment import Segment
+from runtime.segment import Segment
 
 KINDS = ("layer_drop", "prune", "low_rank", "sparse")
 
@@ -196,7 +196,7 @@ def make_student(
     (teacher, depth) -> kept layers (``greedy_keep`` on training windows) when ``keep`` is None;
     ``sparsity`` and ``sparse_calibration`` (the windows entering the segment): the sparse student's.
     """
-    from partitioner.runtime.checkpoint import load_spec
+    from runtime.checkpoint import load_spec
 
     a, b = layers
     L = load_spec(model).num_layers

@@ -30,12 +30,12 @@ from partitioner.distill import qat
 from partitioner.distill.dense import dense_forward
 from partitioner.distill.students import Student, greedy_keep, make_student, trainable
 from partitioner.plan.export import save_weights, write_config
-from partitioner.runtime.artifacts import checkpoint_fingerprint, write_manifest
-from partitioner.runtime.checkpoint import load_spec, load_tokenizer, resolve_checkpoint
-from partitioner.runtime.compress.common import CompressionError
-from partitioner.runtime.compress.sparse import check_thresholds, mean_thresholds, site_shares
-from partitioner.runtime.segment import Segment
-from partitioner.runtime.student import structure_of
+from runtime.artifacts import checkpoint_fingerprint, write_manifest
+from runtime.checkpoint import load_spec, load_tokenizer, resolve_checkpoint
+from runtime.compress.common import CompressionError
+from runtime.compress.sparse import check_thresholds, mean_thresholds, site_shares
+from runtime.segment import Segment
+from runtime.student import structure_of
 
 logger = logging.getLogger(__name__)
 STATE = Path("train") / "state.pt"

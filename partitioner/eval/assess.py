@@ -11,13 +11,13 @@ import torch
 
 from partitioner.eval.compression import compare, window_scores
 from partitioner.eval.quality import CodecQuality, FrameLink, evaluate_codecs
-from partitioner.plan.fast_tail import compare_scores, hidden_windows, tail_scores
-from partitioner.plan.measure import COMPRESSIONS
-from partitioner.runtime.artifacts import load_plan, load_tier
-from partitioner.runtime.checkpoint import load_spec, load_tokenizer
-from partitioner.runtime.compress import apply_compression
-from partitioner.runtime.segment import Segment
-from partitioner.session.local import Chain, split_segments
+from partitioner.eval.tails import compare_scores, hidden_windows, tail_scores
+from runtime.artifacts import load_plan, load_tier
+from runtime.checkpoint import load_spec, load_tokenizer
+from runtime.compress import apply_compression
+from runtime.compress.named import COMPRESSIONS
+from runtime.local import Chain, split_segments
+from runtime.segment import Segment
 
 logger = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from tqdm import tqdm
 
 from partitioner.eval.quality import scores as _scores
 from partitioner.eval.quality import windows_of
-from partitioner.runtime.compress.passes import apply_compression
-from partitioner.runtime.segment import Segment
-from partitioner.session.local import Chain
+from runtime.compress.passes import apply_compression
+from runtime.local import Chain
+from runtime.segment import Segment
 
 Model = Segment | Chain | list[Segment]  # one whole-model segment, or segments from embedding to head
 

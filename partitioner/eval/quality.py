@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from partitioner.runtime.segment import Segment, SegmentInput
 from protos.frames import frame_from_bytes, frame_to_bytes, make_frame
+from runtime.segment import Segment, SegmentInput
 
 STEP_SAMPLE = 64  # positions whose one-position frames are measured for step_bytes_per_element
 

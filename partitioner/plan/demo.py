@@ -14,8 +14,8 @@ from pathlib import Path
 from partitioner.convert import default_cache_dir, demo_model
 from partitioner.eval.quality import FrameLink
 from partitioner.plan.export import cached_plan, export_plan, fixed_plan
-from partitioner.runtime.checkpoint import load_spec, load_tokenizer
-from partitioner.session.local import Chain, split_segments
+from runtime.checkpoint import load_spec, load_tokenizer
+from runtime.local import Chain, split_segments
 
 
 @dataclass

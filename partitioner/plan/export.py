@@ -11,7 +11,7 @@ PLAN_DIR/{device,edge,cloud,fast_tail}/
 ```
 
 Weights are stored uncompressed; the tier's compression (a list of
-``partitioner.runtime.compress`` passes) is applied when the agent loads them, so
+``runtime.compress`` passes) is applied when the agent loads them, so
 the artifact is exact and the compression deterministic. A tier planned for
 onnxruntime records ``"backend": "onnxruntime"`` and its ``"onnx"`` recipe
 (precision, fp32-kept globs) with no ``passes``: its artifact is the same fp32
@@ -34,9 +34,9 @@ from pathlib import Path
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from partitioner.runtime.artifacts import ArtifactError, model_fingerprint, write_manifest
-from partitioner.runtime.checkpoint import load_spec, resolve_checkpoint
-from partitioner.runtime.segment import Segment
+from runtime.artifacts import ArtifactError, model_fingerprint, write_manifest
+from runtime.checkpoint import load_spec, resolve_checkpoint
+from runtime.segment import Segment
 
 TOKENIZER_FILES = (
     "tokenizer.json",

@@ -31,21 +31,20 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm import tqdm
 
-from partitioner.eval.quality import scores, windows_of
-from partitioner.plan.measure import COMPRESSIONS
-from partitioner.runtime.build import build_segment
-from partitioner.runtime.checkpoint import load_spec
-from partitioner.runtime.segment import Segment, SegmentInput
+from partitioner.eval.tails import compare_scores, hidden_windows, segment_front, tail_scores
+from runtime.build import build_segment
+from runtime.checkpoint import load_spec
+from runtime.compress.named import COMPRESSIONS
+from runtime.segment import Segment, SegmentInput
 
 logger = logging.getLogger(__name__)
 
-# Candidate compressions of the fast tail (partitioner.runtime.compress descriptions). "+head" also
+# Candidate compressions of the fast tail (runtime.compress descriptions). "+head" also
 # quantises the LM head, often the largest matrix of a small model's tail ("int4+int8head": the
 # second pass finds only the head left as a plain linear). SmoothQuant is left out: it needs
 # calibration data at load time, which a tier artifact does not carry.
@@ -64,8 +63,6 @@ FAST_TAIL_COMPRESSIONS: dict[str, list[dict]] = {
 CANDIDATES = tuple(n for n in FAST_TAIL_COMPRESSIONS if n not in ("int4+head", "w8a8+head"))
 DEFAULT_FAST_TAIL = "int8" if "int8" in COMPRESSIONS else "none"  # fixed plans (no measurement)
 
-Front = Callable[[torch.Tensor], torch.Tensor]  # (T,) token ids -> (T, C) hidden states at k2
-Link = Callable[[torch.Tensor], torch.Tensor]  # (T, C) -> (T, C)
 
 
 @dataclass(frozen=True)
@@ -79,7 +76,7 @@ class DistilledTail:
     def offer(cls, folders, model_id: str, k2: int, num_layers: int) -> dict[str, DistilledTail]:
         """{candidate name: tail} of the ``splitglm distill`` folders that are layers [k2, L) + head of this
         model (verified); one of other layers is left out with a warning (the plan cut elsewhere)."""
-        from partitioner.runtime.artifacts import verify_manifest
+        from runtime.artifacts import verify_manifest
 
         offered = {}
         for folder in folders:
@@ -114,51 +111,6 @@ class Floor:
             quality["perplexity_delta_pct"] <= self.max_perplexity_increase_pct
             and quality["token_agreement"] >= self.min_token_agreement
         )
-
-
-# ---- quality --------------------------------------------------------------------------------------
-
-
-def _fresh(segment: Segment, item: SegmentInput) -> torch.Tensor:
-    """Run one new session's rows through ``segment`` and free it."""
-    try:
-        return segment([item])[0]
-    finally:
-        segment.close_session(item.session_id)
-
-
-def segment_front(front: Segment) -> Front:
-    """A front (embedding + layers [0, k2)) as a function of token ids."""
-    return lambda ids: _fresh(front, SegmentInput(uuid.uuid4().hex, 0, input_ids=ids))
-
-
-def hidden_windows(front: Front, ids: torch.Tensor, window: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(ids (T,), hidden states at the cut (T, C)) for each non-overlapping window of ``ids``."""
-    return [(chunk, front(chunk)) for chunk in windows_of(ids, window)]
-
-
-def tail_scores(tail: Segment, windows, link: Link | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token NLL (N,) and greedy choices (N,) of a tail fed each window's hidden states (through ``link``)."""
-    nll, greedy = [], []
-    for ids, hidden in windows:
-        rows = link(hidden) if link is not None else hidden
-        n, g = scores(_fresh(tail, SegmentInput(uuid.uuid4().hex, 0, hidden=rows)), ids)  # (T, V) logits
-        nll.append(n)
-        greedy.append(g)
-    return torch.cat(nll), torch.cat(greedy)
-
-
-def compare_scores(reference: tuple[torch.Tensor, torch.Tensor], candidate: tuple[torch.Tensor, torch.Tensor]) -> dict:
-    """Candidate against reference (each ``tail_scores``): perplexities, change in %, greedy agreement."""
-    (ref_nll, ref_greedy), (nll, greedy) = reference, candidate
-    base, ppl = math.exp(float(ref_nll.mean())), math.exp(float(nll.mean()))
-    return {
-        "perplexity": round(ppl, 4),
-        "accurate_perplexity": round(base, 4),
-        "perplexity_delta_pct": round(100 * (ppl / base - 1), 3),
-        "token_agreement": round(float((greedy == ref_greedy).float().mean()), 4),
-        "tokens": int(nll.numel()),
-    }
 
 
 # ---- speed ----------------------------------------------------------------------------------------

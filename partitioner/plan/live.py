@@ -92,7 +92,7 @@ class LiveChain:
         compression: dict[str, str],
         threads: int = 1,
     ):
-        from partitioner.runtime.checkpoint import load_spec
+        from runtime.checkpoint import load_spec
 
         L = load_spec(model).num_layers
         k1, k2 = splits
@@ -243,7 +243,7 @@ def measure_candidates(
     time-dilated) and ``error_pct`` of measured expected against
     ``predicted_live`` (else ``predicted``).
     """
-    from partitioner.runtime.checkpoint import load_spec
+    from runtime.checkpoint import load_spec
 
     spec = load_spec(model)
     gen = torch.Generator().manual_seed(seed)

@@ -143,7 +143,7 @@ class _TierConfig:
 
 def _load(cfg: _TierConfig):
     from partitioner.plan.measure import compression_entry
-    from partitioner.runtime.build import build_segment
+    from runtime.build import build_segment
 
     entry = compression_entry(cfg.backend, cfg.compression)
     embed, head = cfg.whole or cfg.role == "device", cfg.whole or cfg.role == "cloud"
@@ -197,10 +197,10 @@ def _tier_main(cfg: _TierConfig, pipe) -> None:
 
 def _serve(cfg: _TierConfig, seg, up: ShapedConn, down: ShapedConn | None) -> None:
     """Edge / cloud: answer frames from upstream until it closes (the cloud samples like the cloud service)."""
-    from partitioner.runtime.segment import SegmentInput
-    from partitioner.session.terminal import TailSessions
     from protos import splitglm_pb2 as pb
     from protos.frames import frame_from_bytes, frame_to_bytes, make_frame
+    from runtime.segment import SegmentInput
+    from runtime.terminal import TailSessions
 
     C = seg.spec.hidden_size
     tails = TailSessions(max_tokens=1 << 20)
@@ -267,8 +267,8 @@ class _ShapedDownstream:
 
 def _device_loop(cfg: _TierConfig, seg, down: ShapedConn, pipe) -> None:
     """The session owner: runs ("run", prompt_ids, decode_steps) commands from the parent (greedy tokens)."""
-    from partitioner.session.owner import Generation
     from protos import splitglm_pb2 as pb
+    from runtime.owner import Generation
 
     downstream = _ShapedDownstream(down)
     while True:
@@ -313,8 +313,8 @@ def _generate_whole(seg, tokenizer, request: bytes, emit) -> None:
     """Greedy generation on the whole model; ``emit(token, index, compute_ms)`` after each step.
 
     Step 0's compute includes tokenizing the text; sampling is the cloud's (``SegmentInput.sample``)."""
-    from partitioner.runtime.sampling import SamplingParams
-    from partitioner.runtime.segment import SegmentInput
+    from runtime.sampling import SamplingParams
+    from runtime.segment import SegmentInput
 
     t0 = time.perf_counter()
     steps, kind = _REQUEST.unpack_from(request)
@@ -348,7 +348,7 @@ def _whole_main(cfg: _TierConfig, pipe) -> None:
     torch.set_num_threads(cfg.threads)
 
     def body():
-        from partitioner.runtime.checkpoint import load_tokenizer
+        from runtime.checkpoint import load_tokenizer
 
         listener = _listen() if cfg.up else None
         if listener is not None:

@@ -31,29 +31,15 @@ from partitioner.eval.quality import evaluate_codecs
 from partitioner.plan.planner import CodecCost, CompressionCost
 from partitioner.plan.profiler import Profile, profile_segment
 from partitioner.plan.profiler_onnx import BACKEND as ONNX
-from partitioner.runtime.artifacts import model_fingerprint
-from partitioner.runtime.checkpoint import load_spec
-from partitioner.runtime.compress import apply_compression
-from partitioner.runtime.segment import Segment
 from protos.codecs import CODECS
+from runtime.artifacts import model_fingerprint
+from runtime.checkpoint import load_spec
+from runtime.compress import apply_compression
+from runtime.compress.named import COMPRESSIONS, ONNX_COMPRESSIONS
+from runtime.segment import Segment
 
 logger = logging.getLogger(__name__)
 
-# Compression choices the planner weighs, as compression descriptions (partitioner.runtime.compress).
-COMPRESSIONS: dict[str, list[dict]] = {
-    "none": [],
-    "int8": [{"pass": "int8", "activations": "bf16"}],  # weight-only int8, per output channel
-    "int4": [{"pass": "int4", "group_size": 32}],
-}
-# ONNX Runtime choices: the fp32 graph, or onnxruntime's dynamic int8 with the linears
-# measured sensitive kept fp32 (globs of module paths, ``backends.quantize_onnx_int8``).
-ONNX_COMPRESSIONS: dict[str, dict] = {
-    "none": {"precision": "fp32"},
-    "int8": {
-        "precision": "int8",
-        "keep_fp32": ["layers.*.mlp.down_proj", "layers.0.*", "layers.1.*", "layers.2.*", "lm_head"],
-    },
-}
 BACKEND_COMPRESSIONS: dict[str, dict] = {"torch": COMPRESSIONS, ONNX: ONNX_COMPRESSIONS}
 QUALITY_TOKENS = 2048
 
@@ -125,7 +111,7 @@ def _ensure_torch_profiles(path, data: dict, threads: set[int]) -> None:
 def _ensure_codec_quality(path, data: dict, ids: torch.Tensor) -> None:
     missing = [c for c in CODECS if c not in data["codecs"]]
     if missing:
-        from partitioner.session.local import split_segments
+        from runtime.local import split_segments
 
         L = load_spec(path).num_layers
         for r in evaluate_codecs(split_segments(path, L // 3, 2 * L // 3), ids, missing, window=512):
@@ -145,7 +131,7 @@ def exported_whole_model(path) -> Iterator[Path]:
 def _ensure_onnx(path, data: dict, threads: set[int], ids: torch.Tensor) -> None:
     """ONNX profiles and quality (against PyTorch fp32) from one export of the whole model."""
     from partitioner.plan.profiler_onnx import profile_exported
-    from partitioner.runtime.backends import OnnxSegment
+    from runtime.backends import OnnxSegment
 
     profiles = [(c, t) for c in ONNX_COMPRESSIONS for t in sorted(threads) if key(ONNX, c, t) not in data["profiles"]]
     quality = [c for c in ONNX_COMPRESSIONS if key(ONNX, c) not in data["compression"]]

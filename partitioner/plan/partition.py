@@ -23,8 +23,8 @@ from partitioner.plan.planner import Candidate, CompressionCost, Costs, plan, se
 from partitioner.plan.profiler import Profile
 from partitioner.plan.report import write_report
 from partitioner.plan.topology import TIERS, Topology, load_topology, tier_backend
-from partitioner.runtime.artifacts import checkpoint_fingerprint
-from partitioner.runtime.checkpoint import load_spec, load_tokenizer
+from runtime.artifacts import checkpoint_fingerprint
+from runtime.checkpoint import load_spec, load_tokenizer
 
 logger = logging.getLogger(__name__)
 LIVE_THREADS = 1  # --measure runs three tier processes on this machine's cores: one thread each

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from partitioner.runtime.segment import Segment, SegmentInput
+from runtime.segment import Segment, SegmentInput
 
 
 @dataclass

@@ -39,9 +39,9 @@ from pathlib import Path
 import torch
 
 from partitioner.plan.profiler import Profile, StageCost
-from partitioner.runtime.backends import OnnxSegment, export_onnx, load_meta, module_path
-from partitioner.runtime.checkpoint import load_spec
-from partitioner.runtime.segment import Segment, SegmentInput
+from runtime.backends import OnnxSegment, export_onnx, load_meta, module_path
+from runtime.checkpoint import load_spec
+from runtime.segment import Segment, SegmentInput
 
 logger = logging.getLogger(__name__)
 

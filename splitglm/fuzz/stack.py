@@ -25,7 +25,7 @@ CHAT_TEMPLATE = (
 )
 FRAME_LIMIT = 1 << 16  # the cloud's max_frame_bytes here: small, so that an over-size frame is cheap to send
 SESSION_TTL_S = 2.0  # the cloud's idle-session TTL here, seconds (sessions kept for a retry expire quickly)
-QUIET = ("device_agent", "edge_node", "cloud_service", "partitioner", "protos", "amqtt", "transports")
+QUIET = ("device_agent", "edge_node", "cloud_service", "partitioner", "runtime", "protos", "amqtt", "transports")
 
 
 def char_tokenizer():

@@ -16,12 +16,12 @@ import torch
 
 from cloud_service.server import CloudServer, serve
 from cloud_service.settings import CloudSettings
-from partitioner.runtime.sampling import SamplingParams
-from partitioner.runtime.segment import SegmentInput
-from partitioner.session.local import Chain, split_segments
 from protos import splitglm_pb2 as pb
 from protos import splitglm_pb2_grpc as rpc
 from protos.frames import make_frame
+from runtime.local import Chain, split_segments
+from runtime.sampling import SamplingParams
+from runtime.segment import SegmentInput
 
 HEALTHY_PROMPT = [3, 14, 15, 92, 65]
 HEALTHY_TOKENS = 256  # long enough to outlast the bad requests sent beside it

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from cloud_service.batcher import Batcher, Limits
-from partitioner.runtime.artifacts import load_tier
-from partitioner.session.terminal import StepError
 from protos import splitglm_pb2 as pb
 from protos.frames import make_frame
+from runtime.artifacts import load_tier
+from runtime.terminal import StepError
 
 from .conftest import reference
 

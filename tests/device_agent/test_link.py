@@ -16,14 +16,14 @@ from collections import Counter
 import pytest
 
 from device_agent.link import EdgeLink, LinkError
-from partitioner.runtime.segment import SegmentInput
-from partitioner.session.local import Chain, split_segments
-from partitioner.session.owner import Generation
-from partitioner.session.terminal import TailSessions
 from protos import splitglm_pb2 as pb
 from protos.frames import frame_from_bytes, make_frame
 from protos.mqtt import PROTOCOLS, V5, connect, new_client, publish_properties
 from protos.topics import EDGE_ID_PROPERTY, correlation, frames_subscription, frames_topic
+from runtime.local import Chain, split_segments
+from runtime.owner import Generation
+from runtime.segment import SegmentInput
+from runtime.terminal import TailSessions
 
 SPLITS = (2, 4)
 PROMPT = [3, 17, 5, 9, 11, 40, 2]

@@ -13,13 +13,13 @@ import uuid
 import pytest
 
 from device_agent.link import EdgeLink
-from partitioner.runtime.sampling import SamplingParams
-from partitioner.session.local import Chain, LocalTail, split_segments
-from partitioner.session.owner import Generation
 from protos import splitglm_pb2 as pb
 from protos.frames import frame_from_bytes
 from protos.mqtt import V5, connect, new_client
 from protos.topics import frames_subscription, frames_topic
+from runtime.local import Chain, LocalTail, split_segments
+from runtime.owner import Generation
+from runtime.sampling import SamplingParams
 
 SPLITS = (2, 4)
 PROMPT = [3, 17, 5, 9, 11, 40, 2]

@@ -18,7 +18,7 @@ def cloud(tiny_plan):
 @pytest.fixture(scope="module")
 def device_segment(tiny_plan):
     """tiny_plan's device tier (embedding + [0, k1)), for tests that play the device."""
-    from partitioner.runtime.artifacts import load_tier
+    from runtime.artifacts import load_tier
 
     return load_tier(tiny_plan, "device")
 

@@ -12,12 +12,12 @@ import torch
 
 from edge_node.cloud import CloudClient
 from edge_node.metrics import EdgeMetrics
-from partitioner.runtime.artifacts import load_tier
-from partitioner.runtime.segment import SegmentInput
-from partitioner.session.local import Chain, split_segments
-from partitioner.session.owner import Generation, StepFailed
 from protos import splitglm_pb2 as pb
 from protos.frames import make_frame
+from runtime.artifacts import load_tier
+from runtime.local import Chain, split_segments
+from runtime.owner import Generation, StepFailed
+from runtime.segment import SegmentInput
 from tests.procs import Proc, free_port
 
 PROMPT = [3, 17, 5, 9, 11, 40, 2]

@@ -20,7 +20,7 @@ import pytest
 
 from edge_node.node import EdgeNode
 from edge_node.settings import EdgeSettings, SettingsError
-from partitioner.session.local import Chain, split_segments
+from runtime.local import Chain, split_segments
 from tests.local_chain import CHARS
 from tests.procs import Proc
 from tests.tls import api_key, make_test_secrets

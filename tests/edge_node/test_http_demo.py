@@ -6,7 +6,7 @@ import openai
 import pytest
 
 from edge_node.http_api import create_app
-from partitioner.runtime.checkpoint import load_tokenizer
+from runtime.checkpoint import load_tokenizer
 from tests.local_chain import TestNode, greedy_tokens, serve
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from partitioner.plan.demo import demo_plan
-from partitioner.runtime.checkpoint import load_hf_model, load_tokenizer
+from runtime.checkpoint import load_hf_model, load_tokenizer
 from tests.procs import Proc
 
 pytestmark = pytest.mark.slow

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from edge_node.settings import EdgeSettings, SettingsError
-from partitioner.runtime.artifacts import load_tier
-from partitioner.runtime.segment import SegmentInput
 from protos import splitglm_pb2 as pb
 from protos.frames import make_frame
+from runtime.artifacts import load_tier
+from runtime.segment import SegmentInput
 from tests.edge_node.test_cloud_client import start_cloud
 from tests.edge_node.test_relay import MqttDevice, expected, wait_until
 from tests.local_chain import CHARS

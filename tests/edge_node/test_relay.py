@@ -19,12 +19,12 @@ from paho.mqtt.properties import Properties
 
 from edge_node.node import EdgeNode
 from edge_node.settings import EdgeSettings
-from partitioner.runtime.segment import SegmentInput
-from partitioner.session.local import Chain, split_segments
-from partitioner.session.owner import Generation
 from protos import splitglm_pb2 as pb
 from protos import topics
 from protos.frames import frame_to_bytes, make_frame
+from runtime.local import Chain, split_segments
+from runtime.owner import Generation
+from runtime.segment import SegmentInput
 from tests.edge_node.test_cloud_client import Letters
 
 PROMPTS = [[3, 17, 5, 9, 11, 40, 2], [7, 1, 8], [50, 60, 70, 80, 90], [12, 13]]

@@ -13,8 +13,8 @@ import signal
 import pytest
 
 from edge_node.cloud import parse_targets
-from partitioner.session.owner import Generation
 from protos import splitglm_pb2 as pb
+from runtime.owner import Generation
 from tests.edge_node.test_cloud_client import Letters, start_cloud
 from tests.edge_node.test_relay import MqttDevice, MqttDownstream
 from tests.edge_node.test_speculative import PROMPT, SAMPLED, TOKENS, start_edge

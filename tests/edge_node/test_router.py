@@ -4,7 +4,7 @@ the edge-to-cloud link by a real TCP proxy (``splitglm.linkproxy.DelayProxy``).
 The plan's fast tail is "none" (an exact copy of the cloud tier) and both links
 carry lossless fp32 frames, so every path -- accurate, fast, or switched mid-way
 by replaying the split-point history -- must give the chained model's greedy
-tokens. Sessions are driven like the edge's HTTP sessions: ``partitioner.session.owner``'s
+tokens. Sessions are driven like the edge's HTTP sessions: ``runtime.owner``'s
 Generation over the edge segment [0, k2) and ``node.tail("http")``.
 """
 
@@ -19,10 +19,10 @@ import pytest
 from edge_node.node import EdgeNode
 from edge_node.settings import EdgeSettings
 from partitioner.plan.export import cached_plan, fixed_plan
-from partitioner.runtime.sampling import SamplingParams
-from partitioner.session.local import Chain, split_segments
-from partitioner.session.owner import Generation, StepFailed
 from protos import splitglm_pb2 as pb
+from runtime.local import Chain, split_segments
+from runtime.owner import Generation, StepFailed
+from runtime.sampling import SamplingParams
 from splitglm.linkproxy import DelayProxy
 from tests.edge_node.test_cloud_client import Letters, start_cloud
 from tests.edge_node.test_relay import wait_until

@@ -15,9 +15,9 @@ import pytest
 from device_agent.agent import summary
 from edge_node.node import EdgeNode
 from edge_node.settings import EdgeSettings
-from partitioner.runtime.artifacts import load_tier
-from partitioner.session.owner import Generation
 from protos import splitglm_pb2 as pb
+from runtime.artifacts import load_tier
+from runtime.owner import Generation
 from splitglm.linkproxy import DelayProxy
 from tests.edge_node.test_cloud_client import Letters, start_cloud
 from tests.edge_node.test_relay import MqttDevice, MqttDownstream, wait_until

@@ -8,9 +8,9 @@ import torch
 from edge_node.fast_tail import FastTail
 from edge_node.router import History
 from edge_node.settings import EdgeSettings, SettingsError
-from partitioner.runtime.artifacts import load_tier
-from partitioner.runtime.segment import SegmentInput
 from protos import splitglm_pb2 as pb
+from runtime.artifacts import load_tier
+from runtime.segment import SegmentInput
 from tests.edge_node.test_router import PROMPT, exact_plan  # noqa: F401 -- fixture
 
 

@@ -16,8 +16,8 @@ import pytest
 from edge_node.node import EdgeNode
 from edge_node.settings import EdgeSettings
 from edge_node.speculation import Acceptance, RoundCosts, best_draft, expected_tokens
-from partitioner.session.owner import Generation
 from protos import splitglm_pb2 as pb
+from runtime.owner import Generation
 from tests.edge_node.test_cloud_client import Letters, start_cloud
 from tests.edge_node.test_relay import MqttDevice, MqttDownstream
 

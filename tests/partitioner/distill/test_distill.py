@@ -13,11 +13,11 @@ from partitioner.distill.dense import dense_forward
 from partitioner.distill.judge import judge, load_distilled
 from partitioner.distill.students import every_other, greedy_keep, layer_dropped, make_student
 from partitioner.distill.train import STATE, DistillConfig, batches, build, distill, distill_loss, text_tokens
-from partitioner.runtime.artifacts import ArtifactError
-from partitioner.runtime.compress.quant import Int4Linear, Int8Linear
-from partitioner.runtime.compress.sparse import SparseMLP, attach_input_masks
-from partitioner.runtime.segment import Segment, SegmentInput
-from partitioner.runtime.student import StudentError, load_student, structure_of
+from runtime.artifacts import ArtifactError
+from runtime.compress.quant import Int4Linear, Int8Linear
+from runtime.compress.sparse import SparseMLP, attach_input_masks
+from runtime.segment import Segment, SegmentInput
+from runtime.student import StudentError, load_student, structure_of
 from tests.conftest import GPL3
 
 
@@ -251,7 +251,7 @@ def test_cli_documents_the_students_and_refuses_judging_on_training_text(texts, 
 def test_a_distilled_fast_tail_joins_the_choice_and_ships_in_the_plan(tiny_text_model, texts, tmp_path):
     from partitioner.plan.export import export_plan, fixed_plan
     from partitioner.plan.fast_tail import DistilledTail, Floor, choose_fast_tail
-    from partitioner.runtime.artifacts import checkpoint_fingerprint, load_plan, load_tier
+    from runtime.artifacts import checkpoint_fingerprint, load_plan, load_tier
 
     distill(tiny_text_model, config(texts[0], layers=(4, 6), depth=1, steps=5), tmp_path / "tail", progress=False)
     distill(tiny_text_model, config(texts[0], layers=(3, 6), depth=1, steps=2), tmp_path / "other", progress=False)

@@ -10,8 +10,8 @@ import torch
 
 from partitioner.plan.export import cached_plan, export_plan, fixed_plan
 from partitioner.plan.fast_tail import FAST_TAIL_COMPRESSIONS, Floor, choose_fast_tail, pick_fast_tail
-from partitioner.runtime.artifacts import ArtifactError, load_plan, load_tier
-from partitioner.runtime.segment import SegmentInput
+from runtime.artifacts import ArtifactError, load_plan, load_tier
+from runtime.segment import SegmentInput
 
 C = 64  # tiny_glm's hidden size
 
@@ -113,7 +113,7 @@ def test_choose_measures_the_tiny_model_and_reuses_its_cache(tiny_glm):
 @pytest.mark.slow
 def test_demo_model_fast_tail_meets_the_floor(demo_checkpoint, gpl3_text):
     from partitioner.plan.measure import QUALITY_TOKENS
-    from partitioner.runtime.checkpoint import load_tokenizer
+    from runtime.checkpoint import load_tokenizer
 
     ids = load_tokenizer(demo_checkpoint)(gpl3_text, return_tensors="pt").input_ids[0][:QUALITY_TOKENS]
     floor = Floor()

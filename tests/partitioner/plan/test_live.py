@@ -8,7 +8,7 @@ import torch
 
 from partitioner.plan.live import LiveChain, dilated_ms, measure_candidates, summary
 from partitioner.plan.topology import Topology
-from partitioner.session.local import Chain, split_segments
+from runtime.local import Chain, split_segments
 
 
 def _topo(rtt_ms: float = 50.0, speed: float = 1.0) -> Topology:

@@ -12,8 +12,8 @@ from partitioner.plan.export import export_plan
 from partitioner.plan.planner import CodecCost, CompressionCost, plan
 from partitioner.plan.profiler import Profile, StageCost
 from partitioner.plan.topology import Topology, TopologyError, load_topology
-from partitioner.runtime.artifacts import ArtifactError, load_tier
-from partitioner.runtime.segment import Segment, SegmentInput
+from runtime.artifacts import ArtifactError, load_tier
+from runtime.segment import Segment, SegmentInput
 
 L, C = 6, 64
 
@@ -172,7 +172,7 @@ def test_plan_for_another_model_is_refused(plan_dir):
 
 
 def test_onnx_tier_loads_as_onnx_and_matches_torch(tiny_glm, tmp_path):
-    from partitioner.runtime.backends import OnnxSegment
+    from runtime.backends import OnnxSegment
 
     out = tmp_path / "plan"
     onnx_fp32 = {"name": "none", "backend": "onnxruntime", "passes": [], "onnx": {"precision": "fp32"}}

@@ -1,0 +1,423 @@
+"""A segment on an NVIDIA GPU: fused bf16 weights, Triton kernels over the paged KV pool, CUDA graphs.
+
+``CudaEngine`` serves the same calls as ``Segment`` (``engine(items, last_only)``, sessions, ``reserve``).
+A call runs in passes over the layers, each a fixed set of kernels (``_layers``: fused add + RMSNorm, one
+qkv product, rotary + KV write, paged attention, o, gate-up, SiLU-gate, down):
+
+- one **short pass** for every session stepping at most ``decode_rows`` positions (decode, speculative
+  verification): the rows of B sessions, each padded to T rows, B rounded up to a bucket; the linears are
+  the batch-invariant skinny products, so a row computes the same bits whoever shares its pass. Each
+  (bucket, T, greedy/sampled) shape is captured once as a CUDA graph and replayed.
+- one **chunk pass** per ``prefill_chunk`` positions of a longer step (a prompt), padded to the chunk: the
+  linears are cuBLAS products of exactly ``prefill_chunk`` rows, also captured as a graph.
+
+``graphs=False`` runs the very same passes on the very same buffers without capture: the eager reference
+the graphs are tested against. Sampling (``runtime.sampling.sample_rows``) runs inside each pass; the
+tokens are the only thing read back.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from runtime import triton_ops as ops
+from runtime.checkpoint import GlmSpec
+from runtime.kv_pool import DEFAULT_PAGE_SIZE, KVPool, PoolExhausted, pool_tokens
+from runtime.layers import inverse_frequencies
+from runtime.sampling import sample_rows
+from runtime.step import Sampled, SegmentInput, begin_step, check_items, end_step
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+@dataclass
+class LayerWeights:
+    qkv: torch.Tensor  # ((H + 2K) D, C)
+    qkv_bias: torch.Tensor | None  # ((H + 2K) D,)
+    o: torch.Tensor  # (C, H D)
+    gate_up: torch.Tensor  # (2 I, C)
+    down: torch.Tensor  # (C, I)
+    input_norm: torch.Tensor  # (C,)
+    post_attention_norm: torch.Tensor
+    post_self_attn_norm: torch.Tensor | None  # glm4's sandwich norms
+    post_mlp_norm: torch.Tensor | None
+
+
+@dataclass
+class Weights:
+    layers: list[LayerWeights]
+    embed: torch.Tensor | None  # (V, C)
+    norm: torch.Tensor | None  # (C,)
+    lm_head: torch.Tensor | None  # (V, C)
+
+    def nbytes(self) -> int:
+        tensors = [t for w in self.layers for t in vars(w).values() if t is not None]
+        tensors += [t for t in (self.embed, self.norm, self.lm_head) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def weights_of(segment, dtype: torch.dtype, device) -> Weights:
+    """The segment's weights fused (q|k|v) and cast for the GPU; refuses compressed layers."""
+
+    def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.detach().to(device=device, dtype=dtype).contiguous()
+
+    layers = []
+    for layer in segment.layers.values():
+        attn, mlp = layer.self_attn, layer.mlp
+        linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
+        if any(type(m) is not torch.nn.Linear for m in linears):
+            raise ValueError("the CUDA engine runs uncompressed layers: load the tier without compression passes")
+        bias = None if attn.q_proj.bias is None else torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+        sandwich = getattr(layer, "sandwich", False)
+        layers.append(LayerWeights(
+            qkv=cast(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])), qkv_bias=cast(bias),
+            o=cast(attn.o_proj.weight), gate_up=cast(mlp.gate_up_proj.weight), down=cast(mlp.down_proj.weight),
+            input_norm=cast(layer.input_layernorm.weight),
+            post_attention_norm=cast(layer.post_attention_layernorm.weight),
+            post_self_attn_norm=cast(layer.post_self_attn_layernorm.weight) if sandwich else None,
+            post_mlp_norm=cast(layer.post_mlp_layernorm.weight) if sandwich else None,
+        ))  # fmt: skip
+    return Weights(
+        layers,
+        cast(segment.embed_tokens.weight) if segment.has_embed else None,
+        cast(segment.norm.weight) if segment.has_head else None,
+        cast(segment.lm_head.weight) if segment.has_head else None,
+    )
+
+
+def random_weights(spec: GlmSpec, layers: int, embed: bool, head: bool, dtype, device, seed: int = 0) -> Weights:
+    """Random weights of a segment's shape, made on the GPU (speed benchmarks of shapes without a checkpoint)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    C, D, inter = spec.hidden_size, spec.head_dim, spec.intermediate_size
+    qkv_rows = (spec.num_heads + 2 * spec.num_kv_heads) * D
+
+    def rand(*shape, fan_in=None):
+        scale = 1.0 / math.sqrt(fan_in or shape[-1])
+        return (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * scale).to(dtype)
+
+    def ones():
+        return torch.ones(C, device=device, dtype=dtype)
+
+    sandwich = spec.sandwich_norm
+    made = [LayerWeights(
+        qkv=rand(qkv_rows, C),
+        qkv_bias=torch.zeros(qkv_rows, device=device, dtype=dtype) if spec.attention_bias else None,
+        o=rand(C, spec.num_heads * D), gate_up=rand(2 * inter, C), down=rand(C, inter), input_norm=ones(),
+        post_attention_norm=ones(), post_self_attn_norm=ones() if sandwich else None,
+        post_mlp_norm=ones() if sandwich else None,
+    ) for _ in range(layers)]  # fmt: skip
+    return Weights(made, rand(spec.vocab_size, C) if embed else None, ones() if head else None,
+                   rand(spec.vocab_size, C) if head else None)
+
+
+class _Pass:
+    """Static buffers of one pass shape, its captured graph (if any), and how to fill and read them."""
+
+    def __init__(self, engine: CudaEngine, sessions: int, rows_per: int, sampled: bool, short: bool):
+        self.B, self.T, self.sampled, self.short = sessions, rows_per, sampled, short
+        N, dev = sessions * rows_per, engine.device
+        self.N = N
+        if engine.has_embed:
+            self.inputs = torch.zeros(N, dtype=torch.int64, device=dev)
+        else:
+            self.inputs = torch.zeros(N, engine.spec.hidden_size, dtype=engine.dtype, device=dev)
+        self.meta = torch.zeros(2 * N + 4 * sessions, dtype=torch.int32, device=dev)
+        m = self.meta
+        self.positions, self.slots = m[:N], m[N : 2 * N]
+        self.rows, self.ctx_lens, self.q_starts, self.q_lens = m[2 * N :].view(4, sessions)
+        self.sampling = torch.zeros(3, N, dtype=torch.float32, device=dev)  # temperature, top_p, uniform
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out: tuple[torch.Tensor, ...] = ()
+
+
+class CudaEngine:
+    def __init__(
+        self,
+        segment=None,
+        *,
+        weights: Weights | None = None,
+        spec: GlmSpec | None = None,
+        start: int = 0,
+        embed: bool = False,
+        head: bool = False,
+        dtype: torch.dtype = torch.bfloat16,
+        device: str | torch.device = "cuda",
+        pool_tokens: int | None = None,
+        pool_mib: float | None = None,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        prefill_chunk: int = 128,
+        decode_rows: int = 16,
+        max_batch: int = 32,
+        max_sessions: int = 1024,
+        max_positions: int = 8192,
+        graphs: bool = True,
+    ):
+        """From a ``Segment`` (its weights are copied to the GPU), or from ``weights`` + ``spec`` + layout."""
+        if not ops.AVAILABLE:
+            raise RuntimeError("the CUDA engine needs triton (it comes with PyTorch's CUDA builds)")
+        self.device, self.dtype = torch.device(device), dtype
+        if segment is not None:
+            spec, start, embed, head = segment.spec, segment.start, segment.has_embed, segment.has_head
+            weights = weights_of(segment, dtype, self.device)
+        self.spec, self.weights = spec, weights
+        self.start, self.end = start, start + len(weights.layers)
+        self.has_embed, self.has_head = embed, head
+        self.prefill_chunk, self.decode_rows, self.max_batch = prefill_chunk, decode_rows, max_batch
+        self.max_positions, self.graphs = max_positions, graphs
+        layers, K, D = len(weights.layers), spec.num_kv_heads, spec.head_dim
+        per_token = 2 * max(layers, 1) * K * D * dtype.itemsize
+        self.pool = KVPool(layers, K, D, tokens=pool_tokens_of(per_token, pool_tokens, pool_mib), page_size=page_size,
+                           dtype=dtype, device=self.device, grow="exact")
+        self.max_pages = math.ceil(max_positions / page_size)
+        self._rows: dict[str, int] = {}  # session -> its row of the page table
+        self._written: dict[str, int] = {}  # session -> pages copied into its row
+        self._free_rows = list(range(max_sessions))
+        self.page_table = torch.zeros(max_sessions, self.max_pages, dtype=torch.int32, device=self.device)
+        angles = torch.arange(max_positions, device=self.device).float()[:, None] * \
+            inverse_frequencies(spec.rotary_dim, spec.rope_theta, self.device)[None]  # (P, R/2)
+        self.cos, self.sin = angles.cos().contiguous(), angles.sin().contiguous()
+        self._passes: dict[tuple, _Pass] = {}
+        self._graph_pool = torch.cuda.graph_pool_handle() if graphs else None
+        self.stats = {"graph_replays": 0, "eager_passes": 0, "captures": 0, "fill_ms": 0.0}
+
+    # ---- sessions (as Segment) ---------------------------------------------------------------------
+
+    @property
+    def sessions(self) -> dict:
+        return self.pool.sessions
+
+    def open_session(self, session_id: str) -> None:
+        self.pool.open(session_id)
+        self._attach(session_id)
+
+    def close_session(self, session_id: str) -> None:
+        if session_id in self.pool.sessions:
+            self.pool.close(session_id)
+        if session_id in self._rows:
+            self._free_rows.append(self._rows.pop(session_id))
+            self._written.pop(session_id, None)
+
+    def cached_length(self, session_id: str) -> int:
+        return self.pool.sessions[session_id].length
+
+    def reserve(self, session_id: str, positions: int) -> None:
+        """Take room for ``positions`` positions of a session now (PoolExhausted if the pool lacks it)."""
+        if positions > self.max_positions:
+            raise ValueError(f"{positions} positions exceed the engine's max_positions {self.max_positions}")
+        new = session_id not in self.pool.sessions
+        if new:
+            self.open_session(session_id)
+        try:
+            self.pool.reserve(session_id, positions)
+        except PoolExhausted:
+            if new:
+                self.close_session(session_id)
+            raise
+        self._attach(session_id)
+
+    def _attach(self, session_id: str) -> None:
+        """Give a session its row of the GPU page table and copy there the pages it got since."""
+        if session_id not in self._rows:
+            if not self._free_rows:
+                raise PoolExhausted(f"the engine holds its most sessions ({len(self._rows)})")
+            self._rows[session_id] = self._free_rows.pop()
+        pages, written = self.pool.sessions[session_id].pages, self._written.get(session_id, 0)
+        if len(pages) > written:
+            new = torch.tensor(pages[written:], dtype=torch.int32).to(self.device, non_blocking=True)
+            self.page_table[self._rows[session_id], written : len(pages)] = new
+            self._written[session_id] = len(pages)
+
+    # ---- a call --------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def __call__(self, items: list[SegmentInput], last_only: bool = False) -> list:
+        if not items:
+            return []
+        check_items(items, self.spec, self.has_embed, self.has_head, self.start)
+        for item in items:
+            if item.start_pos + item.num_positions > self.max_positions:
+                raise ValueError(f"session {item.session_id!r} would hold more than {self.max_positions} positions")
+        opened = [i.session_id for i in items if i.session_id not in self.pool.sessions]
+        begin_step(self.pool, items)
+        for item in items:
+            self._attach(item.session_id)
+        try:
+            outputs = self._run(items, last_only)
+        except Exception:
+            for session_id in opened:
+                self.close_session(session_id)
+            raise
+        end_step(self.pool, items)
+        return self._answers(items, outputs, last_only)
+
+    forward = __call__
+
+    def _run(self, items: list[SegmentInput], last_only: bool) -> list:
+        """Every item's raw output: (T, C) rows or, with the head, (tokens, logprobs, logits or None)."""
+        outputs: list = [None] * len(items)
+        short = [i for i, item in enumerate(items) if item.num_positions <= self.decode_rows]
+        if short:
+            B = next(b for b in BATCH_BUCKETS if b >= len(short))
+            T = max(items[i].num_positions for i in short)
+            sampled = any(r.temperature > 0 for i in short for r in items[i].sample)
+            p = self._pass((B, T, sampled, True), B, T, sampled, True)
+            layout = [(items[i], b * T, not items[i].sample and items[i].keep != 0) for b, i in enumerate(short)]
+            for i, out in zip(short, self._replay(p, layout)):
+                outputs[i] = out
+        for i, item in enumerate(items):
+            if item.num_positions > self.decode_rows:
+                outputs[i] = self._chunked(item, last_only)
+        return outputs
+
+    def _chunked(self, item: SegmentInput, last_only: bool):
+        """A long step in ``prefill_chunk`` passes; the rows (no head) or the chunks' answers joined (head)."""
+        chunk, parts = self.prefill_chunk, []
+        sampled = any(r.temperature > 0 for r in item.sample)
+        p = self._pass((1, chunk, sampled, False), 1, chunk, sampled, False)
+        for a in range(0, item.num_positions, chunk):
+            b = min(a + chunk, item.num_positions)
+            rows = {"input_ids": item.input_ids[a:b]} if self.has_embed else {"hidden": item.hidden[a:b]}
+            last = b == item.num_positions
+            part = SegmentInput(item.session_id, item.start_pos + a, sample=item.sample if last else (), **rows)
+            keep = not item.sample and item.keep != 0 and (last or not last_only)  # logits where someone reads them
+            parts.append(self._replay(p, [(part, 0, keep)])[0])
+        if not self.has_head:
+            return torch.cat(parts)
+        logits = [part[2] for part in parts if part[2] is not None]
+        return (torch.cat([q[0] for q in parts]), torch.cat([q[1] for q in parts]),
+                torch.cat(logits) if logits else None)
+
+    # ---- passes --------------------------------------------------------------------------------------
+
+    def _pass(self, key, B, T, sampled, short) -> _Pass:
+        p = self._passes.get(key)
+        if p is None:
+            p = self._passes[key] = _Pass(self, B, T, sampled, short)
+        return p
+
+    def _fill(self, p: _Pass, layout: list[tuple[SegmentInput, int, bool]]) -> None:
+        """Copy a pass's inputs into its static buffers (padding rows write to no slot and attend nothing)."""
+        N, B = p.N, p.B
+        positions, slots, where = [0] * N, [-1] * N, []
+        rows, ctx, starts, lens = [0] * B, [0] * B, [0] * B, [0] * B
+        samp = [[0.0] * N, [1.0] * N, [0.0] * N]
+        for b, (item, first, _) in enumerate(layout):
+            n = item.num_positions
+            positions[first : first + n] = range(item.start_pos, item.start_pos + n)
+            slots[first : first + n] = self.pool.slots(item.session_id, item.start_pos, n)
+            where.extend(range(first, first + n))
+            rows[b], ctx[b], starts[b], lens[b] = self._rows[item.session_id], item.start_pos + n, first, n
+            for j, r in enumerate(item.sample):
+                at = first + n - len(item.sample) + j
+                samp[0][at], samp[1][at], samp[2][at] = r.temperature, r.top_p, r.uniform
+        p.meta.copy_(torch.tensor(positions + slots + rows + ctx + starts + lens, dtype=torch.int32), non_blocking=True)
+        p.sampling.copy_(torch.tensor(samp, dtype=torch.float32), non_blocking=True)
+        src = torch.cat([item.input_ids if self.has_embed else item.hidden for item, _, _ in layout])  # (R, C)
+        src = src.to(device=self.device, dtype=p.inputs.dtype, non_blocking=True)
+        if where == list(range(len(where))):  # every session fills its rows: one copy (padding keeps old rows)
+            p.inputs[: len(where)].copy_(src)
+        else:
+            p.inputs.index_copy_(0, torch.tensor(where, device=self.device), src)
+
+    def _replay(self, p: _Pass, layout) -> list:
+        """Run the pass on ``layout`` ((item, its first row, keep its logits)); per item its rows, or (tokens,
+        logprobs, logits or None)."""
+        started = time.perf_counter()
+        self._fill(p, layout)
+        self.stats["fill_ms"] += (time.perf_counter() - started) * 1e3
+        if self.graphs and p.graph is None:
+            self._capture(p)
+        if p.graph is not None:
+            p.graph.replay()
+            self.stats["graph_replays"] += 1
+        else:
+            p.out = self._layers(p)
+            self.stats["eager_passes"] += 1
+        out = []
+        for item, first, keep in layout:
+            rows = slice(first, first + item.num_positions)
+            if not self.has_head:
+                out.append(p.out[0][rows].clone())
+                continue
+            tokens, logprobs, logits = p.out
+            out.append((tokens[rows].clone(), logprobs[rows].clone(), logits[rows].clone() if keep else None))
+        return out
+
+    def _capture(self, p: _Pass) -> None:
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self._layers(p)  # warm-up: compiles the kernels, sets up the libraries
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            p.out = self._layers(p)
+        p.graph = graph
+        self.stats["captures"] += 1
+
+    def _linear(self, p: _Pass, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if p.short:
+            return ops.skinny_linear(x, w, bias)
+        return F.linear(x, w, bias)
+
+    def _layers(self, p: _Pass) -> tuple[torch.Tensor, ...]:
+        """The pass: every layer over the static rows, then the head and sampling. Shapes depend on p only."""
+        spec, w = self.spec, self.weights
+        H, K, D, eps = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.rms_norm_eps
+        x = F.embedding(p.inputs, w.embed) if self.has_embed else p.inputs  # (N, C)
+        block_tables = self.page_table.index_select(0, p.rows)  # (B, max_pages)
+        h = ops.rms_norm(x, w.layers[0].input_norm, eps) if w.layers else None
+        for i, lw in enumerate(w.layers):
+            qkv = self._linear(p, h, lw.qkv, lw.qkv_bias)  # (N, (H + 2K) D)
+            kc, vc = self.pool.k[i], self.pool.v[i]  # (pages, page_size, K, D)
+            q = ops.rotary_kv_write(qkv, self.cos, self.sin, p.positions, p.slots, kc, vc, H, K, D, spec.rotary_dim)
+            a = ops.paged_attention(q, kc, vc, block_tables, p.ctx_lens, p.q_starts, p.q_lens, D**-0.5, p.T)
+            o = self._linear(p, a.view(p.N, H * D), lw.o)  # (N, C)
+            h, x = ops.add_rms_norm(o, x, lw.post_attention_norm, eps, post_weight=lw.post_self_attn_norm)
+            d = self._linear(p, ops.silu_mul(self._linear(p, h, lw.gate_up)), lw.down)  # (N, C)
+            nxt = w.layers[i + 1].input_norm if i + 1 < len(w.layers) else (w.norm if self.has_head else None)
+            if nxt is not None:
+                h, x = ops.add_rms_norm(d, x, nxt, eps, post_weight=lw.post_mlp_norm)
+            else:
+                x = x + (ops.rms_norm(d, lw.post_mlp_norm, eps) if lw.post_mlp_norm is not None else d)
+        if not self.has_head:
+            return (x,)
+        if not w.layers:
+            h = ops.rms_norm(x, w.norm, eps)
+        logits = self._linear(p, h, w.lm_head)  # (N, V)
+        tokens, logprobs = sample_rows(logits, p.sampling[0], p.sampling[1], p.sampling[2], p.sampled)
+        return tokens, logprobs, logits
+
+    # ---- answers --------------------------------------------------------------------------------------
+
+    def _answers(self, items: list[SegmentInput], outputs: list, last_only: bool) -> list:
+        if not self.has_head:
+            return outputs
+        tokens = torch.cat([o[0][o[0].shape[0] - len(item.sample):] for item, o in zip(items, outputs)])
+        logprobs = torch.cat([o[1][o[1].shape[0] - len(item.sample):] for item, o in zip(items, outputs)])
+        tokens, logprobs = tokens.tolist(), logprobs.tolist()  # the call's one host sync
+        answers, at = [], 0
+        for item, (_, _, logits) in zip(items, outputs):
+            k = len(item.sample)
+            if k:
+                answers.append(Sampled(tokens[at : at + k], logprobs[at : at + k]))
+                at += k
+            elif logits is None:  # (keep=0: nobody reads this step's logits)
+                answers.append(None)
+            else:
+                n = item.keep if item.keep is not None else (1 if last_only else logits.shape[0])
+                answers.append(logits[logits.shape[0] - n :].float())
+        return answers
+
+    def nbytes(self) -> int:
+        return self.weights.nbytes()
+
+
+def pool_tokens_of(per_token: int, tokens: int | None, mib: float | None) -> int:
+    return pool_tokens(per_token, tokens, None if tokens is not None else mib)

@@ -1,0 +1,218 @@
+"""The CUDA engine against the PyTorch segment, and its CUDA graphs against its own eager passes.
+
+On a GPU everything runs natively (bf16 and fp32, graphs). Without one, the fp32 tests run the very same
+engine code eagerly on CPU tensors under Triton's interpreter (slow, so on the tiny model only), and the
+tests that need a GPU (graphs, bf16, bit-identity) skip.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runtime.kv_pool import PoolExhausted
+from runtime.sampling import SamplingParams
+from runtime.segment import Sampled, Segment, SegmentInput
+
+ON_CUDA = torch.cuda.is_available()
+ops = pytest.importorskip("runtime.triton_ops")
+if not ops.AVAILABLE:
+    pytest.skip("triton is not installed", allow_module_level=True)
+if not ON_CUDA and type(ops._rms_norm_kernel).__name__ != "InterpretedFunction":
+    pytest.skip("triton was imported before TRITON_INTERPRET was set (see tests/conftest.py)", allow_module_level=True)
+
+from runtime.cuda import CudaEngine  # noqa: E402
+
+DEVICE = "cuda" if ON_CUDA else "cpu"
+needs_cuda = pytest.mark.skipif(not ON_CUDA, reason="needs a CUDA GPU (run through the device tool)")
+
+
+def engine_of(segment: Segment, dtype=torch.float32, graphs=False, **kw) -> CudaEngine:
+    return CudaEngine(segment, dtype=dtype, device=DEVICE, graphs=graphs and ON_CUDA, pool_tokens=4096,
+                      max_positions=1024, prefill_chunk=kw.pop("prefill_chunk", 16), **kw)
+
+
+def cloud_segment(path) -> Segment:
+    from runtime.checkpoint import load_spec
+
+    return Segment.from_checkpoint(path, 2, load_spec(path).num_layers, head=True)
+
+
+def greedy(run, session: str, prompt: torch.Tensor, steps: int, width: int, seed: int = 0) -> list[int]:
+    """Drive a head segment: prompt rows, then `steps` decode steps fed by rows derived from each token."""
+    table = torch.randn(1000, width, generator=torch.Generator().manual_seed(seed))  # token -> next input row
+    out = run([SegmentInput(session, 0, hidden=prompt, sample=tuple(SamplingParams().rows(len(prompt))))])[0]
+    tokens, pos = [out.tokens[-1]], prompt.shape[0]
+    for _ in range(steps):
+        row = table[tokens[-1] % 1000][None]
+        out = run([SegmentInput(session, pos, hidden=row, sample=tuple(SamplingParams().rows(pos + 1)))])[0]
+        tokens.append(out.tokens[-1])
+        pos += 1
+    return tokens
+
+
+def test_fp32_engine_equals_the_pytorch_segment(tiny_checkpoint):
+    reference = cloud_segment(tiny_checkpoint)
+    engine = engine_of(cloud_segment(tiny_checkpoint))
+    C = reference.spec.hidden_size
+    prompt = torch.randn(40, C, generator=torch.Generator().manual_seed(1))  # 3 chunk passes of 16
+    want = reference([SegmentInput("s", 0, hidden=prompt)])[0]
+    got = engine([SegmentInput("s", 0, hidden=prompt)])[0]
+    torch.testing.assert_close(got.cpu(), want, atol=2e-4, rtol=1e-4)
+    step = torch.randn(3, C, generator=torch.Generator().manual_seed(2))  # a short pass of 3 rows
+    torch.testing.assert_close(engine([SegmentInput("s", 40, hidden=step)])[0].cpu(),
+                               reference([SegmentInput("s", 40, hidden=step)])[0], atol=2e-4, rtol=1e-4)
+    engine.close_session("s")
+    reference.close_session("s")
+    assert greedy(engine, "g", prompt, 8, C) == greedy(reference, "g", prompt, 8, C)
+    assert engine.sessions.keys() == {"g"} and engine.cached_length("g") == 48
+
+
+def test_mixed_sessions_equal_sessions_run_alone(tiny_glm):
+    engine = engine_of(cloud_segment(tiny_glm))
+    C = engine.spec.hidden_size
+    g = torch.Generator().manual_seed(3)
+    prompts = {sid: torch.randn(n, C, generator=g) for sid, n in (("a", 5), ("b", 20), ("c", 1))}
+    alone = {}
+    for sid, rows in prompts.items():
+        alone[sid] = engine([SegmentInput(sid, 0, hidden=rows)], last_only=True)[0]
+        engine.close_session(sid)
+    together = engine([SegmentInput(sid, 0, hidden=rows) for sid, rows in prompts.items()], last_only=True)
+    for sid, got in zip(prompts, together):
+        tol = 0 if ON_CUDA else 1e-5  # bit-identical on the GPU (batch-invariant kernels)
+        torch.testing.assert_close(got, alone[sid], atol=tol, rtol=tol)
+
+
+def test_a_rewind_with_new_content_equals_a_fresh_run(tiny_glm):
+    engine = engine_of(cloud_segment(tiny_glm))
+    C = engine.spec.hidden_size
+    g = torch.Generator().manual_seed(4)
+    prompt, first, other = (torch.randn(n, C, generator=g) for n in (6, 4, 2))
+    engine([SegmentInput("r", 0, hidden=prompt)])
+    engine([SegmentInput("r", 6, hidden=first)])  # four speculative positions ...
+    rewound = engine([SegmentInput("r", 7, hidden=other)])[0]  # ... of which one is kept; other content after it
+    engine([SegmentInput("f", 0, hidden=torch.cat([prompt, first[:1]]))])
+    fresh = engine([SegmentInput("f", 7, hidden=other)])[0]
+    torch.testing.assert_close(rewound, fresh, atol=1e-5, rtol=1e-5)
+    assert engine.cached_length("r") == 9
+
+
+def test_a_full_pool_refuses_new_sessions_only(tiny_glm):
+    segment = cloud_segment(tiny_glm)
+    engine = CudaEngine(segment, dtype=torch.float32, device=DEVICE, graphs=False, pool_tokens=64, max_positions=256,
+                        page_size=16)
+    C = engine.spec.hidden_size
+    engine.reserve("running", 48)
+    before = engine([SegmentInput("running", 0, hidden=torch.ones(8, C))], last_only=True)[0]
+    with pytest.raises(PoolExhausted):
+        engine.reserve("new", 40)
+    with pytest.raises(PoolExhausted):
+        engine([SegmentInput("new2", 0, hidden=torch.ones(30, C))])
+    assert set(engine.sessions) == {"running"}
+    engine.close_session("running")
+    again = engine([SegmentInput("running", 0, hidden=torch.ones(8, C))], last_only=True)[0]
+    torch.testing.assert_close(again, before, atol=0, rtol=0)
+
+
+@needs_cuda
+def test_graphs_replay_what_the_eager_passes_compute(tiny_checkpoint):
+    eager = engine_of(cloud_segment(tiny_checkpoint), dtype=torch.bfloat16, graphs=False)
+    graphed = engine_of(cloud_segment(tiny_checkpoint), dtype=torch.bfloat16, graphs=True)
+    C = eager.spec.hidden_size
+    prompt = torch.randn(24, C, generator=torch.Generator().manual_seed(5))
+    assert greedy(graphed, "s", prompt, 40, C) == greedy(eager, "s", prompt, 40, C)
+    assert graphed.stats["graph_replays"] > 40 and graphed.stats["captures"] >= 2
+
+
+def drive(engine, prompts: dict, steps: int, params: SamplingParams, next_input, join: dict | None = None,
+          join_at: int = -1) -> dict[str, list[int]]:
+    """Generate for several sessions in lockstep (one engine call per step, all sessions in it); the sessions of
+    ``join`` start at step ``join_at``. ``next_input(token)`` is a session's next row (ids or hidden)."""
+
+    def start(batch: dict) -> dict:
+        out = engine([SegmentInput(s, 0, sample=tuple(params.rows(len(p))), **_rows(engine, p))
+                      for s, p in batch.items()])
+        return {sid: [o.tokens[-1]] for sid, o in zip(batch, out)}
+
+    tokens = start(prompts)
+    pos = {sid: len(p) for sid, p in prompts.items()}
+    for step in range(steps):
+        if step == join_at:
+            tokens.update(start(join))
+            pos.update({sid: len(p) for sid, p in join.items()})
+        live = list(tokens)
+        out = engine([SegmentInput(s, pos[s], sample=tuple(params.rows(pos[s] + 1)),
+                                   **_rows(engine, next_input(tokens[s][-1]))) for s in live])
+        for sid, o in zip(live, out):
+            tokens[sid].append(o.tokens[-1])
+            pos[sid] += 1
+    for sid in tokens:
+        engine.close_session(sid)
+    return tokens
+
+
+def _rows(engine, rows: torch.Tensor) -> dict:
+    return {"input_ids": rows} if engine.has_embed else {"hidden": rows}
+
+
+@needs_cuda
+def test_sampled_tokens_do_not_depend_on_the_batch(tiny_glm):
+    """A seeded session draws the same tokens alone and beside 7 others (mixed lengths, one joining late)."""
+    engine = engine_of(cloud_segment(tiny_glm), dtype=torch.bfloat16, graphs=True)
+    C = engine.spec.hidden_size
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=11)
+    table = torch.randn(1000, C, generator=torch.Generator().manual_seed(6))
+
+    def next_row(token: int) -> torch.Tensor:
+        return table[token % 1000][None]
+
+    g = torch.Generator().manual_seed(7)
+    mine = torch.randn(9, C, generator=g)
+    alone = drive(engine, {"me": mine}, 32, params, next_row)["me"]
+    others = {f"o{i}": torch.randn(3 + 5 * i, C, generator=g) for i in range(6)}
+    crowded = drive(engine, {"me": mine, **others}, 32, params, next_row, {"late": torch.randn(30, C, generator=g)}, 10)
+    assert crowded["me"] == alone
+
+
+@needs_cuda
+@pytest.mark.slow
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_demo_model_graphs_equal_eager_passes(demo_checkpoint, gpl3_text, temperature):
+    """The demo model in bf16 on the GPU: 32+ tokens of CUDA graphs equal the eager passes' at batch 1, and at
+    batch 8 with mixed prompt lengths and a session joining mid-way; every session equals itself run alone."""
+    from runtime.checkpoint import load_spec, load_tokenizer
+
+    L = load_spec(demo_checkpoint).num_layers
+    make = lambda graphs: CudaEngine(Segment.from_checkpoint(demo_checkpoint, 0, L, embed=True, head=True),  # noqa: E731
+                                     dtype=torch.bfloat16, graphs=graphs, pool_tokens=1 << 15, prefill_chunk=64)
+    graphed, eager = make(True), make(False)
+    ids = load_tokenizer(demo_checkpoint)(gpl3_text[:20000], return_tensors="pt").input_ids[0]
+    prompts = {f"p{i}": ids[300 * i : 300 * i + n] for i, n in enumerate((12, 40, 7, 90, 3, 150, 25))}
+    late = {"late": ids[3000:3070]}
+    params = SamplingParams(temperature=temperature, seed=3)
+    next_id = lambda token: torch.tensor([token])  # noqa: E731
+    one = {"p0": prompts["p0"]}
+    assert drive(graphed, one, 40, params, next_id) == drive(eager, one, 40, params, next_id)
+    batch_g = drive(graphed, prompts, 40, params, next_id, late, 12)
+    batch_e = drive(eager, prompts, 40, params, next_id, late, 12)
+    assert batch_g == batch_e
+    for sid in ("p1", "p5", "late"):  # a session's tokens do not depend on who shares its steps
+        alone = drive(graphed, {sid: {**prompts, **late}[sid]}, 40 if sid != "late" else 28, params, next_id)
+        assert alone[sid] == batch_g[sid]
+    assert graphed.stats["graph_replays"] > 0 and eager.stats["graph_replays"] == 0
+
+
+@needs_cuda
+def test_a_verification_step_equals_one_step_per_position(tiny_glm):
+    engine = engine_of(cloud_segment(tiny_glm), dtype=torch.bfloat16, graphs=True)
+    C = engine.spec.hidden_size
+    g = torch.Generator().manual_seed(8)
+    prompt, drafts = torch.randn(12, C, generator=g), torch.randn(5, C, generator=g)
+    engine([SegmentInput("v", 0, hidden=prompt)], last_only=True)
+    sample = tuple(SamplingParams().rows(13, 5))
+    at_once = engine([SegmentInput("v", 12, hidden=drafts, sample=sample)])[0]
+    one_by_one = [engine([SegmentInput("v", 12 + i, hidden=drafts[i : i + 1], sample=sample[i : i + 1])])[0]
+                  for i in range(5)]
+    assert isinstance(at_once, Sampled)
+    assert at_once.tokens == [o.tokens[0] for o in one_by_one]
+    assert at_once.logprobs == [o.logprobs[0] for o in one_by_one]
