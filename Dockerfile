@@ -17,6 +17,7 @@ RUN pip install --index-url ${TORCH_INDEX} torch==2.13.0
 
 COPY pyproject.toml README.md ./
 COPY protos ./protos
+COPY runtime ./runtime
 COPY partitioner ./partitioner
 COPY device_agent ./device_agent
 COPY edge_node ./edge_node

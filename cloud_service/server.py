@@ -2,7 +2,8 @@
 
 The servicer only adapts: it parses and validates each frame, hands it to the
 scheduler (``batcher.Batcher``) and streams back the StepResults; a frame it
-cannot serve ends the stream with a gRPC status and a message. Frames arrive
+cannot serve ends the stream with a gRPC status and a message (every failure
+becomes a ``StepError`` through ``runtime.terminal.status_of``). Frames arrive
 as raw bytes (not parsed by gRPC), so bad bytes are our INVALID_ARGUMENT, not
 gRPC's INTERNAL; gRPC itself refuses messages over ``max_frame_bytes`` with
 RESOURCE_EXHAUSTED.
@@ -26,7 +27,7 @@ from protos.errors import CodecError, SizeLimitError
 from protos.frames import decode_frame_hidden, parse_frame
 from runtime.artifacts import load_tier
 from runtime.checkpoint import load_spec
-from runtime.terminal import StepError
+from runtime.terminal import StepError, status_of
 
 from .batcher import Batcher, Limits
 from .settings import CloudSettings, SettingsError
@@ -108,8 +109,8 @@ class SegmentServicer:
 
 
 def _codec_error(error: CodecError, where: str) -> StepError:
-    status = "RESOURCE_EXHAUSTED" if isinstance(error, SizeLimitError) else "INVALID_ARGUMENT"
-    return StepError(status, f"{where}{error}")
+    status, message = status_of(error)
+    return StepError(status, f"{where}{message}")
 
 
 def add_segment_service(servicer: SegmentServicer, server: grpc.Server) -> None:

@@ -34,13 +34,13 @@ from protos.topics import errors_topic, results_topic, sensors_subscription
 from runtime.artifacts import load_plan, load_tier
 from runtime.checkpoint import load_spec, load_tokenizer
 from runtime.owner import Generation
+from runtime.report import report
 
 from .link import EdgeLink, LinkClosed
 from .readings import Reading, ReadingError, dead_letter, parse_reading, prompt_token_ids, render_prompt
 from .settings import DeviceSettings
 
 logger = logging.getLogger(__name__)
-PATH_NAMES = {pb.ACCURATE: "accurate", pb.FAST: "fast"}
 ZERO_TIMINGS = {"ttft": 0.0, "per_token": 0.0, "total": 0.0}
 BROKER_WAIT_S = 60.0  # how long a starting agent waits for the broker to come up, seconds
 SHUTDOWN_PUBLISH_S = 5.0  # how long a stopping agent waits for its last answers to be acknowledged, seconds
@@ -277,12 +277,6 @@ class DeviceAgent:
                         answer["text"])
 
 
-def path_name(paths: list[int]) -> str | None:
-    """"accurate" or "fast" when every token took that path, "mixed" otherwise (None without tokens)."""
-    names = {PATH_NAMES.get(p, "unknown") for p in paths}
-    return names.pop() if len(names) == 1 else ("mixed" if names else None)
-
-
 def summary(generation: Generation | None) -> dict[str, Any]:
     """The answer fields a (finished or interrupted) generation gives; None: no generation ran."""
     if generation is None:
@@ -290,28 +284,12 @@ def summary(generation: Generation | None) -> dict[str, Any]:
                 "predicted_ms": None, "actual_ms": 0.0, "timings_ms": dict(ZERO_TIMINGS), "stages_ms": {},
                 "budget_met": None, "frame_bytes": 0, "degraded": False, "policy": None,
                 "speculative": {"drafted": 0, "accepted": 0, "round_trips": 0}, "error": None}
-    budget = generation.params.latency_budget_ms or None
-    predicted = generation.predicted_ms
     return {
         "text": generation.text,
         "tokens": len(generation.tokens),
         "finish_reason": generation.finish_reason or None,
-        "path": path_name(generation.paths),
-        "paths": [PATH_NAMES.get(p, "unknown") for p in generation.paths],
-        "switches": list(generation.switches),  # the edge router's: {"token", "to", "reason"}
-        "predicted_ms": None if predicted is None else round(predicted, 2),  # the edge router's prediction
-        "actual_ms": round(generation.total_ms, 2),
-        "timings_ms": {
-            "ttft": round(generation.ttft_ms, 2),
-            "per_token": round(generation.per_token_ms, 2),
-            "total": round(generation.total_ms, 2),
-        },
-        "stages_ms": generation.stage_breakdown(),  # mean ms per token after the first: device, MQTT, edge, cloud
-        "budget_met": None if budget is None else generation.total_ms <= budget,
+        **report(generation, generation.params.latency_budget_ms or None),
         "frame_bytes": generation.frame_bytes,
-        "degraded": generation.degraded,  # the cloud failed: the edge's fast tail answered
-        "policy": generation.policy or generation.params.policy or None,
-        "speculative": dict(generation.speculative),  # drafts the cloud verified, accepted, round trips
         "error": None,
     }
 

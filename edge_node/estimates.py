@@ -18,7 +18,7 @@ trip included), with every quantity at its mean or at its high percentile.
 
 ``RobustStat`` (what "robust" promises, tested in tests/edge_node/test_estimates.py):
 
-- ``high``: the nearest-rank ``quantile`` (0.95) of the last ``window`` (64) raw
+- ``high``: the nearest-rank ``quantile`` (0.95; ``runtime.stats``) of the last ``window`` (64) raw
   samples. Until ``min_samples`` (20) are seen, copies of the seed fill the sample
   set up to 20 values, so the first observations cannot swing it. With 20 or more
   samples a single outlier, however large, moves ``high`` by at most one order
@@ -40,6 +40,8 @@ from dataclasses import dataclass
 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
+
+from runtime.stats import percentile
 
 PATHS = ("accurate", "fast")
 QUANTITIES = ("prefill", "step", "rtt", "replay")
@@ -64,12 +66,6 @@ DEFAULT_SEEDS = {
 }
 
 
-def nearest_rank(values: list[float], q: float) -> float:
-    """The nearest-rank q-quantile of ``values`` (non-empty): the ceil(q * n)-th smallest."""
-    ordered = sorted(values)
-    return ordered[max(math.ceil(q * len(ordered)), 1) - 1]
-
-
 class RobustStat:
     """A winsorized EWMA mean and a sliding-window high percentile of one quantity (see the module doc).
 
@@ -91,7 +87,7 @@ class RobustStat:
     def high(self) -> float:
         """The high percentile, never below the mean."""
         values = list(self.samples) + [self.seed] * max(self.min_samples - self.count, 0)
-        return max(nearest_rank(values, self.quantile), self.mean) if values else self.mean
+        return max(percentile(values, self.quantile), self.mean) if values else self.mean
 
     def observe(self, value: float) -> None:
         if value < 0 or not math.isfinite(value):

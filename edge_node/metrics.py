@@ -11,17 +11,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from protos import splitglm_pb2 as pb
+from runtime.report import path_name  # noqa: F401 -- the label of a path (one definition, re-exported)
 
 PREFIX = "splitglm_edge_"
 # 1 ms .. 60 s: a step over a LAN is milliseconds, a long generation is tens of seconds.
 BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-PATH_NAMES = {pb.ACCURATE: "accurate", pb.FAST: "fast"}
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-
-
-def path_name(path: int) -> str:
-    """'accurate' / 'fast' for a pb.Path value ('unspecified' when not set)."""
-    return PATH_NAMES.get(path, "unspecified")
 
 
 class EdgeMetrics:

@@ -14,8 +14,8 @@ without a second step. Messages are served off paho's network thread by a
 pool of workers, the frames of one session in order; the frames of
 concurrent sessions share forward passes of [k1, k2) (the runtime's
 ``Scheduler``, prompts in chunks). A bad frame, an unknown session or a
-cloud failure is answered with an error StepResult carrying its gRPC status (a
-session whose first frame fails is not kept); nothing here raises into paho or
+cloud failure is answered with an error StepResult carrying its gRPC status
+(``runtime.terminal.status_of``; a session whose first frame fails is not kept); nothing here raises into paho or
 touches another session.
 """
 
@@ -29,34 +29,21 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import grpc
-
 from protos import splitglm_pb2 as pb
 from protos import topics
-from protos.errors import CodecError, SizeLimitError
+from protos.errors import CodecError
 from protos.frames import decode_frame_hidden, make_frame, parse_frame
 from protos.mqtt import V5, MqttAuth, connect, new_client, publish_properties, wait_for_broker
 from protos.status import STATUS_NAMES, error_result
-from runtime.kv_pool import PoolExhausted
 from runtime.ledger import Ledger, StepError
 from runtime.ledger import idle as ledger_idle
-from runtime.scheduler import QueueFull, Scheduler, SchedulerClosed
-from runtime.step import SegmentInput, SessionError
+from runtime.scheduler import Scheduler
+from runtime.step import SegmentInput
+from runtime.terminal import status_of
 
 from .metrics import path_name
 
 logger = logging.getLogger(__name__)
-
-Status = grpc.StatusCode
-
-
-class RelayError(Exception):
-    """A frame the relay answers with an error: ``code`` is the gRPC status."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
-
 
 @dataclass
 class Incoming:
@@ -220,8 +207,7 @@ class FrameRelay:
         try:
             frame = parse_frame(message.payload, self.settings.max_frame_bytes)
         except CodecError as e:
-            code = Status.RESOURCE_EXHAUSTED if isinstance(e, SizeLimitError) else Status.INVALID_ARGUMENT
-            self._publish(Incoming(pb.Frame(), own, correlation, device), error_result("", 0, code, str(e)))
+            self._publish(Incoming(pb.Frame(), own, correlation, device), error_result("", 0, *status_of(e)))
             return
         incoming = Incoming(frame, own, correlation or topics.correlation(frame.session_id, frame.seq), device)
         if frame.close:
@@ -233,7 +219,7 @@ class FrameRelay:
                 logger.warning("refusing frame %s:%d of device %s: reply topic %r is not its own",
                                frame.session_id, frame.seq, device, topic[:200])
                 message = f"edge {self.edge_id}: the reply topic must be {own} (the sending device's own)"
-                self._publish(incoming, error_result(frame.session_id, frame.seq, Status.PERMISSION_DENIED, message))
+                self._publish(incoming, error_result(frame.session_id, frame.seq, "PERMISSION_DENIED", message))
                 return
         key = (frame.session_id, frame.seq)
         with self._lock:
@@ -246,7 +232,7 @@ class FrameRelay:
                 self._in_flight.discard(key)
             message = (f"edge {self.edge_id}: session {frame.session_id!r} already has "
                        f"{self.settings.relay_queue} frames waiting (relay_queue)")
-            self._publish(incoming, error_result(frame.session_id, frame.seq, Status.RESOURCE_EXHAUSTED, message))
+            self._publish(incoming, error_result(frame.session_id, frame.seq, "RESOURCE_EXHAUSTED", message))
 
     def _close(self, incoming: Incoming) -> None:
         """A close frame, on the session's lane: only the device that opened the session may close it."""
@@ -285,13 +271,11 @@ class FrameRelay:
         frame = incoming.frame
         try:
             result = self._step(incoming)
-        except RelayError as e:
-            logger.info("frame %s:%d refused: %s %s", frame.session_id, frame.seq, e.code.name, e)
-            result = error_result(frame.session_id, frame.seq, e.code, str(e))
-        except Exception as e:  # noqa: BLE001 -- a bug answers this frame, other sessions go on
-            logger.exception("frame %s:%d failed", frame.session_id, frame.seq)
-            message = f"edge {self.edge_id}: step failed ({type(e).__name__}; see the edge's log)"
-            result = error_result(frame.session_id, frame.seq, Status.INTERNAL, message)
+        except Exception as e:  # noqa: BLE001 -- a refusal or a bug answers this frame, other sessions go on
+            status, message = status_of(e, closed=f"edge {self.edge_id} is shutting down",
+                                        failed=f"edge {self.edge_id}: step failed", log="the edge's log")
+            logger.info("frame %s:%d refused: %s %s", frame.session_id, frame.seq, status, message)
+            result = error_result(frame.session_id, frame.seq, status, message)
         finally:
             with self._lock:
                 self._in_flight.discard((frame.session_id, frame.seq))
@@ -302,23 +286,20 @@ class FrameRelay:
         frame = incoming.frame
         sid = frame.session_id
         if not sid or len(sid) > 128:
-            raise RelayError(Status.INVALID_ARGUMENT, "session_id must be 1-128 characters")
+            raise StepError("INVALID_ARGUMENT", "session_id must be 1-128 characters")
         with self._lock:
             state = self.sessions.get(sid)
         if state is not None and state.device != incoming.device:
             self.metrics.mqtt_refused("foreign_session")
             message = f"edge {self.edge_id}: session {sid!r} belongs to another device"
-            raise RelayError(Status.PERMISSION_DENIED, message)
+            raise StepError("PERMISSION_DENIED", message)
         if state is None and frame.seq != 0:
-            raise RelayError(
-                Status.NOT_FOUND,
+            raise StepError(
+                "NOT_FOUND",
                 f"edge {self.edge_id}: unknown session {sid!r} (a session starts at seq 0, on the pool topic)",
             )
         if state is not None:
-            try:
-                stored = state.ledger.repeat(sid, frame.seq)  # a duplicate delivery: the same answer, no second step
-            except StepError as e:
-                raise RelayError(Status[e.status], str(e)) from None
+            stored = state.ledger.repeat(sid, frame.seq)  # a duplicate delivery: the same answer, no second step
             if stored is not None:
                 return stored
         t0 = time.perf_counter()
@@ -336,14 +317,7 @@ class FrameRelay:
         """Run [k1, k2) on the frame's hidden states (T, C), step the session's tail; the answer."""
         frame = incoming.frame
         sid = frame.session_id
-        try:
-            mid = self.scheduler.submit(SegmentInput(sid, frame.start_pos, hidden=hidden)).result()  # (T, C)
-        except SessionError as e:
-            raise RelayError(Status.FAILED_PRECONDITION, str(e)) from None
-        except (PoolExhausted, QueueFull) as e:
-            raise RelayError(Status.RESOURCE_EXHAUSTED, str(e)) from None
-        except SchedulerClosed:
-            raise RelayError(Status.UNAVAILABLE, f"edge {self.edge_id} is shutting down") from None
+        mid = self.scheduler.submit(SegmentInput(sid, frame.start_pos, hidden=hidden)).result()  # (T, C)
         params = frame.params if frame.HasField("params") else None
         out = make_frame(
             sid, frame.seq, frame.start_pos, mid, self.codec, params=params, deadline_unix_ms=frame.deadline_unix_ms
@@ -368,21 +342,16 @@ class FrameRelay:
     def _decode(self, frame: pb.Frame):
         """The frame's hidden states, within the positions a frame and a session may hold."""
         s = self.settings
-        try:
-            hidden = decode_frame_hidden(frame, self.hidden_size, s.max_frame_positions * self.hidden_size)
-        except SizeLimitError as e:
-            raise RelayError(Status.RESOURCE_EXHAUSTED, str(e)) from None
-        except CodecError as e:
-            raise RelayError(Status.INVALID_ARGUMENT, str(e)) from None
+        hidden = decode_frame_hidden(frame, self.hidden_size, s.max_frame_positions * self.hidden_size)
         if frame.start_pos + hidden.shape[0] > s.max_positions:
-            raise RelayError(Status.RESOURCE_EXHAUSTED, f"edge {self.edge_id}: positions {frame.start_pos}.."
+            raise StepError("RESOURCE_EXHAUSTED", f"edge {self.edge_id}: positions {frame.start_pos}.."
                              f"{frame.start_pos + hidden.shape[0]} pass max_positions {s.max_positions}")
         return hidden
 
     def _open(self, sid: str, device: str) -> RelaySession:
         with self._lock:
             if len(self.sessions) >= self.settings.relay_max_sessions:
-                raise RelayError(Status.RESOURCE_EXHAUSTED, f"edge {self.edge_id} holds "
+                raise StepError("RESOURCE_EXHAUSTED", f"edge {self.edge_id} holds "
                                  f"{self.settings.relay_max_sessions} device sessions (relay_max_sessions)")
         state = RelaySession(self.new_tail(), device)
         with self._lock:

@@ -21,8 +21,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from protos import splitglm_pb2 as pb
+from runtime.report import ms, report
 
-from .metrics import path_name
 from .policy import total_budget_ms
 
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
@@ -165,26 +165,13 @@ def request_budget_ms(params: pb.GenerationParams) -> float | None:
 
 
 def splitglm_info(job: Job, gen, ttft_ms: float) -> dict:
-    """The ``splitglm`` object of a response: the path of each token, the router's switches, predicted and
-    actual latency (ms), the latency budget and whether it was met, whether the answer is degraded."""
-    paths = [path_name(p) for p in gen.paths]
-    total_ms = job.elapsed_ms()
+    """The ``splitglm`` object of a response: the generated token ids, the latency budget (ms) and the
+    generation's report (``runtime.report``), its times counted from the request's arrival."""
     budget = request_budget_ms(job.params)
-    predicted = getattr(gen, "predicted_ms", None)
     return {
         "tokens": list(gen.tokens),  # the generated token ids (the text is their decoding, cut at a stop string)
-        "paths": paths,
-        "path": paths[0] if len(set(paths)) == 1 else ("mixed" if paths else None),
-        "switches": list(getattr(gen, "switches", [])),
-        "predicted_ms": None if predicted is None else round(predicted, 3),
-        "actual_ms": round(total_ms, 3),
-        "timings_ms": {"ttft": round(ttft_ms, 3), "per_token": round(gen.per_token_ms, 3), "total": round(total_ms, 3)},
-        "stages_ms": gen.stage_breakdown(),  # mean ms per token after the first: edge, link, cloud
-        "latency_budget_ms": None if budget is None else round(budget, 3),
-        "budget_met": None if budget is None else total_ms <= budget,
-        "degraded": bool(getattr(gen, "degraded", False)),
-        "policy": getattr(gen, "policy", "") or job.params.policy or None,
-        "speculative": dict(getattr(gen, "speculative", {"drafted": 0, "accepted": 0, "round_trips": 0})),
+        **report(gen, budget, total_ms=job.elapsed_ms(), ttft_ms=ttft_ms),
+        "latency_budget_ms": ms(budget),
     }
 
 

@@ -1,4 +1,4 @@
-"""How many tokens the edge drafts before the cloud verifies them (pure functions and one small estimator).
+"""Speculative split decoding at the edge: how many tokens to draft (pure maths), and the rounds themselves.
 
 A round of speculative split decoding: the owner runs its layers on the last committed token and on g
 drafted ones (g + 1 owner steps), the edge's fast tail drafts g tokens, and the cloud verifies the g + 1
@@ -15,12 +15,32 @@ and takes
 trip; verify: the cloud's step; verify_row: what each extra verified position adds to it). The edge
 maximises the expected accurate tokens per second, E(g) / T(g), over 0 <= g <= max_draft; g = 0 is the
 plain accurate path (one token per round trip), chosen whenever no g > 0 beats it.
+
+``Speculation`` runs one session's rounds at the edge (``edge_node.router``'s RoutedTail delegates to it
+while the session is on the accurate path): the frame of a committed token starts a round of g drafts; the
+fast tail drafts each token (``draft_tokens``: the owner runs it, nothing is emitted); the row of the last
+draft sends the round's g + 1 rows to the cloud in one verification frame; the accepted drafts' rows are
+committed to the split-point history and the owner rewinds to ``next_pos``, after them. ``Drafting`` is
+what the sessions share: the settings and the cloud's verify time.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from protos import splitglm_pb2 as pb
+from protos.codecs import join_rows
+from protos.status import error_result
+from runtime.history import SplitHistory
+from runtime.terminal import sampling_params
+
+from .estimates import RobustStat
+from .session import Session, server_ms
 
 
 @dataclass(frozen=True)
@@ -84,3 +104,136 @@ class Acceptance:
     def alpha(self) -> float:
         with self._lock:
             return min(max(self._successes / max(self._trials, 1e-9), 0.0), 0.999)
+
+
+class Drafting:
+    """What a router's sessions share for speculation: its settings, and the cloud's time for a verification
+    step, ms (thread-safe). ``max_draft``: drafts a round at most; ``fixed``: > 0 drafts that many every round
+    instead of choosing; ``alpha_prior``: the acceptance assumed before any is seen."""
+
+    def __init__(self, enabled: bool, max_draft: int, fixed: int, alpha_prior: float, verify_ms: float):
+        self.enabled, self.max_draft, self.fixed, self.alpha_prior = enabled, max_draft, fixed, alpha_prior
+        self._verify_ms = RobustStat(max(verify_ms, 1.0))
+        self._lock = threading.Lock()
+
+    def wanted(self, params: pb.GenerationParams) -> bool:
+        """Whether a session with ``params`` drafts for the cloud (its own ``speculate`` wins)."""
+        return self.enabled and params.speculate != pb.SPECULATE_OFF or params.speculate == pb.SPECULATE_ON
+
+    def observe_verify(self, ms: float) -> None:
+        with self._lock:
+            self._verify_ms.observe(ms)
+
+    def verify_ms(self) -> float:
+        with self._lock:
+            return self._verify_ms.value("mean")
+
+
+@dataclass
+class Round:
+    """A speculative round in progress: the committed token's row, and the drafts so far (their rows wait in
+    the history's drafts)."""
+
+    base: int  # position of the committed token
+    g: int  # drafts this round
+    head: pb.EncodedTensor  # the committed token's row as it arrived
+    drafts: list[int] = field(default_factory=list)
+    tails_ms: float = 0.0  # time this round's frames spent at the edge's tails
+
+
+Verify = Callable[[pb.Frame, int], tuple[pb.StepResult, float | None]]
+
+
+class Speculation:
+    """One session's speculative rounds; ``verify(frame, seq)`` sends a verification to the cloud and gives its
+    answer and wall ms (None when the cloud failed: the answer then came from the session's new tail)."""
+
+    def __init__(self, router: object, session: Session, history: SplitHistory, verify: Verify):
+        self.router, self.session = router, session  # router: edge_node.router.Router
+        self.history, self.verify = history, verify
+        self.sampling = sampling_params(session.params)  # for the drafts
+        self.acceptance = Acceptance(router.drafting.alpha_prior)
+        self.round: Round | None = None
+        self.draft_len = 0  # positions the fast tail's draft session holds
+
+    def drafts_for_round(self) -> int:
+        """g for the round starting now (0: a plain accurate step), from the acceptance and the costs."""
+        s, r = self.session, self.router
+        d = r.drafting
+        cap = min(d.max_draft, s.params.max_tokens - s.tokens_done - 1)
+        if cap <= 0:
+            return 0
+        if d.fixed:
+            return min(d.fixed, cap)
+        est = r.estimates.accurate
+        costs = RoundCosts(owner_ms=r.upstream.get(s.kind), draft_ms=r.estimates.fast.get("step"),
+                           rtt_ms=est.get("rtt"), verify_ms=d.verify_ms(), verify_row_ms=est.get("prefill"))
+        forced = 1 if s.params.speculate == pb.SPECULATE_ON else 0  # asked for: at least one draft
+        return best_draft(self.acceptance.alpha, costs, cap, at_least=forced)
+
+    def start(self, frame: pb.Frame, hidden: torch.Tensor, g: int) -> pb.StepResult:
+        """A round of ``g`` drafts starts: ``frame``'s row (committed) is the last committed token's."""
+        self.round = Round(frame.start_pos, g, pb.EncodedTensor())
+        self.round.head.CopyFrom(frame.hidden)
+        return self._draft_step(frame, hidden)
+
+    def step(self, frame: pb.Frame, hidden: torch.Tensor) -> pb.StepResult:
+        """The row of the latest draft: draft again, or send the round to the cloud for verification."""
+        r, h = self.round, self.history
+        expected = h.length + len(h.drafts)  # (r.base + 1 + the draft rows so far)
+        if frame.start_pos != expected or hidden.shape[0] != 1:
+            return error_result(frame.session_id, frame.seq, "FAILED_PRECONDITION",
+                                f"session {self.session.session_id!r}: the draft of position {expected} "
+                                f"comes as one row there, not {hidden.shape[0]} at {frame.start_pos}")
+        h.draft(frame.start_pos, frame.hidden, hidden)
+        stopped = r.drafts[-1] in self.session.params.stop_token_ids
+        if len(r.drafts) < r.g and not stopped:
+            return self._draft_step(frame, hidden)
+        return self._verify(frame)
+
+    def spent(self, ms: float) -> None:
+        """A frame of the round in progress (if any) spent ``ms`` at the edge's tails."""
+        if self.round is not None:
+            self.round.tails_ms += ms
+
+    def _draft(self, start_pos: int, hidden: torch.Tensor) -> int:
+        """The fast tail's draft after ``hidden`` (one row at start_pos), catching its cache up first."""
+        rows, at = hidden, start_pos
+        if self.draft_len < start_pos:  # positions it has not seen: from the cloud-bound history
+            rows, at = torch.cat([self.history.tensor()[self.draft_len : start_pos], hidden]), self.draft_len
+        started = time.perf_counter()
+        token = self.router.fast.draft(self.session.session_id, at, rows, self.sampling)
+        if rows.shape[0] == 1:  # a draft is a fast-tail decode step
+            self.router.estimates.fast.observe_step((time.perf_counter() - started) * 1e3)
+        self.draft_len = start_pos + 1
+        return token
+
+    def _draft_step(self, frame: pb.Frame, hidden: torch.Tensor) -> pb.StepResult:
+        """Draft one token and hand it to the owner to run (not emitted: it is not verified yet)."""
+        token = self._draft(frame.start_pos, hidden)
+        self.round.drafts.append(token)
+        return pb.StepResult(session_id=frame.session_id, seq=frame.seq, draft_tokens=[token],
+                             next_pos=frame.start_pos + 1, path=pb.ACCURATE)
+
+    def _verify(self, frame: pb.Frame) -> pb.StepResult:
+        """One cloud step over the round's g + 1 rows; the accepted tokens, and where the owner goes on."""
+        r, self.round = self.round, None
+        out = pb.Frame(session_id=frame.session_id, seq=frame.seq, start_pos=r.base, draft_tokens=r.drafts)
+        out.hidden.CopyFrom(join_rows([r.head, *self.history.drafts]))  # the rows exactly as they came
+        result, wall_ms = self.verify(out, frame.seq)
+        if wall_ms is None:  # no verification: the drafts' rows go; the owner rewinds to r.base + 1
+            self.history.settle(r.base + 1)
+            return result
+        self.history.settle(r.base + 1 + result.accepted)  # the cloud now holds the accepted drafts' rows too
+        self.acceptance.observe(len(r.drafts), result.accepted)
+        self._observe_round(r, wall_ms, result)
+        result.next_pos = r.base + 1 + result.accepted  # the owner rewinds there: rejected drafts are dropped
+        return result
+
+    def _observe_round(self, r: Round, wall_ms: float, result: pb.StepResult) -> None:
+        """The estimates see a round as steps of (the tails' time of the round) / (tokens it gave)."""
+        per_token = (r.tails_ms + wall_ms) / max(len(result.tokens), 1)
+        self.router.estimates.accurate.observe_step(per_token, max(wall_ms - server_ms(result), 0.0))
+        self.router.last_accurate = time.monotonic()
+        if self.router.metrics is not None:
+            self.router.metrics.speculation(len(r.drafts), result.accepted, len(result.tokens))

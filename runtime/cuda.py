@@ -210,16 +210,13 @@ class CudaEngine:
         """Take room for ``positions`` positions of a session now (PoolExhausted if the pool lacks it)."""
         if positions > self.max_positions:
             raise ValueError(f"{positions} positions exceed the engine's max_positions {self.max_positions}")
-        new = session_id not in self.pool.sessions
-        if new:
-            self.open_session(session_id)
+        opened = self.pool.reserve_all([(session_id, None, positions)])  # closed again if the pool lacks room
         try:
-            self.pool.reserve(session_id, positions)
-        except PoolExhausted:
-            if new:
-                self.close_session(session_id)
+            self._attach(session_id)
+        except PoolExhausted:  # no row of the page table left: nothing of a new session stays
+            for new in opened:
+                self.close_session(new)
             raise
-        self._attach(session_id)
 
     def _attach(self, session_id: str) -> None:
         """Give a session its row of the GPU page table and copy there the pages it got since."""

@@ -8,8 +8,9 @@ setting in tokens or MiB). A session holds a list of pages in position order: po
   ``runs`` (contiguous slot ranges, each a view), so nothing is gathered or padded per step.
 - A rewind (a retried step, a replay, rejected speculative positions) only sets ``length``.
 - ``reserve`` takes pages for a session up front or fails with ``PoolExhausted`` without taking any, so
-  a full pool refuses new work and never corrupts a running session. Page 0 is never handed out: padding
-  rows of a captured CUDA graph write their keys there.
+  a full pool refuses new work and never corrupts a running session; ``reserve_all`` does it for several
+  sessions at once, opening those it lacks and closing them again if it fails. Page 0 is never handed
+  out: padding rows of a captured CUDA graph write their keys there.
 - ``grow="double"`` (the CPU default) reserves room in doubling steps, preferring the pages right after a
   session's last one, so a session's pages stay in few contiguous runs; ``"exact"`` takes what is asked.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -120,6 +122,28 @@ class KVPool:
             need = max(need, min(len(state.pages), len(self._free)))
         for _ in range(need):
             self._take(state)
+
+    def reserve_all(self, rooms: Iterable[tuple[str, int | None, int]]) -> list[str]:
+        """Make room for several sessions, opening those the pool lacks; the sessions it opened.
+
+        Each ``(session, start, positions)`` is rewound to ``start`` (None: its length stays) and given room
+        for ``positions`` positions. On PoolExhausted the sessions it opened are closed again (the rewinds
+        and the room of the sessions it did not open stay) and the error is raised.
+        """
+        opened = []
+        try:
+            for session_id, start, positions in rooms:
+                if session_id not in self.sessions:
+                    self.open(session_id)
+                    opened.append(session_id)
+                if start is not None:
+                    self.sessions[session_id].length = start  # a rewind drops what followed, even on failure
+                self.reserve(session_id, positions)
+        except PoolExhausted:
+            for session_id in opened:
+                self.close(session_id)
+            raise
+        return opened
 
     def _take(self, state: SessionPages) -> None:
         """Give the session one more page: the one after its last if free, else the lowest free one."""

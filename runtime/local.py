@@ -3,16 +3,15 @@
 This is the split model without the network: the reference the agents are
 checked against, the engine of ``splitglm eval`` and of the one-process demo.
 ``LocalTail`` is the tiers after the owner as a ``Downstream`` (frames in,
-StepResults out, sampled by ``TailSessions`` as the cloud does), so a chain's
-generation runs the owner's one decode loop (``session.owner.Generation``).
+StepResults out, sampled by a ``runtime.terminal.Terminal`` as the cloud's), so a chain's
+generation runs the owner's one decode loop (``runtime.owner.Generation``).
 """
 
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -24,8 +23,7 @@ from runtime.checkpoint import load_spec
 from runtime.owner import Generation
 from runtime.sampling import SamplingParams
 from runtime.segment import Segment, SegmentInput
-from runtime.step import SessionError
-from runtime.terminal import StepError, TailSessions
+from runtime.terminal import Terminal, status_of
 
 Link = Callable[[torch.Tensor], torch.Tensor]  # (T, C) -> (T, C): what crossing a link does to hidden states
 
@@ -91,36 +89,46 @@ class Chain:
 
 class LocalTail:
     """The tiers after the owner in this process (a ``Downstream``): ``links[i]`` carries a frame's hidden
-    states (or the previous segment's output) into ``segments[i]``; the last segment samples."""
+    states (or the previous segment's output) into ``segments[i]``; the last segment samples (a
+    ``Terminal`` over them all, one step at a time)."""
 
     def __init__(self, segments: list[Segment], links: list[Link] | None = None):
         self.segments = segments
         self.links = links or [identity_link] * len(segments)
-        self.tails = TailSessions()
-        self.lock = threading.Lock()  # one step at a time
+        self.terminal = Terminal(_Row(segments, self.links))
 
     def step(self, frame: pb.Frame) -> pb.StepResult:
         try:
             hidden = decode_frame_hidden(frame, self.segments[0].spec.hidden_size)  # (T, C)
         except CodecError as e:
-            return error_result(frame.session_id, frame.seq, "INVALID_ARGUMENT", str(e))
-        with self.lock:
-            try:
-                stored = self.tails.accept(frame)
-                if stored is not None:
-                    return stored
-                x = hidden
-                for link, segment in zip(self.links, self.segments[:-1]):
-                    x = segment([SegmentInput(frame.session_id, frame.start_pos, hidden=link(x))])[0]
-                work = self.tails.work(frame, self.links[len(self.segments) - 1](x))
-                return self.tails.answer(frame, self.segments[-1]([work])[0])
-            except StepError as e:
-                return error_result(frame.session_id, frame.seq, e.status, str(e))
-            except SessionError as e:
-                return error_result(frame.session_id, frame.seq, "FAILED_PRECONDITION", str(e))
+            return error_result(frame.session_id, frame.seq, *status_of(e))
+        return self.terminal.step(frame, hidden)
 
     def close(self, frame: pb.Frame) -> None:
-        with self.lock:
-            self.tails.close(frame.session_id)
-            for segment in self.segments:
-                segment.close_session(frame.session_id)
+        self.terminal.close(frame.session_id)
+
+
+class _Row:
+    """Segments in a row as one segment with the head: ``links[i]`` carries the rows into ``segments[i]``."""
+
+    def __init__(self, segments: list[Segment], links: list[Link]):
+        self.segments, self.links = segments, links
+        self.spec = segments[-1].spec
+
+    @property
+    def sessions(self) -> dict:
+        return self.segments[-1].sessions
+
+    def __call__(self, items: list[SegmentInput]) -> list:
+        """Each item's rows (T, C) through every segment; the last one's output (sampled when asked)."""
+        out = []
+        for item in items:
+            x = item.hidden
+            for link, segment in zip(self.links, self.segments[:-1]):
+                x = segment([SegmentInput(item.session_id, item.start_pos, hidden=link(x))])[0]
+            out += self.segments[-1]([replace(item, hidden=self.links[len(self.segments) - 1](x))])
+        return out
+
+    def close_session(self, session_id: str) -> None:
+        for segment in self.segments:
+            segment.close_session(session_id)

@@ -133,16 +133,7 @@ class Segment(nn.Module):
 
     def reserve(self, session_id: str, positions: int) -> None:
         """Take room for ``positions`` positions of a session now (PoolExhausted if the pool lacks it)."""
-        pool = self.kv_pool()
-        new = session_id not in pool.sessions
-        if new:
-            pool.open(session_id)
-        try:
-            pool.reserve(session_id, positions)
-        except PoolExhausted:
-            if new:
-                pool.close(session_id)
-            raise
+        self.kv_pool().reserve_all([(session_id, None, positions)])
 
     # ---- compute ----------------------------------------------------------------------------------------
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 import torch
 
 from runtime.checkpoint import GlmSpec
-from runtime.kv_pool import PoolExhausted
 from runtime.sampling import SampleRow, row_tensors, sample_rows
 
 
@@ -93,18 +92,8 @@ def begin_step(pool, items: list[SegmentInput]) -> None:
     for item in items:
         state = pool.sessions.get(item.session_id)
         check_continues(item.session_id, item.start_pos, None if state is None else state.length)
-    opened = []
-    try:
-        for item in items:
-            if item.session_id not in pool.sessions:
-                pool.open(item.session_id)
-                opened.append(item.session_id)
-            pool.sessions[item.session_id].length = item.start_pos  # a rewind drops what followed, even on failure
-            pool.reserve(item.session_id, max(item.start_pos + item.num_positions, item.reserve))
-    except PoolExhausted:
-        for session_id in opened:
-            pool.close(session_id)
-        raise
+    pool.reserve_all([(item.session_id, item.start_pos, max(item.start_pos + item.num_positions, item.reserve))
+                      for item in items])
 
 
 def end_step(pool, items: list[SegmentInput]) -> None:

@@ -1,7 +1,12 @@
-"""The terminal tier's bookkeeping: per-session sampling and idempotent step answers.
+"""The terminal tier: the one type that samples (the cloud, the edge fast tail and the local chain wrap it).
 
-Shared by the cloud segment (accurate path) and the edge fast tail, so both admit frames, sample, end
-generations and answer repeated steps the same way:
+``Terminal`` is a segment with the head, the sampling state of its sessions (``TailSessions``) and, for
+the cloud, the runtime's ``Scheduler``: ``step(frame, hidden)`` answers a frame now (the fast tail, the
+local chain), ``submit(frame, hidden)`` queues it for a batched forward pass (the cloud). ``status_of`` is
+the one mapping from a step's failure to its gRPC status and message; every tier answers errors with it.
+
+``TailSessions`` admits frames, samples, ends generations and answers repeated steps the same way on
+every terminal:
 
 - ``accept(frame)``: checks the frame against the session (new sessions start at seq 0 with parameters;
   seq follows; a repeated seq is answered again from the stored result without recomputing; a session
@@ -21,16 +26,78 @@ session mid-generation draws exactly what the cloud would have, and a repeated s
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
 
 from protos import splitglm_pb2 as pb
+from protos.errors import CodecError, SizeLimitError
+from protos.status import error_result
+from runtime.kv_pool import PoolExhausted
 from runtime.ledger import Ledger, StepError, idle
 from runtime.sampling import SamplingParams
-from runtime.step import Sampled, SegmentInput
+from runtime.scheduler import QueueFull, Scheduler, SchedulerClosed
+from runtime.step import Sampled, SegmentInput, SessionError
 
-__all__ = ["StepError", "TailSession", "TailSessions", "sampling_params"]
+__all__ = ["DRAFT", "Limits", "StepError", "TailSession", "TailSessions", "Terminal", "Wording", "sampling_params",
+           "status_of"]
+
+logger = logging.getLogger(__name__)
+DRAFT = "#draft"  # a draft session's id: the session's, with this after it
+
+
+def status_of(error: BaseException, *, closed: str = "the service is shutting down", failed: str = "step failed",
+              log: str = "") -> tuple[str, str]:
+    """The gRPC status name and message that answer a step's failure: the one mapping every tier uses.
+
+    A refusal keeps its own message: a ``StepError`` its status, a bad frame INVALID_ARGUMENT (or
+    RESOURCE_EXHAUSTED when too large), a step that does not follow its session's cache
+    FAILED_PRECONDITION, a full KV pool or queue RESOURCE_EXHAUSTED. A stopped scheduler is UNAVAILABLE
+    with ``closed``. Anything else is a bug: INTERNAL, ``failed`` followed by the error's type (and by
+    ``log``, the log that holds its traceback, logged here).
+    """
+    if isinstance(error, StepError):
+        return error.status, str(error)
+    if isinstance(error, CodecError):
+        return "RESOURCE_EXHAUSTED" if isinstance(error, SizeLimitError) else "INVALID_ARGUMENT", str(error)
+    if isinstance(error, SessionError):
+        return "FAILED_PRECONDITION", str(error)
+    if isinstance(error, (PoolExhausted, QueueFull)):
+        return "RESOURCE_EXHAUSTED", str(error)
+    if isinstance(error, SchedulerClosed):
+        return "UNAVAILABLE", closed
+    logger.error("%s", failed, exc_info=error)
+    return "INTERNAL", f"{failed} ({type(error).__name__}{f'; see {log}' if log else ''})"
+
+
+@dataclass(frozen=True)
+class Wording:
+    """How a terminal words the failures it answers (``status_of``'s arguments, per frame)."""
+
+    prefix: str = ""  # put before every message
+    closed: str = "the service is shutting down"  # its scheduler has stopped
+    failed: str = "step failed"  # an unexpected error; may name the frame's {seq} and {session}
+    log: str = ""  # the log that holds an unexpected error's traceback
+
+    def status(self, error: BaseException, frame: pb.Frame) -> tuple[str, str]:
+        failed = self.failed.format(seq=frame.seq, session=repr(frame.session_id))
+        status, message = status_of(error, closed=self.closed, failed=failed, log=self.log)
+        return status, self.prefix + message
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_sessions: int = 1024  # sessions held at once
+    max_batch: int = 32  # sessions per forward pass
+    max_tokens: int = 4096  # tokens a session may ask for
+    max_positions: int = 8192  # cached positions per session
+    session_ttl_s: float = 300.0  # idle sessions are freed after, seconds
+    prefill_chunk: int = 256  # prompt positions per step (a long prompt delays decode steps by one chunk)
+    max_draft: int = 8  # drafted tokens a verification frame may carry
 
 
 @dataclass
@@ -124,3 +191,138 @@ class TailSessions:
     def idle(self, ttl_s: float, now: float | None = None) -> list[str]:
         """Sessions without activity for ``ttl_s`` seconds."""
         return idle({sid: s.ledger for sid, s in self.sessions.items()}, ttl_s, now)
+
+
+class Terminal:
+    """A terminal tier: the sessions of a segment with the head, and the segment (and scheduler) they run on.
+
+    ``step`` runs a frame now, one at a time under ``lock`` (the segment is not shared); ``submit`` runs it
+    through ``scheduler`` (the segment's own thread batches every session's steps). A new session's first
+    submitted step reserves its whole KV room (prompt + ``max_tokens`` positions, within
+    ``max_positions``), so a full pool refuses new sessions and never a running one.
+    """
+
+    def __init__(self, segment, limits: Limits = Limits(), *, path: int = pb.ACCURATE,
+                 scheduler: Scheduler | None = None, wording: Wording = Wording()):
+        self.segment, self.limits, self.path = segment, limits, path
+        self.scheduler, self.wording = scheduler, wording
+        self.tails = TailSessions(limits.max_sessions, limits.max_tokens)
+        self.lock = threading.Lock()  # guards tails; in ``step`` and ``draft``, the segment too
+
+    def step(self, frame: pb.Frame, hidden: torch.Tensor) -> pb.StepResult:
+        """Run a (non-close) frame's rows (T, C) now and sample; never raises for a bad step: the answer then
+        carries ``error`` and its gRPC ``status``."""
+        with self.lock:
+            try:
+                stored = self.tails.accept(frame)
+                if stored is not None:
+                    return stored
+                started = time.perf_counter()
+                sampled = self.segment([self.tails.work(frame, hidden)])[0]
+                result = self.tails.answer(frame, sampled, self.path)
+            except Exception as e:  # noqa: BLE001 -- this session's own failure, answered with its status
+                return error_result(frame.session_id, frame.seq, *self.wording.status(e, frame))
+        result.timings_ms["compute"] = (time.perf_counter() - started) * 1e3
+        return result
+
+    def submit(self, frame: pb.Frame, hidden: torch.Tensor | None) -> Future:
+        """Queue a (non-close) frame on the scheduler; the future gives its StepResult or raises StepError."""
+        answer: Future = Future()
+        step = self.scheduler.submit_job(frame.session_id, lambda: self._admit(frame, hidden),
+                                         lambda out, timings: self._answer(frame, out, timings))
+        step.add_done_callback(lambda done: self._settle(frame, done, answer))
+        return answer
+
+    def draft(self, session_id: str, start_pos: int, hidden: torch.Tensor, sampling: SamplingParams) -> int:
+        """Draft the token after the last of ``hidden`` (T, C) rows at positions start_pos.. of the session's
+        draft cache (a start before its end rewinds it), drawn as any terminal would draw it there."""
+        item = SegmentInput(session_id + DRAFT, start_pos, hidden=hidden,
+                            sample=tuple(sampling.rows(start_pos + int(hidden.shape[0]))))
+        with self.lock:
+            return self.segment([item])[0].tokens[-1]
+
+    def close(self, session_id: str) -> Future:
+        """Free a session's sampling state and KV cache (and its draft cache); with a scheduler, on its thread
+        after the session's step in flight. The future is done once it is freed."""
+
+        def forget() -> None:
+            with self.lock:
+                self.tails.close(session_id)
+                self.segment.close_session(session_id)
+                self.segment.close_session(session_id + DRAFT)
+
+        if self.scheduler is not None:
+            return self.scheduler.call(forget)
+        done: Future = Future()
+        done.set_result(forget())
+        return done
+
+    def idle(self, ttl_s: float) -> list[str]:
+        """Sessions without activity for ``ttl_s`` seconds."""
+        with self.lock:
+            return self.tails.idle(ttl_s)
+
+    def stats(self) -> dict[str, int]:
+        """Sessions with sampling state, sessions with a KV cache, steps waiting (for tests and logs)."""
+        with self.lock:
+            sessions = len(self.tails.sessions)
+        queued = self.scheduler.queued() if self.scheduler is not None else 0
+        return {"sessions": sessions, "caches": len(self.segment.sessions), "queued": queued}
+
+    # ---- a submitted step, on the scheduler's thread ------------------------------------------------
+
+    def _admit(self, frame: pb.Frame, hidden: torch.Tensor | None):
+        """In the session's turn: the stored answer of a repeat, or the step to run (StepError if refused)."""
+        if frame.deadline_unix_ms and time.time() * 1e3 > frame.deadline_unix_ms:
+            late = time.time() * 1e3 - frame.deadline_unix_ms
+            raise StepError("DEADLINE_EXCEEDED", f"step {frame.seq} of session {frame.session_id!r} "
+                            f"arrived {late:.0f} ms after its deadline; retry it with a later deadline")
+        if hidden is None:
+            raise StepError("INVALID_ARGUMENT", f"step {frame.seq} of session {frame.session_id!r} carries no "
+                            "hidden states (only a close frame may be empty)")
+        end = frame.start_pos + hidden.shape[0]
+        self._check_drafts(frame)
+        with self.lock:
+            stored = self.tails.accept(frame)
+            if stored is not None:
+                return stored
+            if end > self.limits.max_positions:
+                raise StepError("RESOURCE_EXHAUSTED", f"session {frame.session_id!r} would hold {end} positions; "
+                                f"the limit is {self.limits.max_positions}")
+            work = self.tails.work(frame, hidden)
+        if frame.seq == 0:  # a new session takes its whole room in the KV pool now, or is refused
+            work.reserve = min(end + frame.params.max_tokens, self.limits.max_positions)
+        return work
+
+    def _check_drafts(self, frame: pb.Frame) -> None:
+        """A verification frame's drafts: at most max_draft, each a token id of the model."""
+        drafts = frame.draft_tokens
+        if not drafts:
+            return
+        if len(drafts) > self.limits.max_draft:
+            raise StepError("INVALID_ARGUMENT", f"step {frame.seq} of session {frame.session_id!r} carries "
+                            f"{len(drafts)} drafts; the limit is {self.limits.max_draft}")
+        vocab = self.segment.spec.vocab_size
+        bad = next((d for d in drafts if d >= vocab), None)
+        if bad is not None:
+            raise StepError("INVALID_ARGUMENT", f"step {frame.seq} of session {frame.session_id!r}: draft token "
+                            f"{bad} is not in the vocabulary ({vocab} ids)")
+
+    def _answer(self, frame: pb.Frame, sampled: Sampled, timings: dict) -> pb.StepResult:
+        """Turn a finished step (its ``Sampled`` tokens) into the session's StepResult."""
+        with self.lock:
+            result = self.tails.answer(frame, sampled, self.path)
+        for name, ms in timings.items():
+            result.timings_ms[name] = ms
+        return result
+
+    def _settle(self, frame: pb.Frame, done: Future, answer: Future) -> None:
+        """The scheduler's outcome as the caller's: a StepResult, or a StepError with its status."""
+        error = done.exception()
+        if error is None:
+            answer.set_result(done.result())
+            return
+        if frame.seq == 0 and isinstance(error, PoolExhausted):  # refused: nothing of it stays
+            with self.lock:
+                self.tails.close(frame.session_id)
+        answer.set_exception(StepError(*self.wording.status(error, frame)))

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 # Never reach for a model hub: everything loads from local folders.
@@ -152,13 +151,15 @@ def cmd_partition(args) -> int:
     from partitioner.plan.fast_tail import Floor
     from partitioner.plan.partition import partition
 
+    from .live import system_rig
+
     plan = partition(
         args.model,
         args.topology,
         args.out,
         args.text,
         top=args.top,
-        measure=args.measure,
+        measure=system_rig if args.measure else None,
         measure_top=args.measure_top,
         measure_repeats=args.measure_repeats,
         fast_tail_floor=Floor(args.fast_tail_max_ppl_pct, args.fast_tail_min_agreement),
@@ -285,173 +286,6 @@ AGENTS = {
 }
 
 
-def cmd_bench_split(args) -> int:
-    from partitioner.convert import demo_model
-    from partitioner.plan.demo import demo_plan
-    from splitglm.bench_split import bench_split
-
-    model = args.model or str(demo_model())
-    plan = args.plan or str(demo_plan(model, codecs=("fp32", "fp32")))
-    result = bench_split(plan, model, args.tokens, args.repeats, args.threads, not args.no_mqtt, args.broker)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(f"plan {plan} (lossless fp32 frames), {args.threads} threads per process, {args.tokens} tokens")
-        print(f"monolithic (transformers, one process): {result['monolithic_ms_per_token']:.1f} ms/token")
-        print(f"split over loopback (HTTP -> edge -> gRPC -> cloud): {result['split_http_ms_per_token']:.1f} ms/token")
-        print(f"overhead {result['overhead_pct']:+.1f}% (target within {result['target_pct']:g}%)")
-        print(f"  where a token's time goes (ms): {_stages(result['split_http_stages_ms'])}")
-        if "split_mqtt_ms_per_token" in result:
-            print(f"split over loopback (device -> MQTT -> edge -> gRPC -> cloud): "
-                  f"{result['split_mqtt_ms_per_token']:.1f} ms/token, overhead {result['mqtt_overhead_pct']:+.1f}%")
-            print(f"  where a token's time goes (ms): {_stages(result['split_mqtt_stages_ms'])}")
-    return 0
-
-
-def _stages(stages: dict[str, float]) -> str:
-    return ", ".join(f"{name} {ms:.1f}" for name, ms in stages.items())
-
-
-def cmd_bench_all(args) -> int:
-    from splitglm.bench_all import SECTIONS, bench_all
-
-    sections = SECTIONS if args.sections == "all" else tuple(s.strip() for s in args.sections.split(",") if s.strip())
-    started = time.monotonic()
-
-    def say(line: str) -> None:
-        print(f"[{time.monotonic() - started:6.0f} s] {line}", file=sys.stderr, flush=True)
-
-    results = bench_all(args.out, args.quick, args.model, args.plan, sections, say=say)
-    print(Path(args.out) / "REPORT.md")
-    return 1 if results["errors"] else 0
-
-
-def cmd_bench_router(args) -> int:
-    from partitioner.plan.demo import demo_plan
-    from splitglm.bench_router import bench_router, format_report
-
-    plan = args.plan or str(demo_plan(args.model))
-    policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
-    result = bench_router(plan, args.requests, args.max_tokens, args.seed, policies, args.trace, args.threads,
-                          progress=not args.quiet, speculate=not args.no_speculate)
-    if args.records:
-        with open(args.records, "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in result["records"])
-    if args.json:
-        print(json.dumps(result["results"], indent=2))
-    else:
-        print("\n".join(format_report(result)))
-    return 0
-
-
-def cmd_bench_codecs(args) -> int:
-    from protos.bench import bench_codecs
-
-    rows = bench_codecs(shape=(args.tokens, args.hidden), threads=args.threads)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    print(f"encode + decode of a {args.tokens} x {args.hidden} fp32 tensor, {args.threads} thread(s)")
-    print(f"{'codec':<20} {'B/elt':>7} {'encode ms':>10} {'decode ms':>10} {'total ms':>9}")
-    for r in rows:
-        total = r["encode_ms"] + r["decode_ms"]
-        print(
-            f"{r['codec']:<20} {r['bytes_per_element']:>7.4f} {r['encode_ms']:>10.2f} "
-            f"{r['decode_ms']:>10.2f} {total:>9.2f}"
-        )
-    return 0
-
-
-def cmd_bench_cloud(args) -> int:
-    from splitglm.bench_cloud import run
-
-    return run(args)
-
-
-def cmd_bench_speculative(args) -> int:
-    from partitioner.plan.demo import demo_plan
-    from splitglm.bench_speculative import bench_speculative, format_rows
-
-    plan = args.plan or str(demo_plan(args.model))
-    rtts = [float(r) for r in args.rtts.split(",")]
-    paths = tuple(p for p in args.paths.split(",") if p)
-
-    def progress(path, rtt, mode, done):
-        if not args.json:
-            print(f"  {path} {rtt:g} ms {mode}: {done}/{args.requests}", file=sys.stderr)
-
-    rows = bench_speculative(plan, rtts, args.requests, args.max_tokens, args.broker, paths, progress=progress)
-    print(json.dumps(rows, indent=2) if args.json else format_rows(rows))
-    return 0
-
-
-def cmd_bench_soak(args) -> int:
-    from partitioner.plan.demo import demo_plan
-    from splitglm.bench_soak import bench_soak, format_report, summary_line
-
-    plan = args.plan or str(demo_plan(args.model))
-
-    def progress(elapsed, tally):
-        if not args.json and int(elapsed) % 30 == 0:
-            print(summary_line(elapsed, tally), file=sys.stderr, flush=True)
-
-    report = bench_soak(plan, args.minutes, args.sessions, args.max_tokens, args.threads, args.secrets, progress,
-                        not args.no_slow_consumers)
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
-    return 0 if report["requests_failed"] == 0 else 1
-
-
-def cmd_bench_fanin(args) -> int:
-    from tqdm import tqdm
-
-    from partitioner.plan.demo import demo_plan
-    from splitglm.bench_fanin import bench_fanin, format_rows
-
-    plan = args.plan or str(demo_plan(args.model))
-    levels = tuple(int(n) for n in args.devices.split(",") if n.strip())
-    bars: dict[int, tqdm] = {}
-
-    def progress(devices, done, total):
-        bar = bars.get(devices) or bars.setdefault(devices, tqdm(total=total, desc=f"{devices} devices",
-                                                                 unit="reading", file=sys.stderr))
-        bar.update(done - bar.n)
-
-    try:
-        rows = bench_fanin(plan, levels, args.readings, args.interval_s, args.max_tokens, args.threads,
-                           args.answer_timeout_s, progress)
-    finally:
-        for bar in bars.values():
-            bar.close()
-    print(json.dumps(rows, indent=2) if args.json else format_rows(rows))
-    return 0 if all(r["delivered"] == r["readings"] for r in rows) else 1
-
-
-def cmd_bench_cloud_gpu(args) -> int:
-    from splitglm.bench_cloud_gpu import run
-
-    return run(args)
-
-
-def cmd_bench_sparse(args) -> int:
-    from partitioner.convert import demo_model
-    from splitglm.bench_sparse import APACHE2, GPL3, bench_sparse, format_report, parse_sparsities
-
-    result = bench_sparse(args.model or str(demo_model()), args.calibration_text or GPL3, args.text or APACHE2,
-                          parse_sparsities(args.sparsities), args.tokens, args.allocation, args.repeats,
-                          progress=not args.json)
-    print(json.dumps(result, indent=2) if args.json else "\n".join(format_report(result)))
-    return 0
-
-
-def cmd_bench_fuzz(args) -> int:
-    from splitglm.bench_fuzz import bench_fuzz, format_report
-
-    names = [n.strip() for n in args.targets.split(",") if n.strip()]
-    result = bench_fuzz(args.inputs, names, args.seed, args.threads, args.workdir, progress=not args.quiet)
-    print(json.dumps(result, indent=2) if args.json else "\n".join(format_report(result)))
-    return 1 if result["failures"] else 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitglm", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -523,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--measure",
         action="store_true",
-        help="run the best candidates live (3 processes on loopback, shaped links) and compare",
+        help="run the best candidates live (broker, cloud and edge processes on loopback, links shaped by the "
+        "link proxy) and compare",
     )
     p.add_argument("--student", action="append", help="a `splitglm distill` folder of layers K2,L offered to the "
                    "fast-tail choice beside the quantised copies (repeatable)")
@@ -586,124 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("agent_args", nargs=argparse.REMAINDER, help="its own options (see --help)")
         p.set_defaults(func=_run_agent)
 
-    bench = sub.add_parser("bench", help="benchmarks that report numbers").add_subparsers(dest="bench", required=True)
-    p = bench.add_parser("all", help="the benchmark report: codecs, splits, baselines (cloud-, edge-, device-only), "
-                         "router, batching, MQTT fan-in, side by side; writes OUT/REPORT.md, results.json, plots")
-    p.add_argument("--out", required=True, help="folder for REPORT.md, results.json, the plots and the plans")
-    p.add_argument("--quick", action="store_true", help="smaller runs (under 25 minutes on 2 cores)")
-    p.add_argument("--sections", default="all", help="comma-separated, of codecs,splits,baselines,router,batching,"
-                   "fanin (default all; baselines needs splits)")
-    p.add_argument("--model", help="GLM checkpoint folder (default: the demo model)")
-    p.add_argument("--plan", help="the agents' plan for router, speculation, batching, fan-in (default: the demo plan)")
-    p.set_defaults(func=cmd_bench_all)
-    p = bench.add_parser("codecs", help="encode/decode time and size of every codec")
-    p.add_argument("--tokens", type=int, default=2048)
-    p.add_argument("--hidden", type=int, default=4096)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_bench_codecs)
-    p = bench.add_parser("cloud", help="decode throughput of the cloud service at several concurrent sessions")
-    p.add_argument("--plan", help="plan folder (default: the demo plan)")
-    p.add_argument("--sessions", type=int, nargs="+", default=[1, 8], help="concurrent sessions to measure")
-    p.add_argument("--prompt", type=int, default=32, help="prefill positions per session")
-    p.add_argument("--steps", type=int, default=64, help="decode steps per session")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of the cloud process")
-    p.set_defaults(func=cmd_bench_cloud)
-    p = bench.add_parser("cloud-gpu", help="the cloud tier on a GPU: tokens/s against the bandwidth bound, vs generate")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--shape", choices=["glm4-9b"], default="glm4-9b", help="random bf16 weights of this shape")
-    p.add_argument("--model", help="a GLM checkpoint folder instead (its layers + head)")
-    p.add_argument("--repeats", type=int, default=3, help="runs per figure; medians are reported (default 3)")
-    p.add_argument("--pool-mib", type=float, default=8192, help="KV pool size, MiB (default 8192)")
-    p.add_argument("--prefill-chunk", type=int, default=128, help="prompt positions per step (default 128)")
-    p.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
-    p.set_defaults(func=cmd_bench_cloud_gpu)
-    p = bench.add_parser("speculative", help="speculative split decoding against the plain accurate path, "
-                         "by edge-cloud round trip")
-    p.add_argument("--model", help="GLM checkpoint folder (default: the demo model)")
-    p.add_argument("--plan", help="plan folder with a fast tail (default: the demo plan)")
-    p.add_argument("--rtts", default="0,20,60,150", help="edge-cloud round trips to measure, ms (default 0,20,60,150)")
-    p.add_argument("--requests", type=int, default=10, help="requests per row, each with and without (default 10)")
-    p.add_argument("--max-tokens", type=int, default=48, help="new tokens per request (default 48)")
-    p.add_argument("--paths", default="http,device", help="http and/or device (default both)")
-    p.add_argument("--broker", help="MQTT broker URL (default: start the embedded amqtt broker)")
-    p.add_argument("--json", action="store_true", help="print the JSON list of rows")
-    p.set_defaults(func=cmd_bench_speculative)
-    p = bench.add_parser("soak", help="concurrent HTTPS and MQTT-over-TLS sessions for minutes: failures, "
-                         "tokens/s, per-token p50/p99, memory growth of each process")
-    p.add_argument("--model", help="GLM checkpoint folder (default: the demo model)")
-    p.add_argument("--plan", help="plan folder (default: the demo plan)")
-    p.add_argument("--minutes", type=float, default=10.0, help="how long the sessions run, minutes (default 10)")
-    p.add_argument("--sessions", type=int, default=30, help="concurrent sessions, half HTTP, half MQTT (default 30)")
-    p.add_argument("--max-tokens", type=int, default=32, help="new tokens per request (default 32)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of each process (default 1)")
-    p.add_argument("--secrets", help="`splitglm secrets` folder with logins soak-dev-0... and soak-staller "
-                   "(default: made anew)")
-    p.add_argument("--no-slow-consumers", action="store_true", help="skip the phase with a stalled HTTP client and "
-                   "a stalled device (their effect on other sessions' per-token p99)")
-    p.add_argument("--json", action="store_true", help="print the JSON report")
-    p.set_defaults(func=cmd_bench_soak)
-    p = bench.add_parser("fanin", help="many simulated devices through Mosquitto (TLS, a login per device, ACL): "
-                         "readings delivered, lost, duplicated; latency; broker and edge CPU")
-    p.add_argument("--model", help="GLM checkpoint folder (default: the demo model)")
-    p.add_argument("--plan", help="plan folder (default: the demo plan)")
-    p.add_argument("--devices", default="50,100,200", help="device counts, one level each (default 50,100,200)")
-    p.add_argument("--readings", type=int, default=2, help="readings per device and level (default 2)")
-    p.add_argument("--interval-s", type=float, default=1.0, help="between a device's readings, seconds (default 1)")
-    p.add_argument("--max-tokens", type=int, default=1, help="new tokens per answer (default 1)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of each process (default 1)")
-    p.add_argument("--answer-timeout-s", type=float, default=600.0, help="a reading not answered within this is "
-                   "lost, seconds (default 600)")
-    p.add_argument("--json", action="store_true", help="print the JSON list of rows")
-    p.set_defaults(func=cmd_bench_fanin)
-    p = bench.add_parser("split", help="per-token latency: split path on loopback vs monolithic generation")
-    p.add_argument("--model", help="GLM checkpoint folder (default: the demo model)")
-    p.add_argument("--plan", help="plan folder (default: the demo plan with lossless fp32 frames)")
-    p.add_argument("--tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds, one generation of each path per round")
-    p.add_argument("--threads", type=int, default=2, help="torch threads of each process and of the monolithic run")
-    p.add_argument("--no-mqtt", action="store_true", help="measure the HTTP path only (no broker, no device agent)")
-    p.add_argument("--broker", help="MQTT broker URL for the device path (default: start the embedded amqtt broker)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_bench_split)
-    p = bench.add_parser("router", help="routing policies over a trace of changing edge-cloud delay")
-    p.add_argument("--model", help="GLM checkpoint folder (default: the demo model)")
-    p.add_argument("--plan", help="plan folder with a fast tail (default: the demo plan)")
-    p.add_argument("--requests", type=int, default=200, help="requests per policy (default 200)")
-    p.add_argument("--max-tokens", type=int, default=8, help="new tokens per request (default 8)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the trace's prompts and budgets")
-    p.add_argument("--policies", default="adaptive,accurate,fast", help="comma-separated (default all three)")
-    p.add_argument("--trace", default="20:0.4,300:0.3,50:0.3", help="RTT_MS:SHARE phases in order")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of each process (default 1)")
-    p.add_argument("--records", help="also write one JSON line per request to this file")
-    p.add_argument("--no-speculate", action="store_true", help="the edge never speculates (default: where it pays)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true", help="print only the JSON list of per-policy results")
-    p.set_defaults(func=cmd_bench_router)
-    p = bench.add_parser("fuzz", help="bad input at every receiver (frames, relay, readings, gRPC, HTTP): "
-                         "failures, inputs/s, RSS growth")
-    p.add_argument("--inputs", type=int, default=100_000, help="inputs in all, shared among the targets "
-                   "(default 100000)")
-    p.add_argument("--targets", default="frames,readings,relay,grpc,http", help="comma-separated (default all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first chunk of each target (default 0)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    p.add_argument("--workdir", help="folder for the tiny model and its plan (default: the temp folder)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=cmd_bench_fuzz)
-    p = bench.add_parser("sparse", help="TEAL-style MLP activation sparsity (sparse_mlp): perplexity cost and "
-                         "CPU decode speed-up, dense vs sparse")
-    p.add_argument("--model", help="GLM checkpoint folder (default: the demo model)")
-    p.add_argument("--calibration-text", help="text the thresholds are calibrated on (default: the GPL-3)")
-    p.add_argument("--text", help="text the model is judged on, never the calibration text (default: Apache-2.0)")
-    p.add_argument("--sparsities", default="0.3,0.4,0.5", help="comma-separated shares zeroed, each one share or "
-                   "GATE_UP:DOWN (default 0.3,0.4,0.5)")
-    p.add_argument("--allocation", choices=["uniform", "equal_error"], default="uniform",
-                   help="per-layer thresholds: the same share zeroed, or the same share of energy (default uniform)")
-    p.add_argument("--tokens", type=int, help="at most this many tokens of each text (default: all)")
-    p.add_argument("--repeats", type=int, default=5, help="interleaved timing repeats, best kept (default 5)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=cmd_bench_sparse)
+    from splitglm import bench
+
+    bench.add_parser(sub)
     return parser
 
 

@@ -1,15 +1,10 @@
 """Measure a shaped link before a benchmark uses it: its round trip and its bandwidth, as they are.
 
-Two kinds of shaped links are in use, and each is measured the way traffic crosses it:
-
-- ``measure_proxy``: the project's ``DelayProxy`` (real TCP through a user-space delay and
-  bandwidth limit; the edge-cloud link of the agents' benches), in front of a small server;
-- ``measure_shaped``: the live rig's ``ShapedConn`` (the sender of each message pays
-  RTT/2 + bytes x 8 / bandwidth; ``partitioner.plan.live``), on a loopback connection.
-
-Each sends ``ROUND_TRIPS`` one-byte requests (the median is the RTT), then one ``nbytes`` message
-that the far side acknowledges with one byte once it has all of it: bandwidth = nbytes x 8 /
-(that time - RTT).
+Every shaped link is the project's ``DelayProxy`` (real TCP through a user-space delay and
+bandwidth limit): the agents' benches and the planner's live rig (``splitglm.live``) alike.
+``measure_proxy`` puts one in front of a small server and sends ``ROUND_TRIPS`` one-byte
+requests (the median is the RTT), then one ``nbytes`` message that the far side acknowledges
+with one byte once it has all of it: bandwidth = nbytes x 8 / (that time - RTT).
 """
 
 from __future__ import annotations
@@ -88,35 +83,3 @@ def measure_proxy(rtt_ms: float, bandwidth_mbit_s: float | None = None, nbytes: 
         thread.join(5)
     return {"kind": "DelayProxy (TCP, user-space delay)", "rtt_ms": rtt_ms, "bandwidth_mbit_s": bandwidth_mbit_s,
             **_fit(rtts, big, nbytes)}
-
-
-def measure_shaped(rtt_ms: float, bandwidth_mbit_s: float, nbytes: int = 256 * 1024) -> dict:
-    """The live rig's ``ShapedConn`` with this RTT and bandwidth, measured on a loopback connection."""
-    from partitioner.plan.live_tiers import ShapedConn
-
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        a = socket.create_connection(listener.getsockname(), timeout=60)
-        b, _ = listener.accept()
-    near, far = ShapedConn(a, bandwidth_mbit_s, rtt_ms), ShapedConn(b, bandwidth_mbit_s, rtt_ms)
-
-    def acknowledge():
-        while far.recv() is not None:
-            far.send(b"k")
-
-    thread = threading.Thread(target=acknowledge, name="linkcheck-shaped", daemon=True)
-    thread.start()
-    try:
-        def exchange(payload: bytes) -> float:
-            t0 = time.perf_counter()
-            near.send(payload)
-            near.recv()
-            return time.perf_counter() - t0
-
-        rtts = [exchange(b"x") for _ in range(ROUND_TRIPS)]
-        big = exchange(bytes(nbytes))
-    finally:
-        near.close()
-        thread.join(5)
-        far.close()
-    return {"kind": "ShapedConn (live rig, sender-side delay)", "rtt_ms": rtt_ms,
-            "bandwidth_mbit_s": bandwidth_mbit_s, **_fit(rtts, big, nbytes)}

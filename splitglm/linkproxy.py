@@ -5,7 +5,8 @@ Put it between the edge and the cloud: every chunk of bytes is forwarded
 ``bandwidth_mbit_s`` a chunk also waits for the ones before it to have left
 and takes ``bytes x 8 / bandwidth`` itself (a serialising link). The delay can be
 changed while connections are open (``set_rtt``), so a benchmark can replay a
-trace of link conditions; ``cut()`` drops every connection (a dead link).
+trace of link conditions; ``cut()`` drops every connection (a dead link). ``carried`` counts the bytes
+that crossed it, "up" (towards the target) and "down", over all its connections.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class DelayProxy:
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.base_events.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self.carried = {"up": 0, "down": 0}  # bytes received for forwarding, by direction, since start
         self._thread = threading.Thread(target=self._loop.run_forever, name="delay-proxy", daemon=True)
 
     @property
@@ -76,12 +78,13 @@ class DelayProxy:
             return
         self._writers |= {writer, up_writer}
         try:
-            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True)
+            await asyncio.gather(self._pipe(reader, up_writer, "up"),
+                                 self._pipe(up_reader, writer, "down"), return_exceptions=True)
         except asyncio.CancelledError:  # stop(): ends here (a cancelled accept task is reported as an error)
             pass
         self._writers -= {writer, up_writer}
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, direction: str) -> None:
         """Forward chunks in order, each released one-way delay after it arrived (and after its serialisation)."""
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
         free_at = 0.0  # when the link has sent the chunks queued so far (with a bandwidth limit)
@@ -100,6 +103,7 @@ class DelayProxy:
         sender = asyncio.ensure_future(release())
         try:
             while chunk := await reader.read(1 << 16):
+                self.carried[direction] += len(chunk)
                 due = time.monotonic() + self.rtt_ms / 2e3
                 if self.bandwidth_mbit_s:
                     free_at = max(free_at, due) + len(chunk) * 8 / (self.bandwidth_mbit_s * 1e6)

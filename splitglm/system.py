@@ -8,6 +8,16 @@ broker, real gRPC and real HTTP. With ``secrets`` (a folder from ``splitglm
 secrets``) every link is encrypted and authenticated: MQTT over TLS with a
 login per device and per edge and the ACL, mutual TLS from edge to cloud,
 HTTPS with API keys.
+
+Links can be shaped with the project's user-space link proxy
+(``splitglm.linkproxy.DelayProxy``): ``cloud_rtt_ms`` (and
+``cloud_bandwidth_mbit_s``) puts one between the edge and the cloud,
+``device_rtt_ms`` (and ``device_bandwidth_mbit_s``) one between the device and
+the broker (``device_broker``: the broker's URL as the device sees it), so a
+device's step pays that RTT once, through the broker to the edge and back.
+``LocalDevice`` is a device in this process: the plan's device tier driving
+the owner's decode loop over the device agent's MQTT link, for callers that
+give prompt ids and read per-step timings (``splitglm.live``, the benches' simulated devices).
 """
 
 from __future__ import annotations
@@ -18,12 +28,17 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
-from protos.mqtt import MqttAuth, broker_address, connect, new_client, resolve_protocol
+from protos.mqtt import MqttAuth, broker_address, connect, new_client, resolve_protocol, wait_for_broker
 from protos.topics import results_topic
 
 from .linkproxy import DelayProxy
 from .processes import Proc, free_port
+
+if TYPE_CHECKING:
+    from runtime.owner import Generation
 
 logger = logging.getLogger(__name__)
 START_TIMEOUT_S = 300.0  # loading a tier on a busy 2-core machine takes a while
@@ -40,7 +55,11 @@ class LocalSystem:
     device_max_tokens: int = 32
     mqtt: bool = True  # False: cloud and edge only, the edge serving HTTP without a broker
     cloud_rtt_ms: float | None = None  # set: the edge reaches the cloud through a DelayProxy of this RTT, ms
+    cloud_bandwidth_mbit_s: float | None = None  # with cloud_rtt_ms: that link's bandwidth, Mbit/s (None: unlimited)
     proxy: DelayProxy | None = None  # that proxy (``set_rtt`` changes the link while running)
+    device_rtt_ms: float | None = None  # set: the device reaches the broker through a DelayProxy of this RTT, ms
+    device_bandwidth_mbit_s: float | None = None  # with device_rtt_ms: that link's bandwidth, Mbit/s (None: unlimited)
+    device_proxy: DelayProxy | None = None  # that proxy
     device_agent: bool = True  # with mqtt: start the device agent too
     edge_args: tuple[str, ...] = ()  # more flags for the edge (e.g. ("--speculate", "false"))
     device_args: tuple[str, ...] = ()  # more flags for the device agent
@@ -73,14 +92,18 @@ class LocalSystem:
             cloud = cloud.split("://", 1)[-1]
             if self.cloud_rtt_ms is not None:
                 host, _, port = cloud.rpartition(":")
-                self.proxy = DelayProxy(host, int(port), self.cloud_rtt_ms).start()
+                self.proxy = DelayProxy(host, int(port), self.cloud_rtt_ms,
+                                        bandwidth_mbit_s=self.cloud_bandwidth_mbit_s).start()
                 cloud = self.proxy.address
+            if self.mqtt and self.device_rtt_ms is not None:
+                self.device_proxy = DelayProxy(*broker_address(self.broker), self.device_rtt_ms,
+                                               bandwidth_mbit_s=self.device_bandwidth_mbit_s).start()
             self._start("edge", "edge_node", "--plan", self.plan, "--broker", self.broker if self.mqtt else "",
                         "--cloud", cloud, "--http-host", self.host,
                         "--http-port", str(self.http_port or free_port()), *threads, *self._edge_security(),
                         *self.edge_args)
             if self.mqtt and self.device_agent:
-                self._start("device", "device_agent", "--plan", self.plan, "--broker", self.broker,
+                self._start("device", "device_agent", "--plan", self.plan, "--broker", self.device_broker,
                             "--device-id", self.device_id, "--max-tokens", str(self.device_max_tokens), *threads,
                             *self._device_login(), *self.device_args)
         except BaseException:
@@ -135,6 +158,13 @@ class LocalSystem:
     def http(self) -> str:
         return self.urls["edge"]
 
+    @property
+    def device_broker(self) -> str:
+        """The broker's URL for the device: through ``device_proxy`` when the device link is shaped."""
+        if self.device_proxy is None:
+            return self.broker
+        return f"{urlsplit(self.broker).scheme}://{self.device_proxy.address}"
+
     def publish_readings(self, count: int, interval_s: float = 0.5) -> Proc:
         """Run the sensor simulator for ``count`` readings of this system's device."""
         proc = Proc("sensors", [sys.executable, "-m", "device_agent.simulator", "--broker", self.broker,
@@ -144,14 +174,15 @@ class LocalSystem:
         return proc
 
     def stop(self) -> dict[str, int]:
-        """Stop every child, last started first, then the delay proxy; return the children's exit codes."""
+        """Stop every child, last started first, then the delay proxies; return the children's exit codes."""
         codes = {}
         for proc in reversed(self.procs):
             codes[proc.name] = proc.stop()
         self.procs.clear()
-        if self.proxy is not None:
-            self.proxy.stop()
-            self.proxy = None
+        for proxy in (self.proxy, self.device_proxy):
+            if proxy is not None:
+                proxy.stop()
+        self.proxy = self.device_proxy = None
         return codes
 
     def __enter__(self) -> LocalSystem:
@@ -202,5 +233,45 @@ class ResultListener:
             return list(self.answers)
 
     def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class LocalDevice:
+    """A device in this process: a plan's device tier over the device agent's MQTT link (``EdgeLink``).
+
+    ``generation`` gives the owner's decode loop (``runtime.owner.Generation``) for prompt ids;
+    iterating it runs the steps, and its ``step_timings`` say where each step's time went. ``tier``: a
+    loaded ``device_agent.agent.DeviceTier`` that several devices here share (one step at a time, through
+    its lock; None: the plan's device tier, loaded for this device); ``auth``: the device's MQTT login."""
+
+    def __init__(self, plan: str | None, broker: str, device_id: str = "local-device", step_timeout_s: float = 120.0,
+                 auth: MqttAuth | None = None, tier=None):
+        from device_agent.link import EdgeLink
+        from runtime.artifacts import load_plan, load_tier
+
+        self.device_id = device_id
+        if tier is None:
+            self.segment, self.lock = load_tier(plan, "device"), None
+            self.codec = load_plan(plan)["codecs"]["device_edge"]
+        else:
+            self.segment, self.codec, self.lock = tier.segment, tier.codec, tier.lock
+        protocol = wait_for_broker(broker, "auto", START_TIMEOUT_S, auth)
+        self.client = new_client(f"splitglm-{device_id}-{free_port()}", protocol)
+        self.link = EdgeLink(self.client, protocol, device_id, step_timeout_s=step_timeout_s)
+        self.client.on_connect = self.link.on_connect
+        self.client.on_disconnect = self.link.on_disconnect
+        connect(self.client, broker, protocol, auth)
+
+    def generation(self, prompt_ids: list[int], params, tokenizer=None) -> Generation:
+        """One generation of ``prompt_ids`` with these ``GenerationParams`` (token ids only, unless a
+        ``tokenizer`` is given to decode the text as the device agent does)."""
+        from runtime.owner import Generation
+
+        return Generation(self.segment, self.link, list(prompt_ids), params, self.codec, tokenizer=tokenizer,
+                          lock=self.lock)
+
+    def close(self) -> None:
+        self.link.shutdown()
         self.client.disconnect()
         self.client.loop_stop()

@@ -95,6 +95,19 @@ def tiny_plan(tiny_glm, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def talking_model(tiny_glm, tmp_path_factory) -> str:
+    """The tiny glm checkpoint with a character tokenizer, so every tier of its plans can serve text."""
+    import shutil
+
+    from splitglm.fuzz.stack import char_tokenizer
+
+    folder = tmp_path_factory.mktemp("talking-model") / "model"
+    shutil.copytree(tiny_glm, folder)
+    char_tokenizer().save_pretrained(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
 def talking_plan(tiny_plan, tmp_path_factory) -> str:
     """The tiny plan with a character tokenizer in its device and edge tiers, so both can serve text (the
     device agent renders prompts, the edge's HTTP API serves completions)."""

@@ -1,7 +1,7 @@
 """A split model in one process for gateway tests: real segments, real frames, a real (tiny) tokenizer.
 
 ``LocalDownstream`` answers frames the way the cloud does (edge layers +
-cloud tail + ``TailSessions``) without a network; ``TestNode`` offers what
+cloud tail in a ``Terminal``) without a network; ``TestNode`` offers what
 ``edge_node.http_api.create_app`` needs from an edge node, built from those
 real parts; ``char_tokenizer`` (``splitglm.fuzz.stack``'s, which ``splitglm
 bench fuzz`` uses too) is a character-level tokenizer over the tiny model's 96
@@ -84,7 +84,8 @@ class TestNode:
 
     def open_sessions(self) -> int:
         """Sessions any tier still holds."""
-        return len(self.owner.sessions) + len(self.downstream.tails.sessions) + len(self.downstream.cloud.sessions)
+        tails = self.downstream.terminal.stats()["sessions"]
+        return len(self.owner.sessions) + tails + len(self.downstream.cloud.sessions)
 
 
 def greedy_tokens(checkpoint, k1: int, k2: int, prompt_ids: list[int], n: int, stop_ids=()) -> list[int]:

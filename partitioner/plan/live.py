@@ -1,37 +1,29 @@
 """Run planned candidates for real and compare measured latency with the planner's prediction.
 
-A candidate (cuts k1 <= k2, a codec per link, a compression per tier) runs as
-three OS processes (multiprocessing "spawn") on 127.0.0.1:
+This is the planner's side of a live run: which candidates to measure
+(``contrasting``), the prompts and decode steps per workload, time dilation,
+the planner's prediction at the live thread count (``repredict``), the rows,
+``summary`` and ``format_table``. The rig that runs a candidate is passed in
+(a ``Rig``): partitioner imports no agent, so the composition root provides
+it -- ``splitglm.live.system_rig`` exports the candidate's plan and runs it on
+the real processes (broker, cloud, edge; the device tier over the device
+agent's MQTT link) with the topology's links shaped by the project's link
+proxy (``splitglm.linkproxy.DelayProxy``), as the system tests do.
 
-- device: session owner -- embedding + layers [0, k1); drives the decode loop;
-- edge: layers [k1, k2);
-- cloud: layers [k2, L) + final norm + LM head, greedy sampling.
-
-They talk over TCP with length-prefixed messages: ``Frame`` bytes downstream
-(hidden states encoded with the candidate's codec for that link), and
-``StepResult`` bytes (the token, plus each tier's compute time in
-``timings_ms``) back upstream. Each tier's segment is compressed with the
-candidate's ``COMPRESSIONS`` recipe over the layers it runs.
-
-Links are shaped in user space (no netem): the sender of every message on a
-link sleeps ``rtt_ms / 2 + bytes * 8 / bandwidth`` before sending, in both
-directions, so a step crossing both links and back pays one RTT per link
-plus serialisation -- exactly what the planner charges.
-
-Threads: the three processes share this machine's cores (2 here), so each
-runs ``torch.set_num_threads(1)`` (``threads`` argument), whatever the tier
-asks for. Predictions are therefore re-evaluated with the 1-thread profiles
-("predicted@1t") for the error column; the planner's own prediction (at the
-tiers' thread counts) is kept beside it.
+Threads: the processes share this machine's cores (2 here), so each tier
+runs ``threads`` (1) torch threads, whatever the tier asks for. Predictions
+are therefore re-evaluated with the 1-thread profiles ("predicted@1t") for
+the error column; the planner's own prediction (at the tiers' thread counts)
+is kept beside it.
 
 Tier speed (time dilation): this machine cannot run a tier ``speed_factor``
-times faster, so each process times its own compute per step (frame decode,
-segment forward, head + sampling, frame encode) and
+times faster, so the rig reports each tier's compute per step (the tiers'
+``StepResult.timings_ms``) and
 
     measured = wall time + sum over tiers of compute_ms * (1 / speed_factor - 1)
 
 i.e. each tier's compute is rescaled to its stated speed while the link
-delays and the other overheads (sockets, protobuf) stay as measured.
+delays and the other overheads (MQTT, gRPC, protobuf) stay as measured.
 
 ``measure_candidates`` measures each workload of the topology with a prompt
 of ``prompt_tokens`` random ids and ``min(output_tokens - 1, max_decode_steps)``
@@ -43,17 +35,16 @@ exactly as the planner does (``planner.evaluate_candidate``).
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
-import multiprocessing.connection
 import os
 import statistics
 import time
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, is_dataclass
+from typing import Protocol
 
 import torch
 
-from partitioner.plan.live_tiers import START_TIMEOUT_S, TIER_NAMES, _tier_main, _TierConfig
-from partitioner.plan.topology import Topology, tier_backend
+from partitioner.plan.topology import TIERS, Topology, tier_backend
 
 logger = logging.getLogger(__name__)
 
@@ -65,10 +56,16 @@ def dilated_ms(wall_ms: float, compute_ms: dict[str, float], topo: Topology) -> 
 
 @dataclass
 class LiveRun:
-    """One generation through the three processes: tokens and per-step times (step 0 = prefill)."""
+    """One generation on a live rig: tokens and per-step times (step 0 = prefill)."""
 
     tokens: list[int]
     steps: list[dict] = field(default_factory=list)  # {"wall_ms", "compute_ms": {tier: ms}, "measured_ms"}
+
+    def dilate(self, topo: Topology) -> LiveRun:
+        """Set each step's ``measured_ms``: its wall time with the tiers' compute at their speed."""
+        for s in self.steps:
+            s["measured_ms"] = dilated_ms(s["wall_ms"], s["compute_ms"], topo)
+        return self
 
     @property
     def ttft_ms(self) -> float:
@@ -80,121 +77,21 @@ class LiveRun:
         return statistics.fmean(decode) if decode else None
 
 
-class LiveChain:
-    """Three tier processes running one candidate; ``run`` a prompt, then ``close`` (or use ``with``)."""
+class Runner(Protocol):
+    """One candidate running live."""
 
-    def __init__(
-        self,
-        model: str | os.PathLike,
-        topo: Topology,
-        splits,
-        codecs: dict[str, str],
-        compression: dict[str, str],
-        threads: int = 1,
-    ):
-        from runtime.checkpoint import load_spec
+    def run(self, prompt_ids: list[int], decode_steps: int) -> LiveRun:
+        """Prefill ``prompt_ids``, then ``decode_steps`` greedy steps (no stop token): 1 + decode_steps tokens,
+        each step with ``wall_ms`` and ``compute_ms`` per tier."""
 
-        L = load_spec(model).num_layers
-        k1, k2 = splits
-        links = {
-            n: {"bandwidth_mbit_s": topo.links[n].bandwidth_mbit_s, "rtt_ms": topo.links[n].rtt_ms}
-            for n in ("device_edge", "edge_cloud")
-        }
-        de, ec = links["device_edge"], links["edge_cloud"]
-        configs = {
-            "device": _TierConfig(
-                "device", str(model), 0, k1, compression.get("device", "none"), codecs["device_edge"], None, de, threads
-            ),
-            "edge": _TierConfig(
-                "edge", str(model), k1, k2, compression.get("edge", "none"), codecs["edge_cloud"], de, ec, threads
-            ),
-            "cloud": _TierConfig("cloud", str(model), k2, L, compression.get("cloud", "none"), "", ec, None, threads),
-        }
-        for role, cfg in configs.items():
-            cfg.backend = tier_backend(topo, role)
-        self.topo = topo
-        ctx = mp.get_context("spawn")
-        self.procs, self.pipes = {}, {}
-        self.inbox = {r: [] for r in TIER_NAMES}
-        try:
-            for role in ("cloud", "edge", "device"):
-                parent, child = ctx.Pipe()
-                p = ctx.Process(
-                    target=_tier_main, args=(configs[role], child), daemon=True, name=f"splitglm-live-{role}"
-                )
-                p.start()
-                child.close()
-                self.procs[role], self.pipes[role] = p, parent
-            ports = {r: self._expect(r, "port")[1] for r in ("cloud", "edge")}
-            self.pipes["edge"].send(ports["cloud"])
-            self.pipes["device"].send(ports["edge"])
-            for role in ("cloud", "edge", "device"):
-                self._expect(role, "ready")
-        except BaseException:
-            self.close()
-            raise
 
-    def _expect(self, role: str, kind: str, timeout: float = START_TIMEOUT_S):
-        """The next message from ``role`` (must be ``kind``); an error or death of any tier raises."""
-        deadline = time.monotonic() + timeout
-        while not self.inbox[role]:
-            for r, p in self.procs.items():
-                while self.pipes[r].poll(0):
-                    msg = self.pipes[r].recv()
-                    if msg[0] == "error":
-                        raise RuntimeError(f"live {msg[1]}")
-                    self.inbox[r].append(msg)
-                if not self.inbox[role] and not p.is_alive():
-                    raise RuntimeError(f"live {r} process exited with code {p.exitcode}")
-            if self.inbox[role]:
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"live {role}: no {kind!r} within {timeout:.0f} s")
-            mp.connection.wait(list(self.pipes.values()), 0.2)
-        return self._check(self.inbox[role].pop(0), kind)
+class Rig(Protocol):
+    """Starts a candidate on live processes (``splitglm.live.system_rig``); leaving the context stops them."""
 
-    @staticmethod
-    def _check(msg, kind: str):
-        if msg[0] == "error":
-            raise RuntimeError(f"live {msg[1]}")
-        if msg[0] != kind:
-            raise RuntimeError(f"live: expected {kind!r}, got {msg[0]!r}")
-        return msg
-
-    def run(self, prompt_ids: list[int], decode_steps: int, timeout: float = 600.0) -> LiveRun:
-        """Prefill ``prompt_ids``, then ``decode_steps`` greedy steps: 1 + decode_steps tokens."""
-        self.pipes["device"].send(("run", list(map(int, prompt_ids)), int(decode_steps)))
-        _, tokens, records = self._expect("device", "result", timeout)
-        for r in records:
-            r["measured_ms"] = dilated_ms(r["wall_ms"], r["compute_ms"], self.topo)
-        return LiveRun(tokens, records)
-
-    def close(self) -> None:
-        """Stop the processes: politely, then terminate, then kill; never leaves one behind."""
-        device = self.pipes.get("device")
-        if device is not None and self.procs["device"].is_alive():
-            try:
-                device.send(("stop",))
-            except OSError:
-                pass
-        for role, p in self.procs.items():
-            p.join(5 if role == "device" else 2)
-        for p in self.procs.values():
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-        for pipe in self.pipes.values():
-            pipe.close()
-        self.procs, self.pipes = {}, {}
-
-    def __enter__(self) -> LiveChain:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __call__(
+        self, model: str | os.PathLike, topo: Topology, candidate: dict, threads: int
+    ) -> AbstractContextManager[Runner]:
+        """``candidate``: splits, codecs per link and compression names per tier."""
 
 
 # ---- measuring candidates ------------------------------------------------------------------------
@@ -209,7 +106,7 @@ def repredict(topo: Topology, data: dict, candidate: dict, num_layers: int, thre
     from partitioner.plan.measure import codec_costs, compression_costs, key
     from partitioner.plan.planner import Costs, evaluate_candidate
 
-    backends = {t: tier_backend(topo, t) for t in TIER_NAMES}
+    backends = {t: tier_backend(topo, t) for t in TIERS}
     profiles = data.get("profiles", {})
     if not all(key(backends[t], c, threads) in profiles for t, c in candidate["compression"].items()):
         return None
@@ -218,7 +115,7 @@ def repredict(topo: Topology, data: dict, candidate: dict, num_layers: int, thre
         t: next(c for c in compression_costs(data, threads, num_layers, backends[t]) if c.name == n)
         for t, n in candidate["compression"].items()
     }
-    costs = {t: Costs(chosen[t].profile, num_layers) for t in TIER_NAMES}
+    costs = {t: Costs(chosen[t].profile, num_layers) for t in TIERS}
     pair = (codecs[candidate["codecs"]["device_edge"]], codecs[candidate["codecs"]["edge_cloud"]])
     c = evaluate_candidate(topo, costs, tuple(candidate["splits"]), pair, chosen, num_layers)
     return None if c is None else {"ttft_ms": c.ttft_ms, "per_token_ms": c.per_token_ms, "expected_ms": c.expected_ms}
@@ -228,13 +125,14 @@ def measure_candidates(
     model: str | os.PathLike,
     topo: Topology,
     candidates,
+    rig: Rig,
     repeats: int = 2,
     max_decode_steps: int = 16,
     data: dict | None = None,
     threads: int = 1,
     seed: int = 0,
 ) -> list[dict]:
-    """Run each candidate live (``LiveChain``) on the topology's workload mix; predicted vs measured.
+    """Run each candidate live (on ``rig``) on the topology's workload mix; predicted vs measured.
 
     Per candidate: splits, codecs, compression, ``predicted`` (the planner's,
     at the tiers' threads), ``predicted_live`` (re-evaluated with
@@ -255,12 +153,12 @@ def measure_candidates(
     rows = []
     for cand in map(_as_dict, candidates):
         t_start = time.perf_counter()
-        with LiveChain(model, topo, cand["splits"], cand["codecs"], cand["compression"], threads) as live:
+        with rig(model, topo, cand, threads) as live:
             live.run(prompts[topo.workload[0].prompt_tokens][:8], 2)  # warm-up (first-call overheads)
             per_w = []
             for w in topo.workload:
                 steps = max(1, min(w.output_tokens - 1, max_decode_steps))
-                runs = [live.run(prompts[w.prompt_tokens], steps) for _ in range(repeats)]
+                runs = [live.run(prompts[w.prompt_tokens], steps).dilate(topo) for _ in range(repeats)]
                 per_w.append(
                     (w, statistics.median(r.ttft_ms for r in runs), statistics.median(r.per_token_ms for r in runs))
                 )

@@ -7,6 +7,7 @@ import logging
 import os
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from partitioner.plan.export import export_plan
 from partitioner.plan.fast_tail import DistilledTail, FastTailChoice, Floor, choose_fast_tail
@@ -26,8 +27,11 @@ from partitioner.plan.topology import TIERS, Topology, load_topology, tier_backe
 from runtime.artifacts import checkpoint_fingerprint
 from runtime.checkpoint import load_spec, load_tokenizer
 
+if TYPE_CHECKING:
+    from partitioner.plan.live import Rig
+
 logger = logging.getLogger(__name__)
-LIVE_THREADS = 1  # --measure runs three tier processes on this machine's cores: one thread each
+LIVE_THREADS = 1  # --measure runs the tiers' processes on this machine's cores: one thread each
 
 OBJECTIVE = (
     "expected request latency over the workload mix: mean_w(TTFT(prompt) + (output - 1) * per_token), "
@@ -117,7 +121,7 @@ def partition(
     out: str | os.PathLike,
     text: str | os.PathLike,
     top: int = 8,
-    measure: bool = False,
+    measure: Rig | None = None,
     measure_top: int = 4,
     measure_repeats: int = 2,
     measure_decode_steps: int = 16,
@@ -126,19 +130,23 @@ def partition(
 ) -> dict:
     """Plan ``model`` for ``topology`` and write the plan folder ``out``; return plan.json's content.
 
-    ``measure``: also run the best ``measure_top`` candidates and a few contrasting splits live
-    (``partitioner.plan.live``; ``measure_repeats`` runs of each workload, at most ``measure_decode_steps``
-    decode steps each) and add predicted vs measured to plan.json ("measured") and report.md.
+    ``measure``: a live rig (``splitglm.live.system_rig``) to also run the best ``measure_top`` candidates
+    and a few contrasting splits on (``partitioner.plan.live``; ``measure_repeats`` runs of each workload, at
+    most ``measure_decode_steps`` decode steps each); predicted vs measured go to plan.json ("measured") and
+    report.md.
     The edge's fast tail ([k2, L) + head) gets the fastest compression within ``fast_tail_floor``
     (``partitioner.plan.fast_tail``), measured at the edge's threads on the same text; ``students``
     (``splitglm distill`` folders of layers [k2, L) + head) join its candidates.
     """
+    if measure is not None and not callable(measure):
+        raise TypeError(f"measure must be a live rig (splitglm.live.system_rig) or None, not {measure!r}")
     topo = load_topology(topology)
     spec = load_spec(model)
     data = load_measurements(model)
     profiled = [t for t in TIERS if not topo.tiers[t].profile]
     backends = {tier_backend(topo, t) for t in profiled}
-    threads = {_threads(topo, t) for t in profiled} | ({LIVE_THREADS} if measure else set())
+    live = measure is not None
+    threads = {_threads(topo, t) for t in profiled} | ({LIVE_THREADS} if live else set())
     ids = load_tokenizer(model)(Path(text).read_text(errors="replace"), return_tensors="pt").input_ids[0]
     ensure_measurements(model, data, threads, ids[:QUALITY_TOKENS], backends)
     cache = save_measurements(model, data)
@@ -148,7 +156,7 @@ def partition(
         _tier_choices(topo, data, spec.num_layers),
         codec_costs(data),
         spec.num_layers,
-        max(top, 1 << 30) if measure else top,
+        max(top, 1 << 30) if live else top,
     )
     candidates = ranked[:top]
     if not candidates:
@@ -183,12 +191,12 @@ def partition(
         out,
         sources={"fast_tail": fast.source} if fast.source else None,
     )
-    if measure:  # added after export: plan_id names the plan, not one machine's timings
+    if live:  # added after export: plan_id names the plan, not one machine's timings
         from partitioner.plan.live import contrasting, measure_candidates, summary
 
         chosen = ranked[:measure_top] + contrasting(ranked, spec.num_layers, ranked[:measure_top])
-        rows = measure_candidates(model, topo, chosen, repeats=measure_repeats, data=data, threads=LIVE_THREADS,
-                                  max_decode_steps=measure_decode_steps)
+        rows = measure_candidates(model, topo, chosen, measure, repeats=measure_repeats, data=data,
+                                  threads=LIVE_THREADS, max_decode_steps=measure_decode_steps)
         result["measured"] = {"candidates": rows, "summary": summary(rows)}
         (Path(out) / "plan.json").write_text(json.dumps(result, indent=2))
     write_report(Path(out), result, topo, data, spec.num_layers)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from splitglm.bench_fuzz import SHARES, format_report, run_target, split
+from splitglm.bench.fuzz import SHARES, format_report, run_target, split
 from splitglm.cli import build_parser
 from splitglm.fuzz import FuzzFailure
 

@@ -46,7 +46,7 @@ def test_plain_steps_replay_every_row_and_the_current_one():
     assert history.wire_seq(3) == 0 and history.wire_seq(4) == 1
     answer = pb.StepResult(tokens=[4])
     history.replayed(replay, answer)
-    assert answer.next_pos == 8 and history.length == 8 and history.emitted == 4
+    assert answer.next_pos == 8 and history.rows.length == 8 and history.emitted == 4
 
 
 def test_a_draft_in_flight_is_left_out_and_the_owner_rewinds():
@@ -66,13 +66,13 @@ def test_a_verification_commits_the_accepted_drafts_only():
                              (frame(1, 5, 1), pb.StepResult(draft_tokens=[9], next_pos=6)),
                              (frame(2, 6, 1), pb.StepResult(draft_tokens=[8], next_pos=7)),
                              (frame(3, 7, 1), pb.StepResult(tokens=[9, 4], next_pos=7))])  # d1 accepted, d2 not
-    assert history.length == 7 and not history.drafts and history.emitted == 3
+    assert history.rows.length == 7 and not history.rows.drafts and history.emitted == 3
     assert positions(history.replay(frame(4, 7, 1))) == list(range(8))
 
 
 def test_a_rewind_below_a_multi_row_frame_keeps_its_first_rows():
     history = history_after([(frame(0, 0, 6), pb.StepResult(tokens=[1], next_pos=4))])
-    assert history.length == 4
+    assert history.rows.length == 4
     assert positions(history.replay(frame(1, 4, 1))) == list(range(5))
 
 

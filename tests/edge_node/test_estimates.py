@@ -8,7 +8,7 @@ import threading
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from edge_node.estimates import DEFAULT_SEEDS, Estimates, PathEstimate, RobustStat, Seed, nearest_rank, seeds_from_plan
+from edge_node.estimates import DEFAULT_SEEDS, Estimates, PathEstimate, RobustStat, Seed, seeds_from_plan
 
 
 def steady(stat: RobustStat, n: int = 50, centre: float = 100.0, spread: float = 5.0, seed: int = 0) -> list[float]:
@@ -17,12 +17,6 @@ def steady(stat: RobustStat, n: int = 50, centre: float = 100.0, spread: float =
     for v in values:
         stat.observe(v)
     return values
-
-
-def test_nearest_rank():
-    assert nearest_rank(list(range(1, 21)), 0.95) == 19
-    assert nearest_rank([5.0], 0.95) == 5.0
-    assert nearest_rank(list(range(1, 101)), 0.5) == 50
 
 
 def test_seed_stands_until_observations_arrive():

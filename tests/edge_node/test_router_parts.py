@@ -6,24 +6,25 @@ import pytest
 import torch
 
 from edge_node.fast_tail import FastTail
-from edge_node.router import History
 from edge_node.settings import EdgeSettings, SettingsError
 from protos import splitglm_pb2 as pb
+from protos.codecs import encode
 from runtime.artifacts import load_tier
+from runtime.history import SplitHistory
 from runtime.segment import SegmentInput
 from tests.edge_node.test_router import PROMPT, exact_plan  # noqa: F401 -- fixture
 
 
 def test_history_appends_and_rewinds():
-    h = History()
+    h = SplitHistory()
     a, b, c = torch.randn(4, 8), torch.randn(1, 8), torch.randn(1, 8)
-    h.add(0, a)
-    h.add(4, b)
+    h.commit(0, encode(a, "fp32"), a)
+    h.commit(4, encode(b, "fp32"), b)
     assert h.length == 5 and torch.equal(h.tensor(), torch.cat([a, b]))
-    h.add(4, c)  # a retried step: position 4 again
+    h.commit(4, encode(c, "fp32"), c)  # a retried step: position 4 again
     assert h.length == 5 and torch.equal(h.tensor(), torch.cat([a, c]))
     with pytest.raises(ValueError, match="holds 5 positions"):
-        h.add(7, c)
+        h.commit(7, encode(c, "fp32"), c)
 
 
 def test_a_session_replayed_mid_generation_continues_like_one_that_never_moved(exact_plan):  # noqa: F811

@@ -22,8 +22,8 @@ from protos import (
     quant,
     rice,
 )
-from protos.bench import hidden_like
 from protos.codecs import concat_rows, join_rows
+from splitglm.bench.codecs import hidden_like
 from tests.protos.helpers import fp16_field, hidden_tensors, outlier_mask
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -146,7 +146,7 @@ def test_any_float_dtype_accepted(codec, dtype):
 
 @pytest.mark.parametrize("codec", CODECS)
 def test_lossy_codecs_relative_error_on_hidden_like_data(codec):
-    from protos.bench import hidden_like
+    from splitglm.bench.codecs import hidden_like
     x = hidden_like((64, 576), seed=1)
     _, y = roundtrip(x, codec)
     rel = ((y - x).pow(2).sum() / x[1:].pow(2).sum()).item()

@@ -24,7 +24,7 @@ from protos import (
     encode,
     pb,
 )
-from protos.bench import hidden_like
+from splitglm.bench.codecs import hidden_like
 
 C = 64
 X = hidden_like((4, C), seed=3) / 100  # big channels ~10..200: within every codec's range

@@ -19,7 +19,7 @@ from protos import (
     make_frame,
     pb,
 )
-from protos.bench import hidden_like
+from splitglm.bench.codecs import hidden_like
 
 C = 64
 X = hidden_like((5, C), seed=4) / 100

@@ -4,25 +4,14 @@ secure configuration, gRPC, shaped links), on the tiny model with a character to
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
-from splitglm.bench_all import GPU_RESULT, SECTIONS, TOPOLOGIES, bench_all, tiny_scale
-from tests.local_chain import char_tokenizer
+from splitglm.bench.all import GPU_RESULT, SECTIONS, TOPOLOGIES, bench_all, tiny_scale
 
 GPL3 = "/usr/share/common-licenses/GPL-3"
 APACHE = "/usr/share/common-licenses/Apache-2.0"
-
-
-@pytest.fixture(scope="module")
-def talking_model(tiny_glm, tmp_path_factory) -> str:
-    """The tiny glm checkpoint with a character tokenizer, so every tier of its plans can serve text."""
-    folder = tmp_path_factory.mktemp("talking-model") / "model"
-    shutil.copytree(tiny_glm, folder)
-    char_tokenizer().save_pretrained(str(folder))
-    return str(folder)
 
 
 def test_a_section_list_is_checked():

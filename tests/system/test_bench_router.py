@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from splitglm.bench_router import (
+from splitglm.bench.router import (
     PROMPTS,
     Phase,
     agreement,
     derive_budgets,
     make_trace,
     parse_trace,
-    percentile,
 )
 
 FIELDS = {"policy", "requests", "budget_met_frac", "accurate_token_frac", "accurate_token_frac_calm", "p50_ms",
@@ -38,16 +37,15 @@ def test_budgets_separate_calm_from_congested():
     assert budgets[0] >= 1.5 * 1000 and budgets[-1] < 3000  # calm accurate fits every one, congested none
 
 
-def test_agreement_and_percentile():
+def test_agreement():
     assert agreement([1, 2, 3, 4], [1, 9, 3]) == (2, 3)
     assert agreement([], [1]) == (0, 0)
-    assert percentile([5.0, 1.0, 3.0, 2.0, 4.0], 0.5) == 3.0 and percentile([1.0, 100.0], 0.99) == 100.0
 
 
 @pytest.mark.slow
 def test_bench_router_reports_each_policy(demo_checkpoint):
     from partitioner.plan.demo import demo_plan
-    from splitglm.bench_router import bench_router
+    from splitglm.bench.router import bench_router
 
     max_tokens = 4
     result = bench_router(

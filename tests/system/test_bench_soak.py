@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from splitglm.bench_soak import bench_soak, format_report, percentile
+from splitglm.bench.soak import bench_soak, format_report
 
 pytestmark = pytest.mark.slow
-
-
-def test_percentile_takes_the_value_below_the_share():
-    assert percentile([5.0, 1.0, 3.0, 2.0, 4.0], 0.5) == 3.0 and percentile([], 0.99) == 0.0
 
 
 def test_a_short_soak_fails_nothing_and_reports_memory(demo_checkpoint):

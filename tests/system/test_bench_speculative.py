@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from splitglm.bench_speculative import bench_speculative, format_rows, prompts
+from splitglm.bench.speculative import bench_speculative, format_rows, prompts
 
 FIELDS = {"path", "rtt_ms", "mode", "tokens_per_s", "tokens_per_s_baseline", "speedup", "identical_frac",
           "acceptance_rate", "tokens_per_round_trip", "p50_token_ms", "p99_token_ms"}  # fmt: skip

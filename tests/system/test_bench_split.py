@@ -8,7 +8,7 @@ import pytest
 @pytest.mark.slow
 def test_bench_split_reports_both_paths_and_where_the_time_goes(demo_checkpoint):
     from partitioner.plan.demo import demo_plan
-    from splitglm.bench_split import bench_split
+    from splitglm.bench.split import bench_split
 
     plan = demo_plan(demo_checkpoint, codecs=("fp32", "fp32"))
     result = bench_split(str(plan), demo_checkpoint, tokens=6, repeats=1)

@@ -1,6 +1,6 @@
 """A stalled HTTP client and a stalled MQTT device do not stall the other sessions (real processes).
 
-``splitglm.bench_slow`` on the open demo topology: two HTTP streams and two devices run their requests
+``splitglm.bench.slow`` on the open demo topology: two HTTP streams and two devices run their requests
 beside a long HTTP stream and a republishing device that read their answers, and beside the same two that
 do not, alternating, three rounds each; the median of the rounds' per-token p99 beside the stallers must
 stay close to the one beside the readers.
@@ -12,9 +12,9 @@ import json
 
 import pytest
 
-from splitglm.bench_slow import slow_consumers
-from splitglm.bench_soak import DeviceSession, HttpSession, device_tier
-from splitglm.bench_speculative import prompts
+from splitglm.bench.slow import slow_consumers
+from splitglm.bench.soak import DeviceSession, HttpSession, device_tier
+from splitglm.bench.speculative import prompts
 from splitglm.system import LocalSystem
 
 pytestmark = pytest.mark.slow

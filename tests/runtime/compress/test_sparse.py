@@ -194,7 +194,7 @@ def test_a_good_description_validates_and_sparsifies_before_quantising_only(whol
 
 
 def test_bench_sweep_on_the_tiny_model(tiny_glm):
-    from splitglm.bench_sparse import bench_sparse, format_report, parse_sparsities, sweep
+    from splitglm.bench.sparse import bench_sparse, format_report, parse_sparsities, sweep
 
     assert parse_sparsities("0.4, 0:0.6") == [0.4, [0.0, 0.6]]
     dense = Segment.from_checkpoint(tiny_glm, 0, 6, embed=True, head=True)

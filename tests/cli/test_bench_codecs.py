@@ -3,7 +3,7 @@
 import pytest
 
 from protos import CODECS
-from protos.bench import bench_codecs, hidden_like
+from splitglm.bench.codecs import bench_codecs, hidden_like
 
 
 def test_bench_codecs_small():

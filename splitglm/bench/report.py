@@ -1,7 +1,7 @@
 """``splitglm bench all``'s report: REPORT.md and its plots, from results.json alone.
 
 ``write_report(out, results)`` can be rerun on a saved ``results.json`` (``python -m
-splitglm.bench_report OUT``); a section that is missing or failed is said to be so.
+splitglm.bench.report OUT``); a section that is missing or failed is said to be so.
 """
 
 from __future__ import annotations
@@ -75,9 +75,11 @@ def splits_md(rows: list[dict]) -> list[str]:
     from partitioner.plan.live import format_table
 
     out = ["## 2. Splits: predicted against measured", "",
-           "Each topology's best candidates and contrasting splits, run live: three processes (device, edge, cloud) "
-           "on loopback, links shaped in user space (the sender pays RTT/2 + bytes x 8 / bandwidth), each tier's "
-           "compute time-dilated to its `speed_factor`; medians of the runs stated.", "",
+           "Each topology's best candidates and contrasting splits, run live on the real processes: the broker, "
+           "the cloud and the edge on loopback, the plan's device tier in the bench's process over the device "
+           "agent's MQTT link; each link (device to broker, edge to cloud) goes through the link proxy, which "
+           "delays every chunk by RTT/2 and serialises it at the link's bandwidth; each tier's compute is "
+           "time-dilated to its `speed_factor`; medians of the runs stated.", "",
            "| topology | links (set → measured) | chosen | chosen / best measured |", "|---|---|---|---|"]
     for r in rows:
         links = "; ".join(f"{n}: {m['rtt_ms']:g} ms, {m['bandwidth_mbit_s']:g} Mbit/s → {m['measured_rtt_ms']} ms, "
@@ -95,10 +97,12 @@ def splits_md(rows: list[dict]) -> list[str]:
 
 def baselines_md(rows: list[dict]) -> list[str]:
     out = ["## 3. Baselines on the same topology", "",
-           "Cloud-only sends the prompt's text to a cloud running the whole model, which streams the tokens back; "
-           "edge-only does the same with the edge; device-only runs everything on the device. The split rows are "
-           "the topology's plan. All but `split-speculative` run on the live rig of section 2 (same links, same "
-           "time dilation); `split-speculative` runs on the real agents (HTTP edge, gRPC cloud behind a delaying "
+           "Cloud-only sends the prompt's text over both links (through the link proxy) to one process running "
+           "the whole model, which streams the tokens back over HTTP; edge-only does the same over the "
+           "device-edge link alone; device-only runs everything on the device. The split rows are the "
+           "topology's plan, finished by the cloud (accurate) or by the edge's fast tail (fast). All but "
+           "`split-speculative` run on the live rig of section 2 (same processes, links and time dilation); "
+           "`split-speculative` runs on the real agents (HTTP edge, gRPC cloud behind a delaying "
            "proxy of the topology's edge-cloud RTT, the demo plan, this machine's speed): its per-token figures "
            "are beside the same run without speculation, not beside the live rig's rows.", ""]
     for topo in dict.fromkeys(r["topology"] for r in rows):

@@ -1,4 +1,4 @@
-"""Codec micro-benchmark: bytes per element and encode/decode time.
+"""``splitglm bench codecs``: bytes per element and encode/decode time of every codec.
 
 ``bench_codecs()`` uses hidden-state-like data: standard normal values with a
 few fixed channels of magnitude 1e3..2e4 (as in GLM / Llama-family models) and
@@ -7,8 +7,9 @@ an attention-sink first token.
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
-import statistics
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -17,6 +18,9 @@ import torch
 
 from protos.codecs import CODECS, decode, encode
 from protos.frames import frame_to_bytes, make_frame
+
+from .options import add_command
+from .stats import median
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +45,7 @@ def _median_ms(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
         t0 = time.perf_counter()
         result = fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), result
+    return median(times), result
 
 
 def bench_codec(x: torch.Tensor, codec: str, repeats: int = 5, **options: Any) -> dict[str, Any]:
@@ -76,3 +80,27 @@ def bench_codecs(shape: tuple[int, int] = (2048, 4096), codecs: Iterable[str] = 
         return rows
     finally:
         torch.set_num_threads(previous)
+
+
+def add_parser(sub) -> None:
+    p = add_command(sub, "codecs", run, "encode/decode time and size of every codec")
+    p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    rows = bench_codecs(shape=(args.tokens, args.hidden), threads=args.threads)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"encode + decode of a {args.tokens} x {args.hidden} fp32 tensor, {args.threads} thread(s)")
+    print(f"{'codec':<20} {'B/elt':>7} {'encode ms':>10} {'decode ms':>10} {'total ms':>9}")
+    for r in rows:
+        total = r["encode_ms"] + r["decode_ms"]
+        print(
+            f"{r['codec']:<20} {r['bytes_per_element']:>7.4f} {r['encode_ms']:>10.2f} "
+            f"{r['decode_ms']:>10.2f} {total:>9.2f}"
+        )
+    return 0

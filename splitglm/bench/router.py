@@ -37,11 +37,10 @@ Per policy:
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
-import math
 import random
-import statistics
 import sys
 import time
 import urllib.error
@@ -50,7 +49,9 @@ from dataclasses import asdict, dataclass, field
 
 from tqdm import tqdm
 
-from .system import LocalSystem
+from ..system import LocalSystem
+from .options import add_command, add_model_plan, plan_of
+from .stats import median, percentile
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +173,7 @@ def median_ms(http: str, prompts: list[str], max_tokens: int, policy: str) -> fl
     replies = [ask(http, p, max_tokens, policy) for p in prompts]
     if failed := [r.error for r in replies if r.error]:
         raise RuntimeError(f"calibration request ({policy}) failed: {failed[0]}")
-    return statistics.median(r.wall_ms for r in replies)
+    return median(r.wall_ms for r in replies)
 
 
 def calibrate(system: LocalSystem, phases: list[Phase], max_tokens: int, repeats: int) -> dict:
@@ -241,12 +242,6 @@ def replay(system: LocalSystem, trace: list[TraceItem], policy: str, max_tokens:
         if replies[-1].error:
             logger.warning("%s request %d failed: %s", policy, item.index, replies[-1].error)
     return replies
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank q-quantile (0 for no values)."""
-    ordered = sorted(values)
-    return ordered[max(math.ceil(q * len(ordered)), 1) - 1] if ordered else 0.0
 
 
 def summarize(trace: list[TraceItem], replies: list[Reply], refs: dict[str, list[int]]) -> dict:
@@ -386,3 +381,33 @@ def format_report(result: dict) -> list[str]:
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def add_parser(sub) -> None:
+    p = add_command(sub, "router", run, "routing policies over a trace of changing edge-cloud delay")
+    add_model_plan(p, "plan folder with a fast tail (default: the demo plan)")
+    p.add_argument("--requests", type=int, default=200, help="requests per policy (default 200)")
+    p.add_argument("--max-tokens", type=int, default=8, help="new tokens per request (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the trace's prompts and budgets")
+    p.add_argument("--policies", default="adaptive,accurate,fast", help="comma-separated (default all three)")
+    p.add_argument("--trace", default="20:0.4,300:0.3,50:0.3", help="RTT_MS:SHARE phases in order")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each process (default 1)")
+    p.add_argument("--records", help="also write one JSON line per request to this file")
+    p.add_argument("--no-speculate", action="store_true", help="the edge never speculates (default: where it pays)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print only the JSON list of per-policy results")
+
+
+def run(args: argparse.Namespace) -> int:
+    plan = plan_of(args)
+    policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
+    result = bench_router(plan, args.requests, args.max_tokens, args.seed, policies, args.trace, args.threads,
+                          progress=not args.quiet, speculate=not args.no_speculate)
+    if args.records:
+        with open(args.records, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in result["records"])
+    if args.json:
+        print(json.dumps(result["results"], indent=2))
+    else:
+        print("\n".join(format_report(result)))
+    return 0

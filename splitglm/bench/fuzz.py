@@ -19,17 +19,17 @@ each tenth, which shows whether memory levels off.
 
 from __future__ import annotations
 
+import argparse
 import gc
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
 
-import psutil
-from hypothesis import HealthCheck, Phase, given, settings
-from hypothesis import seed as seeded
 from tqdm import tqdm
 
-from .fuzz import FuzzFailure
+from ..fuzz import FuzzFailure
+from .options import add_command
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,8 @@ class TargetReport:
 
 def rss_mib() -> float:
     """This process's resident set size after a garbage collection, MiB."""
+    import psutil  # (psutil and hypothesis are development dependencies: imported when the bench runs)
+
     gc.collect()
     return psutil.Process().memory_info().rss / 2**20
 
@@ -75,6 +77,8 @@ def split(total: int, names: list[str]) -> dict[str, int]:
 
 def run_chunk(target, count: int, seed: int, report: TargetReport, bar) -> None:
     """Up to ``count`` inputs of ``target`` in one seeded hypothesis run (no shrinking, no database)."""
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import seed as seeded
 
     @seeded(seed)
     @settings(max_examples=count, database=None, deadline=None, phases=[Phase.generate],
@@ -129,7 +133,7 @@ def bench_fuzz(inputs: int, names: list[str], seed: int = 0, threads: int = 1, w
     import tempfile
     from pathlib import Path
 
-    from .fuzz.stack import FuzzStack
+    from ..fuzz.stack import FuzzStack
 
     unknown = sorted(set(names) - set(SHARES))
     if unknown:
@@ -163,3 +167,23 @@ def format_report(result: dict) -> list[str]:
     lines.append(f"{result['inputs']} inputs, {result['failures']} failures, {result['seconds']:.0f} s "
                  f"(seed {result['seed']})")
     return lines
+
+
+def add_parser(sub) -> None:
+    p = add_command(sub, "fuzz", run, "bad input at every receiver (frames, relay, readings, gRPC, HTTP): "
+                    "failures, inputs/s, RSS growth")
+    p.add_argument("--inputs", type=int, default=100_000, help="inputs in all, shared among the targets "
+                   "(default 100000)")
+    p.add_argument("--targets", default="frames,readings,relay,grpc,http", help="comma-separated (default all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first chunk of each target (default 0)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--workdir", help="folder for the tiny model and its plan (default: the temp folder)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    names = [n.strip() for n in args.targets.split(",") if n.strip()]
+    result = bench_fuzz(args.inputs, names, args.seed, args.threads, args.workdir, progress=not args.quiet)
+    print(json.dumps(result, indent=2) if args.json else "\n".join(format_report(result)))
+    return 1 if result["failures"] else 0

@@ -15,10 +15,12 @@ this process (the simulated devices) over the level, percent of one core.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -26,11 +28,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from protos.mqtt import MqttAuth, connect, lift_select_limit, new_client, wait_for_broker
+from protos.mqtt import MqttAuth, connect, new_client, wait_for_broker
 from protos.topics import results_topic, sensor_topic
 
-from .bench_soak import percentile
-from .processes import Proc, free_port, mosquitto_binary
+from ..processes import Proc, free_port, mosquitto_binary
+from .options import add_command, add_model_plan, plan_of
+from .select_patch import lift_select_limit
+from .stats import percentile
 
 logger = logging.getLogger(__name__)
 EDGE = "edge-demo"
@@ -98,7 +102,7 @@ class Ledger:
                     "delivered": sum(len(t) == 1 for t in on_time.values()),
                     "lost": sum(not t for t in on_time.values()),
                     "duplicated": sum(len(t) > 1 for t in on_time.values()), "errors": self.errors,
-                    "p50_ms": percentile(latencies, 0.5), "p99_ms": percentile(latencies, 0.99)}
+                    "p50_ms": round(percentile(latencies, 0.5), 2), "p99_ms": round(percentile(latencies, 0.99), 2)}
 
 
 class Sensor:
@@ -252,7 +256,7 @@ def bench_fanin(plan: str, devices=(50, 100, 200), readings_per_device: int = 2,
                 max_tokens: int = 1, threads: int = 1, answer_timeout_s: float = 600.0,
                 progress: Progress | None = None) -> list[dict]:
     """One row per level of ``devices``: readings delivered, lost, duplicated; latency; CPU of each party."""
-    from .credentials import make_secrets
+    from ..credentials import make_secrets
 
     ids = [f"fanin-dev-{i}" for i in range(max(devices))]
     lift_select_limit()  # some 400 clients here: descriptors past select's 1024
@@ -289,3 +293,39 @@ def format_rows(rows: list[dict]) -> str:
                      f"{rows[0]['interval_s']:g} s apart, {rows[0]['max_tokens']} token(s) per answer; "
                      "CPU in percent of one core over the level")
     return "\n".join(lines)
+
+
+def add_parser(sub) -> None:
+    p = add_command(sub, "fanin", run, "many simulated devices through Mosquitto (TLS, a login per device, ACL): "
+                    "readings delivered, lost, duplicated; latency; broker and edge CPU")
+    add_model_plan(p)
+    p.add_argument("--devices", default="50,100,200", help="device counts, one level each (default 50,100,200)")
+    p.add_argument("--readings", type=int, default=2, help="readings per device and level (default 2)")
+    p.add_argument("--interval-s", type=float, default=1.0, help="between a device's readings, seconds (default 1)")
+    p.add_argument("--max-tokens", type=int, default=1, help="new tokens per answer (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each process (default 1)")
+    p.add_argument("--answer-timeout-s", type=float, default=600.0, help="a reading not answered within this is "
+                   "lost, seconds (default 600)")
+    p.add_argument("--json", action="store_true", help="print the JSON list of rows")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    plan = plan_of(args)
+    levels = tuple(int(n) for n in args.devices.split(",") if n.strip())
+    bars: dict[int, tqdm] = {}
+
+    def progress(devices, done, total):
+        bar = bars.get(devices) or bars.setdefault(devices, tqdm(total=total, desc=f"{devices} devices",
+                                                                 unit="reading", file=sys.stderr))
+        bar.update(done - bar.n)
+
+    try:
+        rows = bench_fanin(plan, levels, args.readings, args.interval_s, args.max_tokens, args.threads,
+                           args.answer_timeout_s, progress)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    print(json.dumps(rows, indent=2) if args.json else format_rows(rows))
+    return 0 if all(r["delivered"] == r["readings"] for r in rows) else 1

@@ -29,7 +29,9 @@ from protos.frames import make_frame
 from runtime.artifacts import load_plan, load_tier
 from runtime.segment import SegmentInput
 
-from .processes import Proc
+from ..processes import Proc
+from .options import PLAN_HELP, add_command
+from .stats import mean
 
 
 def edge_hidden(plan: str, positions: int) -> torch.Tensor:
@@ -71,11 +73,13 @@ def measure(port: int, hidden: torch.Tensor, sessions: int, prompt: int, steps: 
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    def mean(key: str) -> float:
-        return round(sum(s[key] for s in seen) / len(seen), 2)
 
-    return {"sessions": sessions, "decode_steps_per_s": round(sessions * steps / wall, 1), "mean_step_ms": mean("step"),
-            "mean_batch_size": mean("batch_size"), "mean_compute_ms": mean("compute"), "mean_queue_ms": mean("queue")}
+    def mean_of(key: str) -> float:
+        return round(mean(s[key] for s in seen), 2)
+
+    return {"sessions": sessions, "decode_steps_per_s": round(sessions * steps / wall, 1),
+            "mean_step_ms": mean_of("step"), "mean_batch_size": mean_of("batch_size"),
+            "mean_compute_ms": mean_of("compute"), "mean_queue_ms": mean_of("queue")}
 
 
 def bench_cloud(plan: str, sessions=(1, 8), prompt: int = 32, steps: int = 64, threads: int = 1,
@@ -105,6 +109,15 @@ class _Printer:
     def append(self, row: dict) -> None:
         sys.stdout.write(json.dumps(row) + "\n")
         sys.stdout.flush()
+
+
+def add_parser(sub) -> None:
+    p = add_command(sub, "cloud", run, "decode throughput of the cloud service at several concurrent sessions")
+    p.add_argument("--plan", help=PLAN_HELP)
+    p.add_argument("--sessions", type=int, nargs="+", default=[1, 8], help="concurrent sessions to measure")
+    p.add_argument("--prompt", type=int, default=32, help="prefill positions per session")
+    p.add_argument("--steps", type=int, default=64, help="decode steps per session")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the cloud process")
 
 
 def run(args: argparse.Namespace) -> int:

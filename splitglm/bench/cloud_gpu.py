@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 
 import torch
+
+from .options import add_command
+from .stats import median, percentile, ratio
 
 GLM4_9B = {  # GLM-4-9B-0414's config.json, as far as the shape goes
     "model_type": "glm4", "vocab_size": 151552, "hidden_size": 4096, "intermediate_size": 13696,
@@ -48,7 +50,7 @@ def copy_gbps(gib: float = 4.0, repeats: int = 20) -> float:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
-    return 2 * src.numel() / statistics.median(times) / 1e9
+    return 2 * src.numel() / median(times) / 1e9
 
 
 def build_engine(args, spec):
@@ -91,7 +93,7 @@ def decode_rate(engine, batch: int, prompt: int, steps: int) -> tuple[float, flo
     wall = time.perf_counter() - start
     for sid in sids:
         engine.close_session(sid)
-    return batch * steps / wall, statistics.median(times)
+    return batch * steps / wall, median(times)
 
 
 def verify_ratio(engine, prompt: int = 128, repeats: int = 50) -> tuple[float, float, float]:
@@ -109,7 +111,7 @@ def verify_ratio(engine, prompt: int = 128, repeats: int = 50) -> tuple[float, f
             engine([SegmentInput("verify", prompt, hidden=rows, sample=tuple(greedy.rows(prompt + 1, n)))])
             if i >= 3:
                 times.append((time.perf_counter() - t0) * 1e3)
-        medians.append(statistics.median(times))
+        medians.append(median(times))
     engine.close_session("verify")
     return medians[1] / medians[0], medians[0], medians[1]
 
@@ -146,11 +148,11 @@ def prompt_interference(engine, sessions: int = 31, prompt: int = 4096, steps: i
     scheduler.stop()
     for s in [*sids, "long"]:
         engine.close_session(s)
-    p99 = lambda xs: sorted(xs)[min(len(xs) - 1, int(0.99 * len(xs)))]  # noqa: E731
-    return {"p99_step_ms_calm": round(p99(calm), 3), "p99_step_ms_prompt": round(p99(busy), 3),
-            "p50_step_ms_calm": round(statistics.median(calm), 3),
-            "p50_step_ms_prompt": round(statistics.median(busy), 3),
-            "prompt_p99_ratio": round(p99(busy) / p99(calm), 3), "prompt_steps": len(busy)}
+    p99_calm, p99_busy = percentile(calm, 0.99), percentile(busy, 0.99)
+    return {"p99_step_ms_calm": round(p99_calm, 3), "p99_step_ms_prompt": round(p99_busy, 3),
+            "p50_step_ms_calm": round(percentile(calm, 0.5), 3),
+            "p50_step_ms_prompt": round(percentile(busy, 0.5), 3),
+            "prompt_p99_ratio": ratio(p99_busy, p99_calm, 3), "prompt_steps": len(busy)}
 
 
 def kernel_breakdown(engine, batch: int = 1, prompt: int = 128, steps: int = 5) -> dict:
@@ -222,6 +224,17 @@ def hf_rates(config: dict, batches: tuple[int, ...], prompt: int, short: int = 1
     return rates
 
 
+def add_parser(sub) -> None:
+    p = add_command(sub, "cloud-gpu", run, "the cloud tier on a GPU: tokens/s against the bandwidth bound, vs generate")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--shape", choices=["glm4-9b"], default="glm4-9b", help="random bf16 weights of this shape")
+    p.add_argument("--model", help="a GLM checkpoint folder instead (its layers + head)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per figure; medians are reported (default 3)")
+    p.add_argument("--pool-mib", type=float, default=8192, help="KV pool size, MiB (default 8192)")
+    p.add_argument("--prefill-chunk", type=int, default=128, help="prompt positions per step (default 128)")
+    p.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
+
+
 def run(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         sys.stderr.write("splitglm bench cloud-gpu: CUDA is not available on this machine (it needs an NVIDIA GPU)\n")
@@ -245,12 +258,12 @@ def run(args: argparse.Namespace) -> int:
         fill, steps = engine.stats["fill_ms"], engine.stats["graph_replays"] + engine.stats["eager_passes"]
         runs = [decode_rate(engine, b, 128, 128) for _ in range(args.repeats)]
         passes = engine.stats["graph_replays"] + engine.stats["eager_passes"] - steps
-        out[f"tokens_per_s_b{b}"] = round(statistics.median(r[0] for r in runs), 1)
-        out[f"step_ms_b{b}"] = round(statistics.median(r[1] for r in runs), 3)
+        out[f"tokens_per_s_b{b}"] = round(median(r[0] for r in runs), 1)
+        out[f"step_ms_b{b}"] = round(median(r[1] for r in runs), 3)
         out[f"fill_ms_per_pass_b{b}"] = round((engine.stats["fill_ms"] - fill) / max(passes, 1), 3)
     out["bound_fraction_b1"] = round(out["tokens_per_s_b1"] / bound, 3)
-    ratio, one, five = verify_ratio(engine)
-    out.update(verify5_over_step=round(ratio, 3), step1_ms=round(one, 3), step5_ms=round(five, 3))
+    verify, one, five = verify_ratio(engine)
+    out.update(verify5_over_step=round(verify, 3), step1_ms=round(one, 3), step5_ms=round(five, 3))
     out.update(prompt_interference(engine))
     out["breakdown_b1"] = kernel_breakdown(engine, 1)
     out["breakdown_b32"] = kernel_breakdown(engine, 32)
@@ -262,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
         hf = hf_rates(hf_config, (1, 8, 32), 128)
         for b, rate in hf.items():
             out[f"hf_tokens_per_s_b{b}"] = round(rate, 1)
-            out[f"hf_generate_ratio_b{b}"] = round(out[f"tokens_per_s_b{b}"] / rate, 2)
+            out[f"hf_generate_ratio_b{b}"] = ratio(out[f"tokens_per_s_b{b}"], rate, 2)
     if args.json:
         sys.stdout.write(json.dumps(out) + "\n")
     else:

@@ -17,8 +17,8 @@ also says where its time went (``stages_ms``, ``runtime.owner.stage_breakdown``)
 
 from __future__ import annotations
 
+import argparse
 import json
-import statistics
 import time
 import urllib.request
 
@@ -26,7 +26,9 @@ import torch
 
 from runtime.checkpoint import load_hf_model, load_tokenizer
 
-from .system import LocalSystem, ResultListener
+from ..system import LocalSystem, ResultListener
+from .options import MODEL_HELP, add_command
+from .stats import mean, median, overhead_pct
 
 PROMPT = "Explain in a few sentences what a software license is."
 
@@ -84,7 +86,7 @@ def _mqtt_answer(system: LocalSystem, listener, n: int) -> dict:
 def _mean_stages(breakdowns: list[dict]) -> dict[str, float]:
     """The per-stage mean over several answers' breakdowns (ms per token)."""
     names = [name for name in breakdowns[0] if all(name in b for b in breakdowns)] if breakdowns else []
-    return {name: round(statistics.fmean(b[name] for b in breakdowns), 2) for name in names}
+    return {name: round(mean(b[name] for b in breakdowns), 2) for name in names}
 
 
 def bench_split(
@@ -124,13 +126,13 @@ def bench_split(
         finally:
             if listener is not None:
                 listener.close()
-    mono_ms, split_ms = statistics.median(mono), statistics.median(split)
+    mono_ms, split_ms = median(mono), median(split)
     extra = {}
     if device:
-        device_ms = statistics.median(device)
+        device_ms = median(device)
         extra = {
             "split_mqtt_ms_per_token": round(device_ms, 2),
-            "mqtt_overhead_pct": round(100 * (device_ms / mono_ms - 1), 1),
+            "mqtt_overhead_pct": overhead_pct(device_ms, mono_ms),
             "split_mqtt_stages_ms": _mean_stages(device_stages),
         }
     return {
@@ -139,9 +141,47 @@ def bench_split(
         "threads": threads,
         "monolithic_ms_per_token": round(mono_ms, 2),
         "split_http_ms_per_token": round(split_ms, 2),
-        "overhead_pct": round(100 * (split_ms / mono_ms - 1), 1),
+        "overhead_pct": overhead_pct(split_ms, mono_ms),
         "split_http_stages_ms": _mean_stages(split_stages),
         "broker": "embedded amqtt (MQTT 3.1.1)" if broker is None else broker,
         **extra,
         "target_pct": 15.0,
     }
+
+
+def add_parser(sub) -> None:
+    p = add_command(sub, "split", run, "per-token latency: split path on loopback vs monolithic generation")
+    p.add_argument("--model", help=MODEL_HELP)
+    p.add_argument("--plan", help="plan folder (default: the demo plan with lossless fp32 frames)")
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds, one generation of each path per round")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of each process and of the monolithic run")
+    p.add_argument("--no-mqtt", action="store_true", help="measure the HTTP path only (no broker, no device agent)")
+    p.add_argument("--broker", help="MQTT broker URL for the device path (default: start the embedded amqtt broker)")
+    p.add_argument("--json", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from partitioner.convert import demo_model
+    from partitioner.plan.demo import demo_plan
+
+    model = args.model or str(demo_model())
+    plan = args.plan or str(demo_plan(model, codecs=("fp32", "fp32")))
+    result = bench_split(plan, model, args.tokens, args.repeats, args.threads, not args.no_mqtt, args.broker)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"plan {plan} (lossless fp32 frames), {args.threads} threads per process, {args.tokens} tokens")
+        print(f"monolithic (transformers, one process): {result['monolithic_ms_per_token']:.1f} ms/token")
+        print(f"split over loopback (HTTP -> edge -> gRPC -> cloud): {result['split_http_ms_per_token']:.1f} ms/token")
+        print(f"overhead {result['overhead_pct']:+.1f}% (target within {result['target_pct']:g}%)")
+        print(f"  where a token's time goes (ms): {_stages(result['split_http_stages_ms'])}")
+        if "split_mqtt_ms_per_token" in result:
+            print(f"split over loopback (device -> MQTT -> edge -> gRPC -> cloud): "
+                  f"{result['split_mqtt_ms_per_token']:.1f} ms/token, overhead {result['mqtt_overhead_pct']:+.1f}%")
+            print(f"  where a token's time goes (ms): {_stages(result['split_mqtt_stages_ms'])}")
+    return 0
+
+
+def _stages(stages: dict[str, float]) -> str:
+    return ", ".join(f"{name} {ms:.1f}" for name, ms in stages.items())

@@ -8,7 +8,7 @@ Two stallers, both real clients of a running topology (``splitglm.system.LocalSy
 - **MQTT**: a device that opens a session, then keeps republishing its first frame (each copy answered
   again by the edge, from the stored answer) and never reads its steps topic.
 
-Victims (HTTP streams and devices simulated in this process, ``splitglm.bench_soak``) each run one
+Victims (HTTP streams and devices simulated in this process, ``splitglm.bench.soak``) each run one
 request, all at once, in rounds alternating between two conditions with the same load: the two clients
 above reading their answers (the baseline), and not reading them (stalled). The report gives each round's
 p99 of the gaps between the victims' tokens, the ratio of the two medians and whether it is within 1.5x.
@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import socket
 import ssl
-import statistics
 import threading
 import time
 import urllib.request
@@ -29,7 +28,7 @@ from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 
-from .bench_soak import percentile
+from .stats import median, percentile, ratio
 
 RCVBUF = 4096  # the stallers' socket receive buffers, bytes
 QUIET_WAIT_S = 180.0  # longest wait for the edge to finish the last round's generations, seconds
@@ -231,10 +230,9 @@ def slow_consumers(sessions: list, texts: list[str], http_url: str, broker: str,
                           staller_device, staller_auth) as fact:
                 gaps = victims_round(sessions, texts, max_tokens)
             facts.append(fact)
-            p99s[stalled].append(percentile(gaps, 0.99))
-    base, slow = statistics.median(p99s[False]), statistics.median(p99s[True])
-    ratio = round(slow / base, 3) if base else None
+            p99s[stalled].append(round(percentile(gaps, 0.99), 2))
+    p99_ratio = ratio(median(p99s[True]), median(p99s[False]), 3)
     return {"victims": len(sessions), "repeats": repeats, "max_tokens": max_tokens,
             "baseline_p99_ms": p99s[False], "stalled_p99_ms": p99s[True],
-            "p99_ratio": ratio, f"within_{STRICT_RATIO:g}x": ratio is not None and ratio <= STRICT_RATIO,
+            "p99_ratio": p99_ratio, f"within_{STRICT_RATIO:g}x": p99_ratio is not None and p99_ratio <= STRICT_RATIO,
             "rounds": facts}

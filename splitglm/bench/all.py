@@ -6,16 +6,17 @@ It runs the project's own benches, not copies of them, and writes ``OUT/REPORT.m
 1. **codecs** (``partitioner.eval.assess.evaluate``): bytes per element of prefill and decode-step
    frames against the perplexity change and the agreement, on two kinds of text;
 2. **splits** (``partitioner.plan.partition`` with ``measure``): on each example topology the
-   planner's best candidates and contrasting splits run live (three processes, shaped links),
+   planner's best candidates and contrasting splits run live (``splitglm.live.system_rig``: the real
+   broker, cloud and edge processes, the device tier here, links through the link proxy),
    predicted against measured, and the chosen candidate's measured latency over the best one's;
-3. **baselines** (``splitglm.bench_baselines``): cloud-only, edge-only, device-only and the
-   planned split (accurate and fast) on the same live rig and links; speculative decoding on
-   the real agents (``splitglm.bench_speculative``) at each topology's edge-cloud round trip;
-4. **router** (``splitglm.bench_router``): the routing policies over a trace of changing
+3. **baselines** (``splitglm.bench.baselines``): cloud-only, edge-only, device-only and the
+   planned split (accurate and fast) on the same rig and links; speculative decoding on
+   the real agents (``splitglm.bench.speculative``) at each topology's edge-cloud round trip;
+4. **router** (``splitglm.bench.router``): the routing policies over a trace of changing
    edge-cloud delay, with and without speculation;
-5. **batching** (``splitglm.bench_cloud``): the CPU cloud's decode throughput at 1-32 concurrent
+5. **batching** (``splitglm.bench.cloud``): the CPU cloud's decode throughput at 1-32 concurrent
    sessions, beside the saved GPU result (``bench cloud-gpu``, with its date and card);
-6. **fan-in** (``splitglm.bench_fanin``): simulated devices on Mosquitto with the secure
+6. **fan-in** (``splitglm.bench.fanin``): simulated devices on Mosquitto with the secure
    configuration: answers delivered, lost, duplicated, reading-to-answer latency, CPU.
 
 Every link is measured (``splitglm.linkcheck``) before a section uses it, and the measurement is
@@ -25,21 +26,25 @@ loses only the section that failed (its error is recorded; the run goes on and e
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
 import platform
-import statistics
+import sys
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from .options import MODEL_HELP, add_command
+from .stats import median, ratio
+
 logger = logging.getLogger(__name__)
 
 SECTIONS = ("codecs", "splits", "baselines", "router", "batching", "fanin")
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TOPOLOGIES = tuple(str(REPO / "examples" / "topologies" / f"{n}.yaml") for n in ("lan", "wifi_wan", "cellular"))
 GPU_RESULT = REPO / "examples" / "results" / "cloud-gpu-h200.json"
 GPL3 = "/usr/share/common-licenses/GPL-3"
@@ -117,7 +122,7 @@ def model_info(model: str) -> dict:
 
 def spread(values: list[float]) -> dict:
     """Median and range of repeated measurements."""
-    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
+    return {"median": round(median(values), 3), "min": round(min(values), 3),
             "max": round(max(values), 3), "runs": len(values)}
 
 
@@ -151,15 +156,16 @@ def splits_section(run: Run) -> list[dict]:
     from partitioner.plan.partition import partition
     from partitioner.plan.topology import load_topology
 
-    from .linkcheck import measure_shaped
+    from ..linkcheck import measure_proxy
+    from ..live import system_rig
 
     rows = []
     for path in run.topologies:
         topo = load_topology(path)
-        links = {name: measure_shaped(link.rtt_ms, link.bandwidth_mbit_s) for name, link in topo.links.items()}
+        links = {name: measure_proxy(link.rtt_ms, link.bandwidth_mbit_s) for name, link in topo.links.items()}
         run.say(f"splits: {topo.name} (links measured: " + ", ".join(
             f"{n} {m['measured_rtt_ms']} ms / {m['measured_mbit_s']} Mbit/s" for n, m in links.items()) + ")")
-        plan = partition(run.model, path, run.out / "plans" / topo.name, run.texts[0], measure=True,
+        plan = partition(run.model, path, run.out / "plans" / topo.name, run.texts[0], measure=system_rig,
                          measure_top=run.scale.measure_top, measure_repeats=run.scale.measure_repeats,
                          measure_decode_steps=run.scale.measure_decode_steps)
         candidates = plan["measured"]["candidates"]
@@ -168,7 +174,7 @@ def splits_section(run: Run) -> list[dict]:
             "topology": topo.name, "topology_file": str(path), "links": links,
             "chosen": {"splits": plan["splits"], "codecs": plan["codecs"],
                        "compression": {t: c["name"] for t, c in plan["compression"].items()}},
-            "chosen_over_best": round(candidates[0]["measured"]["expected_ms"] / best, 4),
+            "chosen_over_best": ratio(candidates[0]["measured"]["expected_ms"], best, 4),
             "summary": plan["measured"]["summary"], "candidates": candidates,
             "perplexity_delta_pct": plan["perplexity_delta_pct"], "fast_tail": plan.get("fast_tail"),
             "plan": str(run.out / "plans" / topo.name),
@@ -182,9 +188,9 @@ def splits_section(run: Run) -> list[dict]:
 def baselines_section(run: Run) -> list[dict]:
     from partitioner.plan.topology import load_topology
 
-    from .bench_baselines import bench_baselines
-    from .bench_speculative import bench_speculative
-    from .linkcheck import measure_proxy
+    from ..linkcheck import measure_proxy
+    from .baselines import bench_baselines
+    from .speculative import bench_speculative
 
     planned = {s["topology"]: s for s in run.results.get("splits") or [] if "chosen" in s}
     rows = []
@@ -198,7 +204,8 @@ def baselines_section(run: Run) -> list[dict]:
         for row in bench_baselines(run.model, path, split["chosen"], prompt_tokens=topo.workload[0].prompt_tokens,
                                    decode_steps=run.scale.baseline_decode_steps, repeats=run.scale.baseline_repeats):
             row["quality"] = quality(row["system"], split)
-            row["rig"] = "live (3 processes, shaped TCP, time-dilated to the tiers' speed)"
+            row["rig"] = ("live (broker, cloud and edge processes, links through the link proxy, "
+                          "time-dilated to the tiers' speed)")
             rows.append(row)
         rtts[topo.name] = topo.links["edge_cloud"].rtt_ms
     run.say(f"baselines: speculative decoding on the agents at edge-cloud RTTs {sorted(set(rtts.values()))} ms")
@@ -228,7 +235,7 @@ def _per_token(tokens_per_s: float | None) -> float | None:
 
 
 def quality(system: str, split: dict) -> dict:
-    from .bench_baselines import FAST_COMPRESSION
+    from .baselines import FAST_COMPRESSION
 
     """Quality against the full model: exact for the whole model; the plan's measured cost for a split."""
     if system in ("cloud-only", "edge-only", "device-only"):
@@ -246,8 +253,8 @@ def quality(system: str, split: dict) -> dict:
 
 
 def router_section(run: Run) -> list[dict]:
-    from .bench_router import DEFAULT_TRACE, bench_router, parse_trace
-    from .linkcheck import measure_proxy
+    from ..linkcheck import measure_proxy
+    from .router import DEFAULT_TRACE, bench_router, parse_trace
 
     links = {p.rtt_ms: measure_proxy(p.rtt_ms) for p in parse_trace(DEFAULT_TRACE)}
     rows = []
@@ -265,7 +272,7 @@ def router_section(run: Run) -> list[dict]:
 
 
 def batching_section(run: Run) -> dict:
-    from .bench_cloud import bench_cloud
+    from .cloud import bench_cloud
 
     run.say(f"batching: the CPU cloud at {', '.join(map(str, run.scale.cloud_sessions))} sessions")
     cpu = bench_cloud(run.plan, run.scale.cloud_sessions, steps=run.scale.cloud_steps)
@@ -283,7 +290,7 @@ def batching_section(run: Run) -> dict:
 
 
 def fanin_section(run: Run) -> list[dict]:
-    from .bench_fanin import bench_fanin
+    from .fanin import bench_fanin
 
     run.say(f"fan-in: {', '.join(map(str, run.scale.fanin_devices))} devices on Mosquitto (TLS, logins, ACL)")
     return bench_fanin(run.plan, devices=run.scale.fanin_devices, readings_per_device=run.scale.fanin_readings,
@@ -331,7 +338,7 @@ def bench_all(out: str | os.PathLike, quick: bool = True, model: str | None = No
         run.results["wall_s"][name] = round(time.perf_counter() - t0, 1)
         say(f"{name}: {run.results['wall_s'][name]} s")
         run.save()
-    from .bench_report import write_report
+    from .report import write_report
 
     write_report(run.out, run.results)
     run.save()
@@ -344,3 +351,26 @@ def tiny_scale() -> Scale:
                    measure_decode_steps=2, baseline_decode_steps=2, baseline_repeats=2, speculative_requests=1,
                    speculative_max_tokens=4, router_requests=4, router_max_tokens=3, cloud_sessions=(1, 4),
                    cloud_steps=3, fanin_devices=(2, 4), fanin_readings=2, fanin_interval_s=0.2)
+
+
+def add_parser(sub) -> None:
+    p = add_command(sub, "all", run, "the benchmark report: codecs, splits, baselines (cloud-, edge-, device-only), "
+                    "router, batching, MQTT fan-in, side by side; writes OUT/REPORT.md, results.json, plots")
+    p.add_argument("--out", required=True, help="folder for REPORT.md, results.json, the plots and the plans")
+    p.add_argument("--quick", action="store_true", help="smaller runs (under 25 minutes on 2 cores)")
+    p.add_argument("--sections", default="all", help="comma-separated, of codecs,splits,baselines,router,batching,"
+                   "fanin (default all; baselines needs splits)")
+    p.add_argument("--model", help=MODEL_HELP)
+    p.add_argument("--plan", help="the agents' plan for router, speculation, batching, fan-in (default: the demo plan)")
+
+
+def run(args: argparse.Namespace) -> int:
+    sections = SECTIONS if args.sections == "all" else tuple(s.strip() for s in args.sections.split(",") if s.strip())
+    started = time.monotonic()
+
+    def say(line: str) -> None:
+        print(f"[{time.monotonic() - started:6.0f} s] {line}", file=sys.stderr, flush=True)
+
+    results = bench_all(args.out, args.quick, args.model, args.plan, sections, say=say)
+    print(Path(args.out) / "REPORT.md")
+    return 1 if results["errors"] else 0

@@ -12,7 +12,9 @@ A sparsity is one share for both inputs (``0.5``) or ``gate_up:down`` (``0:0.6``
 
 from __future__ import annotations
 
+import argparse
 import copy
+import json
 import time
 import uuid
 from pathlib import Path
@@ -25,6 +27,9 @@ from runtime.checkpoint import load_spec, load_tokenizer
 from runtime.compress import apply_compression, calibrate_sparse_mlp
 from runtime.compress.sparse import mean_shares, sparsity_tally
 from runtime.segment import Segment, SegmentInput
+
+from .options import MODEL_HELP, add_command
+from .stats import ratio
 
 GPL3 = "/usr/share/common-licenses/GPL-3"
 APACHE2 = "/usr/share/common-licenses/Apache-2.0"
@@ -124,7 +129,7 @@ def _timings(dense: Segment, sparse: Segment, ids: torch.Tensor, repeats: int) -
     out = {}
     for what, ms in (("mlp", mlp), ("mlp_hot", hot), ("step", step), (f"layers_{a}_{b}_step", middle)):
         out[what] = {"dense_ms": round(ms["dense"], 4), "sparse_ms": round(ms["sparse"], 4),
-                     "speedup": round(ms["dense"] / ms["sparse"], 3)}
+                     "speedup": ratio(ms["dense"], ms["sparse"], 3)}
     return out
 
 
@@ -195,3 +200,28 @@ def format_report(result: dict) -> list[str]:
             f"{middle['dense_ms']:>5.2f}/{middle['sparse_ms']:<5.2f} {middle['speedup']:>5.2f}x"
         )
     return lines
+
+
+def add_parser(sub) -> None:
+    p = add_command(sub, "sparse", run, "TEAL-style MLP activation sparsity (sparse_mlp): perplexity cost and "
+                    "CPU decode speed-up, dense vs sparse")
+    p.add_argument("--model", help=MODEL_HELP)
+    p.add_argument("--calibration-text", help="text the thresholds are calibrated on (default: the GPL-3)")
+    p.add_argument("--text", help="text the model is judged on, never the calibration text (default: Apache-2.0)")
+    p.add_argument("--sparsities", default="0.3,0.4,0.5", help="comma-separated shares zeroed, each one share or "
+                   "GATE_UP:DOWN (default 0.3,0.4,0.5)")
+    p.add_argument("--allocation", choices=["uniform", "equal_error"], default="uniform",
+                   help="per-layer thresholds: the same share zeroed, or the same share of energy (default uniform)")
+    p.add_argument("--tokens", type=int, help="at most this many tokens of each text (default: all)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved timing repeats, best kept (default 5)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    from partitioner.convert import demo_model
+
+    result = bench_sparse(args.model or str(demo_model()), args.calibration_text or GPL3, args.text or APACHE2,
+                          parse_sparsities(args.sparsities), args.tokens, args.allocation, args.repeats,
+                          progress=not args.json)
+    print(json.dumps(result, indent=2) if args.json else "\n".join(format_report(result)))
+    return 0

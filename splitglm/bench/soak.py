@@ -5,7 +5,7 @@ the embedded broker over TLS with a login per device and the ACL, ``cloud_servic
 ``edge_node`` over HTTPS with API keys. Half the sessions are streamed chat completions (one API key
 each); the others are devices simulated in this process, each with its own MQTT login (the broker's ACL
 ties topics to logins), running the plan's device tier (one shared copy) over the device agent's link
-(``device_agent.link.EdgeLink``). Each session runs requests back to back until the time is up; greedy
+(``splitglm.system.LocalDevice``). Each session runs requests back to back until the time is up; greedy
 and seeded sampling alternate.
 
 Reported: requests done and failed (with the first errors), tokens and tokens/s, the gaps between tokens
@@ -15,9 +15,11 @@ session has finished a request, or a fifth of the run has passed), once a minute
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import ssl
+import sys
 import tempfile
 import threading
 import time
@@ -26,7 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .bench_speculative import prompts
+from .options import add_command, add_model_plan, plan_of
+from .speculative import prompts
+from .stats import percentile
 
 logger = logging.getLogger(__name__)
 EDGE = "edge-demo"
@@ -75,11 +79,6 @@ def rss_mib(pid: int) -> float | None:
     return None
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values) or [0.0]
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
-
-
 class HttpSession:
     """Streamed chat completions (HTTPS with an API key where given); ``run`` returns (tokens, chunk times)."""
 
@@ -107,34 +106,25 @@ class HttpSession:
 
 
 class DeviceSession:
-    """A device simulated here: its own MQTT client (and login, where given) and link, the shared device tier."""
+    """A device simulated here (``splitglm.system.LocalDevice``): its own MQTT client and login, where given,
+    on the shared device tier (``device_tier``); ``run`` returns (tokens, token times)."""
 
     def __init__(self, device_id: str, broker: str, tier: dict, auth=None):
-        from device_agent.link import EdgeLink
-        from protos.mqtt import connect, new_client, wait_for_broker
+        from ..system import LocalDevice
 
-        protocol = wait_for_broker(broker, "auto", 60, auth)
         self.tier, self.device_id = tier, device_id
-        self.client = new_client(f"soak-{device_id}", protocol)
-        self.link = EdgeLink(self.client, protocol, device_id, step_timeout_s=120)
-        self.client.on_connect = self.link.on_connect
-        self.client.on_disconnect = self.link.on_disconnect
-        connect(self.client, broker, protocol, auth)
+        self.device = LocalDevice(None, broker, device_id, auth=auth, tier=tier["tier"])
 
     def run(self, prompt: str, max_tokens: int, sampling: dict) -> tuple[int, list[float]]:
-        from runtime.owner import Generation
-
-        gen = Generation(self.tier["segment"], self.link, self.tier["prompt"](prompt), self.tier["params"](
-            max_tokens, sampling), self.tier["codec"], self.tier["tokenizer"], lock=self.tier["lock"])
+        gen = self.device.generation(self.tier["prompt"](prompt), self.tier["params"](max_tokens, sampling),
+                                     self.tier["tokenizer"])
         stamps = []
         for _ in gen:
             stamps.append(time.perf_counter())
         return len(gen.tokens), stamps
 
     def close(self) -> None:
-        self.link.shutdown()
-        self.client.disconnect()
-        self.client.loop_stop()
+        self.device.close()
 
 
 def device_login(folder: Path, device_id: str):
@@ -161,7 +151,7 @@ def device_tier(plan: str) -> dict:
         return pb.GenerationParams(max_tokens=max_tokens, stop_token_ids=tier.stop_token_ids,
                                    temperature=sampling["temperature"], seed=sampling.get("seed", 0))
 
-    return {"segment": tier.segment, "tokenizer": tier.tokenizer, "prompt": prompt, "params": params,
+    return {"tier": tier, "segment": tier.segment, "tokenizer": tier.tokenizer, "prompt": prompt, "params": params,
             "codec": tier.codec, "lock": tier.lock}
 
 
@@ -180,7 +170,7 @@ def _loop(name: str, session, texts: list[str], max_tokens: int, until: float, t
 
 
 def _slow_phase(system, runners: list, texts: list[str], tier: dict, folder: Path, key: str, ca: str) -> dict:
-    from .bench_slow import slow_consumers
+    from .slow import slow_consumers
 
     http = [s for _, s in runners if isinstance(s, HttpSession)][:2]
     devices = [s for _, s in runners if isinstance(s, DeviceSession)][:2]
@@ -197,12 +187,12 @@ def bench_soak(plan: str, minutes: float = 10.0, sessions: int = 30, max_tokens:
                slow_consumers: bool = True) -> dict:
     """Run ``sessions`` concurrent sessions (half HTTP, half MQTT) for ``minutes``; the report (a dict).
 
-    With ``slow_consumers``, then (the soak's memory taken) ``splitglm.bench_slow`` on the same system:
+    With ``slow_consumers``, then (the soak's memory taken) ``splitglm.bench.slow`` on the same system:
     two HTTP and two MQTT sessions without and with a stalled HTTP client and a stalled device."""
     import os
 
-    from .credentials import make_secrets
-    from .system import LocalSystem
+    from ..credentials import make_secrets
+    from ..system import LocalSystem
 
     n_http = sessions // 2
     devices = [f"soak-dev-{i}" for i in range(sessions - n_http)]
@@ -250,14 +240,18 @@ def bench_soak(plan: str, minutes: float = 10.0, sessions: int = 30, max_tokens:
             codes = system.stop()
     wall_s, steady_s = ended - started, max(ended - warm_at, 1e-6)
     all_gaps = [g for gaps in tally.gaps_ms.values() for g in gaps]
+
+    def ms(gaps: list[float], q: float) -> float:
+        return round(percentile(gaps, q), 2)
+
     return {
         "minutes": minutes, "sessions": sessions, "http_sessions": n_http, "mqtt_sessions": len(devices),
         "max_tokens": max_tokens, "secure": True,
         "requests_done": tally.done, "requests_failed": tally.failed, "errors": tally.errors,
         "tokens": tally.tokens, "tokens_per_s": round(tally.tokens / wall_s, 2),
         "tokens_per_s_after_warmup": round((tally.tokens - warm_tokens) / steady_s, 2),
-        "p50_token_ms": percentile(all_gaps, 0.5), "p99_token_ms": percentile(all_gaps, 0.99),
-        "token_ms_by_transport": {kind: {"p50": percentile(g, 0.5), "p99": percentile(g, 0.99), "gaps": len(g)}
+        "p50_token_ms": ms(all_gaps, 0.5), "p99_token_ms": ms(all_gaps, 0.99),
+        "token_ms_by_transport": {kind: {"p50": ms(g, 0.5), "p99": ms(g, 0.99), "gaps": len(g)}
                                   for kind, g in tally.gaps_ms.items()},
         "wall_s": round(wall_s, 1), "warmup_s": round(warm_at - started, 1),
         "rss_mib": {name: {"after_warmup": warm[name], "end": end[name],
@@ -293,3 +287,29 @@ def format_report(report: dict) -> str:
 def summary_line(elapsed: float, tally: Tally) -> str:
     return f"  {elapsed:5.0f} s: {tally.done} done, {tally.failed} failed, {tally.tokens} tokens"
 
+
+
+def add_parser(sub) -> None:
+    p = add_command(sub, "soak", run, "concurrent HTTPS and MQTT-over-TLS sessions for minutes: failures, "
+                    "tokens/s, per-token p50/p99, memory growth of each process")
+    add_model_plan(p)
+    p.add_argument("--minutes", type=float, default=10.0, help="how long the sessions run, minutes (default 10)")
+    p.add_argument("--sessions", type=int, default=30, help="concurrent sessions, half HTTP, half MQTT (default 30)")
+    p.add_argument("--max-tokens", type=int, default=32, help="new tokens per request (default 32)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each process (default 1)")
+    p.add_argument("--secrets", help="`splitglm secrets` folder with logins soak-dev-0... and soak-staller "
+                   "(default: made anew)")
+    p.add_argument("--no-slow-consumers", action="store_true", help="skip the phase with a stalled HTTP client and "
+                   "a stalled device (their effect on other sessions' per-token p99)")
+    p.add_argument("--json", action="store_true", help="print the JSON report")
+
+
+def run(args: argparse.Namespace) -> int:
+    def progress(elapsed, tally):
+        if not args.json and int(elapsed) % 30 == 0:
+            print(summary_line(elapsed, tally), file=sys.stderr, flush=True)
+
+    report = bench_soak(plan_of(args), args.minutes, args.sessions, args.max_tokens, args.threads, args.secrets,
+                        progress, not args.no_slow_consumers)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0 if report["requests_failed"] == 0 else 1

@@ -1,4 +1,4 @@
-"""``protos.mqtt.lift_select_limit``: paho's loop waits on descriptors past select's FD_SETSIZE."""
+"""``splitglm.bench.select_patch.lift_select_limit``: paho's loop waits on descriptors past select's FD_SETSIZE."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from protos.mqtt import _poll_select
+from splitglm.bench.select_patch import _poll_select
 
 
 def test_poll_select_answers_like_select_and_past_1024():
