@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from partitioner.eval.quality import scores as _scores
 from partitioner.eval.quality import windows_of
+from partitioner.eval.tails import compare_scores
 from runtime.compress.passes import apply_compression
 from runtime.local import Chain
 from runtime.segment import Segment
@@ -57,16 +58,8 @@ def token_agreement(reference: Model, candidate: Model, ids: torch.Tensor, windo
 
 def compare(reference: Model, candidate: Model, ids: torch.Tensor, window: int = 512, baseline=None) -> dict:
     """Perplexity, its change in %, greedy agreement; ``baseline``: window_scores(reference), reused."""
-    ref_nll, ref_greedy = baseline or window_scores(reference, ids, window)
-    nll, greedy = window_scores(candidate, ids, window)
-    base, ppl = math.exp(float(ref_nll.mean())), math.exp(float(nll.mean()))
-    return {
-        "perplexity": round(ppl, 4),
-        "baseline_perplexity": round(base, 4),
-        "perplexity_delta_pct": round(100 * (ppl / base - 1), 3),
-        "token_agreement": round(float((greedy == ref_greedy).float().mean()), 4),
-        "tokens": int(nll.numel()),
-    }
+    reference_scores = baseline or window_scores(reference, ids, window)
+    return compare_scores(reference_scores, window_scores(candidate, ids, window), reference_name="baseline")
 
 
 def layer_sensitivity(

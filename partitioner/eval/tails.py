@@ -48,13 +48,15 @@ def tail_scores(tail: Segment, windows, link: Link | None = None) -> tuple[torch
     return torch.cat(nll), torch.cat(greedy)
 
 
-def compare_scores(reference: tuple[torch.Tensor, torch.Tensor], candidate: tuple[torch.Tensor, torch.Tensor]) -> dict:
-    """Candidate against reference (each ``tail_scores``): perplexities, change in %, greedy agreement."""
+def compare_scores(reference: tuple[torch.Tensor, torch.Tensor], candidate: tuple[torch.Tensor, torch.Tensor],
+                   reference_name: str = "accurate") -> dict:
+    """Candidate against reference (each (NLL (N,), greedy (N,)), as ``tail_scores`` gives them): perplexities
+    (the reference's under ``<reference_name>_perplexity``), change in %, greedy agreement."""
     (ref_nll, ref_greedy), (nll, greedy) = reference, candidate
     base, ppl = math.exp(float(ref_nll.mean())), math.exp(float(nll.mean()))
     return {
         "perplexity": round(ppl, 4),
-        "accurate_perplexity": round(base, 4),
+        f"{reference_name}_perplexity": round(base, 4),
         "perplexity_delta_pct": round(100 * (ppl / base - 1), 3),
         "token_agreement": round(float((greedy == ref_greedy).float().mean()), 4),
         "tokens": int(nll.numel()),
