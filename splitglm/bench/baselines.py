@@ -133,8 +133,11 @@ def http_run(address: str, text: str, decode_steps: int, tier: str) -> LiveRun:
     server = info["timings_ms"]
     compute = [server["ttft"]] + [server["per_token"]] * (len(stamps) - 1)
     times = [started, *stamps]
-    return LiveRun(list(info["tokens"]), [{"wall_ms": (b - a) * 1e3, "compute_ms": {tier: c}}
-                                          for a, b, c in zip(times, times[1:], compute)])
+    walls = [(b - a) * 1e3 for a, b in zip(times, times[1:])]
+    # chunks that arrive together have gaps shorter than the server's mean per token: a step's compute is
+    # never more than its wall time (else dilating a fast tier would make the step negative)
+    return LiveRun(list(info["tokens"]), [{"wall_ms": w, "compute_ms": {tier: min(c, w)}}
+                                          for w, c in zip(walls, compute)])
 
 
 def _proxies(stack: ExitStack, target: str, topo: Topology, links: tuple[str, ...]) -> DelayProxy:
