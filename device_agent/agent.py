@@ -11,6 +11,14 @@ covered by exactly one answer. A sensor message that is not a valid reading
 readings already wait, is refused with a JSON error on the dead-letter topic
 ``results/{device_id}/errors`` (``readings.dead_letter``); nothing a sensor
 sends reaches paho's network thread as an exception.
+
+The sensors and steps subscriptions are made on every connection
+(``protos.mqtt.Subscriptions``): a reconnect, a session the broker lost and a
+refused subscription are counted (``links.stats``) and logged; the agent is
+ready (``ready``, the ready file) only while both are acknowledged. At INFO
+the log holds ids, counts, timings and topics, never a reading, prompt or
+answer (``log_content`` turns them on); the results carry the prompt only
+with ``results_include_prompt``.
 """
 
 from __future__ import annotations
@@ -29,15 +37,15 @@ from typing import Any
 import torch
 
 from protos import splitglm_pb2 as pb
-from protos.mqtt import MqttAuth, connect, new_client, wait_for_broker
-from protos.topics import errors_topic, results_topic, sensors_subscription
+from protos.mqtt import MqttAuth, Subscriptions, connect, new_client, wait_for_broker
+from protos.topics import client_id, errors_topic, results_topic, sensors_subscription
 from runtime.artifacts import load_plan, load_tier
 from runtime.checkpoint import load_spec, load_tokenizer
 from runtime.owner import Generation
 from runtime.report import report
 
 from .link import EdgeLink, LinkClosed
-from .readings import Reading, ReadingError, dead_letter, parse_reading, prompt_token_ids, render_prompt
+from .readings import Reading, ReadingError, ReadingRate, dead_letter, parse_reading, prompt_token_ids, render_prompt
 from .settings import DeviceSettings
 
 logger = logging.getLogger(__name__)
@@ -73,20 +81,24 @@ class DeviceAgent:
         self.stop_token_ids = self.tier.stop_token_ids
         self.window: deque[Reading] = deque(maxlen=settings.window)
         self.inbox: queue.SimpleQueue[Reading | None] = queue.SimpleQueue()
+        self.rate = ReadingRate(settings.max_readings_per_s)  # a flood is dropped unread (rate.dropped)
         self.results_topic = results_topic(self.device_id)
         self.errors_topic = errors_topic(self.device_id)
         self.ready = threading.Event()
         self._stopping = threading.Event()
         self._last_publish: Any = None  # MQTTMessageInfo of the latest answer
-        self._sensors_mid: int | None = None
+        self._was_ready = False
         self._worker = threading.Thread(target=self._work, name=f"device-{self.device_id}", daemon=True)
 
-        self.auth = MqttAuth.from_settings(settings)
+        self.auth = MqttAuth.from_settings(settings, client_id("device", self.device_id))  # bound to the login
         self.protocol = wait_for_broker(settings.broker, settings.mqtt_protocol, BROKER_WAIT_S, self.auth)
-        self.client = new_client(f"splitglm-device-{self.device_id}", self.protocol)
+        self.client = new_client(self.auth.client_id, self.protocol)
         self.link = EdgeLink(
             self.client, self.protocol, self.device_id, settings.pool, settings.step_timeout_s, settings.max_attempts
         )
+        self.links = Subscriptions(f"device {self.device_id}",
+                                   lambda: [self.link.reply_to, sensors_subscription(self.device_id)],
+                                   on_change=self._on_subscribed)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = self._on_subscribe
@@ -121,26 +133,36 @@ class DeviceAgent:
     # ---- MQTT callbacks (network thread) ---------------------------------------------------------
 
     def _on_connect(self, client, userdata, flags, reason_code, properties=None) -> None:
-        if reason_code.is_failure:
+        if not self.links.on_connect(client, flags, reason_code):  # subscribes the steps and sensors topics
             logger.error("the broker %s refused the connection: %s", self.settings.broker, reason_code)
             return
-        self.link.on_connect(client, userdata, flags, reason_code, properties)
-        self._sensors_mid = client.subscribe(sensors_subscription(self.device_id), qos=1)[1]
+        self.link.connected()
         logger.info("connected to %s (MQTT %s)", self.settings.broker, "5" if self.link.v5 else "3.1.1")
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:
+        self.links.on_disconnect()
         self.link.on_disconnect(client, userdata, flags, reason_code, properties)
         if not self._stopping.is_set():
             logger.warning("disconnected from %s (%s); reconnecting", self.settings.broker, reason_code)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties=None) -> None:
-        failed = [rc for rc in reason_codes if rc.is_failure]
-        if failed:
-            logger.error("subscription %d refused by the broker: %s", mid, failed)
-        elif mid == self._sensors_mid and not self.ready.is_set():
-            self.ready.set()
-            if self.settings.ready_file is not None:
-                self.settings.ready_file.touch()
+        self.links.on_subscribe(mid, reason_codes)
+
+    def _on_subscribed(self, subscribed: bool) -> None:
+        """Ready (the event, the ready file) exactly while the broker holds both subscriptions."""
+        ready_file = self.settings.ready_file
+        if not subscribed:
+            self.ready.clear()
+            if ready_file is not None:
+                ready_file.unlink(missing_ok=True)
+            return
+        self.ready.set()
+        if ready_file is not None:
+            ready_file.touch()
+        if self._was_ready:
+            logger.info("subscribed again: device/%s", self.device_id)
+        else:
+            self._was_ready = True
             logger.info("ready: device/%s", self.device_id)
 
     def _on_reading(self, client, userdata, message) -> None:
@@ -154,6 +176,10 @@ class DeviceAgent:
 
     def take(self, topic: str, payload: bytes) -> Reading | None:
         """Validate one sensor message and queue it for an answer; a refused one gets a dead letter (None)."""
+        if not self.rate.admit():  # over max_readings_per_s: dropped, a dead letter at most once a second
+            if notice := self.rate.notice():
+                self._refuse(topic, payload, notice)
+            return None
         try:
             reading = parse_reading(topic, payload, self.device_id, self.settings.max_reading_bytes)
         except ReadingError as e:
@@ -166,7 +192,10 @@ class DeviceAgent:
             self._refuse(topic, payload, f"{self.settings.max_queued_readings} readings already wait for an "
                          "answer (max_queued_readings)")
             return None
-        logger.info("reading %s", reading.line())
+        if self.settings.log_content:
+            logger.info("reading %s", reading.line())
+        else:
+            logger.info("reading on %s queued", topic)
         self.inbox.put(reading)
         return reading
 
@@ -223,6 +252,8 @@ class DeviceAgent:
             return {**request, **failed("the device agent stopped before answering")}
         generation = self._generation(request["request_id"], prompt)
         logger.info("generating for %d reading(s) (session %s)", len(batch), generation.session_id)
+        if self.settings.log_content:
+            logger.info("prompt of session %s: %r", generation.session_id, prompt)
         try:
             for _ in generation:
                 pass
@@ -234,12 +265,12 @@ class DeviceAgent:
         return {**request, **summary(generation)}
 
     def _request(self, batch: list[Reading], prompt: str) -> dict[str, Any]:
-        return {
-            "device_id": self.device_id,
-            "request_id": uuid.uuid4().hex,
-            "readings": [r.as_json() for r in batch],
-            "prompt": prompt,
-        }
+        """The answer's fields about its request: the prompt only where the device asks for it."""
+        request = {"device_id": self.device_id, "request_id": uuid.uuid4().hex,
+                   "readings": [r.as_json() for r in batch]}
+        if self.settings.results_include_prompt:
+            request["prompt"] = prompt
+        return request
 
     def _generation(self, request_id: str, prompt: str) -> Generation:
         s = self.settings
@@ -272,9 +303,9 @@ class DeviceAgent:
             logger.warning("answer %s for %d reading(s): error %s", answer["request_id"], len(answer["readings"]),
                            answer["error"])
         else:
-            logger.info("answer %s for %d reading(s): %d tokens, path %s, %.0f ms: %r", answer["request_id"],
+            logger.info("answer %s for %d reading(s): %d tokens, path %s, %.0f ms%s", answer["request_id"],
                         len(answer["readings"]), answer["tokens"], answer["path"], answer["timings_ms"]["total"],
-                        answer["text"])
+                        f": {answer['text']!r}" if self.settings.log_content else "")
 
 
 def summary(generation: Generation | None) -> dict[str, Any]:

@@ -96,9 +96,15 @@ class EdgeLink:
     # ---- paho callbacks (network thread) ---------------------------------------------------------
 
     def on_connect(self, client, userdata, flags, reason_code, properties=None) -> None:
+        """paho's on_connect for a client that carries only this link: subscribe the steps topic, then
+        ``connected()`` (an owner that subscribes for the link itself calls ``connected()`` alone)."""
         if reason_code.is_failure:
             return
         client.subscribe(self.reply_to, qos=1)  # before any frame this connection publishes
+        self.connected()
+
+    def connected(self) -> None:
+        """A new connection, the steps topic already asked for on it: frames go out again."""
         with self._cond:
             self._connected, self._epoch = True, self._epoch + 1
             self._cond.notify_all()

@@ -6,6 +6,8 @@ Anything else (not UTF-8 JSON, too large, not an object or number,
 non-finite numbers, nested deeper than ``MAX_DEPTH``, text that is not
 Unicode scalar values, such as an escaped lone surrogate) is refused with a
 ``ReadingError``; ``dead_letter`` is what the agent publishes about it.
+``ReadingRate`` drops the readings of a flood, over ``max_readings_per_s``,
+before they are read.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import math
 import time
 from dataclasses import dataclass
 from typing import Any
+
+from runtime.rates import RateBuckets
 
 MAX_DEPTH = 8  # nesting of JSON objects and arrays a reading may have (deeper ones break the prompt and the answer)
 HEAD_BYTES = 64  # bytes of a refused payload quoted in its dead letter
@@ -103,6 +107,35 @@ def _check_text(text: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         raise ReadingError(f"the payload's text holds {text[e.start:e.end]!r}, not a Unicode character") from None
+
+
+class ReadingRate:
+    """Readings per second (bursts of as many; 0 = no limit), on paho's thread. Over the rate a reading is dropped
+    unread and counted (``dropped``); a dead letter tells how many at most once a second (``notice``), so a flood
+    costs the broker no more than the rate does."""
+
+    def __init__(self, per_s: int, clock=time.monotonic):
+        self.per_s, self.clock = per_s, clock
+        self.buckets = RateBuckets(per_s, clock, period_s=1.0)
+        self.dropped = 0  # readings dropped over the rate since the start
+        self._unreported, self._reported_at = 0, -math.inf
+
+    def admit(self) -> bool:
+        """Whether to take a reading now; False: it is dropped (counted)."""
+        if self.buckets.take("readings") <= 0:
+            return True
+        self.dropped += 1
+        self._unreported += 1
+        return False
+
+    def notice(self) -> str | None:
+        """The error of a dead letter about the readings dropped since the last one, if one is due (once a second)."""
+        now = self.clock()
+        if now - self._reported_at < 1.0:
+            return None
+        n, self._unreported, self._reported_at = self._unreported, 0, now
+        return (f"over max_readings_per_s, {self.per_s} readings per second: {n} reading(s) dropped since the last "
+                f"notice, {self.dropped} in all")
 
 
 def dead_letter(device_id: str, topic: str, payload: bytes, error: str) -> dict[str, Any]:

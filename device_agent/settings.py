@@ -65,7 +65,16 @@ class DeviceSettings(MqttClientSettings):
     max_reading_bytes: int = Field(4096, ge=1, description="largest accepted sensor payload, bytes")
     max_queued_readings: int = Field(256, ge=1, description="readings waiting for an answer, readings; more are "
                                      "refused on the dead-letter topic results/{device_id}/errors")
-    ready_file: Path | None = Field(None, description="file touched once ready, removed at exit (health checks)")
+    max_readings_per_s: int = Field(20, ge=0, description="readings taken per second, readings/s, bursts of as many; "
+                                    "more are dropped unread, counted, and reported on results/{device_id}/errors "
+                                    "at most once a second; 0 = no limit")
+    ready_file: Path | None = Field(None, description="file present while ready: touched once the broker acknowledged "
+                                    "the sensors and steps subscriptions, removed when they are lost and at exit "
+                                    "(health checks)")
+    log_content: bool = Field(False, description="log prompts, readings and answers at INFO (debug only: at INFO "
+                              "the log otherwise holds only ids, counts, timings and topics)")
+    results_include_prompt: bool = Field(False, description="the answers on results/{device_id} carry the prompt "
+                                         "(\"prompt\"); off, they carry the readings and the answer only")
 
     _check_broker = field_validator("broker")(_mqtt_url)
     _check_protocol = field_validator("mqtt_protocol", mode="before")(_protocol)

@@ -6,6 +6,11 @@ Each round publishes one reading per device (QoS 1) on
 and then an anomaly (a spike). It exits 0 after ``count`` readings per device,
 once the broker has acknowledged them, or on SIGTERM / SIGINT; 1 if the
 broker cannot be reached; 2 for bad settings.
+
+Its client id is ``splitglm-sensors-{device_id}``: with a login (the device's
+own sensors login, ``{device_id}$sensors`` from ``splitglm secrets``) the broker
+binds that id to it, so a secured simulator publishes for one device only (run
+one per device); an open one may publish for several.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import time
 from dataclasses import dataclass
 
 from protos.mqtt import MqttAuth, connect, new_client, resolve_protocol
-from protos.topics import sensor_topic
+from protos.topics import client_id, sensor_topic
 from runtime.settings import configure_logging, stop_on_signals
 
 from .settings import SensorSettings, SettingsError, load_settings
@@ -65,6 +70,12 @@ class Signal:
         return round(min(m.high, max(m.low, value)), 2), anomaly
 
 
+def sensors_client_id(devices: list[str]) -> str:
+    """``splitglm-sensors-{device}``, the id bound to the device's sensors login (several devices: the first's
+    plus how many more, for an open broker)."""
+    return client_id("sensors", devices[0] if len(devices) == 1 else f"{devices[0]}-and-{len(devices) - 1}-more")
+
+
 class Simulator:
     def __init__(self, settings: SensorSettings, stop: threading.Event):
         self.settings, self.stop = settings, stop
@@ -75,9 +86,9 @@ class Simulator:
             for sensor in settings.sensor_names
         }
         self.connected = threading.Event()
-        auth = MqttAuth.from_settings(settings)
+        auth = MqttAuth.from_settings(settings, sensors_client_id(settings.device_ids))
         protocol = resolve_protocol(settings.broker, settings.mqtt_protocol, auth)
-        self.client = new_client(f"splitglm-sensors-{settings.device_ids[0]}-{random.getrandbits(32):08x}", protocol)
+        self.client = new_client(auth.client_id, protocol)
         self.client.on_connect = self._on_connect
         connect(self.client, settings.broker, protocol, auth)
 
@@ -134,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(SensorSettings, argv, "python -m device_agent.simulator", __doc__.splitlines()[0])
     except SettingsError as e:
         logger.error("%s", e)
+        return 2
+    if settings.mqtt_username and len(settings.device_ids) > 1:
+        logger.error("a login publishes for one device only (its sensors login, client id splitglm-sensors-"
+                     "{device}): run one simulator per device, not --device-id %s", settings.device_id)
         return 2
     with stop_on_signals() as stop:
         try:

@@ -6,10 +6,11 @@ are set, every ``/v1/*`` request and ``/metrics`` need ``Authorization: Bearer K
 declared body size, its client's request rate (a bucket of
 ``rate_per_key_per_min`` requests, refilled continuously), its client's open
 requests, and its body, read whole (at most ``max_body_bytes``) before the
-app sees it. A peer address that fails authentication more than
+app sees it. A client address (``client_address``: the peer's, never a
+forwarded header unless the peer is a configured proxy) that fails authentication more than
 ``AUTH_FAILURES_PER_MIN`` times a minute gets 429s (with ``Retry-After``)
 instead of 401s, so guessing keys costs time. The client is the API key, or
-the peer's address when no keys are set. Every refusal answers with OpenAI's error body (429s with
+its address when no keys are set. Every refusal answers with OpenAI's error body (429s with
 ``Retry-After``) and counts ``EdgeMetrics.http_refused(reason)``; a refused
 request never reaches the app, so no model work is done for it. ``/healthz``
 stays open.
@@ -19,24 +20,21 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from starlette.responses import JSONResponse
 
+from runtime.rates import RateBuckets
+
 from .schemas import error_body
-from .settings import EdgeSettings
+from .settings import setting
 
 RETRY_CONCURRENT_S = 1  # Retry-After of a refusal for too many open requests, seconds
-MAX_CLIENTS = 10_000  # rate buckets kept before the full (idle) ones are dropped
 AUTH_FAILURES_PER_MIN = 30  # failed authentications per peer address a minute before 429s instead of 401s
-
-
-def setting(settings, name: str):
-    """``settings.name``, or EdgeSettings' default where a stand-in settings object (tests) lacks it."""
-    return getattr(settings, name, EdgeSettings.model_fields[name].default)
+CLIENT = "splitglm.client"  # the ASGI scope key that holds the request's client (``Guard.client``) for the app
 
 
 def load_api_keys(path: Path) -> tuple[str, ...]:
@@ -70,34 +68,6 @@ class ApiKeys:
         return found
 
 
-class RateBuckets:
-    """Requests per client per minute: ``rate`` tokens a bucket, refilled at rate/60 a second; 0 = no limit."""
-
-    def __init__(self, rate_per_min: int, clock=time.monotonic):
-        self.rate, self.clock = rate_per_min, clock
-        self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, at)
-
-    def take(self, client: str) -> float:
-        """Take one token of ``client``'s bucket: 0.0, or the seconds until one is there (refused)."""
-        if self.rate <= 0:
-            return 0.0
-        now, per_s = self.clock(), self.rate / 60.0
-        tokens, at = self._buckets.get(client, (float(self.rate), now))
-        tokens = min(float(self.rate), tokens + (now - at) * per_s)
-        if tokens < 1.0:
-            self._buckets[client] = (tokens, now)
-            return (1.0 - tokens) / per_s
-        self._buckets[client] = (tokens - 1.0, now)
-        if len(self._buckets) > MAX_CLIENTS:
-            self._forget_full(now, per_s)
-        return 0.0
-
-    def _forget_full(self, now: float, per_s: float) -> None:
-        full = [c for c, (t, at) in self._buckets.items() if t + (now - at) * per_s >= self.rate]
-        for client in full:
-            del self._buckets[client]
-
-
 @dataclass(frozen=True)
 class GuardLimits:
     """What the guard enforces (see the module docstring); 0 = no limit."""
@@ -122,8 +92,23 @@ class Refusal(Exception):
         self.status, self.reason, self.message, self.code, self.headers = status, reason, message, code, headers
 
     def response(self) -> JSONResponse:
-        type_ = "requests" if self.status == 429 else "invalid_request_error"  # OpenAI's types
+        type_ = {429: "requests", 503: "service_unavailable"}.get(self.status, "invalid_request_error")
         return JSONResponse(error_body(self.message, type_, code=self.code), self.status, headers=self.headers)
+
+
+def client_address(scope) -> str:
+    """The address the per-address limits count: the peer's, or the client's that a configured proxy names
+    (uvicorn's proxy_headers put it in the scope: see ``forwarded_allow_ips``); IPv6 by its /64 (one host's
+    share: a host may take any address in it)."""
+    peer = scope.get("client")
+    host = peer[0] if peer else "?"
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if ip.version == 6:
+        return str(ip.ipv4_mapped) if ip.ipv4_mapped else str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return host
 
 
 def bearer(scope) -> str | None:
@@ -167,6 +152,7 @@ class Guard:
             return await self.refuse(refusal, scope, receive, send)
         if path == "/metrics":
             return await self.app(scope, receive, send)
+        scope[CLIENT] = client  # whom the app's quotas count it for (edge_node.shares)
         self.open[client] = self.open.get(client, 0) + 1
         try:
             try:
@@ -183,8 +169,7 @@ class Guard:
     def client(self, scope) -> str:
         """The client the limits count for: ``key:<index>``, or its address without keys; 401 without a good key."""
         if not self.keys:
-            peer = scope.get("client")
-            return f"addr:{peer[0] if peer else '?'}"
+            return f"addr:{client_address(scope)}"
         token = bearer(scope)
         if not token:
             self.check_failures(scope)
@@ -198,9 +183,8 @@ class Guard:
         return f"key:{index}"
 
     def check_failures(self, scope) -> None:
-        """Count a failed authentication of the peer's address; 429 once it has failed too often."""
-        peer = scope.get("client")
-        wait_s = self.failures.take(peer[0] if peer else "?")
+        """Count a failed authentication of the client's address; 429 once it has failed too often."""
+        wait_s = self.failures.take(client_address(scope))
         if wait_s > 0:
             raise Refusal(429, "auth_rate", f"Too many failed authentications from this address; retry in "
                           f"{wait_s:.1f} s.", "rate_limit_exceeded", {"Retry-After": str(max(1, math.ceil(wait_s)))})

@@ -22,6 +22,10 @@ model work: characters before tokenising (``max_prompt_chars``), tokens
 (``max_prompt_tokens``), and prompt + max_tokens against the cloud's
 ``max_positions``. Each refusal is counted in ``splitglm_edge_http_refused_total``, and so
 is a streaming client dropped for not reading (``slow_client``).
+Each generation holds a session and its prompt + max_tokens KV positions of
+its client's fair share (``shares``: per API key, or address without keys)
+until its response ends, however it ends; past the share it is a 429 naming
+the limit (``splitglm_edge_quota_refusals_total{kind="key"}``).
 A 500 names no exception: its details go to the log under the id the answer gives.
 """
 
@@ -44,7 +48,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from protos import splitglm_pb2 as pb
 from runtime.owner import StepFailed, TokenEvent
 
-from .guard import Guard, GuardLimits, setting
+from .guard import CLIENT, RETRY_CONCURRENT_S, Guard, GuardLimits, setting
 from .metrics import CONTENT_TYPE, path_name
 from .schemas import (
     ChatRequest,
@@ -58,6 +62,7 @@ from .schemas import (
     sse,
     usage,
 )
+from .shares import QuotaExceeded, session_shares
 from .streaming import BoundedStream
 
 log = logging.getLogger(__name__)
@@ -70,13 +75,15 @@ class ApiError(Exception):
     """A request that gets an OpenAI-style error answer."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param=None, code=None,
-                 refusal: str | None = None):
+                 refusal: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
         self.refusal = refusal  # a limit's reason label for http_refused_total (None: not a limit)
+        self.headers = headers
 
     def response(self) -> JSONResponse:
-        return JSONResponse(error_body(self.message, self.type, self.param, self.code), status_code=self.status)
+        return JSONResponse(error_body(self.message, self.type, self.param, self.code), status_code=self.status,
+                            headers=self.headers)
 
 
 def step_failed_error(e: StepFailed) -> ApiError:
@@ -224,14 +231,36 @@ class Gateway:
     def __init__(self, node):
         self.node = node
         self.metrics = node.metrics
+        self.shares = session_shares("key", node.settings, node.metrics)  # sessions + KV positions per API key
 
     async def generate(self, request: Request, job: Job) -> Response:
-        """Answer a validated job, plain or streamed."""
-        # latency_budget_ms travels in the params as a soft target (the router's input, reported as budget_met);
-        # no frame deadline is derived from it: the cloud drops late frames, which would fail the request instead.
-        gen = self.node.generation(job.prompt_ids, job.params)
-        if job.stream:
-            return await self.stream(job, gen)
+        """Answer a validated job, plain or streamed, within its client's share (429 past it)."""
+        self.hold(request, job)
+        streamed = False
+        try:
+            # latency_budget_ms travels in the params as a soft target (the router's input, reported as budget_met);
+            # no frame deadline is derived from it: the cloud drops late frames, which would fail the request.
+            gen = self.node.generation(job.prompt_ids, job.params)
+            if job.stream:
+                response = await self.stream(job, gen)
+                streamed = True  # the stream gives the share back when it ends
+                return response
+            return await self.answer(request, job, gen)
+        finally:
+            if not streamed:
+                self.shares.release(job.id)
+
+    def hold(self, request: Request, job: Job) -> None:
+        """Count the job's session and its KV positions (prompt + max_tokens) in its client's share, or 429."""
+        client = request.scope.get(CLIENT) or f"addr:{request.client.host if request.client else '?'}"
+        try:
+            self.shares.acquire(client, job.id, len(job.prompt_ids) + job.params.max_tokens)
+        except QuotaExceeded as e:
+            raise ApiError(429, str(e), "requests", code="quota_exceeded",
+                           headers={"Retry-After": str(RETRY_CONCURRENT_S)}) from None
+
+    async def answer(self, request: Request, job: Job, gen) -> Response:
+        """The whole answer of a plain (not streamed) job."""
         stop, failed, ttft_ms = threading.Event(), None, 0.0
         async with anyio.create_task_group() as tg:
             tg.start_soon(watch_disconnect, request, stop)
@@ -262,10 +291,19 @@ class Gateway:
             await close_shielded(it)
             raise
         ttft_ms = job.elapsed_ms()
+
+        async def end() -> None:  # however the stream ends: its session closed, its share given back
+            try:
+                if getattr(it, "gi_frame", None) is not None:  # not closed yet (``events`` closes it when it runs)
+                    await close_shielded(it)
+            finally:
+                self.shares.release(job.id)
+
         return BoundedStream(
             self.events(job, gen, it, first, ttft_ms),
             setting(self.node.settings, "stream_send_timeout_s"),
             on_drop=lambda: self.metrics.http_refused("slow_client"),
+            on_end=end,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -363,6 +401,7 @@ def create_app(node) -> FastAPI:
     """The FastAPI app of an edge node (see the module docstring for what ``node`` provides)."""
     app = FastAPI(title="splitglm edge", summary="OpenAI-compatible API of a split GLM model")
     gateway = Gateway(node)
+    app.state.shares = gateway.shares  # what each API key holds now (tests, operators' debugging)
     install_error_handlers(app, node.metrics)
     app.add_middleware(Guard, limits=GuardLimits.from_settings(node.settings), metrics=node.metrics)
     started = int(time.time())

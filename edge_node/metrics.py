@@ -110,8 +110,21 @@ class EdgeMetrics:
         self.mqtt_refused_total = Counter(
             PREFIX + "mqtt_refused_total",
             "MQTT frames refused before any work: a reply topic or a session of another device, a topic that "
-            "names no device.",
+            "names no device, a frame over the size limit (too_large).",
             ["reason"],
+            registry=r,
+        )
+        self.mqtt_reconnects_total = Counter(
+            PREFIX + "mqtt_reconnects_total", "Connections to the MQTT broker after the first.", registry=r
+        )
+        self.mqtt_resubscribes_total = Counter(
+            PREFIX + "mqtt_resubscribes_total",
+            "Reconnections where the broker had lost the edge's session (another client took its client id, a "
+            "broker restart), so every subscription was made anew.",
+            registry=r,
+        )
+        self.mqtt_subscriptions_refused_total = Counter(
+            PREFIX + "mqtt_subscriptions_refused_total", "SUBACKs that refused a subscription the relay needs.",
             registry=r,
         )
         self.http_refused_total = Counter(
@@ -119,6 +132,14 @@ class EdgeMetrics:
             "HTTP requests refused before any model work, by reason (missing_api_key, invalid_api_key, "
             "body_too_large, prompt_too_long, too_many_tokens, context_length, rate_limit, concurrency).",
             ["reason"],
+            registry=r,
+        )
+
+        self.quota_refusals_total = Counter(
+            PREFIX + "quota_refusals_total",
+            "New sessions and frames refused because their device or API key was at its fair share, by limit "
+            "(sessions, kv_positions, max_tokens, queued_frames, queued_bytes, frames_rate) and kind (device, key).",
+            ["limit", "kind"],
             registry=r,
         )
 
@@ -141,12 +162,22 @@ class EdgeMetrics:
         self.sessions_active.labels(kind=kind).dec()
 
     def mqtt_refused(self, reason: str) -> None:
-        """Count a frame refused for ``reason`` ('reply_to', 'foreign_session', 'foreign_close', 'topic')."""
+        """Count a frame refused for ``reason`` ('reply_to', 'foreign_session', 'foreign_close', 'topic',
+        'too_large', 'retained')."""
         self.mqtt_refused_total.labels(reason=reason).inc()
+
+    def mqtt_session(self, event: str) -> None:
+        """Count a broker link event: 'reconnects', 'resubscribes' or 'refused' (``protos.mqtt.Subscriptions``)."""
+        {"reconnects": self.mqtt_reconnects_total, "resubscribes": self.mqtt_resubscribes_total,
+         "refused": self.mqtt_subscriptions_refused_total}[event].inc()
 
     def http_refused(self, reason: str) -> None:
         """Count an HTTP request refused for ``reason`` (see ``http_refused_total``)."""
         self.http_refused_total.labels(reason=reason).inc()
+
+    def quota_refused(self, limit: str, kind: str) -> None:
+        """Count a refusal of a device's or a key's (``kind``) new session or frame at its ``limit``."""
+        self.quota_refusals_total.labels(limit=limit, kind=kind).inc()
 
     def request(self, api: str, status: str) -> None:
         """Count one request of ``api`` ('completions', 'chat', 'mqtt') that ended with ``status``."""

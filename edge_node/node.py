@@ -29,13 +29,14 @@ from runtime.owner import Downstream, Generation
 from runtime.scheduler import FairLock, Scheduler
 
 from .cloud import ChannelTls, CloudClient
+from .conn_guard import ConnLimits, RequestCap, ensure_descriptors, protocol_factory
 from .estimates import Estimates
 from .fast_tail import FastTail
 from .metrics import EdgeMetrics
 from .policy import parse_policy
 from .relay import FrameRelay
 from .router import LinkProbe, Router
-from .settings import EdgeSettings
+from .settings import EdgeSettings, setting
 
 logger = logging.getLogger(__name__)
 
@@ -91,11 +92,63 @@ class HttpServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config):
         super().__init__(config)
         self.listening = threading.Event()
+        self.thread: threading.Thread | None = None
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets=sockets)
         if not self.should_exit:
             self.listening.set()
+
+    def serve_in_thread(self, sock: socket.socket) -> None:
+        """Serve on the bound ``sock`` in a thread; return once it serves (RuntimeError if it stopped instead)."""
+        self.thread = threading.Thread(target=self.run, kwargs={"sockets": [sock]}, name="http", daemon=True)
+        self.thread.start()
+        while not self.listening.wait(0.1):
+            if not self.thread.is_alive():
+                raise RuntimeError(f"the HTTP server did not start on {sock.getsockname()}")
+
+
+def http_config(app, settings, metrics) -> uvicorn.Config:
+    """uvicorn's configuration of the edge's HTTP API: TLS, the read timeouts and connection caps
+    (``conn_guard``), keep-alive, and X-Forwarded-For only from the proxies in ``forwarded_allow_ips``."""
+    limits = ConnLimits.from_settings(settings)
+    tls_cert = setting(settings, "tls_cert")
+    tls = {"ssl_certfile": str(tls_cert), "ssl_keyfile": str(setting(settings, "tls_key"))} if tls_cert else {}
+    proxies = setting(settings, "forwarded_allow_ips")
+    config = uvicorn.Config(
+        RequestCap(app, limits.max_requests, metrics.http_refused), log_level="warning",
+        http=protocol_factory(limits, metrics.http_refused),
+        timeout_keep_alive=setting(settings, "http_keepalive_timeout_s"),
+        proxy_headers=bool(proxies), forwarded_allow_ips=proxies or None,
+        timeout_graceful_shutdown=setting(settings, "shutdown_grace_s") + HTTP_BACKSTOP_S, **tls,
+    )  # fmt: skip
+    try:
+        config.load()  # reads the certificate and key now: a bad pair fails the start-up with its reason
+    except OSError as e:  # ssl.SSLError too
+        raise OSError(f"HTTPS certificate {tls_cert} with key {setting(settings, 'tls_key')}: {e}") from e
+    return config
+
+
+def serve_http(app, settings, metrics) -> tuple[HttpServer, str]:
+    """Bind ``http_host``:``http_port`` (port 0: a free one), serve ``app`` in a thread; the server and its URL."""
+    host, port = setting(settings, "http_host"), setting(settings, "http_port")
+    config = http_config(app, settings, metrics)
+    ensure_descriptors(setting(settings, "http_max_connections"))
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e}") from e
+    server = HttpServer(config)
+    server.serve_in_thread(sock)
+    port = sock.getsockname()[1]
+    host = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(host, host)
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return server, f"{'https' if setting(settings, 'tls_cert') else 'http'}://{host}:{port}"
 
 
 class EdgeNode:
@@ -138,7 +191,6 @@ class EdgeNode:
         self._stop = threading.Event()
         self._closed = False
         self._http: HttpServer | None = None
-        self._http_thread: threading.Thread | None = None
 
     # ---- what the HTTP app uses ------------------------------------------------------------------
 
@@ -161,8 +213,9 @@ class EdgeNode:
         return self.router.tail(kind)
 
     def health(self) -> dict[str, bool]:
-        """{"broker": MQTT connected (True without a broker), "cloud": the cloud's health service serves}."""
-        return {"broker": self.relay.connected() if self.relay else True, "cloud": self.cloud.healthy()}
+        """{"broker": every MQTT subscription of the relay acknowledged now (True without a broker), "cloud": the
+        cloud's health service serves}."""
+        return {"broker": self.relay.subscribed() if self.relay else True, "cloud": self.cloud.healthy()}
 
     # ---- lifecycle ---------------------------------------------------------------------------------
 
@@ -202,12 +255,12 @@ class EdgeNode:
             self.relay.stop()
         if self._http is not None:
             self._http.should_exit = True  # no new requests; open responses get the grace period to finish
-            self._http_thread.join(self.settings.shutdown_grace_s)
+            self._http.thread.join(self.settings.shutdown_grace_s)
         self.probe.stop()
         self.router.close()  # from now on a failing cloud step fails its session instead of falling back
         self.cloud.close()  # the generations still running fail now (CANCELLED), so their responses end
-        if self._http_thread is not None:
-            self._http_thread.join(HTTP_BACKSTOP_S + 1)
+        if self._http is not None:
+            self._http.thread.join(HTTP_BACKSTOP_S + 1)
         self.owner.stop()
         logger.info("edge %s stopped", self.settings.edge_id)
 
@@ -230,34 +283,8 @@ class EdgeNode:
         return load_tokenizer(folder)
 
     def _serve_http(self) -> str:
-        """Bind the HTTP socket (port 0: a free one), serve the app in a thread, return its URL."""
+        """Serve the HTTP API in a thread (``serve_http``); its URL."""
         from .http_api import create_app
 
-        s = self.settings
-        tls = {"ssl_certfile": str(s.tls_cert), "ssl_keyfile": str(s.tls_key)} if s.tls_cert else {}
-        config = uvicorn.Config(create_app(self), host=s.http_host, port=s.http_port, log_level="warning",
-                                timeout_graceful_shutdown=s.shutdown_grace_s + HTTP_BACKSTOP_S, **tls)
-        try:
-            config.load()  # reads the certificate and key now: a bad pair fails the start-up with its reason
-        except OSError as e:  # ssl.SSLError too
-            raise OSError(f"HTTPS certificate {s.tls_cert} with key {s.tls_key}: {e}") from e
-        family = socket.AF_INET6 if ":" in s.http_host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((s.http_host, s.http_port))
-        except OSError as e:
-            sock.close()
-            raise OSError(f"cannot listen on {s.http_host}:{s.http_port}: {e}") from e
-        port = sock.getsockname()[1]
-        self._http = HttpServer(config)
-        self._http_thread = threading.Thread(target=self._http.run, kwargs={"sockets": [sock]}, name="http",
-                                             daemon=True)
-        self._http_thread.start()
-        while not self._http.listening.wait(0.1):
-            if not self._http_thread.is_alive():
-                raise RuntimeError(f"the HTTP server did not start on {s.http_host}:{port}")
-        host = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(s.http_host, s.http_host)
-        if ":" in host and not host.startswith("["):
-            host = f"[{host}]"
-        return f"{'https' if s.tls_cert else 'http'}://{host}:{port}"
+        self._http, url = serve_http(create_app(self), self.settings, self.metrics)
+        return url

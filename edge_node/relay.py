@@ -17,6 +17,20 @@ concurrent sessions share forward passes of [k1, k2) (the runtime's
 cloud failure is answered with an error StepResult carrying its gRPC status
 (``runtime.terminal.status_of``; a session whose first frame fails is not kept); nothing here raises into paho or
 touches another session.
+
+Each device gets a fair share (``edge_node.shares``): sessions and the KV
+positions they reserve (prompt + ``max_tokens``, taken at seq 0 and given back
+when ``_free`` forgets the session, however it ends), frames (and bytes)
+queued, and frames a second; past it the frame is answered RESOURCE_EXHAUSTED
+naming the limit, and the other devices go on.
+
+A frame larger than ``frame_limit`` (the plan's largest legal frame, or
+``max_frame_bytes`` if smaller) is refused by its length before it is parsed.
+The subscriptions are made on every connection (``protos.mqtt.Subscriptions``):
+a reconnect, a session the broker lost (another client took our client id, a
+broker restart) and a refused subscription are counted and logged, and
+``subscribed()`` -- /healthz's ``broker`` -- holds only while every one is
+acknowledged.
 """
 
 from __future__ import annotations
@@ -33,7 +47,7 @@ from protos import splitglm_pb2 as pb
 from protos import topics
 from protos.errors import CodecError
 from protos.frames import decode_frame_hidden, make_frame, parse_frame
-from protos.mqtt import V5, MqttAuth, connect, new_client, publish_properties, wait_for_broker
+from protos.mqtt import V5, MqttAuth, Subscriptions, connect, new_client, publish_properties, wait_for_broker
 from protos.status import STATUS_NAMES, error_result
 from runtime.ledger import Ledger, StepError
 from runtime.ledger import idle as ledger_idle
@@ -42,8 +56,17 @@ from runtime.step import SegmentInput
 from runtime.terminal import status_of
 
 from .metrics import path_name
+from .shares import FrameRates, QuotaExceeded, queue_shares, session_shares
 
 logger = logging.getLogger(__name__)
+FRAME_METADATA_BYTES = 64 << 10  # a frame's all but its tensor values: ids, reply topic, params, shape, scales
+
+
+def frame_limit(hidden_size: int, max_frame_positions: int, max_frame_bytes: int) -> int:
+    """The largest frame the edge takes, bytes: ``max_frame_positions`` rows of fp32 hidden states (the widest
+    encoding a plan uses) and the metadata beside them, or ``max_frame_bytes`` if smaller."""
+    return min(max_frame_bytes, max_frame_positions * hidden_size * 4 + FRAME_METADATA_BYTES)
+
 
 @dataclass
 class Incoming:
@@ -120,11 +143,17 @@ class FrameRelay:
         self._in_flight: set[tuple[str, int]] = set()  # (session, seq) queued or running
         self._lock = threading.Lock()  # guards sessions and _in_flight
         self._lanes = SerialLanes(settings.relay_workers, settings.relay_queue)
+        # fair shares per device (edge_node.shares): sessions + reserved KV positions, queued frames + bytes, rate
+        self.shares = session_shares("device", settings, metrics)
+        self.queued = queue_shares(settings, metrics)
+        self.frame_rates = FrameRates(settings, metrics)
         # concurrent sessions' frames share forward passes of [k1, k2); prompts run in chunks
         self.scheduler = Scheduler(segment, max_batch=settings.relay_max_batch, lock=lock, name="relay-scheduler",
                                    on_step=lambda step: metrics.relay_batch_size.observe(step.sessions))
-        self._subscribed, self._stopping = threading.Event(), threading.Event()
-        self._connected = False
+        self.frame_limit = frame_limit(self.hidden_size, settings.max_frame_positions, settings.max_frame_bytes)
+        self._stopping = threading.Event()
+        # every subscription renewed on each connection; /healthz's "broker" is whether all of them hold now
+        self.links = Subscriptions(f"edge {self.edge_id}", self.subscriptions, on_event=metrics.mqtt_session)
         self.protocol: int | None = None
         self.client = None
         self._janitor = threading.Thread(target=self._expire_idle, name="relay-janitor", daemon=True)
@@ -135,17 +164,22 @@ class FrameRelay:
         """Connect, subscribe and wait (at most ``timeout_s``) until the subscriptions are made."""
         self.scheduler.start()
         self.protocol = wait_for_broker(self.settings.broker, self.settings.mqtt_protocol, timeout_s,
-                                        MqttAuth.from_settings(self.settings))
-        self.client = new_client(f"splitglm-edge-{self.edge_id}", self.protocol)
+                                        self._auth())
+        self.client = new_client(topics.client_id("edge", self.edge_id), self.protocol)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
-        connect(self.client, self.settings.broker, self.protocol, MqttAuth.from_settings(self.settings))
-        if not self._subscribed.wait(timeout_s):
+        connect(self.client, self.settings.broker, self.protocol, self._auth())
+        if not self.links.wait(timeout_s):
             self.stop()
-            raise TimeoutError(f"no MQTT subscriptions at {self.settings.broker} within {timeout_s:g} s")
+            why = f": {self.links.refusal}" if self.links.refusal else ""
+            raise TimeoutError(f"no MQTT subscriptions at {self.settings.broker} within {timeout_s:g} s{why}")
         self._janitor.start()
+
+    def _auth(self) -> MqttAuth:
+        """This edge's login, bound to its client id ``splitglm-edge-{edge_id}``."""
+        return MqttAuth.from_settings(self.settings, topics.client_id("edge", self.edge_id))
 
     def subscriptions(self) -> list[str]:
         """The pool topic (shared on v5) and this edge's own frames topic."""
@@ -156,32 +190,27 @@ class FrameRelay:
             pool = topics.frames_subscription(s.pool)
         return [pool, topics.frames_subscription(self.edge_id)]
 
-    def connected(self) -> bool:
-        return self._connected
+    def subscribed(self) -> bool:
+        """Connected, and the broker acknowledged every subscription the relay needs."""
+        return self.links.subscribed()
 
     def _on_connect(self, client, userdata, flags, reason_code, properties=None):
-        if reason_code.is_failure:
+        if not self.links.on_connect(client, flags, reason_code):
             logger.warning("MQTT broker %s refused the connection: %s", self.settings.broker, reason_code)
             return
-        self._connected = True
         if self.protocol != V5:
             logger.warning(
                 "MQTT 3.1.1 broker: every edge of pool %r gets each new session (load splitting "
                 "needs shared subscriptions, i.e. an MQTT v5 broker)",
                 self.settings.pool,
             )
-        client.subscribe([(topic, 1) for topic in self.subscriptions()])
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties=None):
-        failed = [str(rc) for rc in reason_codes if rc.is_failure]
-        if failed:
-            logger.error("MQTT subscriptions %s refused: %s", self.subscriptions(), failed)
-            return
-        logger.info("subscribed to %s", ", ".join(self.subscriptions()))
-        self._subscribed.set()
+        if self.links.on_subscribe(mid, reason_codes) and self.links.subscribed():
+            logger.info("subscribed to %s", ", ".join(self.subscriptions()))
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties=None):
-        self._connected = False
+        self.links.on_disconnect()
         if not self._stopping.is_set():
             logger.warning("MQTT connection lost (%s); reconnecting", reason_code)
 
@@ -199,17 +228,30 @@ class FrameRelay:
             self.metrics.mqtt_refused("topic")
             logger.warning("dropping a message: %s", e)
             return
+        if message.retain:  # replayed by the broker at subscribe time: an old frame, never a new step
+            self.metrics.mqtt_refused("retained")
+            logger.warning("dropping a retained frame on %s", message.topic)
+            return
         props = getattr(message, "properties", None)
         asked = getattr(props, "ResponseTopic", "") if props is not None else ""
         correlation = bytes(getattr(props, "CorrelationData", b"")) if props is not None else b""
         own = topics.steps_topic(device)  # the only topic this edge answers the device on
         self.metrics.add_wire_bytes("device_edge", "in", len(message.payload))
+        if len(message.payload) > self.frame_limit:  # before any parsing: the bytes are all it costs
+            self._too_large(Incoming(pb.Frame(), own, correlation, device), len(message.payload))
+            return
         try:
             frame = parse_frame(message.payload, self.settings.max_frame_bytes)
         except CodecError as e:
             self._publish(Incoming(pb.Frame(), own, correlation, device), error_result("", 0, *status_of(e)))
             return
         incoming = Incoming(frame, own, correlation or topics.correlation(frame.session_id, frame.seq), device)
+        try:
+            self.frame_rates.take(device)
+        except QuotaExceeded as e:
+            if not frame.close:  # (a close frame gets no answer)
+                self._publish(incoming, self._over_quota(frame, e))
+            return
         if frame.close:
             self._lanes.submit(frame.session_id, lambda: self._close(incoming))
             return
@@ -227,12 +269,36 @@ class FrameRelay:
                 logger.debug("ignoring a duplicate of frame %s:%d still in progress", *key)
                 return
             self._in_flight.add(key)
+        try:
+            self.queued.acquire(device, key, len(message.payload))  # given back once served (_serve)
+        except QuotaExceeded as e:
+            with self._lock:
+                self._in_flight.discard(key)
+            self._publish(incoming, self._over_quota(frame, e))
+            return
         if not self._lanes.submit(frame.session_id, lambda: self._serve(incoming)):
+            self.queued.release(key)
             with self._lock:
                 self._in_flight.discard(key)
             message = (f"edge {self.edge_id}: session {frame.session_id!r} already has "
                        f"{self.settings.relay_queue} frames waiting (relay_queue)")
             self._publish(incoming, error_result(frame.session_id, frame.seq, "RESOURCE_EXHAUSTED", message))
+
+    def _over_quota(self, frame: pb.Frame, refusal: QuotaExceeded) -> pb.StepResult:
+        """The answer to a frame of a device at its fair share: RESOURCE_EXHAUSTED naming the limit."""
+        logger.info("frame %s:%d refused: %s", frame.session_id, frame.seq, refusal)
+        return error_result(frame.session_id, frame.seq, refusal.status, f"edge {self.edge_id}: {refusal}")
+
+    def _too_large(self, incoming: Incoming, size: int) -> None:
+        """Refuse a frame over ``frame_limit`` unread: RESOURCE_EXHAUSTED naming the limit, on its steps topic."""
+        self.metrics.mqtt_refused("too_large")
+        s = self.settings
+        message = (f"edge {self.edge_id}: a frame of {size} bytes exceeds the limit of {self.frame_limit} bytes "
+                   f"(max_frame_positions {s.max_frame_positions} x hidden {self.hidden_size} x 4 bytes + "
+                   f"{FRAME_METADATA_BYTES} bytes of metadata, at most max_frame_bytes {s.max_frame_bytes})")
+        logger.warning("refusing a frame of device %s: %d bytes > the limit of %d", incoming.device, size,
+                       self.frame_limit)
+        self._publish(incoming, error_result("", 0, "RESOURCE_EXHAUSTED", message))
 
     def _close(self, incoming: Incoming) -> None:
         """A close frame, on the session's lane: only the device that opened the session may close it."""
@@ -277,6 +343,7 @@ class FrameRelay:
             logger.info("frame %s:%d refused: %s %s", frame.session_id, frame.seq, status, message)
             result = error_result(frame.session_id, frame.seq, status, message)
         finally:
+            self.queued.release((frame.session_id, frame.seq))  # before a duplicate may be queued again
             with self._lock:
                 self._in_flight.discard((frame.session_id, frame.seq))
         self._publish(incoming, result)
@@ -306,7 +373,7 @@ class FrameRelay:
         hidden = self._decode(frame)  # (T, C)
         if state is not None:
             return self._forward(incoming, state, hidden, t0)
-        state = self._open(sid, incoming.device)
+        state = self._open(sid, incoming.device, frame, int(hidden.shape[0]))
         try:
             return self._forward(incoming, state, hidden, t0)
         except BaseException:
@@ -348,12 +415,25 @@ class FrameRelay:
                              f"{frame.start_pos + hidden.shape[0]} pass max_positions {s.max_positions}")
         return hidden
 
-    def _open(self, sid: str, device: str) -> RelaySession:
+    def _open(self, sid: str, device: str, frame: pb.Frame, rows: int) -> RelaySession:
+        """A new session of ``device`` from its seq 0 (``rows`` hidden states), within the edge's and the device's
+        limits: it holds a session and prompt + max_tokens KV positions of the device's share until freed."""
+        s = self.settings
         with self._lock:
-            if len(self.sessions) >= self.settings.relay_max_sessions:
+            if len(self.sessions) >= s.relay_max_sessions:
                 raise StepError("RESOURCE_EXHAUSTED", f"edge {self.edge_id} holds "
-                                 f"{self.settings.relay_max_sessions} device sessions (relay_max_sessions)")
-        state = RelaySession(self.new_tail(), device)
+                                 f"{s.relay_max_sessions} device sessions (relay_max_sessions)")
+        asked = frame.params.max_tokens
+        if asked > s.max_tokens_limit:  # a refusal, never a silent clip
+            self.metrics.quota_refused("max_tokens", "device")
+            raise StepError("RESOURCE_EXHAUSTED", f"edge {self.edge_id}: max_tokens {asked} exceeds "
+                            f"max_tokens_limit, {s.max_tokens_limit} tokens per session")
+        self.shares.acquire(device, sid, min(frame.start_pos + rows + asked, s.max_positions))
+        try:
+            state = RelaySession(self.new_tail(), device)
+        except BaseException:
+            self.shares.release(sid)
+            raise
         with self._lock:
             self.sessions[sid] = state
         self.metrics.session_opened("mqtt")
@@ -364,6 +444,7 @@ class FrameRelay:
         """Forget a session: its cache of [k1, k2) and its cloud stream (sent ``close`` or a close frame)."""
         with self._lock:
             state = self.sessions.pop(sid, None)
+        self.shares.release(sid)  # its share of the device's sessions and KV positions
         self.scheduler.close_session(sid)
         if state is None:
             return

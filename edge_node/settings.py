@@ -7,6 +7,7 @@ variables (``SPLITGLM_EDGE_HTTP_PORT=8001``), the YAML file given with
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import socket
 from pathlib import Path
@@ -67,6 +68,23 @@ class EdgeSettings(MqttClientSettings):
                                         "address without keys), requests; 0 = no limit (429)")
     rate_per_key_per_min: int = Field(default=600, ge=0, description="requests per API key (per client address "
                                       "without keys) per minute, bursts up to as many; 0 = no limit (429)")
+    http_header_timeout_s: float = Field(default=10.0, ge=0, description="longest time a request head may take to "
+                                         "arrive (from the connection's opening, or from a kept-alive connection's "
+                                         "next byte), seconds; then 408 and closed; 0 = no limit")
+    http_body_timeout_s: float = Field(default=30.0, ge=0, description="longest time a request body may take to "
+                                       "arrive after its head, seconds; then 408 and closed; 0 = no limit")
+    http_max_connections: int = Field(default=512, ge=0, description="open HTTP connections, connections; one "
+                                      "more evicts the oldest without a request in progress, or gets a 503 when "
+                                      "every one has one; 0 = no limit")
+    http_max_requests: int = Field(default=256, ge=0, description="HTTP requests in progress on the whole server, "
+                                   "requests (/healthz exempt); more get 503; 0 = no limit")
+    http_keepalive_timeout_s: float = Field(default=5.0, gt=0, description="an idle kept-alive HTTP connection is "
+                                            "closed after, seconds")
+    http_max_requests_per_connection: int = Field(default=1000, ge=0, description="requests on one HTTP "
+                                                  "connection before it is closed, requests; 0 = no limit")
+    forwarded_allow_ips: str = Field(default="", description="proxies whose X-Forwarded-For names the client: "
+                                     "addresses or networks, comma-separated; empty = none (the header is ignored "
+                                     "and every limit counts the peer's address)")
     threads: int = Field(default=1, ge=1, le=256, description="torch CPU threads")
     relay_workers: int = Field(default=16, ge=1, le=1024, description="threads serving MQTT frames (sessions)")
     relay_max_batch: int = Field(default=32, ge=1, le=1024, description="most device frames in one forward pass "
@@ -77,6 +95,26 @@ class EdgeSettings(MqttClientSettings):
                                      "(its hidden states' rows); the cap on what one frame can make the edge compute")
     relay_queue: int = Field(default=64, ge=1, description="frames waiting per device session, frames; more get "
                              "RESOURCE_EXHAUSTED")
+    device_max_sessions: int = Field(default=4, ge=0, description="fair share: sessions one device holds at once "
+                                     "at this edge, sessions; more get RESOURCE_EXHAUSTED; 0 = no limit")
+    device_max_kv_positions: int = Field(default=8192, ge=0, description="fair share: KV positions one device's "
+                                         "sessions reserve at once (prompt + max_tokens each), positions; more get "
+                                         "RESOURCE_EXHAUSTED; 0 = no limit")
+    device_max_queued_frames: int = Field(default=64, ge=0, description="fair share: frames of one device waiting "
+                                          "or running at the relay, frames; more get RESOURCE_EXHAUSTED; 0 = no "
+                                          "limit")
+    device_max_queued_bytes: int = Field(default=64 << 20, ge=0, description="fair share: bytes of one device's "
+                                         "frames waiting or running at the relay, bytes (at least max_frame_bytes); "
+                                         "more get RESOURCE_EXHAUSTED; 0 = no limit")
+    device_frames_per_s: int = Field(default=1000, ge=0, description="fair share: frames one device may send, "
+                                     "frames per second, bursts up to as many; more get RESOURCE_EXHAUSTED; 0 = no "
+                                     "limit")
+    key_max_sessions: int = Field(default=16, ge=0, description="fair share: HTTP sessions (generations) one API "
+                                  "key (one client address without keys) holds at once, sessions; more get 429; "
+                                  "0 = no limit")
+    key_max_kv_positions: int = Field(default=16384, ge=0, description="fair share: KV positions one API key's (one "
+                                      "client address's) sessions reserve at once (prompt + max_tokens each), "
+                                      "positions; more get 429; 0 = no limit")
     step_timeout_s: float = Field(default=30.0, gt=0, description="longest wait for one cloud step, seconds")
     connect_timeout_s: float = Field(default=60.0, gt=0, description="longest wait for the cloud at start-up, seconds")
     shutdown_grace_s: float = Field(default=5.0, ge=0, description="on SIGTERM, time open HTTP responses get "
@@ -86,7 +124,8 @@ class EdgeSettings(MqttClientSettings):
                                          "take one event, seconds; one that takes longer is dropped, its session freed")
     max_frame_bytes: int = Field(default=64 << 20, ge=1024, description="largest accepted frame, bytes")
     default_max_tokens: int = Field(default=128, ge=1, description="max_tokens of HTTP requests that set none, tokens")
-    max_tokens_limit: int = Field(default=2048, ge=1, description="largest max_tokens an HTTP request may ask, tokens")
+    max_tokens_limit: int = Field(default=2048, ge=1, description="largest max_tokens an HTTP request (400) "
+                                  "or a device session (RESOURCE_EXHAUSTED) may ask, tokens")
     model_name: str = Field(default="splitglm", min_length=1, description="model id the HTTP API serves")
     policy: Literal["adaptive", "accurate", "fast"] = Field(
         default="adaptive", description="router policy of requests that name none (adaptive: by latency budget)"
@@ -127,6 +166,14 @@ class EdgeSettings(MqttClientSettings):
             broker_address(value)
         return value
 
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _proxies(cls, value: str) -> str:
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            if item != "*":
+                ipaddress.ip_network(item, strict=False)  # ValueError names the bad entry
+        return value
+
     @field_validator("cloud")
     @classmethod
     def _cloud_address(cls, value: str) -> str:
@@ -149,6 +196,20 @@ class EdgeSettings(MqttClientSettings):
         return self
 
     @model_validator(mode="after")
+    def _http_limits(self) -> EdgeSettings:
+        if self.http_max_connections and self.http_max_requests > self.http_max_connections:
+            raise ValueError(f"http_max_requests {self.http_max_requests} must be within http_max_connections "
+                             f"{self.http_max_connections}: each request in progress holds a connection")
+        return self
+
+    @model_validator(mode="after")
+    def _shares(self) -> EdgeSettings:
+        if self.device_max_queued_bytes and self.device_max_queued_bytes < self.max_frame_bytes:
+            raise ValueError(f"device_max_queued_bytes {self.device_max_queued_bytes} must hold one frame of "
+                             f"max_frame_bytes {self.max_frame_bytes}")
+        return self
+
+    @model_validator(mode="after")
     def _token_limits(self) -> EdgeSettings:
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError(
@@ -162,3 +223,8 @@ class EdgeSettings(MqttClientSettings):
     def load(cls, argv: list[str] | None = None) -> EdgeSettings:
         """Settings from ``argv`` (flags override env vars, which override ``--config FILE.yaml``)."""
         return load_settings(cls, argv, "python -m edge_node", DESCRIPTION)
+
+
+def setting(settings, name: str):
+    """``settings.name``, or EdgeSettings' default where a stand-in settings object (tests) lacks it."""
+    return getattr(settings, name, EdgeSettings.model_fields[name].default)

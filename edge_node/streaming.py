@@ -14,7 +14,7 @@ logs that the response was not completed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import anyio
 from starlette.responses import StreamingResponse
@@ -26,9 +26,18 @@ log = logging.getLogger(__name__)
 class BoundedStream(StreamingResponse):
     """A StreamingResponse whose client must take each message within ``send_timeout_s`` seconds."""
 
-    def __init__(self, content, send_timeout_s: float, on_drop: Callable[[], None] = lambda: None, **kwargs):
+    def __init__(self, content, send_timeout_s: float, on_drop: Callable[[], None] = lambda: None,
+                 on_end: Callable[[], Awaitable[None]] | None = None, **kwargs):
         super().__init__(content, **kwargs)
-        self.send_timeout_s, self.on_drop = send_timeout_s, on_drop
+        self.send_timeout_s, self.on_drop, self.on_end = send_timeout_s, on_drop, on_end
+
+    async def __call__(self, scope, receive, send) -> None:
+        """Stream; then ``on_end``, however the response ended (also when its body was never iterated)."""
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if self.on_end is not None:
+                await self.on_end()
 
     async def stream_response(self, send: Send) -> None:
         async def bounded(message: Message) -> None:

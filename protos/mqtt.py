@@ -9,6 +9,14 @@ persistent (v5: ``clean_start=False`` + a session expiry; 3.1.1:
 ``clean_session=False``) so QoS 1 messages survive a reconnect, and paho
 reconnects on its own; subscribe inside ``on_connect`` so reconnects renew them.
 
+``Subscriptions`` is that habit written once: an agent forwards its client's
+connect, subscribe and disconnect callbacks to it; it subscribes on every
+connection, counts reconnects and the ones where the broker had lost our
+session (CONNACK ``session_present`` = 0: a broker restart without
+persistence, or another client that took our client id), and knows whether
+every subscription is acknowledged right now (a SUBACK reason code >= 0x80
+refuses one), which is what an agent's readiness reports.
+
 ``mqtts://`` URLs (default port 8883) use TLS; ``MqttAuth`` carries the login
 and the CA to check the broker against. A broker that refuses the login (or
 whose certificate does not verify) raises ``BrokerRefused``, which
@@ -22,6 +30,8 @@ import socket
 import ssl
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -37,7 +47,8 @@ PROTOCOLS = {"5": V5, "3.1.1": V311}
 SESSION_EXPIRY_S = 600  # how long the broker keeps a disconnected client's session and QoS 1 queue
 KEEPALIVE_S = 15
 PORTS = {"mqtt": 1883, "tcp": 1883, "mqtts": 8883}  # URL scheme -> default port
-LOGIN_REFUSED = {0x86, 0x87, 0x8A, 0x8C}  # CONNACK: bad user name or password, not authorized, banned, bad auth method
+LOGIN_REFUSED = {0x85, 0x86, 0x87, 0x8A, 0x8C}  # CONNACK: client id not valid (not this login's), bad user name or
+# password, not authorized, banned, bad auth method
 
 
 class BrokerRefused(ConnectionError):
@@ -51,9 +62,11 @@ class MqttAuth:
     username: str = ""
     password: str = field(default="", repr=False)
     ca_file: Path | None = None  # PEM CA bundle that signed the broker's certificate; None = the system CAs
+    client_id: str = ""  # the client id bound to this login (``protos.topics.client_id``); "" = any
 
     @classmethod
-    def from_files(cls, username: str = "", password_file: Path | None = None, ca_file: Path | None = None):
+    def from_files(cls, username: str = "", password_file: Path | None = None, ca_file: Path | None = None,
+                   client_id: str = ""):
         """The password is the first line of ``password_file``; ValueError if it cannot be used."""
         password = ""
         if password_file is not None:
@@ -65,12 +78,12 @@ class MqttAuth:
                 raise ValueError(f"cannot read the MQTT password from {password_file}: {e!r}") from None
         if ca_file is not None and not Path(ca_file).is_file():
             raise ValueError(f"MQTT CA file {ca_file} does not exist")
-        return cls(username, password, Path(ca_file) if ca_file is not None else None)
+        return cls(username, password, Path(ca_file) if ca_file is not None else None, client_id)
 
     @classmethod
-    def from_settings(cls, settings) -> MqttAuth:
+    def from_settings(cls, settings, client_id: str = "") -> MqttAuth:
         """From an agent's ``mqtt_username``, ``mqtt_password_file`` and ``mqtt_ca_file`` settings."""
-        return cls.from_files(settings.mqtt_username, settings.mqtt_password_file, settings.mqtt_ca_file)
+        return cls.from_files(settings.mqtt_username, settings.mqtt_password_file, settings.mqtt_ca_file, client_id)
 
     def who(self) -> str:
         return repr(self.username) if self.username else "an anonymous client"
@@ -119,11 +132,21 @@ def _try_connect(url: str, protocol: int, timeout_s: float, auth: MqttAuth | Non
     def on_disconnect(client, userdata, flags, reason_code, properties=None):
         answered.set()  # closed before any CONNACK: e.g. plain MQTT to a TLS port
 
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=protocol, reconnect_on_failure=False)
+    # A login bound to a client id probes with that id, keeping its session (no clean start, the same expiry) and
+    # acknowledging nothing (manual_ack): what the broker queued for it is redelivered to the real connection.
+    bound = auth.client_id if auth and auth.username else ""
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=bound, protocol=protocol,
+                         clean_session=False if bound and protocol != V5 else None, reconnect_on_failure=False,
+                         manual_ack=True)
     client.on_connect, client.on_disconnect = on_connect, on_disconnect
     _authenticate(client, url, auth)
+    options = {}
+    if bound and protocol == V5:
+        options["properties"] = Properties(PacketTypes.CONNECT)
+        options["properties"].SessionExpiryInterval = SESSION_EXPIRY_S
+        options["clean_start"] = False
     try:
-        client.connect(host, port, keepalive=KEEPALIVE_S)
+        client.connect(host, port, keepalive=KEEPALIVE_S, **options)
     except ssl.SSLCertVerificationError as e:
         raise BrokerRefused(f"MQTT broker {url}: its TLS certificate does not verify: {e}") from e
     except OSError as e:
@@ -237,3 +260,87 @@ def wait_for_broker(url: str, setting: str, timeout_s: float, auth: MqttAuth | N
             time.sleep(delay)
             delay = min(2 * delay, 5.0)
 
+
+
+class Subscriptions:
+    """The subscriptions one client needs: made on every connection, counted, and whether all hold now.
+
+    Forward the client's ``on_connect`` / ``on_subscribe`` / ``on_disconnect`` to the methods of the same
+    name. ``stats`` counts ``reconnects`` (a connection after the first), ``resubscribes`` (a reconnection
+    whose CONNACK says the broker kept no session: our subscriptions were gone, made anew) and ``refused``
+    (a SUBACK refusing one of them); each is also passed to ``on_event``, and logged once at WARNING.
+    ``on_change(subscribed)`` runs (on paho's thread) whenever ``subscribed()`` flips.
+    """
+
+    def __init__(self, name: str, topics: Callable[[], list[str]], qos: int = 1,
+                 on_change: Callable[[bool], None] | None = None, on_event: Callable[[str], None] | None = None):
+        self.name, self.topics, self.qos = name, topics, qos
+        self.on_change, self.on_event = on_change, on_event
+        self.stats: Counter[str] = Counter()  # reconnects, resubscribes, refused
+        self.refusal = ""  # what the latest refusing SUBACK said ("" = none)
+        self._lock = threading.Lock()
+        self._connections = 0
+        self._pending: tuple[int, list[str]] | None = None  # (mid, topics) of this connection's SUBSCRIBE
+        self._subscribed = threading.Event()
+
+    def subscribed(self) -> bool:
+        """Connected, and the broker acknowledged every subscription on this connection."""
+        return self._subscribed.is_set()
+
+    def wait(self, timeout_s: float) -> bool:
+        """Until subscribed (True) or ``timeout_s`` passed (False)."""
+        return self._subscribed.wait(timeout_s)
+
+    def on_connect(self, client: mqtt.Client, flags, reason_code) -> bool:
+        """Subscribe on this new connection; count a reconnect and a lost session. False: the CONNACK refused us."""
+        if reason_code.is_failure:
+            return False
+        topics = list(self.topics())
+        with self._lock:
+            self._connections += 1
+            again, lost = self._connections > 1, self._connections > 1 and not flags.session_present
+        if again:
+            self._count("reconnects")
+            if lost:
+                self._count("resubscribes")
+            logger.warning("%s: reconnected to the MQTT broker (reconnect %d)%s", self.name, self.stats["reconnects"],
+                           ": the broker had lost our session, subscribing again" if lost else "")
+        result, mid = client.subscribe([(topic, self.qos) for topic in topics])
+        with self._lock:  # a failed SUBSCRIBE (the connection just dropped) waits for the next connection
+            self._pending = (mid, topics) if result == mqtt.MQTT_ERR_SUCCESS else None
+        return True
+
+    def on_subscribe(self, mid: int, reason_codes) -> bool:
+        """A SUBACK: True if it answered our SUBSCRIBE (and then whether every topic was granted decides)."""
+        with self._lock:
+            if self._pending is None or self._pending[0] != mid:
+                return False
+            topics, self._pending = self._pending[1], None
+        refused = [f"{topic} ({rc})" for topic, rc in zip(topics, reason_codes, strict=False) if rc.is_failure]
+        if refused:
+            self.refusal = f"the broker refused the subscription to {', '.join(refused)}"
+            self._count("refused")
+            logger.error("%s: %s: not subscribed", self.name, self.refusal)
+            self._set(False)
+        else:
+            self.refusal = ""
+            self._set(True)
+        return True
+
+    def on_disconnect(self) -> None:
+        """The connection is gone, and with it (for now) every subscription."""
+        with self._lock:
+            self._pending = None
+        self._set(False)
+
+    def _count(self, event: str) -> None:
+        self.stats[event] += 1
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def _set(self, subscribed: bool) -> None:
+        if subscribed == self._subscribed.is_set():
+            return
+        (self._subscribed.set if subscribed else self._subscribed.clear)()
+        if self.on_change is not None:
+            self.on_change(subscribed)

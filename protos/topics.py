@@ -31,12 +31,20 @@ RESULTS = "results/{device_id}"  # the finished answer for a sensor request (JSO
 DEFAULT_POOL = "pool"  # the edge pool that new sessions go to
 SHARE_GROUP = "splitglm-edges"  # shared-subscription group of the edges of a pool
 EDGE_ID_PROPERTY = "splitglm-edge-id"  # user property on step results: the edge holding the session
+# MQTT client ids: one per login, bound to it by the broker (``splitglm secrets`` writes the binding)
+CLIENT_IDS = {"device": "splitglm-device-{}", "edge": "splitglm-edge-{}", "sensors": "splitglm-sensors-{}",
+              "app": "splitglm-app-{}"}
 
 
 def _check_level(kind: str, value: str) -> str:
     if not value or any(c in value for c in "/+#$") or len(value) > 128:
         raise ValueError(f"{kind} {value!r} must be 1-128 characters without '/', '+', '#' or '$'")
     return value
+
+
+def client_id(role: str, name: str) -> str:
+    """The MQTT client id of a device agent, an edge, a device's sensors or its app (``CLIENT_IDS``)."""
+    return CLIENT_IDS[role].format(_check_level(f"{role} id", name))
 
 
 def sensor_topic(device_id: str, sensor: str) -> str:

@@ -252,22 +252,31 @@ def _names(text: str) -> list[str]:
 
 def cmd_secrets(args) -> int:
     """Write a deployment's development secrets (splitglm.credentials) and list what was written."""
-    from splitglm.credentials import SecretsExist, write_secrets
+    from splitglm.credentials import SecretsExist, parse_serves, write_secrets
+    from splitglm.secret_folders import FULL, write_service_folders
 
-    if args.keep and (Path(args.out) / "ca.key").is_file():
+    full = Path(args.out) / FULL if args.per_service else Path(args.out)
+    if args.keep and (full / "ca.key").is_file():
         print(f"keeping the secrets already in {args.out}")
         return 0
+    options = dict(hosts=args.hosts, api_keys=args.api_keys, mqtt_port=args.mqtt_port, force=args.force,
+                   mosquitto_data=args.mosquitto_data, serves=parse_serves(args.serves),
+                   mosquitto_plugin=None if args.mosquitto_plugin == "none" else args.mosquitto_plugin,
+                   max_frame_bytes=args.max_frame_bytes)
     try:
-        written = write_secrets(args.out, args.devices, args.edges, args.hosts, args.api_keys, args.mqtt_port,
-                                args.force, args.mosquitto_data,
-                                None if args.mosquitto_plugin == "none" else args.mosquitto_plugin)
+        if args.per_service:
+            written = write_service_folders(args.out, args.devices, args.edges, args.mount, args.chown, **options)
+        else:
+            written = write_secrets(args.out, args.devices, args.edges, **options)
     except SecretsExist as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for path in written:
-        print(f"{path.stat().st_mode & 0o777:04o}  {path}")
-    conf = written[0].parent / "mosquitto" / "mosquitto.conf"
-    print(f"wrote {len(written)} files; start Mosquitto with: mosquitto -c {conf}")
+        stat = path.stat()
+        print(f"{stat.st_mode & 0o777:04o} {stat.st_uid:>5}  {path}")
+    conf = full / "mosquitto" / "mosquitto.conf"
+    print(f"wrote {len(written)} files; start Mosquitto with: mosquitto -c "
+          f"{Path(args.out) / 'mosquitto' / 'mosquitto' / 'mosquitto.conf' if args.per_service else conf}")
     return 0
 
 
@@ -411,6 +420,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mosquitto-plugin", default="auto", help="path of Mosquitto's dynamic-security plugin where "
                    "the broker runs: it refuses a SUBSCRIBE outside the ACL (default auto: found on this machine; "
                    "none: password_file and acl_file, which grant every SUBSCRIBE and filter delivery)")
+    p.add_argument("--serves", action="append", default=[], metavar="EDGE=DEVICE,...", help="the devices whose "
+                   "steps an edge may write (repeatable; default: every edge serves every device)")
+    p.add_argument("--max-frame-bytes", type=int, help="the edges' largest frame, bytes (default: the edge's "
+                   "--max-frame-bytes default); the broker's packet and queue caps follow from it")
+    p.add_argument("--per-service", action="store_true", help="one folder per service under --out (docker-compose: "
+                   "each mounts only its own; the whole layout with the CA key in --out/secrets)")
+    p.add_argument("--mount", type=Path, help="--per-service: where Mosquitto sees its folder, as mosquitto.conf "
+                   "names it (default: the folder itself; compose: /secrets)")
+    p.add_argument("--chown", action="store_true", help="--per-service, as root: each folder belongs to its "
+                   "service's uid (splitglm.secret_folders)")
     p.add_argument("--force", action="store_true", help="replace the secrets already in --out")
     p.add_argument("--keep", action="store_true", help="if --out already holds secrets, keep them and exit 0 "
                    "(for a one-shot service that runs at every start)")

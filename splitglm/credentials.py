@@ -4,40 +4,43 @@
 
     ca.crt ca.key                       development CA (EC P-256, 10 years)
     cloud/server.{crt,key}              cloud gRPC server (SAN: hosts + "cloud")
+    cloud/health-client.{crt,key}       a client certificate for the cloud's own health check (mutual TLS)
     edge/server.{crt,key}               edge HTTPS server (SAN: hosts + "edge")
     edge/client.{crt,key}               edge client certificate for mTLS to the cloud (CN "edge")
     mosquitto/server.{crt,key}          MQTT broker (SAN: hosts + "mosquitto")
-    mosquitto/mosquitto.conf            TLS listener, no anonymous clients, the logins and the ACL enforced
+    mosquitto/mosquitto.conf            TLS listener, no anonymous clients, the logins, ACL and size caps enforced
     mosquitto/passwd, mosquitto/acl     Mosquitto password file ($7$, as mosquitto_passwd writes) and ACL
-    mosquitto/dynamic-security.json     the same logins and ACL for Mosquitto's dynamic-security plugin
+    mosquitto/clientids                 the one client id of each login (``login client_id`` lines)
+    mosquitto/dynamic-security.json     the same logins, ACL and client ids for Mosquitto's dynamic-security plugin
     devices/<id>/{username,password}    one MQTT login per device (username = device id)
+    sensors/<id>/, apps/<id>/           logins of the device's sensor simulator (``<id>$sensors``) and
+                                        of what reads its answers (``<id>$app``)
     edges/<id>/{username,password}      one MQTT login per edge (username = edge id)
+    health/{username,password}          the broker's health check login (``broker$health``)
     api-key                             HTTP API keys, one per line
 
+What each login may do and the client id bound to it: ``splitglm.mqtt_access``.
 Mosquitto 2.0's ``acl_file`` grants every SUBSCRIBE and only filters what it
-delivers; its dynamic-security plugin refuses a subscription outside the ACL in
-the SUBACK. So ``mosquitto.conf`` loads the plugin, with ``dynamic-security.json``
+delivers, and cannot bind client ids; its dynamic-security plugin refuses a
+subscription outside the ACL in the SUBACK and a login connecting with another
+client id. So ``mosquitto.conf`` loads the plugin, with ``dynamic-security.json``
 rendered from the ``acl`` file (one role per login, ``%u`` replaced: the plugin
-of 2.0 has no pattern substitution), wherever the plugin is found, or is named
-with ``mosquitto_plugin``; without it, it falls back to ``password_file`` and
-``acl_file``. The embedded broker reads ``passwd`` and ``acl`` and refuses
-subscriptions itself.
+of 2.0 has no pattern substitution) and ``clientids``, wherever the plugin is
+found, or is named with ``mosquitto_plugin``; without it, it falls back to
+``password_file`` and ``acl_file`` (and client ids are not bound: a warning).
+The embedded broker reads ``passwd``, ``acl`` and ``clientids`` itself.
 
-Keys and passwords are mode 0600, folders 0700. The Mosquitto password hash
-(``check_password`` verifies it; the embedded broker uses it too) is
-PBKDF2-HMAC-SHA512, 101 iterations, a 12-byte salt, base64:
-``user:$7$101$<salt>$<hash>``.
+Keys and passwords are mode 0600, folders 0700. ``splitglm.secret_folders``
+splits the result into one folder per service (docker-compose).
 """
 
 from __future__ import annotations
 
-import base64
 import datetime
 import getpass
-import hashlib
-import hmac
 import ipaddress
 import json
+import logging
 import os
 import secrets
 from pathlib import Path
@@ -48,66 +51,34 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from protos.topics import steps_topic
+from splitglm.mqtt_access import (  # noqa: F401 -- re-exported: the secrets' MQTT side
+    PBKDF2_ITERATIONS,
+    Login,
+    acl_rules,
+    acl_text,
+    broker_caps,
+    check_password,
+    clientids_text,
+    default_max_frame_bytes,
+    dynsec_config,
+    hash_password,
+    logins,
+)
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_DEVICES = ("demo-device-1",)
 DEFAULT_EDGES = ("edge-demo",)
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")  # always in every server certificate
 CA_DAYS = 3650  # validity of the development CA, days
 LEAF_DAYS = 825  # validity of the server and client certificates, days
-PBKDF2_ITERATIONS, SALT_BYTES = 101, 12  # what mosquitto_passwd uses for $7$ hashes
 DYNSEC_PLUGIN = "mosquitto_dynamic_security.so"
 DYNSEC_FOLDERS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib", "/usr/lib/mosquitto",
                   "/usr/local/lib", "/opt/homebrew/lib")  # Debian/Ubuntu, the eclipse-mosquitto image, source builds
-# the plugin's ACL types for each access of an acl_file line
-DYNSEC_ACCESS = {"read": ("subscribePattern", "publishClientReceive"), "write": ("publishClientSend",),
-                 "readwrite": ("subscribePattern", "publishClientReceive", "publishClientSend")}
-
-DEVICE_ACL = """\
-# devices: the login name is the device id
-pattern readwrite sensors/%u/#
-pattern write splitglm/v1/edge/+/frames/%u
-pattern read splitglm/v1/device/%u/steps
-pattern readwrite results/%u/#
-"""
-EDGE_ACL = """\
-user {edge}
-topic read splitglm/v1/edge/+/frames/+
-topic write splitglm/v1/device/+/steps
-"""
 
 
 class SecretsExist(FileExistsError):
     """The output folder already holds a CA key (pass force=True / --force to replace everything)."""
-
-
-# ---- Mosquitto password hashes ------------------------------------------------------------------
-
-
-def _pbkdf2(password: str, salt: bytes | None) -> tuple[str, str]:
-    """(salt, digest), base64: PBKDF2-HMAC-SHA512 as Mosquitto hashes passwords (a new salt when None)."""
-    salt = secrets.token_bytes(SALT_BYTES) if salt is None else salt
-    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, PBKDF2_ITERATIONS)
-    return base64.b64encode(salt).decode(), base64.b64encode(digest).decode()
-
-
-def hash_password(password: str, salt: bytes | None = None) -> str:
-    """The ``$7$`` hash that mosquitto_passwd writes for ``password``."""
-    salt_b64, digest_b64 = _pbkdf2(password, salt)
-    return f"$7${PBKDF2_ITERATIONS}${salt_b64}${digest_b64}"
-
-
-def check_password(password: str, hashed: str) -> bool:
-    """Whether ``password`` matches a ``$7$<iterations>$<salt>$<hash>`` entry (constant-time compare)."""
-    try:
-        _, kind, iterations, salt, digest = hashed.split("$")
-        if kind != "7":
-            return False
-        expected = base64.b64decode(digest, validate=True)
-        actual = hashlib.pbkdf2_hmac("sha512", password.encode(), base64.b64decode(salt, validate=True),
-                                     int(iterations))
-    except ValueError:  # binascii.Error is a ValueError
-        return False
-    return hmac.compare_digest(actual, expected)
 
 
 # ---- certificates -------------------------------------------------------------------------------
@@ -221,69 +192,35 @@ def find_dynsec_plugin() -> str | None:
     return next((str(Path(f) / DYNSEC_PLUGIN) for f in DYNSEC_FOLDERS if (Path(f) / DYNSEC_PLUGIN).is_file()), None)
 
 
-def acl_rules(acl: str, users: list[str]) -> dict[str, list[tuple[str, str]]]:
-    """(access, topic) rules per login of a Mosquitto ACL file: its patterns (``%u`` replaced) and user blocks."""
-    rules: dict[str, list[tuple[str, str]]] = {u: [] for u in users}
-    user = None
-    for line in acl.splitlines():
-        words = line.split()
-        if not words or words[0].startswith("#"):
-            continue
-        if words[0] == "user":
-            user = words[1]
-            continue
-        access, topic = words[1:3] if len(words) == 3 else ("readwrite", words[1])
-        if access not in DYNSEC_ACCESS:
-            raise ValueError(f"ACL line {line!r}: access must be one of {sorted(DYNSEC_ACCESS)}")
-        if words[0] == "pattern":
-            for u in users:
-                rules[u].append((access, topic.replace("%u", u)))
-        elif words[0] == "topic" and user in rules:
-            rules[user].append((access, topic))
-    return rules
-
-
-def dynsec_config(acl: str, passwords: dict[str, str]) -> dict:
-    """The dynamic-security plugin's configuration for these logins and this ACL: one role per login,
-    nothing allowed by default (a SUBSCRIBE outside the role is refused in the SUBACK)."""
-    clients, roles = [], []
-    for user, rules in acl_rules(acl, list(passwords)).items():
-        salt, digest = _pbkdf2(passwords[user], None)
-        clients.append({"username": user, "password": digest, "salt": salt, "iterations": PBKDF2_ITERATIONS,
-                        "roles": [{"rolename": user}]})
-        acls = [(kind, topic) for access, topic in rules for kind in DYNSEC_ACCESS[access]]
-        # the plugin checks a shared subscription with its "$share/<group>/" prefix: allow it where reading is
-        acls += [("subscribePattern", f"$share/+/{topic}") for kind, topic in list(acls) if kind == "subscribePattern"]
-        roles.append({"rolename": user, "acls": [{"acltype": kind, "topic": topic, "priority": 0, "allow": True}
-                                                 for kind, topic in acls]})
-    return {"clients": clients, "groups": [], "roles": roles,
-            "defaultACLAccess": {"publishClientSend": False, "publishClientReceive": False, "subscribe": False,
-                                 "unsubscribe": True}}
-
-
-def mosquitto_conf(out: Path, port: int, data: Path | None = None, plugin: str | None = None) -> str:
-    """A Mosquitto 2 configuration: one TLS listener on all interfaces, logins and the ACL from ``out``.
+def mosquitto_conf(out: Path, port: int, data: Path | None = None, plugin: str | None = None,
+                   max_frame_bytes: int | None = None, user: str | None = None) -> str:
+    """A Mosquitto 2 configuration: one TLS listener on all interfaces, logins, the ACL and caps from ``out``.
 
     ``data``: a folder where the broker keeps QoS 1 sessions and their queues across restarts (None: in memory).
-    ``plugin``: the dynamic-security plugin's path (logins and ACL from ``dynamic-security.json``; None: from
-    ``passwd`` and ``acl``, where Mosquitto grants every SUBSCRIBE and filters what it delivers).
+    ``plugin``: the dynamic-security plugin's path (logins, ACL and client ids from ``dynamic-security.json``;
+    None: from ``passwd`` and ``acl``, where Mosquitto grants every SUBSCRIBE, filters what it delivers and binds
+    no client id). ``max_frame_bytes``: the edge's largest frame (default: its default), from which the packet
+    and queue caps follow. ``user``: whom a root broker drops to (default: who runs this).
     """
     m = out / "mosquitto"
     persistence = (f"persistence true\npersistence_location {data}/\nautosave_interval 5\n" if data is not None
                    else "persistence false\n")
     security = (f"# the dynamic-security plugin refuses a SUBSCRIBE outside the ACL (acl_file only filters delivery)\n"
+                f"# and a login that connects with a client id other than its own\n"
                 f"plugin {plugin}\nplugin_opt_config_file {m / 'dynamic-security.json'}\n" if plugin else
+                f"# no plugin: client ids are NOT bound to logins (any login may take any client id)\n"
                 f"password_file {m / 'passwd'}\nacl_file {m / 'acl'}\n")
+    caps = broker_caps(max_frame_bytes or default_max_frame_bytes())
     return (
         "# written by `splitglm secrets`: TLS only, every client logs in, the ACL confines each login\n"
         "per_listener_settings false\n"
-        f"user {getpass.getuser()}\n"  # the owner of these 0600 files (a root mosquitto would drop to 'mosquitto')
+        f"user {user or getpass.getuser()}\n"  # the owner of these 0600 files (a root mosquitto drops to it)
         + persistence +
-        "max_queued_messages 10000\n"
         "# a decode step is a small frame right after a small PUBACK: no Nagle delay\n"
         "set_tcp_nodelay true\n"
-        "# frames of long prompts are large: up to 64 MiB\n"
-        "message_size_limit 67108864\n"
+        "# the largest legal frame (the edge's max_frame_bytes) plus its topic and properties; a larger packet\n"
+        "# disconnects its sender. Per client, at most max_queued_messages and max_queued_bytes wait.\n"
+        + "".join(f"{name} {value}\n" for name, value in caps.items()) +
         "allow_anonymous false\n"
         + security +
         f"listener {port}\n"
@@ -294,37 +231,47 @@ def mosquitto_conf(out: Path, port: int, data: Path | None = None, plugin: str |
     )
 
 
-def acl_text(edges: list[str]) -> str:
-    """The Mosquitto ACL of the contract: device patterns, then one block per edge login."""
-    return DEVICE_ACL + "# one block per edge\n" + "".join(EDGE_ACL.format(edge=e) for e in edges)
+def _write_login(out: Path, login: Login) -> tuple[str, list[Path]]:
+    """(password, files): ``out/<login.folder>/{username,password}``."""
+    folder = out
+    for part in Path(login.folder).parts:
+        folder = _folder(folder / part)
+    password = secrets.token_urlsafe(24)
+    return password, [_write(folder / "username", login.name + "\n"),
+                      _write(folder / "password", password + "\n", secret=True)]
 
 
-def _logins(out: Path, kind: str, names: list[str]) -> tuple[dict[str, str], list[Path]]:
-    passwords, written = {}, []
-    _folder(out / kind)
-    for name in names:
-        folder = _folder(out / kind / name)
-        passwords[name] = secrets.token_urlsafe(24)
-        written += [_write(folder / "username", name + "\n"),
-                    _write(folder / "password", passwords[name] + "\n", secret=True)]
-    return passwords, written
+def parse_serves(items: list[str]) -> dict[str, list[str]]:
+    """``["e1=d1,d2", ...]`` -> {"e1": ["d1", "d2"]} (``--serves``)."""
+    serves = {}
+    for item in items:
+        edge, sep, devices = item.partition("=")
+        if not sep or not edge.strip():
+            raise ValueError(f"--serves {item!r}: expected EDGE=DEVICE,DEVICE...")
+        serves[edge.strip()] = [d.strip() for d in devices.split(",") if d.strip()]
+    return serves
 
 
 def make_secrets(out, devices=DEFAULT_DEVICES, edges=DEFAULT_EDGES, hosts=(), api_keys: int = 1,
                  mqtt_port: int = 8883, force: bool = False, mosquitto_data: Path | None = None,
-                 mosquitto_plugin: str | None = "auto") -> Path:
+                 mosquitto_plugin: str | None = "auto", **options) -> Path:
     """Write a deployment's development secrets into ``out`` (see the module docstring); return ``out``."""
-    write_secrets(out, devices, edges, hosts, api_keys, mqtt_port, force, mosquitto_data, mosquitto_plugin)
+    write_secrets(out, devices, edges, hosts, api_keys, mqtt_port, force, mosquitto_data, mosquitto_plugin, **options)
     return Path(out).resolve()
 
 
 def write_secrets(out, devices=DEFAULT_DEVICES, edges=DEFAULT_EDGES, hosts=(), api_keys: int = 1,
                   mqtt_port: int = 8883, force: bool = False, mosquitto_data: Path | None = None,
-                  mosquitto_plugin: str | None = "auto") -> list[Path]:
+                  mosquitto_plugin: str | None = "auto", serves: dict[str, list[str]] | None = None,
+                  max_frame_bytes: int | None = None, conf_root: Path | None = None,
+                  mosquitto_user: str | None = None) -> list[Path]:
     """``make_secrets``, returning every file written.
 
     ``mosquitto_plugin``: the dynamic-security plugin's path where Mosquitto will run, "auto" (found on this
-    machine, else none) or None (``mosquitto.conf`` uses the password and ACL files).
+    machine, else none) or None (``mosquitto.conf`` uses the password and ACL files, and binds no client id).
+    ``serves``: edge -> the devices whose steps it may write (default: every device). ``max_frame_bytes``: the
+    edges' largest frame, bytes (the broker's caps follow from it). ``conf_root``: where the broker will see this
+    folder (default ``out``: mosquitto.conf names its files there); ``mosquitto_user``: the conf's ``user``.
     """
     out = Path(out).resolve()
     devices = [_check_login("device id", d) for d in dict.fromkeys(devices)]
@@ -333,6 +280,7 @@ def write_secrets(out, devices=DEFAULT_DEVICES, edges=DEFAULT_EDGES, hosts=(), a
         raise ValueError(f"{sorted(clash)} named both a device and an edge: each login is one or the other")
     if not 0 < mqtt_port < 65536 or api_keys < 0:
         raise ValueError(f"need 0 < mqtt_port < 65536 (got {mqtt_port}) and api_keys >= 0 (got {api_keys})")
+    found = logins(devices, edges, serves)
     if (out / "ca.key").exists() and not force:
         raise SecretsExist(f"{out} already holds secrets (ca.key); pass --force to replace all of them")
     hosts = list(dict.fromkeys([*DEFAULT_HOSTS, *hosts]))
@@ -345,19 +293,28 @@ def write_secrets(out, devices=DEFAULT_DEVICES, edges=DEFAULT_EDGES, hosts=(), a
         written += _write_pair(_folder(out / folder), "server", cert, key)
     cert, key = make_leaf("edge", None, ca_cert, ca_key, client=True)
     written += _write_pair(out / "edge", "client", cert, key)
+    cert, key = make_leaf("cloud-health", None, ca_cert, ca_key, client=True)  # the cloud's own health check
+    written += _write_pair(out / "cloud", "health-client", cert, key)
 
-    device_passwords, files = _logins(out, "devices", devices)
-    edge_passwords, more = _logins(out, "edges", edges)
-    passwords = {**device_passwords, **edge_passwords}
+    passwords = {}
+    for login in found:
+        passwords[login.name], files = _write_login(out, login)
+        written += files
     passwd = "".join(f"{user}:{hash_password(pw)}\n" for user, pw in passwords.items())
-    acl = acl_text(edges)
+    acl = acl_text(found)
     plugin = find_dynsec_plugin() if mosquitto_plugin == "auto" else mosquitto_plugin
-    written += files + more + [
+    if not plugin:
+        logger.warning("no dynamic-security plugin: Mosquitto will bind no client id to its login (any login may "
+                       "take the edge's session); the embedded broker still does (see docs/security.md)")
+    client_ids = {login.name: login.client_id for login in found}
+    conf = mosquitto_conf(Path(conf_root or out), mqtt_port, mosquitto_data, plugin, max_frame_bytes, mosquitto_user)
+    written += [
         _write(out / "mosquitto" / "passwd", passwd, secret=True),
         _write(out / "mosquitto" / "acl", acl),
-        _write(out / "mosquitto" / "dynamic-security.json", json.dumps(dynsec_config(acl, passwords), indent=1),
-               secret=True),
-        _write(out / "mosquitto" / "mosquitto.conf", mosquitto_conf(out, mqtt_port, mosquitto_data, plugin)),
+        _write(out / "mosquitto" / "clientids", clientids_text(found)),
+        _write(out / "mosquitto" / "dynamic-security.json",
+               json.dumps(dynsec_config(acl, passwords, client_ids), indent=1), secret=True),
+        _write(out / "mosquitto" / "mosquitto.conf", conf),
         _write(out / "api-key", "".join(f"sk-{secrets.token_urlsafe(32)}\n" for _ in range(api_keys)), secret=True),
     ]
     return written

@@ -40,11 +40,12 @@ def demo_secrets(device_id: str, folder: str | None = None) -> str:
     from splitglm.credentials import make_secrets
 
     if folder is not None:
-        if not (Path(folder) / "devices" / device_id / "password").is_file():
-            raise ValueError(f"{folder} has no MQTT login for device {device_id!r} (see `splitglm secrets --devices`)")
+        if not all((Path(folder) / kind / device_id / "password").is_file() for kind in ("devices", "sensors", "apps")):
+            raise ValueError(f"{folder} has no MQTT logins for device {device_id!r} and its sensors and app "
+                             "(see `splitglm secrets --devices`)")
         return folder
     out = default_cache_dir() / "demo-secrets" / device_id
-    if not (out / "devices" / device_id / "password").is_file():
+    if not (out / "sensors" / device_id / "password").is_file():  # older caches lack the sensors and app logins
         make_secrets(out, devices=[device_id], force=True)
     return str(out)
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from protos.mqtt import MqttAuth, broker_address, connect, new_client, resolve_protocol, wait_for_broker
-from protos.topics import results_topic
+from protos.topics import client_id, results_topic
 
 from .linkproxy import DelayProxy
 from .processes import Proc, free_port
@@ -139,13 +139,23 @@ class LocalSystem:
         return ("--mqtt-username", self.device_id, "--mqtt-password-file",
                 self._secret("devices", self.device_id, "password"), "--mqtt-ca-file", self._secret("ca.crt"))
 
+    def _sensors_login(self) -> tuple[str, ...]:
+        """The device's sensors login (``{device}$sensors``, bound to the simulator's client id)."""
+        if not self.secrets:
+            return ()
+        folder = Path(self._secret("sensors", self.device_id))
+        return ("--mqtt-username", (folder / "username").read_text().strip(), "--mqtt-password-file",
+                str(folder / "password"), "--mqtt-ca-file", self._secret("ca.crt"))
+
     @property
     def device_auth(self) -> MqttAuth | None:
-        """The device's MQTT login (None without secrets): what a results listener of that device uses."""
+        """The login that reads the device's answers (None without secrets): its app login ``{device}$app``,
+        bound to ``splitglm-app-{device}`` (the device's own login is the device agent's alone)."""
         if not self.secrets:
             return None
-        return MqttAuth.from_files(self.device_id, Path(self._secret("devices", self.device_id, "password")),
-                                   Path(self._secret("ca.crt")))
+        folder = Path(self._secret("apps", self.device_id))
+        return MqttAuth.from_files((folder / "username").read_text().strip(), folder / "password",
+                                   Path(self._secret("ca.crt")), client_id("app", self.device_id))
 
     @property
     def api_key(self) -> str | None:
@@ -169,7 +179,7 @@ class LocalSystem:
         """Run the sensor simulator for ``count`` readings of this system's device."""
         proc = Proc("sensors", [sys.executable, "-m", "device_agent.simulator", "--broker", self.broker,
                                 "--device-id", self.device_id, "--count", str(count), "--interval-s", str(interval_s),
-                                *self._device_login()])
+                                *self._sensors_login()])
         self.procs.append(proc)
         return proc
 
@@ -201,7 +211,8 @@ class ResultListener:
         self._changed = threading.Condition()
         self._subscribed = threading.Event()
         protocol = resolve_protocol(broker, "auto", auth)
-        self.client = new_client(f"splitglm-demo-{free_port()}", protocol)
+        self.client = new_client(auth.client_id if auth and auth.client_id else f"splitglm-demo-{free_port()}",
+                                 protocol)
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = lambda *a, **k: self._subscribed.set()
         self.client.on_message = self._on_message
@@ -257,7 +268,9 @@ class LocalDevice:
         else:
             self.segment, self.codec, self.lock = tier.segment, tier.codec, tier.lock
         protocol = wait_for_broker(broker, "auto", START_TIMEOUT_S, auth)
-        self.client = new_client(f"splitglm-{device_id}-{free_port()}", protocol)
+        # with a login: the device's own client id, bound to it
+        self.client = new_client(auth.client_id if auth and auth.client_id else f"splitglm-{device_id}-{free_port()}",
+                                 protocol)
         self.link = EdgeLink(self.client, protocol, device_id, step_timeout_s=step_timeout_s)
         self.client.on_connect = self.link.on_connect
         self.client.on_disconnect = self.link.on_disconnect

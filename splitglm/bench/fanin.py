@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from protos.mqtt import MqttAuth, connect, new_client, wait_for_broker
-from protos.topics import results_topic, sensor_topic
+from protos.topics import client_id, results_topic, sensor_topic
 
 from ..processes import Proc, free_port, mosquitto_binary
 from .options import add_command, add_model_plan, plan_of
@@ -43,6 +43,7 @@ SENSOR = "temperature"
 BROKER_START_S = 20.0  # longest wait for Mosquitto's TLS port, seconds
 READY_S = 120.0  # longest wait for a level's agents and sensor clients to subscribe, seconds
 DUPLICATE_GRACE_S = 1.0  # after the last reading is covered, how long a second answer may still arrive, seconds
+ROLE_FOLDERS = {"sensors": "sensors", "app": "apps"}  # where `splitglm secrets` writes each role's login
 Progress = Callable[[int, int, int], None]  # (devices of the level, readings covered, readings published)
 
 
@@ -106,18 +107,21 @@ class Ledger:
 
 
 class Sensor:
-    """One device's sensors and answer listener: an MQTT client with that device's login."""
+    """One device's sensors and answer listener: two MQTT clients, with the device's sensors login (it
+    publishes) and its app login (it reads the answers); each login is bound to its one client id."""
 
-    def __init__(self, device_id: str, broker: str, auth: MqttAuth):
+    def __init__(self, device_id: str, broker: str, sensors: MqttAuth, app: MqttAuth):
         self.device_id, self.topic = device_id, results_topic(device_id)
         self.ledger: Ledger | None = None
         self.subscribed = threading.Event()
-        protocol = wait_for_broker(broker, "auto", 60, auth)
-        self.client = new_client(f"fanin-sensor-{device_id}", protocol)
+        protocol = wait_for_broker(broker, "auto", 60, app)
+        self.client = new_client(app.client_id, protocol)
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = lambda *a, **k: self.subscribed.set()
         self.client.message_callback_add(self.topic, self._on_answer)
-        connect(self.client, broker, protocol, auth)
+        connect(self.client, broker, protocol, app)
+        self.sender = new_client(sensors.client_id, wait_for_broker(broker, "auto", 60, sensors))
+        connect(self.sender, broker, protocol, sensors)
 
     def _on_connect(self, client, userdata, flags, reason_code, properties=None) -> None:
         if reason_code.is_failure:
@@ -138,11 +142,12 @@ class Sensor:
     def publish(self, reading_id: str, value: float) -> None:
         body = {"value": value, "unit": "C", "ts": time.time(), "id": reading_id}
         self.ledger.published(reading_id, time.monotonic())
-        self.client.publish(sensor_topic(self.device_id, SENSOR), json.dumps(body), qos=1)
+        self.sender.publish(sensor_topic(self.device_id, SENSOR), json.dumps(body), qos=1)
 
     def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+        for client in (self.client, self.sender):
+            client.disconnect()
+            client.loop_stop()
 
 
 def start_mosquitto(conf: Path, port: int) -> Proc:
@@ -188,9 +193,11 @@ class Fanin:
         self.tier = DeviceTier.load(self.plan)
         return self
 
-    def auth(self, device_id: str) -> MqttAuth:
-        return MqttAuth.from_files(device_id, self.folder / "devices" / device_id / "password",
-                                   self.folder / "ca.crt")
+    def auth(self, role: str, device_id: str) -> MqttAuth:
+        """The ``sensors`` or ``app`` login of a device, bound to its client id."""
+        folder = self.folder / ROLE_FOLDERS[role] / device_id
+        return MqttAuth.from_files((folder / "username").read_text().strip(), folder / "password",
+                                   self.folder / "ca.crt", client_id(role, device_id))
 
     def start_agents(self, devices: Sequence[str], max_tokens: int) -> None:
         """A running, subscribed DeviceAgent and Sensor for each of ``devices``."""
@@ -204,7 +211,7 @@ class Fanin:
                                       threads=self.threads)
             self.agents.append(DeviceAgent(settings, tier=self.tier).start())
             if d not in self.sensors:
-                self.sensors[d] = Sensor(d, self.url, self.auth(d))
+                self.sensors[d] = Sensor(d, self.url, self.auth("sensors", d), self.auth("app", d))
         deadline = time.monotonic() + READY_S
         waiting = [*(a.ready for a in self.agents), *(self.sensors[d].subscribed for d in devices)]
         if not all(e.wait(max(deadline - time.monotonic(), 0)) for e in waiting):

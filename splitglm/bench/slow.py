@@ -91,8 +91,8 @@ class MqttStaller:
         from runtime.segment import SegmentInput
 
         protocol = resolve_protocol(broker, "auto", auth)
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"staller-{uuid.uuid4().hex[:8]}",
-                                  protocol=protocol)
+        own = auth.client_id if auth and auth.client_id else f"staller-{uuid.uuid4().hex[:8]}"  # a login's bound id
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=own, protocol=protocol)
         if uses_tls(broker):
             self.client.tls_set(ca_certs=str(auth.ca_file) if auth and auth.ca_file else None)
         if auth and auth.username:

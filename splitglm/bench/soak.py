@@ -35,6 +35,7 @@ from .stats import percentile
 logger = logging.getLogger(__name__)
 EDGE = "edge-demo"
 STALLER = "soak-staller"  # the device login of the slow-consumer phase's stalled device
+ABUSER = "soak-abuser"  # the device login of --abusers' abusive device
 REQUEST_TIMEOUT_S = 600.0  # one request's longest wait, seconds
 
 
@@ -130,8 +131,10 @@ class DeviceSession:
 def device_login(folder: Path, device_id: str):
     """A device's MQTT login from a ``splitglm secrets`` folder."""
     from protos.mqtt import MqttAuth
+    from protos.topics import client_id
 
-    return MqttAuth.from_files(device_id, folder / "devices" / device_id / "password", folder / "ca.crt")
+    return MqttAuth.from_files(device_id, folder / "devices" / device_id / "password", folder / "ca.crt",
+                               client_id("device", device_id))  # bound to the login
 
 
 def device_tier(plan: str) -> dict:
@@ -178,17 +181,36 @@ def _slow_phase(system, runners: list, texts: list[str], tier: dict, folder: Pat
                           staller_device=STALLER, staller_auth=device_login(folder, STALLER))
 
 
+def _abusers(system, tier: dict, folder: Path, key: str, ca: str) -> dict:
+    from protos.mqtt import MqttAuth
+    from protos.topics import client_id
+
+    from .abuse import AbusiveDevice, AbusiveKey, Impostor
+
+    device_auth = device_login(folder, ABUSER)
+    edge_auth = MqttAuth.from_files(EDGE, folder / "edges" / EDGE / "password", folder / "ca.crt",
+                                    client_id("edge", EDGE))
+    return {"device": AbusiveDevice(system.broker, ABUSER, tier, device_auth),
+            "impostor": Impostor(system.broker, edge_auth, device_auth),
+            "key": AbusiveKey(system.http, key, ca)}
+
+
 def _memory(pids: dict[str, int]) -> dict[str, float | None]:
     return {name: rss_mib(pid) for name, pid in pids.items()}
 
 
 def bench_soak(plan: str, minutes: float = 10.0, sessions: int = 30, max_tokens: int = 32, threads: int = 1,
                secrets: str | None = None, progress: Callable[[float, Tally], None] | None = None,
-               slow_consumers: bool = True) -> dict:
+               slow_consumers: bool = True, abusers: bool = False) -> dict:
     """Run ``sessions`` concurrent sessions (half HTTP, half MQTT) for ``minutes``; the report (a dict).
 
     With ``slow_consumers``, then (the soak's memory taken) ``splitglm.bench.slow`` on the same system:
-    two HTTP and two MQTT sessions without and with a stalled HTTP client and a stalled device."""
+    two HTTP and two MQTT sessions without and with a stalled HTTP client and a stalled device.
+
+    With ``abusers`` (``splitglm.bench.abuse``), beside the honest sessions for the whole run: one device over
+    its fair share (sessions held, a flood of first frames), one client reconnecting with the edge's client
+    id (a wrong password; another login), and one API key over its limits (more requests at once, and faster,
+    than its share); the report counts what each was refused, by kind."""
     import os
 
     from ..credentials import make_secrets
@@ -197,8 +219,8 @@ def bench_soak(plan: str, minutes: float = 10.0, sessions: int = 30, max_tokens:
     n_http = sessions // 2
     devices = [f"soak-dev-{i}" for i in range(sessions - n_http)]
     with tempfile.TemporaryDirectory(prefix="splitglm-soak-") as tmp:
-        folder = Path(secrets or make_secrets(Path(tmp) / "secrets", devices=[*devices, STALLER], edges=[EDGE],
-                                              api_keys=max(n_http, 1)))
+        folder = Path(secrets or make_secrets(Path(tmp) / "secrets", devices=[*devices, STALLER, ABUSER],
+                                              edges=[EDGE], api_keys=max(n_http, 1) + abusers))
         keys = (folder / "api-key").read_text().split()
         texts = [text for _, text in prompts(16)]
         tally = Tally()
@@ -208,8 +230,11 @@ def bench_soak(plan: str, minutes: float = 10.0, sessions: int = 30, max_tokens:
             pids = {p.name: p.popen.pid for p in system.procs} | {"bench (devices)": os.getpid()}
             tier = device_tier(plan)
             ca = str(folder / "ca.crt")
-            runners = [(f"http-{i}", HttpSession(system.http, keys[i % len(keys)], ca)) for i in range(n_http)]
+            honest_keys = keys[:-1] if abusers and len(keys) > 1 else keys  # the last key is the abuser's
+            runners = [(f"http-{i}", HttpSession(system.http, honest_keys[i % len(honest_keys)], ca))
+                       for i in range(n_http)]
             runners += [(d, DeviceSession(d, system.broker, tier, device_login(folder, d))) for d in devices]
+            abuse = _abusers(system, tier, folder, keys[-1], ca) if abusers else None
             started = time.monotonic()
             until = started + minutes * 60
             workers = [threading.Thread(target=_loop, args=(name, s, texts, max_tokens, until, tally), daemon=True,
@@ -230,6 +255,7 @@ def bench_soak(plan: str, minutes: float = 10.0, sessions: int = 30, max_tokens:
                     progress(elapsed, tally)
             ended = time.monotonic()
             end = _memory(pids)
+            refused = {name: abuser.close() for name, abuser in abuse.items()} if abuse else None
             warm = warm or end  # (a run too short to warm up)
             slow = None
             if slow_consumers:
@@ -258,7 +284,7 @@ def bench_soak(plan: str, minutes: float = 10.0, sessions: int = 30, max_tokens:
                            "growth": None if warm[name] is None or end[name] is None
                            else round(end[name] - warm[name], 1)} for name in pids},
         "rss_mib_timeline": timeline,
-        "exit_codes": codes, "slow_consumers": slow,
+        "exit_codes": codes, "slow_consumers": slow, "abusers": refused,
     }  # fmt: skip
 
 
@@ -277,6 +303,8 @@ def format_report(report: dict) -> str:
         lines.append(f"  {name}: {rss['after_warmup']} -> {rss['end']} ({rss['growth']:+})"
                      if rss["growth"] is not None else f"  {name}: {rss}")
     lines += [f"  error: {e}" for e in report["errors"]]
+    for name, counts in (report.get("abusers") or {}).items():
+        lines.append(f"abusive {name}: " + ", ".join(f"{kind} {n}" for kind, n in counts.items()))
     if slow := report.get("slow_consumers"):
         lines.append(f"slow consumers: victims' per-token p99 {slow['stalled_p99_ms']} ms beside a stalled HTTP "
                      f"client and device, {slow['baseline_p99_ms']} ms beside reading ones: "
@@ -297,10 +325,13 @@ def add_parser(sub) -> None:
     p.add_argument("--sessions", type=int, default=30, help="concurrent sessions, half HTTP, half MQTT (default 30)")
     p.add_argument("--max-tokens", type=int, default=32, help="new tokens per request (default 32)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each process (default 1)")
-    p.add_argument("--secrets", help="`splitglm secrets` folder with logins soak-dev-0... and soak-staller "
-                   "(default: made anew)")
+    p.add_argument("--secrets", help="`splitglm secrets` folder with logins soak-dev-0..., soak-staller and "
+                   "soak-abuser (default: made anew)")
     p.add_argument("--no-slow-consumers", action="store_true", help="skip the phase with a stalled HTTP client and "
                    "a stalled device (their effect on other sessions' per-token p99)")
+    p.add_argument("--abusers", action="store_true", help="beside the honest sessions: one device over its fair "
+                   "share (sessions held, a flood of first frames), one client reconnecting with the edge's client id "
+                   "(a wrong password, another login), one API key over its limits; their refusals counted by kind")
     p.add_argument("--json", action="store_true", help="print the JSON report")
 
 
@@ -310,6 +341,6 @@ def run(args: argparse.Namespace) -> int:
             print(summary_line(elapsed, tally), file=sys.stderr, flush=True)
 
     report = bench_soak(plan_of(args), args.minutes, args.sessions, args.max_tokens, args.threads, args.secrets,
-                        progress, not args.no_slow_consumers)
+                        progress, not args.no_slow_consumers, args.abusers)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0 if report["requests_failed"] == 0 else 1

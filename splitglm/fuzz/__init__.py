@@ -14,6 +14,8 @@ failures instead of stopping at the first.
 - ``readings.ReadingsTarget``: the device agent's sensor handler and its dead-letter topic;
 - ``cloud.GrpcTarget``: the cloud's ``SegmentService.Stream``;
 - ``gateway.HttpTarget``: the edge's HTTP API, with schemathesis against its OpenAPI schema.
+- ``broker.BrokerTarget``: a secured broker under hostile clients (client-id collisions, failed CONNECTs,
+  reconnect storms, wildcard and ``$share`` subscriptions, over-size, retained and QoS 2 messages).
 """
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ class FuzzStack:
         for name in QUIET:  # a refusal per input logs a warning: millions of lines otherwise
             logging.getLogger(name).setLevel(logging.CRITICAL)
         try:
-            self.broker = self._broker()  # first: forking a child once gRPC's threads run is unsafe
+            self.broker = self._open_broker()  # first: forking a child once gRPC's threads run is unsafe
             self.plan = fuzz_plan(self.root)
             self.cloud = serve(CloudSettings(plan=self.plan, host="127.0.0.1", port=0, threads=self.threads,
                                              dtype="float32", session_ttl_s=SESSION_TTL_S, max_frame_bytes=FRAME_LIMIT))
@@ -97,7 +97,7 @@ class FuzzStack:
             raise
         return self
 
-    def _broker(self) -> str:
+    def _open_broker(self) -> str:
         from splitglm.processes import Proc, free_port
 
         proc = Proc("broker", [sys.executable, "-m", "splitglm.broker", "--host", "127.0.0.1", "--port",
@@ -134,12 +134,26 @@ class FuzzStack:
 
         agent = DeviceAgent(DeviceSettings(plan=self.plan, device_id="fuzz-device", broker=self.broker,
                                            step_timeout_s=0.2, max_attempts=1, max_tokens=2, max_reading_bytes=16384,
-                                           max_queued_readings=64))
+                                           max_queued_readings=64, max_readings_per_s=0))  # (the parser's fuzz)
         agent.start()
         self._exit.callback(agent.stop)
         if not agent.ready.wait(60):
             raise RuntimeError("the fuzzed device agent did not subscribe within 60 s")
         return ReadingsTarget(agent, self.broker)
+
+    def _broker(self):
+        """Hostile clients at a secured embedded broker of its own (``splitglm secrets``: TLS, logins, client ids
+        bound to them, the size cap), MQTT 3.1.1."""
+        from protos.mqtt import V311
+        from splitglm.mqtt_access import max_packet_bytes
+        from splitglm.processes import Proc, free_port
+
+        from .broker import BrokerTarget, secrets_for
+
+        folder = secrets_for(self.root / "broker-secrets", free_port(), FRAME_LIMIT)
+        proc = Proc.python("broker-secure", "splitglm.broker", "--secrets", str(folder), "--port", str(free_port()))
+        self._exit.callback(proc.stop)
+        return BrokerTarget(proc.ready(120), V311, folder, proc.popen.pid, max_packet_bytes(FRAME_LIMIT))
 
     def _grpc(self):
         from .cloud import GrpcTarget

@@ -56,7 +56,8 @@ def test_every_reading_is_answered_once_even_without_an_edge(mosquitto, tmp_path
     device = Proc.python("device", "device_agent", "--plan", str(demo_plan()), "--broker", mosquitto.url,
                          "--device-id", DEVICE, "--step-timeout-s", "0.5", "--max-attempts", "4",
                          "--max-reading-bytes", "200", "--window", "4", "--threads", "1",
-                         env={"SPLITGLM_DEVICE_READY_FILE": str(ready_file)})
+                         env={"SPLITGLM_DEVICE_READY_FILE": str(ready_file),
+                              "SPLITGLM_DEVICE_RESULTS_INCLUDE_PROMPT": "true"})  # checked below
     listener = sensors = None
     try:
         assert device.ready(300) == f"device/{DEVICE}" and ready_file.exists()

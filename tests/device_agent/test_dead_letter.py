@@ -30,7 +30,8 @@ def plan(talking_plan) -> str:
 @pytest.fixture()
 def agent(plan, mosquitto):
     agent = DeviceAgent(DeviceSettings(plan=plan, device_id=DEVICE, broker=mosquitto.url, step_timeout_s=0.2,
-                                       max_attempts=1, max_tokens=2, max_reading_bytes=16384, max_queued_readings=16))
+                                       max_attempts=1, max_tokens=2, max_reading_bytes=16384, max_queued_readings=16,
+                                       max_readings_per_s=0))  # fuzzing the parser: no rate limit
     agent.start()
     assert agent.ready.wait(30)
     yield agent

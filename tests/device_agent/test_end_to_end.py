@@ -80,7 +80,7 @@ def check_answer(answer: dict, value: float) -> None:
     assert answer["error"] is None, answer
     assert answer["device_id"] == DEVICE and answer["request_id"]
     assert {"sensor": "temperature", "value": value, "unit": "C"}.items() <= answer["readings"][-1].items()
-    assert f"temperature: {value} C" in answer["prompt"]
+    assert "prompt" not in answer  # only with --results-include-prompt
     assert answer["text"].strip() and 0 < answer["tokens"] <= 12
     assert answer["path"] == "accurate" and answer["paths"] == ["accurate"] * answer["tokens"]
     assert answer["finish_reason"] in ("stop", "length") and answer["degraded"] is False
@@ -92,6 +92,10 @@ def test_reading_gets_an_answer(system):
     system.listener.wait_for_readings(1, ANSWER_S)
     [answer] = answers_for(system.listener, 21.5)
     check_answer(answer, 21.5)
+    # its INFO log: the answer's id and counts, neither the reading nor the prompt nor the answer's text
+    assert f"answer {answer['request_id']} for 1 reading(s)" in system.device.output
+    for content in ("temperature: 21.5 C", "Recent readings", answer["text"].strip()):
+        assert content not in system.device.output
 
 
 def test_broker_restart_while_generating(system):

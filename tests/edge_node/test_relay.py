@@ -429,3 +429,24 @@ def test_concurrent_sessions_share_forward_passes(edges, mosquitto, device_segme
     assert stats["largest"] == len(PROMPTS) and stats["items"] == 10 * len(PROMPTS) > stats["steps"]
     batches = node.metrics.registry.get_sample_value("splitglm_edge_relay_batch_size_count")
     assert batches == stats["steps"]
+
+
+def test_a_retained_frame_is_never_replayed_into_a_session(edges, mosquitto, device_segment):
+    """A device publishes a seq-0 frame retained; an edge that subscribes later gets it with the retain flag (the
+    broker's replay of an old message) and drops it: no session, no answer, one count."""
+    device = MqttDevice(mosquitto.url)
+    hidden = device_segment([SegmentInput("r", 0, input_ids=torch.tensor(PROMPTS[0]))])[0]
+    device_segment.close_session("r")
+    frame = make_frame("retained-1", 0, 0, hidden, "fp32", params=pb.GenerationParams(max_tokens=2))
+    props = Properties(PacketTypes.PUBLISH)
+    props.ResponseTopic, props.CorrelationData = device.reply_topic, b"r0"
+    topic = topics.frames_topic("edge-r", device.device_id)
+    device.client.publish(topic, frame_to_bytes(frame), qos=1, retain=True, properties=props).wait_for_publish(5)
+    try:
+        node = edges.start("edge-r", mqtt_protocol="5")
+        assert wait_until(lambda: node.metrics.registry.get_sample_value(
+            "splitglm_edge_mqtt_refused_total", {"reason": "retained"}) == 1.0)
+        assert device.nothing_more(0.5) and steps_done(node) == 0.0
+    finally:
+        device.client.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)  # clear it on the broker
+        device.close()

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from splitglm.broker_auth import READ, WRITE, Acl, covers, load_passwords, login_ok, strip_share
-from splitglm.credentials import acl_text, hash_password
+from splitglm.mqtt_access import acl_text, clientids_text, hash_password, load_clientids, logins
 
-ACL = Acl.parse(acl_text(["edge-a"]))
+LOGINS = logins(["d", "e"], ["edge-a", "edge-b"], {"edge-b": ["e"]})
+ACL = Acl.parse(acl_text(LOGINS))
 
 
 @pytest.mark.parametrize("rule,subscription,expected", [
@@ -50,6 +51,39 @@ def test_subscriptions_need_a_read_rule_covering_the_whole_filter():
     assert not ACL.allows_subscription("edge-a", "c", "splitglm/v1/device/+/steps")  # edges write steps only
     assert ACL.allows("edge-a", "c", "splitglm/v1/device/d/steps", WRITE)
     assert strip_share("$share/g/a/b") == "a/b" and strip_share("a/b") == "a/b"
+
+
+def test_edges_read_their_own_frames_and_the_pool_and_write_their_devices_steps():
+    assert not ACL.allows_subscription("edge-b", "c", "splitglm/v1/edge/edge-a/frames/+")  # another edge's
+    assert not ACL.allows_subscription("edge-b", "c", "splitglm/v1/edge/+/frames/+")
+    assert ACL.allows_subscription("edge-b", "c", "$share/splitglm-edges/splitglm/v1/edge/pool/frames/+")
+    assert ACL.allows("edge-b", "c", "splitglm/v1/device/e/steps", WRITE)
+    assert not ACL.allows("edge-b", "c", "splitglm/v1/device/d/steps", WRITE)  # --serves edge-b=e
+    assert not ACL.allows("edge-a", "c", "results/d", WRITE)  # an edge answers on steps topics only
+
+
+def test_service_logins_get_explicit_topics_and_no_devices():
+    assert ACL.allows("d$sensors", "c", "sensors/d/temperature", WRITE)
+    assert not ACL.allows("d$sensors", "c", "sensors/e/temperature", WRITE)
+    assert not ACL.allows("d$sensors", "c", "sensors/d/temperature", READ)
+    assert not ACL.allows("d$sensors", "c", "splitglm/v1/edge/pool/frames/d", WRITE)
+    assert ACL.allows_subscription("d$app", "c", "results/d") and not ACL.allows_subscription("d$app", "c", "results/e")
+    assert not ACL.allows("d$app", "c", "sensors/d/x", WRITE)
+
+
+def test_every_login_has_one_client_id_and_no_two_share_one(tmp_path):
+    bound = {login.name: login.client_id for login in LOGINS}
+    assert bound["d"] == "splitglm-device-d" and bound["edge-a"] == "splitglm-edge-edge-a"
+    assert bound["d$sensors"] == "splitglm-sensors-d" and bound["d$app"] == "splitglm-app-d"
+    assert len(set(bound.values())) == len(bound)
+    path = tmp_path / "clientids"
+    path.write_text(clientids_text(LOGINS))
+    assert load_clientids(path) == bound
+    path.write_text("a splitglm-x\nb splitglm-x\n")
+    with pytest.raises(ValueError, match="clientids:2"):
+        load_clientids(path)
+    with pytest.raises(ValueError, match="--serves"):
+        logins(["d"], ["edge-a"], {"edge-a": ["nobody"]})
 
 
 def test_deny_wins_and_anonymous_topics_and_client_ids():

@@ -67,30 +67,63 @@ def test_services_reach_each_other_by_service_name():
                 assert value == "mqtts://mosquitto:8883", f"{name}: {key}"
 
 
-def test_every_link_is_secured_with_what_the_secrets_service_writes(tmp_path):
-    """Run the `secrets` service's command here; every /secrets path the services name must be one it wrote."""
+def _mounts(name: str) -> dict[str, str]:
+    """volume -> where the service mounts it."""
+    return dict(v.split(":")[:2] for v in SERVICES[name].get("volumes", []))
+
+
+def _named_secrets(service: dict) -> set[str]:
+    """Every /secrets/... path in a service's environment, command and healthcheck."""
+    texts = [str(v) for v in (service.get("environment") or {}).values()]
+    texts += [str(part) for part in service.get("command", [])]
+    texts += [str(part) for part in (service.get("healthcheck") or {}).get("test", [])]
+    return {w.strip("\"'()$") for text in texts for w in text.split() if w.strip("\"'()$").startswith("/secrets/")}
+
+
+def test_every_service_gets_only_its_own_secrets(tmp_path):
+    """Run the `secrets` service's command here (as root, as compose does); each service's volume must hold
+    every /secrets path it names, belong to the uid it runs as, and no service but `secrets` sees the CA key."""
     from splitglm.cli import main
 
     command = _command("secrets")
     assert command[:2] == ["splitglm", "secrets"] and "--keep" in command  # later starts keep the first secrets
+    assert {"--per-service", "--chown"} <= set(command) and SERVICES["secrets"]["user"] == "0:0"
     out = command[command.index("--out") + 1]
-    assert out == "/secrets"
-    args = [tmp_path if a == out else a for a in command[1:]]
-    assert main([str(a) for a in args]) == 0
-    assert main([str(a) for a in args]) == 0  # --keep: the second start keeps them
-    named = set()
-    for service in SERVICES.values():
-        texts = [str(v) for v in (service.get("environment") or {}).values()]
-        texts += [str(part) for part in service.get("command", [])]
-        texts += [str(part) for part in (service.get("healthcheck") or {}).get("test", [])]
-        for text in texts:
-            named |= {word.strip("\"'()$") for word in text.split() if word.strip("\"'()$").startswith("/secrets/")}
-    assert named, "no service uses the secrets"
-    for path in named:
-        assert (tmp_path / path.removeprefix("/secrets/")).is_file(), f"{path} is not written by the secrets service"
-    conf = (tmp_path / "mosquitto" / "mosquitto.conf").read_text()
+    assert out == "/secrets" and command[command.index("--mount") + 1] == "/secrets"
+    args = list(command[1:])
+    args[args.index("--out") + 1] = str(tmp_path)  # --mount stays /secrets: where Mosquitto will see its folder
+    assert main(args) == 0
+    assert main(args) == 0  # --keep: the second start keeps them
+    folders = {volume: Path(str(tmp_path) + at.removeprefix("/secrets")) for volume, at in _mounts("secrets").items()}
+    assert (folders["secrets"] / "ca.key").is_file()
+    checked = 0
+    for name, service in SERVICES.items():
+        if name == "secrets":
+            continue
+        mounts = {v: at for v, at in _mounts(name).items() if v.startswith("secrets")}
+        assert "secrets" not in mounts, f"{name} mounts the volume with the CA key"
+        assert len(mounts) == 1 and list(mounts.values()) == ["/secrets"], f"{name}: one secrets volume at /secrets"
+        (volume,) = mounts
+        assert SERVICES[name]["volumes"][[v.split(":")[0] for v in service["volumes"]].index(volume)].endswith(":ro")
+        folder = folders[volume]
+        for path in _named_secrets(service):
+            assert (folder / path.removeprefix("/secrets/")).is_file(), f"{path} is not in {name}'s volume"
+            checked += 1
+        assert not list(folder.rglob("ca.key"))
+        uid = folder.stat().st_uid
+        if name == "mosquitto":
+            assert uid == 1883  # the image's `mosquitto`, whom the conf's `user` drops to
+        else:
+            assert service["user"] == f"{uid}:{uid}", f"{name} runs as {service['user']}, its volume is {uid}'s"
+        for path in folder.rglob("*"):
+            assert path.stat().st_uid == uid and path.stat().st_mode & 0o077 in (0, 0o044), path
+    assert checked >= 20
+    conf = (folders["secrets-mosquitto"] / "mosquitto" / "mosquitto.conf").read_text()
     assert "allow_anonymous false" in conf and "listener 8883" in conf and "set_tcp_nodelay true" in conf
     assert "persistence_location /mosquitto/data/" in conf  # QoS 1 sessions survive a broker restart
+    assert "user mosquitto" in conf and "password_file /secrets/mosquitto/passwd" not in conf
+    assert "plugin_opt_config_file /secrets/mosquitto/dynamic-security.json" in conf  # client ids bound
+    assert "max_packet_size" in conf and "max_queued_bytes" in conf
     for service in ("cloud", "edge"):
         env = SERVICES[service]["environment"]
         prefix = "SPLITGLM_CLOUD_" if service == "cloud" else "SPLITGLM_EDGE_"
@@ -103,6 +136,15 @@ def test_every_link_is_secured_with_what_the_secrets_service_writes(tmp_path):
         users = [k for k in env if k.endswith("_MQTT_USERNAME")]
         if any(k.endswith("_BROKER") for k in env) or name.startswith("device"):
             assert users, f"{name} connects to the broker without a login"
+
+
+def test_each_simulator_has_its_own_sensors_login():
+    for name in ("sensors-1", "sensors-2"):
+        env = SERVICES[name]["environment"]
+        device = _command(name)[_command(name).index("--device-id") + 1]
+        # compose reads `$$` as `$`: the login is <device>$sensors
+        assert env["SPLITGLM_SENSORS_MQTT_USERNAME"].replace("$$", "$") == f"{device}$sensors"
+        assert env["SPLITGLM_SENSORS_MQTT_PASSWORD_FILE"] == f"/secrets/sensors/{device}/password"
 
 
 def test_dockerfile_builds_what_compose_runs():

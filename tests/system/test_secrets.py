@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import json
 import shutil
 import subprocess
 import sys
@@ -18,17 +19,20 @@ from splitglm.credentials import (
     check_password,
     dynsec_config,
     hash_password,
+    logins,
     make_secrets,
 )
 
 SECRET_FILES = [
     "ca.key", "cloud/server.key", "edge/server.key", "edge/client.key", "mosquitto/server.key",
     "mosquitto/passwd", "mosquitto/dynamic-security.json", "devices/dev-a/password", "devices/dev-b/password",
-    "edges/edge-a/password", "api-key",
+    "edges/edge-a/password", "api-key", "sensors/dev-a/password", "apps/dev-b/password", "health/password",
+    "cloud/health-client.key",
 ]
 PUBLIC_FILES = [
     "ca.crt", "cloud/server.crt", "edge/server.crt", "edge/client.crt", "mosquitto/server.crt",
-    "mosquitto/mosquitto.conf", "mosquitto/acl", "devices/dev-a/username", "edges/edge-a/username",
+    "mosquitto/mosquitto.conf", "mosquitto/acl", "mosquitto/clientids", "devices/dev-a/username",
+    "edges/edge-a/username", "sensors/dev-b/username",
 ]
 
 
@@ -47,7 +51,7 @@ def test_cli_writes_the_contract_layout_and_refuses_to_overwrite(tmp_path):
     assert r.returncode == 0, r.stderr
     for name in SECRET_FILES:
         assert mode(out / name) == 0o600, name
-        assert f"0600  {out / name}" in r.stdout  # it says what it wrote
+        assert f"0600     0  {out / name}" in r.stdout  # it says what it wrote (mode, owner)
     for name in PUBLIC_FILES:
         assert (out / name).is_file(), name
     folders = [out, *(p for p in out.rglob("*") if p.is_dir())]
@@ -98,10 +102,12 @@ def test_edge_client_certificate_is_for_clients(secrets):
 
 def test_password_file_holds_one_mosquitto_hash_per_login(secrets):
     entries = dict(line.split(":", 1) for line in (secrets / "mosquitto/passwd").read_text().splitlines())
-    assert set(entries) == {"dev-a", "dev-b", "edge-a"}
+    assert set(entries) == {"dev-a", "dev-b", "edge-a", "dev-a$sensors", "dev-b$sensors", "dev-a$app", "dev-b$app",
+                            "broker$health"}
+    folders = {login.name: login.folder for login in logins(["dev-a", "dev-b"], ["edge-a"])}
     for user, hashed in entries.items():
-        kind = "edges" if user.startswith("edge") else "devices"
-        password = (secrets / kind / user / "password").read_text().strip()
+        password = (secrets / folders[user] / "password").read_text().strip()
+        assert (secrets / folders[user] / "username").read_text().strip() == user
         assert hashed.startswith("$7$101$") and check_password(password, hashed)
         assert not check_password(password + "x", hashed)
 
@@ -113,9 +119,20 @@ def test_mosquitto_conf_and_acl(secrets):
                  f"cafile {secrets}/ca.crt", f"certfile {secrets}/mosquitto/server.crt",
                  f"keyfile {secrets}/mosquitto/server.key"):
         assert line in conf
+    assert "max_packet_size 67174400" in conf and "max_queued_bytes 268697600" in conf  # 64 MiB frames + 64 KiB
     acl = (secrets / "mosquitto/acl").read_text()
     assert "pattern write splitglm/v1/edge/+/frames/%u" in acl
-    assert "user edge-a\ntopic read splitglm/v1/edge/+/frames/+\ntopic write splitglm/v1/device/+/steps\n" in acl
+    assert ("user edge-a\ntopic read splitglm/v1/edge/edge-a/frames/+\ntopic read splitglm/v1/edge/pool/frames/+\n"
+            "topic write splitglm/v1/device/dev-a/steps\ntopic write splitglm/v1/device/dev-b/steps\n") in acl
+    assert "user dev-a$sensors\ntopic write sensors/dev-a/#\n" in acl and "+/steps" not in acl
+    assert "dev-a$sensors splitglm-sensors-dev-a" in (secrets / "mosquitto/clientids").read_text().splitlines()
+
+
+def test_the_caps_follow_the_frame_limit(tmp_path):
+    out = make_secrets(tmp_path / "s", ["d"], ["e"], max_frame_bytes=1 << 20, mosquitto_plugin=None)
+    conf = (out / "mosquitto/mosquitto.conf").read_text().splitlines()
+    assert f"max_packet_size {(1 << 20) + (64 << 10)}" in conf and "max_queued_messages 10000" in conf
+    assert f"max_queued_bytes {4 * ((1 << 20) + (64 << 10))}" in conf
 
 
 def test_mosquitto_conf_with_the_dynamic_security_plugin(tmp_path):
@@ -124,6 +141,17 @@ def test_mosquitto_conf_with_the_dynamic_security_plugin(tmp_path):
     assert "plugin /usr/lib/mosquitto_dynamic_security.so" in conf
     assert f"plugin_opt_config_file {out}/mosquitto/dynamic-security.json" in conf
     assert not any(line.startswith(("password_file", "acl_file")) for line in conf)  # the plugin decides alone
+    config = json.loads((out / "mosquitto/dynamic-security.json").read_text())
+    bound = {c["username"]: c["clientid"] for c in config["clients"]}  # dynsec refuses any other client id
+    assert bound == {"dev-a": "splitglm-device-dev-a", "dev-a$sensors": "splitglm-sensors-dev-a",
+                     "dev-a$app": "splitglm-app-dev-a", "edge-a": "splitglm-edge-edge-a",
+                     "broker$health": "splitglm-health"}
+
+
+def test_without_the_plugin_it_warns_that_client_ids_are_not_bound(tmp_path, caplog):
+    make_secrets(tmp_path / "s", ["dev-a"], ["edge-a"], mosquitto_plugin=None)
+    assert "bind no client id" in caplog.text
+    assert "NOT bound" in (tmp_path / "s/mosquitto/mosquitto.conf").read_text()
 
 
 def test_dynamic_security_roles_are_the_acl_with_each_login_substituted():

@@ -17,8 +17,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edge_node.cloud import ChannelTls, open_channel
-from protos.mqtt import MqttAuth, broker_address, probe_protocol
-from protos.topics import frames_subscription, results_topic, sensor_topic, steps_topic
+from protos.mqtt import BrokerRefused, MqttAuth, broker_address, probe_protocol
+from protos.topics import client_id, frames_subscription, results_topic, sensor_topic, steps_topic
 from splitglm.credentials import make_secrets
 from tests.procs import Proc
 
@@ -27,11 +27,18 @@ pytestmark = pytest.mark.slow
 DEVICE = "secure-box"
 
 
+def _login(secrets: Path, role: str, folder: str) -> MqttAuth:
+    """The device's ``sensors`` or ``app`` login, bound to its client id."""
+    path = secrets / folder / DEVICE
+    return MqttAuth.from_files((path / "username").read_text().strip(), path / "password", secrets / "ca.crt",
+                               client_id(role, DEVICE))
+
+
 def _client(url: str, auth: MqttAuth) -> tuple[mqtt.Client, dict]:
     """A 3.1.1 client (the embedded broker) logged in with ``auth`` over TLS; returns it and its inbox."""
     host, port = broker_address(url)
     state: dict = {"connected": threading.Event(), "subacks": {}, "messages": [], "got": threading.Event()}
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"t-{uuid.uuid4().hex[:8]}",
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=auth.client_id or f"t-{uuid.uuid4().hex[:8]}",
                          protocol=mqtt.MQTTv311)
     client.tls_set(ca_certs=str(auth.ca_file))
     client.username_pw_set(auth.username, auth.password)
@@ -96,9 +103,13 @@ def test_secure_demo_serves_only_authenticated_clients(demo_checkpoint, tmp_path
             probe_protocol(broker.replace("mqtts://", "mqtt://"), 10, MqttAuth.from_files(
                 DEVICE, secrets / "devices" / DEVICE / "password"))
 
-        # a device's login: its own topics only
-        auth = MqttAuth.from_files(DEVICE, secrets / "devices" / DEVICE / "password", ca)
-        device, state = _client(broker, auth)
+        # a device login cannot take another login's client id (the device agent's is bound to its own)
+        with pytest.raises(BrokerRefused):
+            probe_protocol(broker, 10, MqttAuth.from_files("other-box", secrets / "devices" / "other-box" / "password",
+                                                            ca, client_id("device", DEVICE)))
+        # the device's app login reads its own answers only; its sensors login publishes its readings
+        device, state = _client(broker, _login(secrets, "app", "apps"))
+        sensors, _ = _client(broker, _login(secrets, "sensors", "sensors"))
         try:
             assert not _suback(device, state, steps_topic("other-box"))
             assert not _suback(device, state, results_topic("other-box"))
@@ -106,7 +117,7 @@ def test_secure_demo_serves_only_authenticated_clients(demo_checkpoint, tmp_path
             assert not _suback(device, state, "splitglm/v1/device/#")
             assert _suback(device, state, results_topic(DEVICE))
             # and the whole secure path: a reading in, the device's answer out
-            device.publish(sensor_topic(DEVICE, "pressure"), json.dumps({"value": 1234.5, "unit": "hPa"}), qos=1)
+            sensors.publish(sensor_topic(DEVICE, "pressure"), json.dumps({"value": 1234.5, "unit": "hPa"}), qos=1)
             deadline = threading.Event()
             answer = None
             for _ in range(600):
@@ -119,8 +130,9 @@ def test_secure_demo_serves_only_authenticated_clients(demo_checkpoint, tmp_path
             assert answer is not None, proc.output
             assert answer["error"] is None and answer["tokens"] > 0 and answer["path"] == "accurate"
         finally:
-            device.loop_stop()
-            device.disconnect()
+            for client in (device, sensors):
+                client.loop_stop()
+                client.disconnect()
 
         # gRPC to the cloud: the edge's client certificate is the only way in
         host = cloud.rsplit(":", 1)[0]
