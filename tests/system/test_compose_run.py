@@ -44,10 +44,19 @@ def as_uid(uid: int, args: list[str]) -> list[str]:
     return [SETPRIV, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", *args]
 
 
-def python_for_others() -> tuple[list[str], dict[str, str]]:
+PACKAGES = ("protos", "runtime", "partitioner", "device_agent", "edge_node", "cloud_service", "splitglm")
+
+
+def readable_by_others(*paths: str) -> bool:
+    return all(subprocess.run(as_uid(65534, ["test", "-r", path]), capture_output=True).returncode == 0
+               for path in paths)
+
+
+def python_for_others(top: Path) -> tuple[list[str], dict[str, str]]:
     """An interpreter other uids may run (this venv's, or the system's with the venv's packages) and its env.
 
-    A venv whose base interpreter lies under a private home (pyenv in /root) cannot be run by another uid.
+    A venv whose base interpreter lies under a private home (pyenv in /root) cannot be run by another uid; a
+    checkout or venv under a private folder cannot be read by one: then the code is linked into ``top``.
     """
     env = {"HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1"}
     probe = subprocess.run(as_uid(65534, [sys.executable, "-c", "pass"]), capture_output=True)
@@ -57,7 +66,17 @@ def python_for_others() -> tuple[list[str], dict[str, str]]:
     version = subprocess.run([system, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True,
                              text=True).stdout.strip() if system else ""
     assert version == str(sys.version_info[:2]), f"no interpreter another uid may run ({sys.executable} is private)"
-    return [system], {**env, "PYTHONPATH": f"{sysconfig.get_paths()['purelib']}:{ROOT}"}
+    site, code = sysconfig.get_paths()["purelib"], str(ROOT)
+    if not readable_by_others(f"{site}/torch/__init__.py", f"{code}/runtime/__init__.py"):
+        site, code = str(top / "site"), str(top / "code")
+        for source, target in [(sysconfig.get_paths()["purelib"], site)] + [
+                (str(ROOT / name), f"{code}/{name}") for name in PACKAGES]:
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            linked = subprocess.run(["cp", "-al", source, target], capture_output=True).returncode == 0
+            if not linked:  # another file system: a copy
+                subprocess.run(["cp", "-a", source, target], check=True)
+        subprocess.run(["chmod", "-R", "a+rX", site, code], check=True)
+    return [system], {**env, "PYTHONPATH": f"{site}:{code}"}
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +93,7 @@ def stack(talking_plan):
     assert main(["secrets", "--out", str(out), "--per-service", "--chown", "--devices", DEVICE, "--edges", EDGE,
                  "--mqtt-port", str(port)]) == 0
     uids = {s.name: s.uid for s in services([DEVICE], [EDGE])}
-    python, env = python_for_others()
+    python, env = python_for_others(top)
     procs: list[Proc] = []
 
     def start(service: str, args: list[str]) -> Proc:
