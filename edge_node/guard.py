@@ -1,8 +1,8 @@
 """Who may use the edge's HTTP API, and how much: API keys, body size, open requests and request rate per client.
 
 ``Guard`` is a pure ASGI middleware in front of the FastAPI app. When API keys
-are set, every ``/v1/*`` request and ``/metrics`` need ``Authorization: Bearer KEY``
-(compared in constant time). A ``/v1/*`` request then passes, in order: its
+are set, every ``/v1/*`` request, ``/tokenize``, ``/detokenize`` and ``/metrics`` need ``Authorization: Bearer KEY``
+(compared in constant time). Such a request (but ``/metrics``) then passes, in order: its
 declared body size, its client's request rate (a bucket of
 ``rate_per_key_per_min`` requests, refilled continuously), its client's open
 requests, and its body, read whole (at most ``max_body_bytes``) before the
@@ -35,6 +35,7 @@ from .settings import setting
 RETRY_CONCURRENT_S = 1  # Retry-After of a refusal for too many open requests, seconds
 AUTH_FAILURES_PER_MIN = 30  # failed authentications per peer address a minute before 429s instead of 401s
 CLIENT = "splitglm.client"  # the ASGI scope key that holds the request's client (``Guard.client``) for the app
+EXTRA_PATHS = ("/tokenize", "/detokenize")  # guarded like /v1/* (vLLM serves them outside /v1)
 
 
 def load_api_keys(path: Path) -> tuple[str, ...]:
@@ -139,7 +140,7 @@ class Guard:
 
     async def __call__(self, scope, receive, send) -> None:
         path = scope.get("path", "") if scope["type"] == "http" else ""
-        guarded = path.startswith("/v1/") or (path == "/metrics" and self.keys)
+        guarded = path.startswith("/v1/") or path in EXTRA_PATHS or (path == "/metrics" and self.keys)
         if not guarded:
             return await self.app(scope, receive, send)
         try:

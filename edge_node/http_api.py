@@ -1,4 +1,5 @@
-"""The edge's OpenAI-compatible HTTP gateway: completions and chat (plain or streamed), health, metrics.
+"""The edge's OpenAI-compatible HTTP gateway: completions and chat (plain or streamed), /tokenize and /detokenize,
+health, metrics; every response carries X-Request-ID (``request_id``).
 
 The edge is the session owner of an HTTP request: ``node.generation`` runs
 the edge's layers and drives the cloud step by step (``runtime.owner``).
@@ -50,11 +51,15 @@ from runtime.owner import StepFailed, TokenEvent
 
 from .guard import CLIENT, RETRY_CONCURRENT_S, Guard, GuardLimits, setting
 from .metrics import CONTENT_TYPE, path_name
+from .request_id import RequestId, request_id
 from .schemas import (
     ChatRequest,
     CompletionRequest,
+    DetokenizeRequest,
     GenerationRequest,
     Job,
+    Message,
+    TokenizeRequest,
     chunk,
     error_body,
     response_body,
@@ -114,7 +119,7 @@ def generation_params(node, req: GenerationRequest, max_tokens: int | None) -> p
     )
 
 
-def check_model(node, req: GenerationRequest) -> None:
+def check_model(node, req: GenerationRequest | TokenizeRequest | DetokenizeRequest) -> None:
     if req.model is not None and req.model != node.model_name:
         raise ApiError(
             404,
@@ -158,31 +163,60 @@ def check_tokenizer(node) -> None:
         )  # fmt: skip
 
 
-def completion_job(node, req: CompletionRequest) -> Job:
-    check_model(node, req)
-    check_tokenizer(node)
-    params = generation_params(node, req, req.max_tokens)
-    if isinstance(req.prompt, str):
-        check_prompt_chars(node, len(req.prompt), "prompt")
-    ids = node.tokenizer.encode(req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
-    return new_job(node, "completions", req, check_prompt(node, ids, params.max_tokens), params)
+def text_ids(node, prompt: str) -> list[int]:
+    """The token ids of a text prompt (max_prompt_chars checked first)."""
+    check_prompt_chars(node, len(prompt), "prompt")
+    return node.tokenizer.encode(prompt)
 
 
-def chat_job(node, req: ChatRequest) -> Job:
+def chat_ids(node, messages: list[Message]) -> list[int]:
+    """The token ids of a conversation rendered by the model's chat template (max_prompt_chars checked first)."""
+    turns = [m.as_template_input() for m in messages]
+    check_prompt_chars(node, sum(len(m["content"]) for m in turns), "messages")
+    try:
+        ids = node.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=False)
+    except Exception as e:  # noqa: BLE001 -- a template that rejects the conversation (e.g. role order)
+        raise ApiError(400, f"the chat template rejected the messages: {e}", param="messages") from None
+    return list(ids)
+
+
+def completion_job(node, req: CompletionRequest, rid: str = "") -> Job:
     check_model(node, req)
     check_tokenizer(node)
     params = generation_params(node, req, req.new_tokens())
-    messages = [m.as_template_input() for m in req.messages]
-    check_prompt_chars(node, sum(len(m["content"]) for m in messages), "messages")
-    try:
-        ids = node.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-    except Exception as e:  # noqa: BLE001 -- a template that rejects the conversation (e.g. role order)
-        raise ApiError(400, f"the chat template rejected the messages: {e}", param="messages") from None
-    return new_job(node, "chat", req, check_prompt(node, list(ids), params.max_tokens), params)
+    ids = text_ids(node, req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
+    return new_job(node, "completions", req, check_prompt(node, ids, params.max_tokens), params, rid)
 
 
-def new_job(node, api: str, req: GenerationRequest, ids: list[int], params: pb.GenerationParams) -> Job:
-    return Job(api, node.model_name, ids, params, bool(req.stream), req.include_usage())
+def chat_job(node, req: ChatRequest, rid: str = "") -> Job:
+    check_model(node, req)
+    check_tokenizer(node)
+    params = generation_params(node, req, req.new_tokens())
+    return new_job(node, "chat", req, check_prompt(node, chat_ids(node, req.messages), params.max_tokens), params, rid)
+
+
+def new_job(node, api: str, req: GenerationRequest, ids: list[int], params: pb.GenerationParams, rid: str) -> Job:
+    job = Job(api, node.model_name, ids, params, bool(req.stream), req.include_usage(), request_id=rid)
+    log.info("%s: request %s, %d prompt tokens, max_tokens %d", job.id, rid, len(ids), params.max_tokens)
+    return job
+
+
+def tokenize(node, req: TokenizeRequest) -> dict:
+    """``/tokenize``'s answer: the ids a completion (prompt) or a chat (messages) would be given."""
+    check_model(node, req)
+    check_tokenizer(node)
+    ids = text_ids(node, req.prompt) if req.prompt is not None else chat_ids(node, req.messages)
+    return {"tokens": ids, "count": len(ids), "max_model_len": setting(node.settings, "max_positions")}
+
+
+def detokenize(node, req: DetokenizeRequest) -> dict:
+    """``/detokenize``'s answer: the text of token ids of the vocabulary."""
+    check_model(node, req)
+    check_tokenizer(node)
+    bad = [t for t in req.tokens if t >= node.spec.vocab_size]
+    if bad:
+        raise ApiError(400, f"token id {bad[0]} is outside the vocabulary [0, {node.spec.vocab_size})", param="tokens")
+    return {"prompt": node.tokenizer.decode(req.tokens)}
 
 
 def observe(metrics, event: TokenEvent) -> None:
@@ -325,7 +359,7 @@ class Gateway:
             outcome = "200"
         except StepFailed as e:
             err = step_failed_error(e)
-            log.warning("stream %s: %s", job.id, err.message)
+            log.warning("stream %s (request %s): %s", job.id, job.request_id, err.message)
             outcome = str(err.status)
             yield sse(error_body(err.message, err.type, code=err.code))
         except (anyio.get_cancelled_exc_class(), GeneratorExit):
@@ -351,6 +385,7 @@ def validation_error(exc: RequestValidationError) -> ApiError:
     first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     loc = [p for p in loc if not p.startswith(("function-", "list[", "constrained-"))]  # union branch names
+    loc += [first["ctx"]["param"]] if "param" in (first.get("ctx") or {}) else []  # schemas.field_error
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
         return ApiError(400, f"the body is not valid JSON: {first.get('msg')}", code="invalid_json")
@@ -385,11 +420,12 @@ def install_error_handlers(app: FastAPI, metrics) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
-        error_id = uuid.uuid4().hex[:12]
-        log.exception("unexpected error %s serving %s", error_id, request.url.path)
+        error_id = request_id(request.scope) or uuid.uuid4().hex
+        log.exception("unexpected error serving %s (request %s)", request.url.path, error_id)
         count(request, 500)
-        message = f"internal error {error_id} (the edge's log has the details)"
-        return JSONResponse(error_body(message, "server_error", code="internal_error"), status_code=500)
+        message = f"internal error of request {error_id} (the edge's log has the details)"
+        return JSONResponse(error_body(message, "server_error", code="internal_error"), status_code=500,
+                            headers={"X-Request-ID": error_id})  # answered outside the RequestId middleware
 
 
 def api_of(request: Request) -> str | None:
@@ -404,15 +440,25 @@ def create_app(node) -> FastAPI:
     app.state.shares = gateway.shares  # what each API key holds now (tests, operators' debugging)
     install_error_handlers(app, node.metrics)
     app.add_middleware(Guard, limits=GuardLimits.from_settings(node.settings), metrics=node.metrics)
+    app.add_middleware(RequestId)  # the outermost: the guard's refusals carry X-Request-ID too
     started = int(time.time())
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        return await gateway.generate(request, await run_in_threadpool(completion_job, node, body))
+        job = await run_in_threadpool(completion_job, node, body, request_id(request.scope))
+        return await gateway.generate(request, job)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
-        return await gateway.generate(request, await run_in_threadpool(chat_job, node, body))
+        return await gateway.generate(request, await run_in_threadpool(chat_job, node, body, request_id(request.scope)))
+
+    @app.post("/tokenize")
+    async def tokenize_(body: TokenizeRequest):
+        return await run_in_threadpool(tokenize, node, body)
+
+    @app.post("/detokenize")
+    async def detokenize_(body: DetokenizeRequest):
+        return await run_in_threadpool(detokenize, node, body)
 
     @app.get("/v1/models")
     async def models():
@@ -439,4 +485,6 @@ def create_app(node) -> FastAPI:
 
 
 def model_card(node, created: int) -> dict:
-    return {"id": node.model_name, "object": "model", "created": created, "owned_by": "splitglm"}
+    """One ``/v1/models`` entry; ``max_model_len``: the positions (prompt + completion) a request may take."""
+    return {"id": node.model_name, "object": "model", "created": created, "owned_by": "splitglm",
+            "max_model_len": setting(node.settings, "max_positions")}
