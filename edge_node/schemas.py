@@ -172,7 +172,8 @@ def check_extras(extra: dict | None, ignored: dict, refused: dict) -> None:
 class Checked(BaseModel):
     """A request body whose undeclared fields are ignored or refused by the class's tables (see ``check_extras``)."""
 
-    model_config = ConfigDict(extra="allow", strict=True)
+    # extras are kept to be judged by name; the published schema says what a client may send: no other field
+    model_config = ConfigDict(extra="allow", strict=True, json_schema_extra={"additionalProperties": False})
     ignored: ClassVar[dict] = IGNORED
     refused: ClassVar[dict] = {}
 
