@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 SETPRIV = shutil.which("setpriv")  # util-linux (essential on Debian): sets PR_SET_PDEATHSIG, then execs
 
@@ -116,3 +117,12 @@ class Proc:
         return self.popen.returncode
 
 
+def rss_mib(pid: int) -> float | None:
+    """Resident memory of a process, MiB (None once it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..processes import rss_mib
 from .options import add_command, add_model_plan, plan_of
 from .speculative import prompts
 from .stats import percentile
@@ -67,17 +68,6 @@ class Tally:
             self.failed += 1
             if len(self.errors) < 10:
                 self.errors.append(f"{session}: {error!r}"[:300])
-
-
-def rss_mib(pid: int) -> float | None:
-    """Resident memory of a process, MiB (None once it is gone)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        return None
-    return None
 
 
 class HttpSession:

@@ -44,6 +44,7 @@ from hypothesis import strategies as st
 from protos import topics
 from protos.mqtt import V5, BrokerRefused, MqttAuth, broker_address, probe_protocol
 
+from ..processes import rss_mib
 from . import FuzzFailure, expect, no_hang
 
 ANSWER_S = 10.0  # an honest frame's echo, seconds
@@ -82,16 +83,6 @@ class BrokerInput:
 def broker_inputs():
     return st.builds(BrokerInput, kind=st.sampled_from(KINDS), text=TEXT, count=st.integers(1, 8),
                      pick=st.integers(0, 1 << 16))
-
-
-def rss_mib(pid: int) -> float | None:
-    """A process's resident memory, MiB (None once it is gone)."""
-    try:
-        import psutil
-
-        return psutil.Process(pid).memory_info().rss / 2**20
-    except Exception:  # noqa: BLE001 -- psutil.NoSuchProcess and the like: gone
-        return None
 
 
 class Client:
