@@ -86,7 +86,14 @@ class EncodedTensor(_message.Message):
     def __init__(self, codec: _Optional[_Union[Codec, str]] = ..., shape: _Optional[_Iterable[int]] = ..., values: _Optional[bytes] = ..., scales: _Optional[bytes] = ..., outlier_index: _Optional[bytes] = ..., outlier_values: _Optional[bytes] = ..., outliers_per_token: _Optional[int] = ..., group_size: _Optional[int] = ..., rotation_block: _Optional[int] = ..., rotation_seed: _Optional[int] = ..., entropy: _Optional[_Union[Entropy, str]] = ..., channel_class: _Optional[bytes] = ..., stream_bytes: _Optional[_Iterable[int]] = ..., rice_parameter: _Optional[bytes] = ...) -> None: ...
 
 class GenerationParams(_message.Message):
-    __slots__ = ("max_tokens", "temperature", "top_p", "seed", "stop", "stop_token_ids", "policy", "latency_budget_ms", "token_budget_ms", "speculate")
+    __slots__ = ("max_tokens", "temperature", "top_p", "seed", "stop", "stop_token_ids", "policy", "latency_budget_ms", "token_budget_ms", "speculate", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "top_logprobs", "grammar", "generated_tokens")
+    class LogitBiasEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: float
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +104,15 @@ class GenerationParams(_message.Message):
     LATENCY_BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
     SPECULATE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    MIN_P_FIELD_NUMBER: _ClassVar[int]
+    PRESENCE_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    FREQUENCY_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_BIAS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    GRAMMAR_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     max_tokens: int
     temperature: float
     top_p: float
@@ -107,10 +123,27 @@ class GenerationParams(_message.Message):
     latency_budget_ms: int
     token_budget_ms: int
     speculate: Speculate
-    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., policy: _Optional[str] = ..., latency_budget_ms: _Optional[int] = ..., token_budget_ms: _Optional[int] = ..., speculate: _Optional[_Union[Speculate, str]] = ...) -> None: ...
+    top_k: int
+    min_p: float
+    presence_penalty: float
+    frequency_penalty: float
+    repetition_penalty: float
+    logit_bias: _containers.ScalarMap[int, float]
+    top_logprobs: int
+    grammar: Grammar
+    generated_tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., policy: _Optional[str] = ..., latency_budget_ms: _Optional[int] = ..., token_budget_ms: _Optional[int] = ..., speculate: _Optional[_Union[Speculate, str]] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., top_logprobs: _Optional[int] = ..., grammar: _Optional[_Union[Grammar, _Mapping]] = ..., generated_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Grammar(_message.Message):
+    __slots__ = ("kind", "text")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    text: str
+    def __init__(self, kind: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("session_id", "seq", "start_pos", "hidden", "params", "deadline_unix_ms", "close", "reply_to", "draft_tokens")
+    __slots__ = ("session_id", "seq", "start_pos", "hidden", "params", "deadline_unix_ms", "close", "reply_to", "draft_tokens", "fork_of")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     START_POS_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +153,7 @@ class Frame(_message.Message):
     CLOSE_FIELD_NUMBER: _ClassVar[int]
     REPLY_TO_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FORK_OF_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     seq: int
     start_pos: int
@@ -129,10 +163,11 @@ class Frame(_message.Message):
     close: bool
     reply_to: str
     draft_tokens: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., start_pos: _Optional[int] = ..., hidden: _Optional[_Union[EncodedTensor, _Mapping]] = ..., params: _Optional[_Union[GenerationParams, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., close: _Optional[bool] = ..., reply_to: _Optional[str] = ..., draft_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+    fork_of: str
+    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., start_pos: _Optional[int] = ..., hidden: _Optional[_Union[EncodedTensor, _Mapping]] = ..., params: _Optional[_Union[GenerationParams, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., close: _Optional[bool] = ..., reply_to: _Optional[str] = ..., draft_tokens: _Optional[_Iterable[int]] = ..., fork_of: _Optional[str] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("session_id", "seq", "tokens", "logprobs", "path", "timings_ms", "finished", "error", "status", "edge_id", "degraded", "predicted_ms", "switch_reason", "policy", "drafted", "accepted", "draft_tokens", "next_pos")
+    __slots__ = ("session_id", "seq", "tokens", "logprobs", "path", "timings_ms", "finished", "error", "status", "edge_id", "degraded", "predicted_ms", "switch_reason", "policy", "drafted", "accepted", "draft_tokens", "next_pos", "top_logprobs")
     class TimingsMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +193,7 @@ class StepResult(_message.Message):
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NEXT_POS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     seq: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
@@ -176,4 +212,13 @@ class StepResult(_message.Message):
     accepted: int
     draft_tokens: _containers.RepeatedScalarFieldContainer[int]
     next_pos: int
-    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., path: _Optional[_Union[Path, str]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., finished: _Optional[bool] = ..., error: _Optional[str] = ..., status: _Optional[int] = ..., edge_id: _Optional[str] = ..., degraded: _Optional[bool] = ..., predicted_ms: _Optional[float] = ..., switch_reason: _Optional[str] = ..., policy: _Optional[str] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., draft_tokens: _Optional[_Iterable[int]] = ..., next_pos: _Optional[int] = ...) -> None: ...
+    top_logprobs: _containers.RepeatedCompositeFieldContainer[TopLogprobs]
+    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., path: _Optional[_Union[Path, str]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., finished: _Optional[bool] = ..., error: _Optional[str] = ..., status: _Optional[int] = ..., edge_id: _Optional[str] = ..., degraded: _Optional[bool] = ..., predicted_ms: _Optional[float] = ..., switch_reason: _Optional[str] = ..., policy: _Optional[str] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., draft_tokens: _Optional[_Iterable[int]] = ..., next_pos: _Optional[int] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprobs, _Mapping]]] = ...) -> None: ...
+
+class TopLogprobs(_message.Message):
+    __slots__ = ("tokens", "logprobs")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    logprobs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ...) -> None: ...

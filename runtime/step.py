@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from runtime.checkpoint import GlmSpec
-from runtime.sampling import SampleRow, row_tensors, sample_rows
+from runtime.sampling import SampleRow, sample_batch
 
 
 class SessionError(ValueError):
@@ -40,10 +40,12 @@ class SegmentInput:
 
 @dataclass
 class Sampled:
-    """Tokens sampled from a session's last rows, in position order, and their log-probabilities."""
+    """Tokens sampled from a session's last rows, in position order, their log-probabilities and, per token,
+    its top alternatives as (ids, log-probabilities) when the row asked for them."""
 
     tokens: list[int]
     logprobs: list[float]
+    top: list[tuple[tuple[int, ...], tuple[float, ...]]] = field(default_factory=list)
 
 
 def check_items(items: list[SegmentInput], spec: GlmSpec, has_embed: bool, has_head: bool, start: int) -> None:
@@ -148,12 +150,10 @@ def sample_outputs(items: list[SegmentInput], parts: list[torch.Tensor]) -> list
         return parts
     rows = [row for i in asking for row in items[i].sample]
     logits = torch.cat([parts[i] for i in asking])  # (S, V)
-    temperature, top_p, uniform = row_tensors(rows, logits.device)
-    tokens, logprobs = sample_rows(logits, temperature, top_p, uniform, any(r.temperature > 0 for r in rows))
-    tokens, logprobs = tokens.tolist(), logprobs.tolist()  # the step's one host sync
+    tokens, logprobs, top = sample_batch(logits, rows)  # the step's one host sync
     out, at = list(parts), 0
     for i in asking:
         k = len(items[i].sample)
-        out[i] = Sampled(tokens[at : at + k], logprobs[at : at + k])
+        out[i] = Sampled(tokens[at : at + k], logprobs[at : at + k], top[at : at + k])
         at += k
     return out

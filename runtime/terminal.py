@@ -37,6 +37,8 @@ import torch
 from protos import splitglm_pb2 as pb
 from protos.errors import CodecError, SizeLimitError
 from protos.status import error_result
+from runtime.generation import TokenState
+from runtime.grammar import GrammarError, Grammars
 from runtime.kv_pool import PoolExhausted
 from runtime.ledger import Ledger, StepError, idle
 from runtime.sampling import SamplingParams
@@ -103,25 +105,56 @@ class Limits:
 @dataclass
 class TailSession:
     params: pb.GenerationParams
-    sampling: SamplingParams
-    generated: int = 0  # tokens sampled so far
+    state: TokenState  # the sampling parameters, the tokens generated (replayed ones too), the grammar
+    generated: int = 0  # tokens sampled so far by this tier (max_tokens counts what is left at a replay)
     ledger: Ledger = field(default_factory=Ledger)
+    compile_ms: float = 0.0  # the grammar's compile time (reported once, with the first answer)
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return self.state.sampling
 
 
 def sampling_params(params: pb.GenerationParams) -> SamplingParams:
     """Sampling parameters from the wire; StepError INVALID_ARGUMENT if out of range."""
     top_p = params.top_p if 0 < params.top_p < 1 else 1.0
+    repetition = params.repetition_penalty if params.repetition_penalty else 1.0
     try:
-        return SamplingParams(temperature=params.temperature, top_p=top_p, seed=params.seed)
+        return SamplingParams(temperature=params.temperature, top_p=top_p, seed=params.seed, top_k=params.top_k,
+                              min_p=params.min_p, presence_penalty=params.presence_penalty,
+                              frequency_penalty=params.frequency_penalty, repetition_penalty=repetition,
+                              logit_bias=tuple(sorted(params.logit_bias.items())), top_logprobs=params.top_logprobs)
     except ValueError as e:
         raise StepError("INVALID_ARGUMENT", f"generation parameters: {e}") from None
+
+
+def token_state(params: pb.GenerationParams, grammars: Grammars | None) -> TokenState:
+    """A new generation's TokenState from its first frame's params (replayed tokens included); StepError
+    INVALID_ARGUMENT for bad parameters or a grammar that cannot be used (the reason named)."""
+    sampling = sampling_params(params)
+    matcher = None
+    if params.HasField("grammar") and params.grammar.kind:
+        if grammars is None:
+            raise StepError("INVALID_ARGUMENT", "this tier cannot apply a grammar (it has no vocabulary)")
+        try:
+            matcher = grammars.matcher(params.grammar.kind, params.grammar.text)
+        except GrammarError as e:
+            raise StepError("INVALID_ARGUMENT", str(e)) from None
+    bad = next((t for t in list(params.generated_tokens) + list(params.logit_bias) if grammars is not None
+                and t >= grammars.vocab.vocab_size), None)
+    if bad is not None:
+        raise StepError("INVALID_ARGUMENT", f"token id {bad} is not in the vocabulary")
+    try:
+        return TokenState(sampling, matcher, params.generated_tokens)
+    except GrammarError as e:
+        raise StepError("INVALID_ARGUMENT", f"the replayed tokens do not follow the grammar: {e}") from None
 
 
 class TailSessions:
     """Sampling state of the sessions a terminal segment serves."""
 
-    def __init__(self, max_sessions: int = 1024, max_tokens: int = 4096):
-        self.max_sessions, self.max_tokens = max_sessions, max_tokens
+    def __init__(self, max_sessions: int = 1024, max_tokens: int = 4096, grammars: Grammars | None = None):
+        self.max_sessions, self.max_tokens, self.grammars = max_sessions, max_tokens, grammars
         self.sessions: dict[str, TailSession] = {}
 
     def accept(self, frame: pb.Frame) -> pb.StepResult | None:
@@ -149,10 +182,13 @@ class TailSessions:
             raise StepError(
                 "RESOURCE_EXHAUSTED", f"max_tokens {frame.params.max_tokens} exceeds the limit {self.max_tokens}"
             )
-        sampling = sampling_params(frame.params)
+        started = time.perf_counter()
+        state = token_state(frame.params, self.grammars)
+        compile_ms = (time.perf_counter() - started) * 1e3 if state.matcher is not None else 0.0
         params = pb.GenerationParams()
         params.CopyFrom(frame.params)
-        self.sessions[frame.session_id] = TailSession(params, sampling)
+        params.ClearField("generated_tokens")
+        self.sessions[frame.session_id] = TailSession(params, state, compile_ms=compile_ms)
 
     def work(self, frame: pb.Frame, hidden: torch.Tensor) -> SegmentInput:
         """The segment input of an accepted frame: its rows (T, C), sampling the token after the last one
@@ -163,7 +199,10 @@ class TailSessions:
             raise StepError("INVALID_ARGUMENT", f"a verification of {drafts} drafts must carry {drafts + 1} "
                             f"rows; this one carries {hidden.shape[0]}")
         first = frame.start_pos + int(hidden.shape[0]) - drafts  # the position of the first token sampled
-        rows = tuple(state.sampling.rows(first, drafts + 1))
+        try:
+            rows = state.state.rows(first, list(frame.draft_tokens))
+        except GrammarError as e:
+            raise StepError("INVALID_ARGUMENT", str(e)) from None
         return SegmentInput(frame.session_id, frame.start_pos, hidden=hidden, sample=rows)
 
     def answer(self, frame: pb.Frame, sampled: Sampled, path: int = pb.ACCURATE) -> pb.StepResult:
@@ -178,10 +217,19 @@ class TailSessions:
         stop = next((i for i, t in enumerate(tokens) if t in state.params.stop_token_ids), None)
         keep = min(len(tokens), left, len(tokens) if stop is None else stop + 1)
         tokens, logprobs = tokens[:keep], logprobs[:keep]
+        try:
+            state.state.commit(tokens)
+        except GrammarError as e:  # (the mask allows only what the grammar does: a bug if it happens)
+            raise StepError("INTERNAL", str(e)) from None
         state.generated += len(tokens)
         finished = stop is not None and stop < keep or state.generated >= state.params.max_tokens
         result = pb.StepResult(session_id=frame.session_id, seq=frame.seq, tokens=tokens, logprobs=logprobs,
                                path=path, finished=finished, drafted=len(drafts), accepted=min(accepted, keep))
+        if state.sampling.top_logprobs:
+            for ids, values in sampled.top[:keep]:
+                result.top_logprobs.add(tokens=ids, logprobs=values)
+        if state.compile_ms:
+            result.timings_ms["grammar"], state.compile_ms = state.compile_ms, 0.0
         state.ledger.record(frame.seq, result)
         return result
 
@@ -203,10 +251,10 @@ class Terminal:
     """
 
     def __init__(self, segment, limits: Limits = Limits(), *, path: int = pb.ACCURATE,
-                 scheduler: Scheduler | None = None, wording: Wording = Wording()):
+                 scheduler: Scheduler | None = None, wording: Wording = Wording(), grammars: Grammars | None = None):
         self.segment, self.limits, self.path = segment, limits, path
         self.scheduler, self.wording = scheduler, wording
-        self.tails = TailSessions(limits.max_sessions, limits.max_tokens)
+        self.tails = TailSessions(limits.max_sessions, limits.max_tokens, grammars)
         self.lock = threading.Lock()  # guards tails; in ``step`` and ``draft``, the segment too
 
     def step(self, frame: pb.Frame, hidden: torch.Tensor) -> pb.StepResult:
@@ -233,11 +281,12 @@ class Terminal:
         step.add_done_callback(lambda done: self._settle(frame, done, answer))
         return answer
 
-    def draft(self, session_id: str, start_pos: int, hidden: torch.Tensor, sampling: SamplingParams) -> int:
+    def draft(self, session_id: str, start_pos: int, hidden: torch.Tensor, state: TokenState) -> int:
         """Draft the token after the last of ``hidden`` (T, C) rows at positions start_pos.. of the session's
-        draft cache (a start before its end rewinds it), drawn as any terminal would draw it there."""
+        draft cache (a start before its end rewinds it), drawn as any terminal would draw it there after the
+        tokens of ``state`` (the committed ones and the round's drafts so far)."""
         item = SegmentInput(session_id + DRAFT, start_pos, hidden=hidden,
-                            sample=tuple(sampling.rows(start_pos + int(hidden.shape[0]))))
+                            sample=state.rows(start_pos + int(hidden.shape[0])))
         with self.lock:
             return self.segment([item])[0].tokens[-1]
 
