@@ -32,11 +32,12 @@ WORDING = Wording(closed=CLOSED, failed="step {seq} of session {session} failed 
 class Batcher:
     """Owns the cloud segment's sessions; ``submit`` a step, get a future of its StepResult."""
 
-    def __init__(self, segment, limits: Limits = Limits(), device: torch.device | str = "cpu"):
+    def __init__(self, segment, limits: Limits = Limits(), device: torch.device | str = "cpu", grammars=None):
         self.segment, self.limits, self.device = segment, limits, torch.device(device)
         self.scheduler = Scheduler(segment, max_batch=limits.max_batch, prefill_chunk=limits.prefill_chunk,
                                    name="cloud-scheduler")
-        self.terminal = Terminal(segment, limits, path=pb.ACCURATE, scheduler=self.scheduler, wording=WORDING)
+        self.terminal = Terminal(segment, limits, path=pb.ACCURATE, scheduler=self.scheduler, wording=WORDING,
+                                 grammars=grammars)  # runtime.grammar.Grammars, or None: grammars are refused
         self._stopping = threading.Event()
         self._reaper = threading.Thread(target=self._reap, name="cloud-reaper", daemon=True)
 

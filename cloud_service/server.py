@@ -27,6 +27,7 @@ from protos.errors import CodecError, SizeLimitError
 from protos.frames import decode_frame_hidden, parse_frame
 from runtime.artifacts import load_tier
 from runtime.checkpoint import load_spec
+from runtime.grammar import tier_grammars
 from runtime.terminal import StepError, status_of
 
 from .batcher import Batcher, Limits
@@ -232,7 +233,8 @@ def serve(settings: CloudSettings) -> CloudServer:
     segment, hidden_size = load_segment(settings.plan, settings)
     limits = Limits(settings.max_sessions, settings.max_batch, settings.max_tokens, settings.max_positions,
                     settings.session_ttl_s, settings.prefill_chunk, settings.max_draft)
-    batcher = Batcher(segment, limits, device).start()
+    grammars = tier_grammars([Path(settings.plan) / "cloud"], segment.spec.vocab_size, settings.grammar_limits())
+    batcher = Batcher(segment, limits, device, grammars).start()
     workers = max(64, settings.max_sessions + 16)  # one thread per open stream, plus health checks
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cloud-rpc")
     server = grpc.server(

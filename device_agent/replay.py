@@ -4,9 +4,10 @@ An edge holds a device session's caches of [k1, k2) (and its cloud stream).
 When that edge is gone -- it restarted and answers NOT_FOUND, or it stopped
 answering -- the device sends the new edge one frame: seq 0, start_pos 0,
 every committed row exactly as it was first sent and the session's
-``GenerationParams`` (``runtime.history``: the split-point history the edge's
-router keeps too). Sampling draws are keyed by position, so the new edge's
-tails answer the tokens the old ones would have.
+``GenerationParams`` with the tokens answered so far (``runtime.history``: the
+split-point history the edge's router keeps too). Sampling draws are keyed by
+position, and the new edge's tails restore the penalties and the grammar's
+state from the tokens, so they answer the tokens the old ones would have.
 
 A row is committed when its input token is. While the edge drafts
 (``StepResult.draft_tokens``), the rows of draft tokens wait; a verification's
@@ -40,7 +41,7 @@ class SessionHistory:
     rows: SplitHistory = field(default_factory=SplitHistory)
     seqs: Seqs = field(default_factory=Seqs)  # the owner's seqs as the current edge knows them
     draft_next: bool = False  # the last answer named a draft: the owner's next frame is a draft row
-    emitted: int = 0  # verified tokens answered so far
+    tokens: list[int] = field(default_factory=list)  # verified tokens answered so far, in order
     replays: int = 0  # replays sent so far
     broken: str = ""  # why the rows are not all known (then no replay)
 
@@ -81,7 +82,7 @@ class SessionHistory:
             raise NoHistory(f"session {self.session_id!r} has no rows to replay")
         self.replays += 1
         self.seqs.restart(int(frame.seq))
-        out = self.rows.replay_frame(self.wire_id, self.params, self.emitted, current)
+        out = self.rows.replay_frame(self.wire_id, self.params, self.tokens, current)
         out.deadline_unix_ms, out.reply_to = frame.deadline_unix_ms, frame.reply_to
         return out
 
@@ -99,4 +100,4 @@ class SessionHistory:
         if result.tokens:
             self.rows.settle(int(result.next_pos) or self.rows.length)
         self.draft_next = bool(result.draft_tokens)
-        self.emitted += len(result.tokens)
+        self.tokens.extend(result.tokens)

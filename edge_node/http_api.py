@@ -3,27 +3,33 @@ health, metrics; every response carries X-Request-ID (``request_id``).
 
 The edge is the session owner of an HTTP request: ``node.generation`` runs
 the edge's layers and drives the cloud step by step (``runtime.owner``).
-The endpoints only adapt: validate the body (``schemas``), build
-``GenerationParams``, iterate the blocking Generation in a worker thread and
-shape OpenAI responses plus a ``splitglm`` object (which path made each token,
-the router's switches, predicted and actual latency, whether the latency
-budget was met, whether the answer is degraded). Every failure answers with
-OpenAI's error body; an invalid request is a 4xx, never a 500.
+The endpoints only adapt: validate the body (``schemas``), check it against
+the node and build ``GenerationParams`` (``jobs``), iterate the blocking
+Generations in worker threads and shape OpenAI responses plus a ``splitglm``
+object (``openai_format``: which path made each token, the router's switches,
+predicted and actual latency, whether the latency budget was met, whether the
+answer is degraded). Every failure answers with OpenAI's error body; an
+invalid request is a 4xx, never a 500.
+
+A request for ``n`` completions runs ``n`` Generations of its prompt, choice i
+seeded seed + i; the others fork choice 0's prefill where the tiers can
+(``runtime.owner.share_prefill``): choice 0 runs to its first token first, then
+the others together. Streamed, their chunks interleave, each with its index.
+With tools, each choice's text is read for tool calls (``edge_node.tool_calls``), whole or streamed as
+OpenAI streams them.
 
 What ``create_app(node)`` uses of the node: ``model_name``, ``tokenizer``
 (with a chat template; None: text cannot be served), ``spec`` (eos ids,
 vocabulary size), ``metrics`` (``EdgeMetrics``), ``settings``
-(``default_max_tokens``, ``max_tokens_limit``; where present the limits, ``policy``
-and ``api_keys_file``, else EdgeSettings' defaults), ``generation(prompt_ids, params) -> Generation``
-and ``health() -> {name: ok}``.
+(``default_max_tokens``, ``max_tokens_limit``; where present the limits, ``policy``,
+``max_n`` and ``api_keys_file``, else EdgeSettings' defaults), ``generation(prompt_ids, params) -> Generation``
+and ``health() -> {name: ok}``; where present, ``grammars`` (``jobs.EdgeGrammars``).
 
 ``guard.Guard`` stands in front of the app (API keys, body size, request rate
-and open requests per client); the prompt limits are checked here, before any
-model work: characters before tokenising (``max_prompt_chars``), tokens
-(``max_prompt_tokens``), and prompt + max_tokens against the cloud's
-``max_positions``. Each refusal is counted in ``splitglm_edge_http_refused_total``, and so
+and open requests per client); the prompt limits are checked before any
+model work (``jobs``). Each refusal is counted in ``splitglm_edge_http_refused_total``, and so
 is a streaming client dropped for not reading (``slow_client``).
-Each generation holds a session and its prompt + max_tokens KV positions of
+Each generation (each of the ``n``) holds a session and its prompt + max_tokens KV positions of
 its client's fair share (``shares``: per API key, or address without keys)
 until its response ends, however it ends; past the share it is a 429 naming
 the limit (``splitglm_edge_quota_refusals_total{kind="key"}``).
@@ -33,11 +39,11 @@ A 500 names no exception: its details go to the log under the id the answer give
 from __future__ import annotations
 
 import logging
-import secrets
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import aclosing
 
 import anyio
 from fastapi import FastAPI, Request
@@ -47,176 +53,18 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from protos import splitglm_pb2 as pb
-from runtime.owner import StepFailed, TokenEvent
+from runtime.owner import Generation, StepFailed, TokenEvent, share_prefill
 
 from .guard import CLIENT, RETRY_CONCURRENT_S, Guard, GuardLimits, setting
+from .jobs import ApiError, EdgeGrammars, Job, chat_job, completion_job, detokenize, step_failed_error, tokenize
 from .metrics import CONTENT_TYPE, path_name
+from .openai_format import Logprobs, chunk, end_chunks, response_body, splitglm_info, sse, token_chunks, usage
 from .request_id import RequestId, request_id
-from .schemas import (
-    ChatRequest,
-    CompletionRequest,
-    DetokenizeRequest,
-    GenerationRequest,
-    Job,
-    Message,
-    TokenizeRequest,
-    chunk,
-    error_body,
-    response_body,
-    splitglm_info,
-    sse,
-    usage,
-)
+from .schemas import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, error_body
 from .shares import QuotaExceeded, session_shares
-from .streaming import BoundedStream
+from .streaming import BoundedStream, close_shielded, merged, next_event, next_events
 
 log = logging.getLogger(__name__)
-
-# gRPC status of a failed step -> HTTP status (anything else: 503, the cloud is unavailable)
-HTTP_OF_GRPC = {4: 504, 8: 429}  # DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED (overloaded: retry later)
-
-
-class ApiError(Exception):
-    """A request that gets an OpenAI-style error answer."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param=None, code=None,
-                 refusal: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.refusal = refusal  # a limit's reason label for http_refused_total (None: not a limit)
-        self.headers = headers
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(error_body(self.message, self.type, self.param, self.code), status_code=self.status,
-                            headers=self.headers)
-
-
-def step_failed_error(e: StepFailed) -> ApiError:
-    status = HTTP_OF_GRPC.get(e.status, 503)
-    kind = "invalid_request_error" if status < 500 else "service_unavailable"
-    return ApiError(status, f"the cloud tier failed: {e}", kind, code=f"grpc_status_{e.status}")
-
-
-def generation_params(node, req: GenerationRequest, max_tokens: int | None) -> pb.GenerationParams:
-    """GenerationParams of a request, checking max_tokens against the settings."""
-    n = node.settings.default_max_tokens if max_tokens is None else max_tokens
-    limit = node.settings.max_tokens_limit
-    if not 1 <= n <= limit:
-        raise ApiError(400, f"max_tokens must be between 1 and {limit}, got {n}", param="max_tokens")
-    temperature = 1.0 if req.temperature is None else req.temperature
-    seed = req.seed if req.seed is not None else secrets.randbits(63)
-    return pb.GenerationParams(
-        max_tokens=n,
-        temperature=temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        seed=seed,
-        stop=req.stop,
-        stop_token_ids=list(node.spec.eos_token_ids),
-        policy=req.policy or getattr(node.settings, "policy", "adaptive"),
-        latency_budget_ms=req.latency_budget_ms or 0,
-        token_budget_ms=req.token_budget_ms or 0,
-        speculate={None: pb.SPECULATE_DEFAULT, True: pb.SPECULATE_ON, False: pb.SPECULATE_OFF}[req.speculate],
-    )
-
-
-def check_model(node, req: GenerationRequest | TokenizeRequest | DetokenizeRequest) -> None:
-    if req.model is not None and req.model != node.model_name:
-        raise ApiError(
-            404,
-            f"the model {req.model!r} does not exist; this edge serves {node.model_name!r}",
-            param="model",
-            code="model_not_found",
-        )
-
-
-def check_prompt_chars(node, chars: int, param: str) -> None:
-    """Reject a prompt of more than max_prompt_chars characters before tokenising it."""
-    limit = setting(node.settings, "max_prompt_chars")
-    if chars > limit:
-        raise ApiError(400, f"the prompt has {chars} characters; the limit is {limit}", param=param,
-                       code="prompt_too_long", refusal="prompt_too_long")
-
-
-def check_prompt(node, ids: list[int], max_tokens: int) -> list[int]:
-    """Reject empty, too long or out-of-vocabulary prompts, and prompt + max_tokens beyond the cloud's positions."""
-    limit, positions = setting(node.settings, "max_prompt_tokens"), setting(node.settings, "max_positions")
-    if not ids:
-        raise ApiError(400, "the prompt is empty (no tokens)", param="prompt")
-    if len(ids) > limit:
-        raise ApiError(400, f"the prompt has {len(ids)} tokens; the limit is {limit}", param="prompt",
-                       code="context_length_exceeded", refusal="too_many_tokens")
-    if len(ids) + max_tokens > positions:
-        raise ApiError(400, f"this model's maximum context length is {positions} tokens; you asked for "
-                       f"{len(ids) + max_tokens} ({len(ids)} in the prompt, {max_tokens} in the completion)",
-                       param="max_tokens", code="context_length_exceeded", refusal="context_length")
-    bad = [t for t in ids if not 0 <= t < node.spec.vocab_size]
-    if bad:
-        raise ApiError(400, f"token id {bad[0]} is outside the vocabulary [0, {node.spec.vocab_size})", param="prompt")
-    return ids
-
-
-def check_tokenizer(node) -> None:
-    if node.tokenizer is None:
-        raise ApiError(
-            501, "this edge has no tokenizer (its plan's edge tier has no tokenizer files): it cannot serve text",
-            type_="server_error", code="no_tokenizer",
-        )  # fmt: skip
-
-
-def text_ids(node, prompt: str) -> list[int]:
-    """The token ids of a text prompt (max_prompt_chars checked first)."""
-    check_prompt_chars(node, len(prompt), "prompt")
-    return node.tokenizer.encode(prompt)
-
-
-def chat_ids(node, messages: list[Message]) -> list[int]:
-    """The token ids of a conversation rendered by the model's chat template (max_prompt_chars checked first)."""
-    turns = [m.as_template_input() for m in messages]
-    check_prompt_chars(node, sum(len(m["content"]) for m in turns), "messages")
-    try:
-        ids = node.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=False)
-    except Exception as e:  # noqa: BLE001 -- a template that rejects the conversation (e.g. role order)
-        raise ApiError(400, f"the chat template rejected the messages: {e}", param="messages") from None
-    return list(ids)
-
-
-def completion_job(node, req: CompletionRequest, rid: str = "") -> Job:
-    check_model(node, req)
-    check_tokenizer(node)
-    params = generation_params(node, req, req.new_tokens())
-    ids = text_ids(node, req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
-    return new_job(node, "completions", req, check_prompt(node, ids, params.max_tokens), params, rid)
-
-
-def chat_job(node, req: ChatRequest, rid: str = "") -> Job:
-    check_model(node, req)
-    check_tokenizer(node)
-    params = generation_params(node, req, req.new_tokens())
-    return new_job(node, "chat", req, check_prompt(node, chat_ids(node, req.messages), params.max_tokens), params, rid)
-
-
-def new_job(node, api: str, req: GenerationRequest, ids: list[int], params: pb.GenerationParams, rid: str) -> Job:
-    job = Job(api, node.model_name, ids, params, bool(req.stream), req.include_usage(), request_id=rid)
-    log.info("%s: request %s, %d prompt tokens, max_tokens %d", job.id, rid, len(ids), params.max_tokens)
-    return job
-
-
-def tokenize(node, req: TokenizeRequest) -> dict:
-    """``/tokenize``'s answer: the ids a completion (prompt) or a chat (messages) would be given."""
-    check_model(node, req)
-    check_tokenizer(node)
-    ids = text_ids(node, req.prompt) if req.prompt is not None else chat_ids(node, req.messages)
-    return {"tokens": ids, "count": len(ids), "max_model_len": setting(node.settings, "max_positions")}
-
-
-def detokenize(node, req: DetokenizeRequest) -> dict:
-    """``/detokenize``'s answer: the text of token ids of the vocabulary."""
-    check_model(node, req)
-    check_tokenizer(node)
-    bad = [t for t in req.tokens if t >= node.spec.vocab_size]
-    if bad:
-        raise ApiError(400, f"token id {bad[0]} is outside the vocabulary [0, {node.spec.vocab_size})", param="tokens")
-    return {"prompt": node.tokenizer.decode(req.tokens)}
 
 
 def observe(metrics, event: TokenEvent) -> None:
@@ -225,19 +73,24 @@ def observe(metrics, event: TokenEvent) -> None:
     metrics.tokens(path_name(event.path), 1)
 
 
-def consume(gen, metrics, stop: threading.Event, started: float) -> float:
-    """Run a whole generation (in a worker thread); return the time to its first token, ms."""
-    ttft_ms = 0.0
-    it = iter(gen)
+def drain(it: Iterator[TokenEvent], event: TokenEvent | None, metrics, stop: threading.Event) -> StepFailed | None:
+    """Run a generation to its end (in a worker thread) from its ``event`` pulled already, or until ``stop``
+    (then close it); its failure, which sets ``stop`` for the others (so does any other exception, raised)."""
     try:
-        for event in it:
-            ttft_ms = ttft_ms or (time.perf_counter() - started) * 1e3
+        while event is not None:
             observe(metrics, event)
-            if stop.is_set():  # the client went away: close the session
+            if stop.is_set():  # the client went away, or another choice failed: close the session
                 break
+            event = next(it, None)
+    except StepFailed as e:
+        stop.set()
+        return e
+    except BaseException:
+        stop.set()
+        raise
     finally:
         it.close()
-    return ttft_ms
+    return None
 
 
 async def watch_disconnect(request: Request, stop: threading.Event) -> None:
@@ -249,14 +102,11 @@ async def watch_disconnect(request: Request, stop: threading.Event) -> None:
         await anyio.sleep(0.2)
 
 
-async def close_shielded(it: Iterator[TokenEvent]) -> None:
-    """Close a generation's iterator in a worker thread, even while being cancelled."""
-    with anyio.CancelScope(shield=True):
-        await anyio.to_thread.run_sync(it.close)
-
-
-async def next_event(it: Iterator[TokenEvent]) -> TokenEvent | None:
-    return await anyio.to_thread.run_sync(next, it, None)
+async def close_all(its: list[Iterator[TokenEvent]]) -> None:
+    """Close the generations not closed yet (each frees its session on every tier)."""
+    for it in its:
+        if getattr(it, "gi_frame", None) is not None:
+            await close_shielded(it)
 
 
 class Gateway:
@@ -266,75 +116,103 @@ class Gateway:
         self.node = node
         self.metrics = node.metrics
         self.shares = session_shares("key", node.settings, node.metrics)  # sessions + KV positions per API key
+        self.grammars = EdgeGrammars(node)  # compiles a response_format before anything is sent
 
     async def generate(self, request: Request, job: Job) -> Response:
         """Answer a validated job, plain or streamed, within its client's share (429 past it)."""
         self.hold(request, job)
-        streamed = False
+        streamed, its = False, []
         try:
-            # latency_budget_ms travels in the params as a soft target (the router's input, reported as budget_met);
-            # no frame deadline is derived from it: the cloud drops late frames, which would fail the request.
-            gen = self.node.generation(job.prompt_ids, job.params)
+            gens = self.generations(job)
+            its = [iter(gen) for gen in gens]
             if job.stream:
-                response = await self.stream(job, gen)
+                response = await self.stream(job, gens, its)
                 streamed = True  # the stream gives the share back when it ends
                 return response
-            return await self.answer(request, job, gen)
+            return await self.answer(request, job, gens, its)
         finally:
             if not streamed:
-                self.shares.release(job.id)
+                await close_all(its)
+                self.release(job)
+
+    def generations(self, job: Job) -> list[Generation]:
+        """The job's n generations, the others forking choice 0's prefill where the tiers can."""
+        # latency_budget_ms travels in the params as a soft target (the router's input, reported as budget_met);
+        # no frame deadline is derived from it: the cloud drops late frames, which would fail the request.
+        gens = [self.node.generation(job.prompt_ids, job.choice_params(i)) for i in range(job.n)]
+        share_prefill(gens)
+        return gens
 
     def hold(self, request: Request, job: Job) -> None:
-        """Count the job's session and its KV positions (prompt + max_tokens) in its client's share, or 429."""
+        """Count the job's sessions and their KV positions (prompt + max_tokens each) in its client's share,
+        or 429."""
         client = request.scope.get(CLIENT) or f"addr:{request.client.host if request.client else '?'}"
         try:
-            self.shares.acquire(client, job.id, len(job.prompt_ids) + job.params.max_tokens)
+            for i in range(job.n):
+                self.shares.acquire(client, (job.id, i), len(job.prompt_ids) + job.params.max_tokens)
         except QuotaExceeded as e:
+            self.release(job)
             raise ApiError(429, str(e), "requests", code="quota_exceeded",
                            headers={"Retry-After": str(RETRY_CONCURRENT_S)}) from None
 
-    async def answer(self, request: Request, job: Job, gen) -> Response:
+    def release(self, job: Job) -> None:
+        for i in range(job.n):
+            self.shares.release((job.id, i))
+
+    async def start(self, job: Job, its: list[Iterator[TokenEvent]]) -> tuple[list[TokenEvent | None], float]:
+        """The first event of each generation: choice 0's first (its prefill, which the others may fork),
+        then the others' together; and the time to the first token, ms."""
+        first = await next_event(its[0])
+        ttft_ms = job.elapsed_ms()
+        return [first, *await next_events(its[1:])], ttft_ms
+
+    def logprobs(self, job: Job) -> Logprobs | None:
+        return None if job.logprobs is None else Logprobs(job, self.node.tokenizer)
+
+    async def answer(self, request: Request, job: Job, gens: list[Generation], its) -> Response:
         """The whole answer of a plain (not streamed) job."""
-        stop, failed, ttft_ms = threading.Event(), None, 0.0
+        stop, failures, ttft_ms = threading.Event(), [], 0.0
+
+        async def run(i: int, first: TokenEvent | None) -> None:
+            failures.append(await anyio.to_thread.run_sync(drain, its[i], first, self.metrics, stop))
+
         async with anyio.create_task_group() as tg:
             tg.start_soon(watch_disconnect, request, stop)
             try:
-                ttft_ms = await anyio.to_thread.run_sync(consume, gen, self.metrics, stop, job.started)
+                firsts, ttft_ms = await self.start(job, its)
+                async with anyio.create_task_group() as runs:
+                    for i, first in enumerate(firsts):
+                        runs.start_soon(run, i, first)
             except StepFailed as e:
-                failed = e
+                failures.append(e)
             client_gone = stop.is_set()
             stop.set()
             tg.cancel_scope.cancel()
+        failed = next((f for f in failures if f is not None), None)
         if failed is not None:
             raise step_failed_error(failed)
         if client_gone:
             self.metrics.request(job.api, "499")  # the client went away: nobody reads this answer
             return Response(status_code=499)
         self.finish_metrics(job, ttft_ms, "200")
-        return JSONResponse(response_body(job, gen, ttft_ms))
+        return JSONResponse(response_body(job, gens, ttft_ms, self.logprobs(job)))
 
-    async def stream(self, job: Job, gen) -> BoundedStream:
-        """SSE answer; the first token is computed first, so a failing cloud still gets a plain 503. A client
+    async def stream(self, job: Job, gens: list[Generation], its) -> BoundedStream:
+        """SSE answer; the first tokens are computed first, so a failing cloud still gets a plain 503. A client
         that takes no event for ``stream_send_timeout_s`` is dropped (``edge_node.streaming``)."""
-        it = iter(gen)
         try:
-            first = await next_event(it)
+            firsts, ttft_ms = await self.start(job, its)
         except StepFailed as e:
             raise step_failed_error(e) from None
-        except BaseException:
-            await close_shielded(it)
-            raise
-        ttft_ms = job.elapsed_ms()
 
-        async def end() -> None:  # however the stream ends: its session closed, its share given back
+        async def end() -> None:  # however the stream ends: its sessions closed, its share given back
             try:
-                if getattr(it, "gi_frame", None) is not None:  # not closed yet (``events`` closes it when it runs)
-                    await close_shielded(it)
+                await close_all(its)  # (``events`` closes them when it runs)
             finally:
-                self.shares.release(job.id)
+                self.release(job)
 
         return BoundedStream(
-            self.events(job, gen, it, first, ttft_ms),
+            self.events(job, gens, its, firsts, ttft_ms),
             setting(self.node.settings, "stream_send_timeout_s"),
             on_drop=lambda: self.metrics.http_refused("slow_client"),
             on_end=end,
@@ -342,20 +220,31 @@ class Gateway:
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    async def events(self, job: Job, gen, it, event: TokenEvent | None, ttft_ms: float) -> AsyncIterator[str]:
-        outcome = "error"
+    async def events(self, job: Job, gens: list[Generation], its, firsts, ttft_ms: float) -> AsyncIterator[str]:
+        """The SSE events: each choice's text deltas (with tools: its content and tool-call deltas; with their
+        tokens' log-probs when asked) as they come, its last chunk (finish_reason, its ``splitglm`` object) when
+        it ends, then the usage if asked."""
+        outcome, logprobs, offsets = "error", self.logprobs(job), [0] * job.n
+        parsers = [job.tool_parser() for _ in range(job.n)]  # a choice's tool calls (None: no tools)
         try:
             if job.api == "chat":
-                yield sse(chunk(job, "", role=True))
-            while event is not None:
-                observe(self.metrics, event)
-                if event.text:
-                    yield sse(chunk(job, event.text))
-                event = await next_event(it)
-            final = chunk(job, None, gen.finish_reason, splitglm=splitglm_info(job, gen, ttft_ms))
-            yield sse(final)
+                for i in range(job.n):
+                    yield sse(chunk(job, "", role=True, index=i))
+            async with aclosing(merged(its, firsts)) as events:
+                async for i, event in events:
+                    if event is None:  # choice i ended
+                        for body in end_chunks(job, i, gens[i], parsers[i], splitglm_info(job, gens[i], ttft_ms)):
+                            yield sse(body)
+                        continue
+                    observe(self.metrics, event)
+                    lp = None
+                    if logprobs is not None:  # a chunk per token at least: its log-probs
+                        lp = logprobs.of([event.token], [event.logprob], [event.top_logprobs], offsets[i])
+                        offsets[i] += logprobs.width([event.token])
+                    for body in token_chunks(job, i, event.text, lp, parsers[i]):
+                        yield sse(body)
             if job.include_usage:
-                yield sse({**chunk(job, None), "choices": [], "usage": usage(job, gen)})
+                yield sse({**chunk(job, None), "choices": [], "usage": usage(job, gens)})
             outcome = "200"
         except StepFailed as e:
             err = step_failed_error(e)
@@ -366,7 +255,7 @@ class Gateway:
             outcome = "499"
             raise
         finally:
-            await close_shielded(it)  # frees the session when the client went away
+            await close_all(its)  # frees the sessions when the client went away
             if outcome == "200":
                 self.finish_metrics(job, ttft_ms, outcome)
             else:
@@ -450,7 +339,8 @@ def create_app(node) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
-        return await gateway.generate(request, await run_in_threadpool(chat_job, node, body, request_id(request.scope)))
+        job = await run_in_threadpool(chat_job, node, body, request_id(request.scope), gateway.grammars)
+        return await gateway.generate(request, job)
 
     @app.post("/tokenize")
     async def tokenize_(body: TokenizeRequest):

@@ -135,6 +135,17 @@ class EdgeMetrics:
             registry=r,
         )
 
+        self.prefill_positions_total = Counter(
+            PREFIX + "prefill_positions_total",
+            "Prompt positions the edge's own layers ran for HTTP sessions (a session forked from another's "
+            "prefill, one of n completions, runs one).",
+            registry=r,
+        )
+        self.forked_sessions_total = Counter(
+            PREFIX + "forked_sessions_total",
+            "HTTP sessions started from another session's prefill (n completions of one prompt) instead of their own.",
+            registry=r,
+        )
         self.quota_refusals_total = Counter(
             PREFIX + "quota_refusals_total",
             "New sessions and frames refused because their device or API key was at its fair share, by limit "
@@ -207,6 +218,12 @@ class EdgeMetrics:
         """One verification: g drafts, a accepted, the tokens it gave."""
         self.spec_acceptance.observe(accepted / max(drafted, 1))
         self.spec_tokens_per_round_trip.observe(tokens)
+
+    def prefilled(self, positions: int, forked: bool) -> None:
+        """An HTTP session's prompt: ``positions`` run by the edge's layers, the rest ``forked`` or not."""
+        self.prefill_positions_total.inc(positions)
+        if forked:
+            self.forked_sessions_total.inc()
 
     def exposition(self) -> bytes:
         """The registry in the Prometheus text format."""

@@ -71,7 +71,8 @@ def security_note(settings: EdgeSettings) -> str:
 
 @dataclass
 class EdgeGeneration(Generation):
-    """A Generation owned by the edge, counted as an open HTTP session while it runs."""
+    """A Generation owned by the edge, counted as an open HTTP session while it runs; its prompt positions
+    and whether it forked another's prefill are counted when it ends."""
 
     metrics: EdgeMetrics | None = None
 
@@ -84,6 +85,7 @@ class EdgeGeneration(Generation):
             yield from super().__iter__()
         finally:
             self.metrics.session_closed("http")
+            self.metrics.prefilled(self.prefilled, self.forked)
 
 
 class HttpServer(uvicorn.Server):
@@ -172,7 +174,7 @@ class EdgeNode:
                                  tls=cloud_tls(settings))
         self.estimates = Estimates.from_plan(self.plan)
         self.estimates.register(self.metrics.registry)
-        fast = FastTail.load(settings.plan)
+        fast = FastTail.load(settings.plan, settings.grammar_limits())
         for segment in (self.segment, self.device_segment, fast.segment):
             if hasattr(segment, "configure_pool"):  # (ONNX Runtime tiers keep their own caches)
                 segment.configure_pool(tokens=settings.kv_pool_tokens)

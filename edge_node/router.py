@@ -10,12 +10,21 @@ split-point rows as they came: exactly what the cloud decoded), ``edge_node.spec
 fast tail drafts, the cloud verifies) and ``edge_node.probe.LinkProbe`` (the link's estimates between sessions).
 
 - a cloud replica that fails (not one that is slow): another replica (``edge_node.cloud``) gets the history
-  replayed in one step and answers the current frame. It decodes what the failed one did: the same tokens.
+  replayed in one step and answers the current frame. It decodes what the failed one did, and restores the
+  penalties' counts and the grammar's state from the tokens emitted so far: the same tokens.
 - to the fast path (reason "deadline", or "cloud_error: ..." when the cloud times out or no replica is
   left): the cloud stream is closed, the fast tail replays the history in one step (answering the current
   frame), and the session never goes back. After a cloud failure every answer is ``degraded``; no request
   fails because the cloud did (unless it is INVALID_ARGUMENT, or the edge is shutting down).
 Every step updates the estimates (``edge_node.estimates``).
+
+n completions of one prompt share its prefill (``runtime.owner.share_prefill``: a RoutedTail
+``forks_sessions``). A fork's first frame names its source, an HTTP session of this edge (``Frame.fork_of``),
+and carries the prompt's last row; it goes where the source's cache is: a new stream to the source's
+replica, the fork's history starting as a copy of the source's committed rows (a failover replays the whole
+prompt), or the fast tail. A cloud without a copy of the source (NOT_FOUND, FAILED_PRECONDITION) gets the
+fork's history replayed instead; a source not open here, or not in the fast tail, answers NOT_FOUND and the
+owner prefills the prompt itself. No request fails because a fork could not be made.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from dataclasses import InitVar, dataclass, field
 
 import grpc
@@ -32,8 +42,9 @@ from protos import splitglm_pb2 as pb
 from protos.errors import CodecError
 from protos.frames import decode_frame_hidden, make_frame
 from protos.status import error_result
-from runtime.history import Seqs, SplitHistory, remaining_params
-from runtime.ledger import Ledger
+from runtime.history import Seqs, SplitHistory, count_rows, remaining_params
+from runtime.ledger import Ledger, StepError
+from runtime.owner import FORK_REFUSED
 
 from .estimates import Estimates
 from .fast_tail import FastTail
@@ -63,6 +74,8 @@ class Router:
     upstream: Upstream = field(default_factory=Upstream)
     closed: threading.Event = field(default_factory=threading.Event)  # set: the edge is shutting down
     last_accurate: float = 0.0  # time.monotonic() of the latest measured cloud step
+    # the edge's own (HTTP) sessions by id, while open: the sources a fork may name
+    sessions: weakref.WeakValueDictionary = field(default_factory=weakref.WeakValueDictionary)
     drafting: Drafting = field(init=False)  # speculative split decoding (edge_node.speculation.Drafting)
     speculate: InitVar[bool] = True
     max_draft: InitVar[int] = 8
@@ -87,8 +100,32 @@ class Router:
             getattr(self.metrics, what)(**labels)
 
 
+@dataclass
+class Fork:
+    """Where a fork's source session is: its path, whether it is degraded, and on the accurate path its cloud
+    replica and a copy of its history up to the fork."""
+
+    path: str
+    degraded: bool = False
+    replica: object | None = None  # edge_node.cloud.Replica
+    history: SplitHistory | None = None
+
+
+def fork_history(history: SplitHistory, length: int) -> SplitHistory:
+    """A new history of ``history``'s committed rows [0, length)."""
+    out, decoded = SplitHistory(), history.tensor()  # (length', C)
+    for rows in history.rows:
+        if out.length >= length:
+            break
+        out.commit(out.length, rows, decoded[out.length : out.length + count_rows(rows)])
+    out.truncate(length)
+    return out
+
+
 class RoutedTail:
     """The tail of one session: ``step(frame) -> StepResult`` on the path the router chose; ``close(frame)``."""
+
+    forks_sessions = True  # a first frame may fork another session's cache (``Frame.fork_of``; module doc)
 
     def __init__(self, router: Router, kind: str):
         self.router = router
@@ -99,6 +136,8 @@ class RoutedTail:
         self.history: SplitHistory | None = None  # the split-point rows, while on the accurate path
         self.spec: Speculation | None = None  # while on the accurate path, if the session drafts for the cloud
         self.degraded = False
+        self.fork_of = ""  # the session whose cache this one's first step forks
+        self.closed = False
         self.ledger = Ledger()  # the answer to a repeated frame
         self.answered_at: float | None = None  # perf_counter() when the last answer left
         self._lock = threading.Lock()  # one step at a time
@@ -133,13 +172,16 @@ class RoutedTail:
                 return result
             if frame.seq == 0:
                 result.predicted_ms, result.policy = s.predicted_ms, s.policy.value
-            s.tokens_done += len(result.tokens)
+            s.tokens.extend(result.tokens)
             self.ledger.record(frame.seq, result)
             self.answered_at = time.perf_counter()
             return result
 
     def close(self, frame: pb.Frame) -> None:
         """Free the session on whichever tails hold it (best effort, never blocks on a step)."""
+        self.closed = True
+        if self.router.sessions.get(self.session.session_id) is self:
+            self.router.sessions.pop(self.session.session_id, None)
         on_fast = self.path == "fast"
         if on_fast or self.spec is not None:
             self.router.fast.close(frame.session_id or self.session.session_id)  # its fast-path and draft caches
@@ -154,20 +196,66 @@ class RoutedTail:
         """Abandon the cloud stream at once (the edge is stopping)."""
         self.cloud.cancel()
 
+    def fork_point(self, length: int) -> Fork | None:
+        """Where a session that forks this one's positions [0, length) starts (after this one's step in
+        flight); None when this one cannot be forked now (closed, or not that far)."""
+        with self._lock:
+            if self.closed or not self.path:
+                return None
+            if self.path == "fast":
+                return Fork("fast", self.degraded)
+            if self.history is None or self.history.length < length or self.cloud.replica is None:
+                return None
+            return Fork("accurate", self.degraded, self.cloud.replica, fork_history(self.history, length))
+
     def _start(self, frame: pb.Frame, hidden: torch.Tensor) -> pb.StepResult | None:
-        """Choose the path from seq 0; an error result if the frame cannot start a session."""
+        """Choose the path from seq 0 (a fork: its source's); an error result if the frame cannot start a
+        session (for a fork without a source to copy, NOT_FOUND with nothing started)."""
         if frame.seq != 0:
             return error_result(frame.session_id, frame.seq, "NOT_FOUND",
                                 f"unknown session {frame.session_id!r} (a session starts at seq 0)")
+        fork = self._fork_source(frame) if frame.fork_of else None
+        if isinstance(fork, pb.StepResult):
+            return fork
         try:
-            self.path = self.session.start(frame, hidden)
+            self.path = self.session.start(frame, hidden, fork.path if fork is not None else "")
         except ValueError as e:
             return error_result(frame.session_id, frame.seq, "INVALID_ARGUMENT", f"edge router: {e}")
+        if self.session.kind == "http":
+            self.router.sessions[frame.session_id] = self
+        if fork is not None:
+            self.fork_of, self.degraded = frame.fork_of, fork.degraded
         if self.path == "accurate":
-            self.history = SplitHistory()
+            self.history = SplitHistory() if fork is None else fork.history
+            if fork is not None:  # the replica that holds the source's cache
+                self.cloud = self.router.cloud.tail(self.session.kind, fork.replica)
             if self.router.drafting.wanted(self.session.params):
-                self.spec = Speculation(self.router, self.session, self.history, self._cloud)
+                try:
+                    self.spec = Speculation(self.router, self.session, self.history, self._cloud,
+                                            fork=(frame.fork_of, frame.start_pos) if fork is not None else None)
+                except StepError as e:  # its parameters or grammar: no tail would take them
+                    return error_result(frame.session_id, frame.seq, e.status, f"edge fast tail: {e}")
         return None
+
+    def _fork_source(self, frame: pb.Frame) -> Fork | pb.StepResult:
+        """Where the source of a fork is, or the error that answers the fork."""
+        if self.session.kind != "http":
+            return error_result(frame.session_id, frame.seq, "INVALID_ARGUMENT",
+                                "edge router: only the edge's own sessions fork another's cache")
+        source = self.router.sessions.get(frame.fork_of)
+        fork = source.fork_point(frame.start_pos) if source is not None else None
+        if fork is None:
+            return error_result(frame.session_id, frame.seq, "NOT_FOUND",
+                                f"edge router: session {frame.fork_of!r} is not open here to fork")
+        return fork
+
+    def _forget(self, refused: pb.StepResult) -> pb.StepResult:
+        """A fork the fast tail could not make: the session starts over (the owner prefills it at seq 0)."""
+        self.router.sessions.pop(self.session.session_id, None)
+        self.router.fast.close(self.session.session_id)  # (whatever of it the fast tail opened)
+        self.session, self.path, self.fork_of, self.seqs = Session(self.router, self.session.kind), "", "", Seqs()
+        self.degraded = False
+        return refused
 
     # ---- the accurate path ---------------------------------------------------------------------------
 
@@ -200,6 +288,8 @@ class RoutedTail:
             return result, wall_ms
         if result.status in NOT_RETRIED or self.router.closed.is_set():
             return result, None
+        if out.fork_of and result.status in FORK_REFUSED:
+            return self._unforked(seq, result), None
         if result.status == DEADLINE_EXCEEDED and self.session.tokens_done > 0 and not out.draft_tokens:
             self.router.estimates.accurate.observe_step(wall_ms)  # the step took at least this long
         self.cloud.cancel()
@@ -226,6 +316,17 @@ class RoutedTail:
         answer.seq = seq
         return answer, wall_ms
 
+    def _unforked(self, seq: int, refused: pb.StepResult) -> pb.StepResult:
+        """The cloud holds no copy of the fork's source: a new stream on the same replica gets the fork's history
+        (the source's prompt rows, then its own) in one step, as a replay."""
+        s = self.session
+        logger.info("session %s: the cloud did not fork %s (%s); replaying its %d positions", s.session_id,
+                    self.fork_of, refused.error, self.history.length)
+        self.cloud.cancel()
+        self.cloud = self.router.cloud.tail(s.kind, self.cloud.replica)
+        self.seqs.restart(seq)
+        return self._cloud(self.history.replay_frame(s.session_id, s.params, s.tokens), seq)[0]
+
     def _to_replica(self, seq: int, failed: pb.StepResult) -> pb.StepResult | None:
         """The cloud replica failed: replay the history on another replica (a new stream), which answers the
         token after it; None when no replica takes it (then the fast path does)."""
@@ -235,7 +336,7 @@ class RoutedTail:
         for replica in self.router.cloud.replicas_for(self.cloud.replica):
             self.cloud = self.router.cloud.tail(s.kind, replica)
             self.seqs.restart(seq)
-            out = self.history.replay_frame(s.session_id, s.params, s.tokens_done)
+            out = self.history.replay_frame(s.session_id, s.params, s.tokens)
             result, wall_ms = self._cloud_step(out, seq)
             if not result.error:
                 self.router.count("cloud_failover", outcome="moved")
@@ -263,7 +364,7 @@ class RoutedTail:
         self.seqs.restart(seq)
         history, self.history = self.history.tensor(), None  # (positions, C)
         started = time.perf_counter()
-        result = self._fast_step(seq, 0, history, remaining_params(s.params, s.tokens_done))
+        result = self._fast_step(seq, 0, history, remaining_params(s.params, s.tokens))
         replay_ms = (time.perf_counter() - started) * 1e3
         if result.error:
             return result
@@ -280,18 +381,21 @@ class RoutedTail:
         """A step of a session already on the fast path (seq 0 of a session that started there: its prefill)."""
         first = seq == self.seqs.base
         started = time.perf_counter()
-        result = self._fast_step(seq, start_pos, hidden, self.session.params if first else None)
+        fork_of = self.fork_of if first else ""
+        result = self._fast_step(seq, start_pos, hidden, self.session.params if first else None, fork_of)
         wall_ms = (time.perf_counter() - started) * 1e3
+        if fork_of and result.status in FORK_REFUSED:
+            return self._forget(result)
         if not result.error and first:
             self.router.estimates.fast.observe_prefill(int(hidden.shape[0]), wall_ms)
         elif not result.error:
             self.router.estimates.fast.observe_step(wall_ms)
         return result
 
-    def _fast_step(self, seq: int, start_pos: int, hidden: torch.Tensor, params) -> pb.StepResult:
+    def _fast_step(self, seq: int, start_pos: int, hidden: torch.Tensor, params, fork_of: str = "") -> pb.StepResult:
         """The fast tail's answer, renumbered from its own seqs to the frame's."""
         s = self.session
-        inner = self.router.fast.step(s.session_id, self.seqs.of(seq), start_pos, hidden, params)
+        inner = self.router.fast.step(s.session_id, self.seqs.of(seq), start_pos, hidden, params, fork_of)
         result = pb.StepResult()
         result.CopyFrom(inner)
         result.session_id, result.seq, result.degraded = s.session_id, seq, self.degraded

@@ -1,33 +1,43 @@
-"""Request and response bodies of the edge's OpenAI-compatible HTTP API.
+"""Request bodies of the edge's OpenAI-compatible HTTP API, and the ``Job`` a validated request becomes.
 
-Requests (pydantic models) follow OpenAI's ``/v1/completions`` and ``/v1/chat/completions``
-plus splitglm fields: ``latency_budget_ms`` (or ``token_budget_ms``, per new token), ``policy`` and
-``speculate``. Every other field is named in one of the tables below (``IGNORED``: accepted and
-ignored; ``REFUSED_*``: a 400 unless it holds its neutral value) or refused as unknown, never
-dropped silently; ``docs/api.md`` shows the same tables (a test checks). Types are strict: ``"5"`` is
-not a number and ``1`` is not a boolean. A validated request becomes a ``Job``;
-responses (whole, or streamed chunks) are plain dicts shaped from a Job and
-its finished ``runtime.owner.Generation``, with a ``splitglm`` object;
-``error_body`` is the one error shape every failure uses.
+Requests (pydantic models) follow OpenAI's ``/v1/completions`` and ``/v1/chat/completions`` (with vLLM's
+``top_k``, ``min_p`` and ``repetition_penalty``) plus splitglm fields: ``latency_budget_ms`` (or
+``token_budget_ms``, per new token), ``policy`` and ``speculate``. Every other field is named in one of
+the tables below (``IGNORED``: accepted and ignored; ``REFUSED_*``: a 400 unless it holds its neutral
+value) or refused as unknown, never dropped silently; ``docs/api.md`` shows the same tables (a test
+checks). Types are strict: ``"5"`` is not a number and ``1`` is not a boolean. Ranges are checked here
+(a 400 naming the field); what needs the node (the vocabulary, the limits, compiling a
+``response_format`` or the tools) is checked by ``edge_node.jobs``, which makes a request a ``Job``; the
+tools, tool calls and tool messages by ``edge_node.tools``. Responses are
+shaped by ``edge_node.openai_format``; ``error_body`` is the one error shape every failure uses.
 """
 
 from __future__ import annotations
 
 import json
-import time
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    WithJsonSchema,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from protos import splitglm_pb2 as pb
-from runtime.report import ms, report
-
-from .policy import total_budget_ms
 
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
+MAX_LOGIT_BIAS = 300  # logit_bias entries per request
+MAX_TOP_LOGPROBS = 20  # chat: top_logprobs (OpenAI's range)
+MAX_COMPLETION_LOGPROBS = 5  # completions: logprobs (OpenAI's range)
 UINT32_MAX = 2**32 - 1
 UINT64_MAX = 2**64 - 1
 
@@ -62,18 +72,31 @@ def stop_list(stop):
 
 
 def text_content(content):
-    """Message content as text: a string, null, or a list of text parts."""
+    """Message content as text: a string, null (kept: a tool message needs content), or a list of text parts."""
     if content is None or isinstance(content, str):
-        return content or ""
+        return content
     parts = content if isinstance(content, list) else [None]
     if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in parts):
         raise ValueError('must be a string or a list of {"type": "text", "text": ...} parts (only text is served)')
     return "".join(p["text"] for p in parts)
 
 
+def token_biases(bias: dict[str, float]) -> dict[str, float]:
+    """logit_bias's keys are token ids written as decimal strings (OpenAI's form)."""
+    bad = next((k for k in bias if not (k.isascii() and k.isdigit()) or len(k) > 10), None)
+    if bad is not None:
+        raise ValueError(f"keys must be token ids (decimal strings such as \"50256\"), got {bad!r}")
+    return bias
+
+
 Prompt = Annotated[str | list[int], BeforeValidator(one_prompt)]
 StopStrings = Annotated[list[str], BeforeValidator(stop_list)]
-TextContent = Annotated[str, BeforeValidator(text_content)]
+TextContent = Annotated[str | None, BeforeValidator(text_content)]
+Penalty = Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)]
+Bias = Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]
+TOKEN_ID_KEYS = {"propertyNames": {"pattern": "^[0-9]{1,10}$"}}  # logit_bias's keys, in the published schema
+LogitBias = Annotated[dict[str, Bias], Field(max_length=MAX_LOGIT_BIAS, json_schema_extra=TOKEN_ID_KEYS),
+                      AfterValidator(token_biases)]
 
 
 @dataclass(frozen=True)
@@ -93,31 +116,13 @@ IGNORED = {
     "metadata": "tags of stored completions (see store)",
     "service_tier": "OpenAI's processing tiers; the latency_budget_ms and policy fields steer this server",
     "prompt_cache_key": "OpenAI's prompt-cache routing",
-    "parallel_tool_calls": "only matters with tools, which are refused until built",
-}
-SAMPLING_LATER = {  # both endpoints
-    "n": Refused("several completions (n > 1)", (1,)),
-    "top_k": Refused("top-k sampling", (-1, 0)),
-    "min_p": Refused("min-p sampling", (0,)),
-    "presence_penalty": Refused("a presence penalty", (0,)),
-    "frequency_penalty": Refused("a frequency penalty", (0,)),
-    "repetition_penalty": Refused("a repetition penalty", (1,)),
-    "logit_bias": Refused("a logit bias", ({},)),
 }
 REFUSED_COMPLETIONS = {
-    **SAMPLING_LATER,
-    "logprobs": Refused("log-probs"),
-    "best_of": Refused("best_of (server-side candidates; use n when it is built)", (1,), later=False),
+    "best_of": Refused("best_of (server-side candidates; n gives several completions)", (1,), later=False),
     "echo": Refused("echoing the prompt", (False,), later=False),
     "suffix": Refused("a suffix (insertion)", ("",), later=False),
 }
 REFUSED_CHAT = {
-    **SAMPLING_LATER,
-    "logprobs": Refused("log-probs", (False,)),
-    "top_logprobs": Refused("top log-probs", (0,)),
-    "response_format": Refused("structured output (response_format)", ({"type": "text"},)),
-    "tools": Refused("tools", ([],)),
-    "tool_choice": Refused("tool calls (tool_choice)", ("none", "auto")),
     "functions": Refused("functions (deprecated by OpenAI: tools)", ([],), later=False),
     "function_call": Refused("a function call (deprecated by OpenAI: tool_choice)", ("none", "auto"), later=False),
     "audio": Refused("audio output", later=False),
@@ -132,8 +137,6 @@ IGNORED_MESSAGE = {
     "refusal": "an earlier answer's refusal text",
 }
 REFUSED_MESSAGE = {
-    "tool_calls": Refused("an assistant's tool calls", ([],)),
-    "tool_call_id": Refused("a tool result's call id"),
     "function_call": Refused("an assistant's function call (deprecated by OpenAI: tool_calls)", later=False),
     "audio": Refused("audio", later=False),
 }
@@ -205,6 +208,14 @@ class GenerationRequest(Checked):
     token_budget_ms: Annotated[StrictInt, Field(ge=1, le=UINT32_MAX)] | None = None  # budget per new token, ms
     policy: Literal["adaptive", "accurate", "fast"] | None = None  # router policy; default "adaptive"
     speculate: StrictBool | None = None  # speculative split decoding where it pays; default: the edge's setting
+    n: Annotated[StrictInt, Field(ge=1)] | None = None  # completions of the prompt; at most the edge's max_n
+    top_k: Annotated[StrictInt, Field(ge=-1, le=UINT32_MAX)] | None = None  # vLLM: the k most likely; -1, 0 = all
+    min_p: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = None  # vLLM: p >= min_p * the top p
+    presence_penalty: Penalty | None = None  # over the generated tokens: logit -= penalty * (count > 0)
+    frequency_penalty: Penalty | None = None  # over the generated tokens: logit -= penalty * count
+    # vLLM's, over the generated tokens only (the cloud never has the prompt's ids): a seen token's logit / r if > 0
+    repetition_penalty: Annotated[float, Field(gt=0, le=2, allow_inf_nan=False)] | None = None
+    logit_bias: LogitBias | None = None  # {"token id": bias in [-100, 100]} added to the logits
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -223,6 +234,14 @@ class GenerationRequest(Checked):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def logprobs_asked(self) -> int | None:
+        """The alternatives to report per token (0: only the sampled token's log-prob); None: no log-probs."""
+        return None
+
+    def grammar(self) -> pb.Grammar | None:
+        """What constrains the tokens (``response_format``); None: nothing."""
+        return None
+
 
 class CompletionRequest(GenerationRequest):
     """``POST /v1/completions``: a prompt as text or token ids (one prompt per request)."""
@@ -230,18 +249,107 @@ class CompletionRequest(GenerationRequest):
     refused: ClassVar[dict] = REFUSED_COMPLETIONS
 
     prompt: Prompt  # one prompt: text, or token ids (also as a list of one of those in the body)
+    # the log-probs of each token and of the most likely alternatives, 0-5 (the sampled token's always)
+    logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None
+
+    def logprobs_asked(self) -> int | None:
+        return self.logprobs
+
+
+def string_or_object(value):
+    """``tool_choice``'s shape (its values are checked by ``edge_node.tools``, which names the wrong part)."""
+    if not isinstance(value, str | dict):
+        raise ValueError('must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}')
+    return value
+
+
+TOOL_CHOICE_SCHEMA = {"anyOf": [
+    {"enum": ["none", "auto", "required"]},
+    {"type": "object", "properties": {"type": {"const": "function"}, "function": {
+        "type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}},
+     "required": ["type", "function"]}]}  # fmt: skip
+ToolChoiceField = Annotated[str | dict, BeforeValidator(string_or_object), WithJsonSchema(TOOL_CHOICE_SCHEMA)]
+STRING = {"type": "string"}
+TOOL_SCHEMA = {"type": "object", "required": ["type", "function"], "additionalProperties": False, "properties": {
+    "type": {"const": "function"}, "function": {
+        "type": "object", "required": ["name"], "additionalProperties": False, "properties": {
+            "name": {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,64}$"}, "description": STRING,
+            "parameters": {"type": "object"}, "strict": {"type": "boolean"}}}}}  # fmt: skip
+TOOL_CALL_SCHEMA = {"type": "object", "required": ["id", "type", "function"], "additionalProperties": False,
+                    "properties": {"id": STRING, "type": {"const": "function"}, "function": {
+                        "type": "object", "required": ["name", "arguments"], "additionalProperties": False,
+                        "properties": {"name": STRING, "arguments": STRING}}}}  # fmt: skip
+MESSAGE_RULES = {"allOf": [  # (published) a tool message answers a call; only an assistant's carries calls
+    {"if": {"properties": {"role": {"const": "tool"}}}, "then": {"required": ["tool_call_id", "content"],
+                                                         "properties": {"content": STRING}},
+     "else": {"not": {"required": ["tool_call_id"]}}},
+    {"if": {"properties": {"role": {"const": "assistant"}}}, "else": {"properties": {"tool_calls": {"maxItems": 0}}}},
+]}  # fmt: skip
 
 
 class Message(Checked):
+    """One message of a conversation; its tool calls and tool results are checked by ``edge_node.tools``."""
+
+    model_config = ConfigDict(json_schema_extra={**Checked.model_config["json_schema_extra"], **MESSAGE_RULES})
     ignored: ClassVar[dict] = IGNORED_MESSAGE
     refused: ClassVar[dict] = REFUSED_MESSAGE
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: TextContent = ""  # text (a string, null or a list of text parts in the body)
+    # an assistant's calls: {"id", "type": "function", "function": {"name", "arguments": a JSON string}}
+    tool_calls: list[Annotated[dict, WithJsonSchema(TOOL_CALL_SCHEMA)]] | None = None
+    tool_call_id: StrictStr | None = None  # a tool message: the id of the call it answers
 
-    def as_template_input(self) -> dict[str, str]:
-        """The {role, content} dict a chat template expects ("developer" is OpenAI's new name for "system")."""
-        return {"role": "system" if self.role == "developer" else self.role, "content": self.content}
+    @model_validator(mode="after")
+    def _call_id_on_tool_messages(self):
+        if self.tool_call_id is not None and self.role != "tool":
+            raise field_error("tool_call_id", "only tool messages answer a call", "invalid_value")
+        return self
+
+    def as_openai(self) -> dict:
+        """The message as OpenAI's dict, content as text or None ("developer" is OpenAI's new name for
+        "system"), what ``edge_node.tools.ToolRequest.render`` takes."""
+        out = {"role": "system" if self.role == "developer" else self.role, "content": self.content}
+        if self.tool_calls is not None:
+            out["tool_calls"] = self.tool_calls
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+class JsonSchemaFormat(Checked):
+    """``response_format.json_schema``: a named JSON schema the answer must follow."""
+
+    ignored: ClassVar[dict] = {}
+
+    name: Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    description: StrictStr | None = None  # (for the model in OpenAI's API; not shown to this model)
+    schema_: dict | None = Field(default=None, alias="schema")  # the JSON schema; absent: any JSON value
+    strict: StrictBool | None = None  # accepted either way: the schema is always enforced
+
+
+class ResponseFormat(Checked):
+    """``response_format``: free text, any JSON object, or JSON following a schema (constrained decoding)."""
+
+    ignored: ClassVar[dict] = {}
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None  # with type "json_schema" (only)
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise field_error("json_schema", 'json_schema is required with type "json_schema" and only then',
+                              "invalid_value")
+        return self
+
+    def grammar(self) -> pb.Grammar | None:
+        if self.type == "json_object":
+            return pb.Grammar(kind="json_object")
+        if self.type == "json_schema":
+            schema = {} if self.json_schema.schema_ is None else self.json_schema.schema_
+            return pb.Grammar(kind="json_schema", text=json.dumps(schema, separators=(",", ":")))
+        return None
 
 
 class ChatRequest(GenerationRequest):
@@ -250,6 +358,25 @@ class ChatRequest(GenerationRequest):
     refused: ClassVar[dict] = REFUSED_CHAT
 
     messages: Annotated[list[Message], Field(min_length=1)]
+    logprobs: StrictBool | None = None  # the log-prob of each token (choices[i].logprobs.content)
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None  # alternatives per token
+    response_format: ResponseFormat | None = None  # {"type": "text" | "json_object" | "json_schema", ...}
+    # functions the model may call (checked by edge_node.tools: names, schemas, at most 128)
+    tools: list[Annotated[dict, WithJsonSchema(TOOL_SCHEMA)]] | None = None
+    tool_choice: ToolChoiceField | None = None  # "none", "auto", "required" or a named function
+    parallel_tool_calls: StrictBool | None = None  # several calls in one answer; default true
+
+    @model_validator(mode="after")
+    def _top_logprobs_with_logprobs(self):
+        if self.top_logprobs and self.logprobs is not True:
+            raise field_error("top_logprobs", "top_logprobs needs logprobs: true", "invalid_value")
+        return self
+
+    def logprobs_asked(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def grammar(self) -> pb.Grammar | None:
+        return None if self.response_format is None else self.response_format.grammar()
 
 
 class TokenizeRequest(Checked):
@@ -275,95 +402,6 @@ class DetokenizeRequest(Checked):
 
     model: StrictStr | None = None
     tokens: list[Annotated[StrictInt, Field(ge=0)]]
-
-
-@dataclass
-class Job:
-    """One validated request: what to generate, and how to answer."""
-
-    api: str  # "completions" or "chat"
-    model: str
-    prompt_ids: list[int]
-    params: pb.GenerationParams
-    stream: bool
-    include_usage: bool
-    started: float = field(default_factory=time.perf_counter)
-    created: int = field(default_factory=lambda: int(time.time()))
-    id: str = ""
-    request_id: str = ""  # the X-Request-ID of its HTTP request (``request_id``), in the logs beside ``id``
-
-    def __post_init__(self):
-        prefix = "chatcmpl" if self.api == "chat" else "cmpl"
-        self.id = self.id or f"{prefix}-{uuid.uuid4().hex}"
-
-    @property
-    def object(self) -> str:
-        if self.api == "chat":
-            return "chat.completion.chunk" if self.stream else "chat.completion"
-        return "text_completion"
-
-    def elapsed_ms(self) -> float:
-        return (time.perf_counter() - self.started) * 1e3
-
-
-def request_budget_ms(params: pb.GenerationParams) -> float | None:
-    """The whole completion's budget, ms: latency_budget_ms and/or token_budget_ms * max_tokens (None: none)."""
-    p = params
-    return total_budget_ms(p.max_tokens, p.latency_budget_ms or None, p.token_budget_ms or None)
-
-
-def splitglm_info(job: Job, gen, ttft_ms: float) -> dict:
-    """The ``splitglm`` object of a response: the generated token ids, the latency budget (ms) and the
-    generation's report (``runtime.report``), its times counted from the request's arrival."""
-    budget = request_budget_ms(job.params)
-    return {
-        "tokens": list(gen.tokens),  # the generated token ids (the text is their decoding, cut at a stop string)
-        **report(gen, budget, total_ms=job.elapsed_ms(), ttft_ms=ttft_ms),
-        "latency_budget_ms": ms(budget),
-    }
-
-
-def usage(job: Job, gen) -> dict:
-    n = len(gen.tokens)
-    return {"prompt_tokens": len(job.prompt_ids), "completion_tokens": n, "total_tokens": len(job.prompt_ids) + n}
-
-
-def response_body(job: Job, gen, ttft_ms: float) -> dict:
-    """The whole (non-streamed) answer."""
-    choice = {"index": 0, "finish_reason": gen.finish_reason, "logprobs": None}
-    if job.api == "chat":
-        choice["message"] = {"role": "assistant", "content": gen.text}
-    else:
-        choice["text"] = gen.text
-    return {
-        "id": job.id,
-        "object": job.object,
-        "created": job.created,
-        "model": job.model,
-        "choices": [choice],
-        "usage": usage(job, gen),
-        "splitglm": splitglm_info(job, gen, ttft_ms),
-    }
-
-
-def chunk(job: Job, text: str | None, finish_reason: str | None = None, role: bool = False, **extra) -> dict:
-    """One streamed chunk with a text delta (``text`` None: an empty delta)."""
-    choice: dict = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
-    if job.api == "chat":
-        delta = {"role": "assistant"} if role else {}
-        if text is not None:
-            delta["content"] = text
-        choice["delta"] = delta
-    else:
-        choice["text"] = text or ""
-    body = {"id": job.id, "object": job.object, "created": job.created, "model": job.model, "choices": [choice]}
-    if job.include_usage:
-        body["usage"] = None
-    return {**body, **extra}
-
-
-def sse(data: dict | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:

@@ -62,10 +62,15 @@ class Session:
         self.start_ms = 0.0  # Unix ms when the session's clock started
         self.prompt_tokens = 0
         self.predicted_ms = 0.0
-        self.tokens_done = 0
+        self.tokens: list[int] = []  # emitted since seq 0 (after its params' generated_tokens, on a replay)
 
-    def start(self, frame: pb.Frame, hidden: torch.Tensor) -> str:
-        """Read seq 0's params and choose the path ("accurate" | "fast"); ValueError names what is invalid."""
+    @property
+    def tokens_done(self) -> int:
+        return len(self.tokens)
+
+    def start(self, frame: pb.Frame, hidden: torch.Tensor, follow: str = "") -> str:
+        """Read seq 0's params and choose the path ("accurate" | "fast"), or take ``follow``'s (a fork goes
+        where its source's cache is); ValueError names what is invalid."""
         params = pb.GenerationParams()
         params.CopyFrom(frame.params)
         n = params.max_tokens
@@ -73,7 +78,9 @@ class Session:
         self.policy = parse_policy(params.policy or None, router.policy)
         self.budget_ms = total_budget_ms(n, params.latency_budget_ms or None, params.token_budget_ms or None)
         sampling_params(params)
-        self.session_id, self.params, self.prompt_tokens = frame.session_id, params, int(hidden.shape[0])
+        rows = int(hidden.shape[0])
+        self.session_id, self.params = frame.session_id, params
+        self.prompt_tokens = frame.start_pos + rows  # (a fork's first frame has the prompt's last row only)
         now = time.time() * 1e3
         owner_start = frame.deadline_unix_ms - self.budget_ms if frame.deadline_unix_ms and self.budget_ms else now
         self.start_ms = min(owner_start, now)
@@ -81,11 +88,16 @@ class Session:
         if self.budget_ms is not None:
             upstream_ms = router.upstream.get(self.kind, "high") * max(n - 1, 0)  # the owner's share of the budget
             tails_budget = max(self.budget_ms - (now - self.start_ms) - upstream_ms, 0.0)
-        decision = choose(self.policy, tails_budget, self.prompt_tokens, n, router.estimates, router.margin)
-        self.predicted_ms = decision.predicted_ms + router.upstream.get(self.kind) * max(n - 1, 0)
-        router.count("router_decision", path=decision.path, policy=self.policy.value)
-        logger.debug("session %s (%s): %s path, %s", self.session_id, self.kind, decision.path, decision.reason)
-        return decision.path
+        if follow:  # a fork: one row to prefill, on the path of its source
+            path, reason = follow, f"a fork of {frame.fork_of}"
+            predicted_ms = router.estimates[path].predict(rows, n)
+        else:
+            decision = choose(self.policy, tails_budget, self.prompt_tokens, n, router.estimates, router.margin)
+            path, reason, predicted_ms = decision.path, decision.reason, decision.predicted_ms
+        self.predicted_ms = predicted_ms + router.upstream.get(self.kind) * max(n - 1, 0)
+        router.count("router_decision", path=path, policy=self.policy.value)
+        logger.debug("session %s (%s): %s path, %s", self.session_id, self.kind, path, reason)
+        return path
 
     def left(self) -> tuple[int, float | None]:
         """(tokens still to come, this one included; ms the budget leaves the tails for them or None)."""

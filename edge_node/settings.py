@@ -18,7 +18,13 @@ from pydantic_settings import SettingsConfigDict
 
 from protos import topics
 from protos.mqtt import broker_address
-from runtime.settings import MqttClientSettings, SettingsError, existing_file, load_settings  # noqa: F401 -- re-exported
+from runtime.settings import (  # noqa: F401 -- re-exported
+    GrammarSettings,
+    MqttClientSettings,
+    SettingsError,
+    existing_file,
+    load_settings,
+)
 
 from .cloud import parse_targets
 
@@ -31,8 +37,8 @@ def default_edge_id() -> str:
     return f"edge-{host}"[:64]
 
 
-class EdgeSettings(MqttClientSettings):
-    """Settings of ``python -m edge_node``."""
+class EdgeSettings(MqttClientSettings, GrammarSettings):
+    """Settings of ``python -m edge_node`` (with the fast tail's grammar limits, ``GrammarSettings``)."""
 
     model_config = SettingsConfigDict(env_prefix="SPLITGLM_EDGE_", extra="forbid")
 
@@ -126,6 +132,8 @@ class EdgeSettings(MqttClientSettings):
     default_max_tokens: int = Field(default=128, ge=1, description="max_tokens of HTTP requests that set none, tokens")
     max_tokens_limit: int = Field(default=2048, ge=1, description="largest max_tokens an HTTP request (400) "
                                   "or a device session (RESOURCE_EXHAUSTED) may ask, tokens")
+    max_n: int = Field(default=16, ge=1, description="most completions (n) one HTTP request may ask for (400 "
+                       "beyond), completions")
     model_name: str = Field(default="splitglm", min_length=1, description="model id the HTTP API serves")
     policy: Literal["adaptive", "accurate", "fast"] = Field(
         default="adaptive", description="router policy of requests that name none (adaptive: by latency budget)"

@@ -22,6 +22,16 @@ fast tail drafts each token (``draft_tokens``: the owner runs it, nothing is emi
 draft sends the round's g + 1 rows to the cloud in one verification frame; the accepted drafts' rows are
 committed to the split-point history and the owner rewinds to ``next_pos``, after them. ``Drafting`` is
 what the sessions share: the settings and the cloud's verify time.
+
+Drafts are sampled with the session's whole state, as the cloud samples: a ``runtime.generation.TokenState``
+of the session's parameters (penalties, logit bias, top-k / min-p, the grammar compiled by the fast tail's
+``Grammars``), committed to the tokens the session has emitted at each round's start; the round drafts
+into a fork of it, each draft committed to the fork. So a draft is the token the cloud samples there
+whenever the fast tail's logits agree, and the output is the plain path's either way (the cloud accepts
+only drafts equal to its own tokens).
+
+The draft cache of a fork (n completions of one prompt) starts from its source's draft cache where that
+one holds the prompt (``FastTail.fork_draft``); else it catches up from the history like any other.
 """
 
 from __future__ import annotations
@@ -36,8 +46,10 @@ import torch
 from protos import splitglm_pb2 as pb
 from protos.codecs import join_rows
 from protos.status import error_result
+from runtime.generation import TokenState
+from runtime.grammar import GrammarError
 from runtime.history import SplitHistory
-from runtime.terminal import sampling_params
+from runtime.terminal import token_state
 
 from .estimates import RobustStat
 from .session import Session, server_ms
@@ -137,6 +149,7 @@ class Round:
     base: int  # position of the committed token
     g: int  # drafts this round
     head: pb.EncodedTensor  # the committed token's row as it arrived
+    state: TokenState  # the committed tokens and this round's drafts
     drafts: list[int] = field(default_factory=list)
     tails_ms: float = 0.0  # time this round's frames spent at the edge's tails
 
@@ -146,12 +159,16 @@ Verify = Callable[[pb.Frame, int], tuple[pb.StepResult, float | None]]
 
 class Speculation:
     """One session's speculative rounds; ``verify(frame, seq)`` sends a verification to the cloud and gives its
-    answer and wall ms (None when the cloud failed: the answer then came from the session's new tail)."""
+    answer and wall ms (None when the cloud failed: the answer then came from the session's new tail).
+    StepError INVALID_ARGUMENT when the session's parameters or grammar cannot be drafted with."""
 
-    def __init__(self, router: object, session: Session, history: SplitHistory, verify: Verify):
+    def __init__(self, router: object, session: Session, history: SplitHistory, verify: Verify,
+                 fork: tuple[str, int] | None = None):
         self.router, self.session = router, session  # router: edge_node.router.Router
         self.history, self.verify = history, verify
-        self.sampling = sampling_params(session.params)  # for the drafts
+        self.fork = fork  # (source session, positions): a fork's draft cache may start from its source's
+        self.state = token_state(session.params, router.fast.grammars)  # at the tokens the session emitted
+        self.synced = 0  # of session.tokens, those committed to ``state``
         self.acceptance = Acceptance(router.drafting.alpha_prior)
         self.round: Round | None = None
         self.draft_len = 0  # positions the fast tail's draft session holds
@@ -173,7 +190,13 @@ class Speculation:
 
     def start(self, frame: pb.Frame, hidden: torch.Tensor, g: int) -> pb.StepResult:
         """A round of ``g`` drafts starts: ``frame``'s row (committed) is the last committed token's."""
-        self.round = Round(frame.start_pos, g, pb.EncodedTensor())
+        emitted = self.session.tokens
+        try:
+            self.state.commit(emitted[self.synced :])
+        except GrammarError as e:
+            return self._refused(frame, e)
+        self.synced = len(emitted)
+        self.round = Round(frame.start_pos, g, pb.EncodedTensor(), self.state.fork())
         self.round.head.CopyFrom(frame.hidden)
         return self._draft_step(frame, hidden)
 
@@ -199,10 +222,15 @@ class Speculation:
     def _draft(self, start_pos: int, hidden: torch.Tensor) -> int:
         """The fast tail's draft after ``hidden`` (one row at start_pos), catching its cache up first."""
         rows, at = hidden, start_pos
+        if self.fork is not None:  # a fork's first draft: its source's draft cache, if it holds the prompt
+            (source, length), self.fork = self.fork, None
+            if self.draft_len < length and self.router.fast.fork_draft(source, self.session.session_id, length):
+                self.draft_len = length
         if self.draft_len < start_pos:  # positions it has not seen: from the cloud-bound history
             rows, at = torch.cat([self.history.tensor()[self.draft_len : start_pos], hidden]), self.draft_len
         started = time.perf_counter()
-        token = self.router.fast.draft(self.session.session_id, at, rows, self.sampling)
+        token = self.router.fast.draft(self.session.session_id, at, rows, self.round.state)
+        self.round.state.commit([token])
         if rows.shape[0] == 1:  # a draft is a fast-tail decode step
             self.router.estimates.fast.observe_step((time.perf_counter() - started) * 1e3)
         self.draft_len = start_pos + 1
@@ -210,10 +238,19 @@ class Speculation:
 
     def _draft_step(self, frame: pb.Frame, hidden: torch.Tensor) -> pb.StepResult:
         """Draft one token and hand it to the owner to run (not emitted: it is not verified yet)."""
-        token = self._draft(frame.start_pos, hidden)
+        try:
+            token = self._draft(frame.start_pos, hidden)
+        except GrammarError as e:
+            return self._refused(frame, e)
         self.round.drafts.append(token)
         return pb.StepResult(session_id=frame.session_id, seq=frame.seq, draft_tokens=[token],
                              next_pos=frame.start_pos + 1, path=pb.ACCURATE)
+
+    def _refused(self, frame: pb.Frame, error: GrammarError) -> pb.StepResult:
+        """The session's grammar failed at the fast tail: the round ends, the step answers INVALID_ARGUMENT."""
+        self.round = None
+        return error_result(frame.session_id, frame.seq, "INVALID_ARGUMENT",
+                            f"edge fast tail: session {self.session.session_id!r}: {error}")
 
     def _verify(self, frame: pb.Frame) -> pb.StepResult:
         """One cloud step over the round's g + 1 rows; the accepted tokens, and where the owner goes on."""

@@ -13,7 +13,10 @@ qkv product, rotary + KV write, paged attention, o, gate-up, SiLU-gate, down):
 
 ``graphs=False`` runs the very same passes on the very same buffers without capture: the eager reference
 the graphs are tested against. Sampling (``runtime.sampling.sample_rows``) runs inside each pass; the
-tokens are the only thing read back.
+tokens are the only thing read back. A session whose rows need logit processing (penalties, logit bias, a
+grammar's mask, top-k / min-p, top log-probs: a row not ``.plain``) is sampled after the pass instead, by
+``runtime.sampling.sample_batch`` on the pass's logits of its rows (eagerly, the same function as the
+PyTorch segment's); the graphs of a step without such rows are unchanged.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from runtime import triton_ops as ops
 from runtime.checkpoint import GlmSpec
 from runtime.kv_pool import DEFAULT_PAGE_SIZE, KVPool, PoolExhausted, pool_tokens
 from runtime.layers import inverse_frequencies
-from runtime.sampling import sample_rows
+from runtime.sampling import sample_batch, sample_rows
 from runtime.step import Sampled, SegmentInput, begin_step, check_items, end_step
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -184,7 +187,8 @@ class CudaEngine:
         self.cos, self.sin = angles.cos().contiguous(), angles.sin().contiguous()
         self._passes: dict[tuple, _Pass] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if graphs else None
-        self.stats = {"graph_replays": 0, "eager_passes": 0, "captures": 0, "fill_ms": 0.0}
+        self.stats = {"graph_replays": 0, "eager_passes": 0, "captures": 0, "fill_ms": 0.0, "positions": 0,
+                      "forked_positions": 0}
 
     # ---- sessions (as Segment) ---------------------------------------------------------------------
 
@@ -206,6 +210,19 @@ class CudaEngine:
     def cached_length(self, session_id: str) -> int:
         return self.pool.sessions[session_id].length
 
+    def fork_session(self, src: str, dst: str, length: int, reserve: int = 0) -> None:
+        """Start the new session ``dst`` from ``src``'s cached positions [0, length), their pages shared
+        copy-on-write, with room for ``reserve`` positions (as ``Segment.fork_session``)."""
+        if reserve > self.max_positions:
+            raise ValueError(f"{reserve} positions exceed the engine's max_positions {self.max_positions}")
+        self.pool.fork(src, dst, length, reserve)
+        try:
+            self._attach(dst)
+        except PoolExhausted:  # no row of the page table left
+            self.close_session(dst)
+            raise
+        self.stats["forked_positions"] += length
+
     def reserve(self, session_id: str, positions: int) -> None:
         """Take room for ``positions`` positions of a session now (PoolExhausted if the pool lacks it)."""
         if positions > self.max_positions:
@@ -219,12 +236,16 @@ class CudaEngine:
             raise
 
     def _attach(self, session_id: str) -> None:
-        """Give a session its row of the GPU page table and copy there the pages it got since."""
+        """Give a session its row of the GPU page table and copy there the pages it got (or had replaced by
+        copy-on-write copies) since."""
         if session_id not in self._rows:
             if not self._free_rows:
                 raise PoolExhausted(f"the engine holds its most sessions ({len(self._rows)})")
             self._rows[session_id] = self._free_rows.pop()
-        pages, written = self.pool.sessions[session_id].pages, self._written.get(session_id, 0)
+        state = self.pool.sessions[session_id]
+        pages, written = state.pages, self._written.get(session_id, 0)
+        if state.replaced is not None:
+            written, state.replaced = min(written, state.replaced), None
         if len(pages) > written:
             new = torch.tensor(pages[written:], dtype=torch.int32).to(self.device, non_blocking=True)
             self.page_table[self._rows[session_id], written : len(pages)] = new
@@ -251,6 +272,7 @@ class CudaEngine:
                 self.close_session(session_id)
             raise
         end_step(self.pool, items)
+        self.stats["positions"] += sum(item.num_positions for item in items)
         return self._answers(items, outputs, last_only)
 
     forward = __call__
@@ -262,7 +284,7 @@ class CudaEngine:
         if short:
             B = next(b for b in BATCH_BUCKETS if b >= len(short))
             T = max(items[i].num_positions for i in short)
-            sampled = any(r.temperature > 0 for i in short for r in items[i].sample)
+            sampled = any(r.temperature > 0 for i in short if not _processed(items[i]) for r in items[i].sample)
             p = self._pass((B, T, sampled, True), B, T, sampled, True)
             layout = [(items[i], b * T, not items[i].sample and items[i].keep != 0) for b, i in enumerate(short)]
             for i, out in zip(short, self._replay(p, layout)):
@@ -275,7 +297,7 @@ class CudaEngine:
     def _chunked(self, item: SegmentInput, last_only: bool):
         """A long step in ``prefill_chunk`` passes; the rows (no head) or the chunks' answers joined (head)."""
         chunk, parts = self.prefill_chunk, []
-        sampled = any(r.temperature > 0 for r in item.sample)
+        sampled = not _processed(item) and any(r.temperature > 0 for r in item.sample)
         p = self._pass((1, chunk, sampled, False), 1, chunk, sampled, False)
         for a in range(0, item.num_positions, chunk):
             b = min(a + chunk, item.num_positions)
@@ -343,7 +365,10 @@ class CudaEngine:
                 out.append(p.out[0][rows].clone())
                 continue
             tokens, logprobs, logits = p.out
-            out.append((tokens[rows].clone(), logprobs[rows].clone(), logits[rows].clone() if keep else None))
+            kept = logits[rows].clone() if keep else None
+            if _processed(item):  # the logits of the rows it samples, for ``_answers``
+                kept = logits[rows.stop - len(item.sample) : rows.stop].clone()
+            out.append((tokens[rows].clone(), logprobs[rows].clone(), kept))
         return out
 
     def _capture(self, p: _Pass) -> None:
@@ -396,24 +421,36 @@ class CudaEngine:
     def _answers(self, items: list[SegmentInput], outputs: list, last_only: bool) -> list:
         if not self.has_head:
             return outputs
-        tokens = torch.cat([o[0][o[0].shape[0] - len(item.sample):] for item, o in zip(items, outputs)])
-        logprobs = torch.cat([o[1][o[1].shape[0] - len(item.sample):] for item, o in zip(items, outputs)])
-        tokens, logprobs = tokens.tolist(), logprobs.tolist()  # the call's one host sync
-        answers, at = [], 0
-        for item, (_, _, logits) in zip(items, outputs):
-            k = len(item.sample)
-            if k:
-                answers.append(Sampled(tokens[at : at + k], logprobs[at : at + k]))
-                at += k
-            elif logits is None:  # (keep=0: nobody reads this step's logits)
-                answers.append(None)
+        answers: list = [None] * len(items)
+        for processed in (True, False):  # rows sampled now from their logits, then those sampled in the passes
+            group = [i for i, item in enumerate(items) if item.sample and _processed(item) == processed]
+            if not group:
+                continue
+            if processed:
+                rows = [r for i in group for r in items[i].sample]
+                tokens, logprobs, top = sample_batch(torch.cat([outputs[i][2] for i in group]), rows)  # host sync
             else:
-                n = item.keep if item.keep is not None else (1 if last_only else logits.shape[0])
-                answers.append(logits[logits.shape[0] - n :].float())
+                tokens = torch.cat([outputs[i][0][-len(items[i].sample) :] for i in group]).tolist()  # host sync
+                logprobs = torch.cat([outputs[i][1][-len(items[i].sample) :] for i in group]).tolist()
+                top = [((), ())] * len(tokens)
+            at = 0
+            for i in group:
+                k = len(items[i].sample)
+                answers[i], at = Sampled(tokens[at : at + k], logprobs[at : at + k], top[at : at + k]), at + k
+        for i, (item, (_, _, logits)) in enumerate(zip(items, outputs)):
+            if item.sample or logits is None:  # (keep=0: nobody reads this step's logits)
+                continue
+            n = item.keep if item.keep is not None else (1 if last_only else logits.shape[0])
+            answers[i] = logits[logits.shape[0] - n :].float()
         return answers
 
     def nbytes(self) -> int:
         return self.weights.nbytes()
+
+
+def _processed(item: SegmentInput) -> bool:
+    """Its rows need logit processing, so they are sampled after the pass (``sample_batch``), not inside it."""
+    return any(not r.plain for r in item.sample)
 
 
 def pool_tokens_of(per_token: int, tokens: int | None, mib: float | None) -> int:

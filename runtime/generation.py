@@ -18,11 +18,29 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from functools import partial
+
+import torch
 
 from runtime.grammar import Matcher
 from runtime.sampling import SampleRow, SamplingParams
 
-__all__ = ["TokenState"]
+__all__ = ["LazyMasks", "TokenState"]
+
+
+class LazyMasks:
+    """The grammar's masks of one step (the next position and after each draft), computed when the sampler first
+    asks: the CUDA engine samples after launching the forward pass, so the host computes them meanwhile. The
+    matcher must not move between ``rows`` and the sampling (a session has one step in flight)."""
+
+    def __init__(self, matcher: Matcher, drafts: list[int]):
+        self.matcher, self.drafts = matcher, drafts
+        self.masks: list[torch.Tensor] | None = None
+
+    def get(self, j: int) -> torch.Tensor:
+        if self.masks is None:
+            self.masks = self.matcher.masks(self.drafts)
+        return self.masks[j]
 
 
 class TokenState:
@@ -45,7 +63,11 @@ class TokenState:
                 seen.append(tuple(counts.items()))
                 if j < len(drafts):
                     counts[int(drafts[j])] += 1
-        masks = self.matcher.masks(drafts) if self.matcher is not None else None
+        masks = None
+        if self.matcher is not None:
+            self.matcher.check()  # (the masks come later, inside the step: a broken state is refused now)
+            lazy = LazyMasks(self.matcher, list(drafts))
+            masks = [partial(lazy.get, j) for j in range(count)]
         return tuple(self.sampling.rows(first_position, count, seen, masks))
 
     def commit(self, tokens: Iterable[int]) -> None:

@@ -23,6 +23,7 @@ The pieces:
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -31,7 +32,10 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["GRAMMAR_KINDS", "GrammarError", "GrammarLimits", "Grammars", "Matcher", "Vocabulary", "schema_depth"]
+__all__ = ["GRAMMAR_KINDS", "GrammarError", "GrammarLimits", "Grammars", "Matcher", "Vocabulary", "schema_depth",
+           "tier_grammars"]
+
+logger = logging.getLogger(__name__)
 
 GRAMMAR_KINDS = ("json_object", "json_schema", "lark", "regex")
 
@@ -100,6 +104,13 @@ def end_of_text(folder: Path) -> list[int]:
     return ids
 
 
+def brief(error: str, limit: int = 300) -> str:
+    """llguidance's error without its parser-state dump: the first line, cut to ``limit`` characters."""
+    lines = [line.strip() for line in (error or "").strip().splitlines() if line.strip()]
+    line = " ".join(lines[:3]) or "unknown error"  # (a regex error's reason is on its next lines)
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
 class Matcher:
     """One generation's grammar state (not thread-safe: a session's steps run one at a time)."""
 
@@ -110,17 +121,18 @@ class Matcher:
         """An independent copy in the same state."""
         return Matcher(self._m.deep_copy(), self.vocab)
 
-    def _check(self) -> None:
+    def check(self) -> None:
+        """GrammarError if the matcher is in its error state."""
         if self._m.is_error():
-            raise GrammarError(f"grammar: {self._m.get_error()}")
+            raise GrammarError(f"grammar: {brief(self._m.get_error())}")
 
     def mask(self) -> torch.Tensor:
         """The ids allowed next: (words,) int32 bitmask."""
-        self._check()
+        self.check()
         raw = bytearray(self.vocab.words * 4)
         self._m.unsafe_compute_mask_ptr(
             torch.frombuffer(raw, dtype=torch.int32).data_ptr(), len(raw))  # fills ``raw`` in place
-        self._check()
+        self.check()
         return torch.frombuffer(raw, dtype=torch.int32)
 
     def consume(self, tokens) -> None:
@@ -129,7 +141,7 @@ class Matcher:
             if self._m.is_stopped():
                 return  # the grammar ended (the stop token came): what follows is cut anyway
             if not self._m.consume_token(int(t)):
-                raise GrammarError(f"grammar: token {int(t)} is not allowed here ({self._m.get_error()})")
+                raise GrammarError(f"grammar: token {int(t)} is not allowed here ({brief(self._m.get_error())})")
 
     def masks(self, drafts=()) -> list[torch.Tensor]:
         """The allowed ids at the next position and after each draft (len(drafts) + 1 masks); the state is
@@ -218,7 +230,23 @@ class Grammars:
         self.compiled += 1
         self.last_compile_ms = ms
         if inner.is_error():
-            raise GrammarError(f"the grammar cannot be used: {inner.get_error()}")
+            raise GrammarError(f"the grammar cannot be used: {brief(inner.get_error())}")
         if ms > limits.max_compile_ms:
             raise GrammarError(f"the grammar took {ms:.0f} ms to compile; the limit is {limits.max_compile_ms:.0f} ms")
         return inner
+
+
+def tier_grammars(folders, vocab_size: int, limits: GrammarLimits = GrammarLimits()) -> Grammars | None:
+    """The grammars of a tier that samples, from the first of ``folders`` that ships a ``tokenizer.json``;
+    None (logged) when none does or llguidance cannot take its tokenizer: the tier then refuses grammars."""
+    folder = next((Path(f) for f in folders if (Path(f) / "tokenizer.json").is_file()), None)
+    if folder is None:
+        logger.warning("no tokenizer.json in %s: requests with a grammar will be refused (export the plan again to "
+                       "ship the vocabulary to every tier that samples)", ", ".join(str(f) for f in folders))
+        return None
+    try:
+        return Grammars(Vocabulary.load(folder, vocab_size), limits)
+    except ValueError as e:  # (a GrammarError too)
+        logger.warning("the tokenizer in %s cannot serve grammars (%s): requests with a grammar will be refused",
+                       folder, e)
+        return None

@@ -7,9 +7,10 @@ fast tail also drafts from it: ``edge_node.router``, ``edge_node.speculation``).
 Both replay it the same way: one frame, seq 0 at position 0, of every committed
 row joined by ``protos.codecs.join_rows`` (the bytes as they came where the
 codec allows, else exactly what they decode to, as fp32: the new tail decodes
-what the old one did), with ``max_tokens`` cut to what is still to come
-(``remaining_params``). Sampling draws are keyed by position, so the new tail
-answers the tokens the old one would have.
+what the old one did), with ``max_tokens`` cut to what is still to come and
+the tokens generated so far (``remaining_params``: the new tail restores the
+penalties' counts and the grammar's state from them). Sampling draws are keyed
+by position, so the new tail answers the tokens the old one would have.
 
 A row is committed when its input token is: the prompt's rows, and the row of
 each verified token. Rows of draft tokens (speculation) wait in ``drafts``
@@ -27,17 +28,21 @@ decoded when first asked.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from protos import splitglm_pb2 as pb
 from protos.codecs import decode, encode, join_rows
 
 
-def remaining_params(params: pb.GenerationParams, tokens_done: int) -> pb.GenerationParams:
-    """``params`` for a replay after ``tokens_done`` tokens: max_tokens cut to what is still to come (>= 1)."""
+def remaining_params(params: pb.GenerationParams, generated: Sequence[int]) -> pb.GenerationParams:
+    """``params`` for a replay after the tokens ``generated`` since them: max_tokens cut to what is still to
+    come (>= 1), and ``generated_tokens`` = every token before the replay (``params``' own, then these)."""
     out = pb.GenerationParams()
     out.CopyFrom(params)
-    out.max_tokens = max(params.max_tokens - tokens_done, 1)
+    out.max_tokens = max(params.max_tokens - len(generated), 1)
+    out.generated_tokens.extend(int(t) for t in generated)
     return out
 
 
@@ -112,16 +117,17 @@ class SplitHistory:
             self._decoded = [torch.cat(self._decoded)]
         return self._decoded[0]
 
-    def replay_frame(self, session_id: str, params: pb.GenerationParams, tokens_done: int,
+    def replay_frame(self, session_id: str, params: pb.GenerationParams, generated: Sequence[int],
                      current: pb.EncodedTensor | None = None) -> pb.Frame:
-        """Seq 0 at position 0 for the tail that takes the session over after ``tokens_done`` tokens: every
-        committed row, then ``current``'s (the rows of the frame being answered, when not committed yet)."""
+        """Seq 0 at position 0 for the tail that takes the session over after the tokens ``generated`` since
+        ``params``: every committed row, then ``current``'s (the rows of the frame being answered, when not
+        committed yet)."""
         rows = self.rows + ([current] if current is not None else [])
         if not rows:
             raise ValueError("no rows to replay")
         out = pb.Frame(session_id=session_id, seq=0, start_pos=0)
         out.hidden.CopyFrom(join_rows(rows))
-        out.params.CopyFrom(remaining_params(params, tokens_done))
+        out.params.CopyFrom(remaining_params(params, generated))
         return out
 
     def _append(self, rows: pb.EncodedTensor, decoded: torch.Tensor | None) -> None:

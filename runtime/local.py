@@ -4,7 +4,9 @@ This is the split model without the network: the reference the agents are
 checked against, the engine of ``splitglm eval`` and of the one-process demo.
 ``LocalTail`` is the tiers after the owner as a ``Downstream`` (frames in,
 StepResults out, sampled by a ``runtime.terminal.Terminal`` as the cloud's), so a chain's
-generation runs the owner's one decode loop (``runtime.owner.Generation``).
+generation runs the owner's one decode loop (``runtime.owner.Generation``). A chain
+loaded with ``Chain.from_checkpoint`` compiles grammars against the checkpoint's
+vocabulary when its folder has a ``tokenizer.json`` (``runtime.grammar``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from protos.errors import CodecError
 from protos.frames import decode_frame_hidden
 from protos.status import error_result
 from runtime.checkpoint import load_spec
+from runtime.grammar import Grammars, tier_grammars
 from runtime.owner import Generation
 from runtime.sampling import SamplingParams
 from runtime.segment import Segment, SegmentInput
@@ -46,16 +49,25 @@ def split_segments(path: str | os.PathLike, k1: int, k2: int, dtype=torch.float3
 
 @dataclass
 class Chain:
-    """Segments run in order; ``links[i]`` carries the output of segment i to segment i + 1."""
+    """Segments run in order; ``links[i]`` carries the output of segment i to segment i + 1; the last one
+    samples, with ``grammars`` (None: requests with a grammar are refused)."""
 
     segments: list[Segment]
     links: list[Link] = field(default_factory=list)
+    grammars: Grammars | None = None
 
     def __post_init__(self):
         if not self.links:
             self.links = [identity_link] * (len(self.segments) - 1)
         if len(self.links) != len(self.segments) - 1:
             raise ValueError("a chain of n segments needs n - 1 links")
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, k1: int, k2: int, links: list[Link] | None = None,
+                        dtype=torch.float32) -> Chain:
+        """The checkpoint split at k1, k2 (``split_segments``), with its vocabulary's grammars if it ships one."""
+        segments = split_segments(path, k1, k2, dtype)
+        return cls(segments, links or [], tier_grammars([path], segments[-1].spec.vocab_size))
 
     def step(self, session_id: str, start_pos: int, input_ids: torch.Tensor, last_only: bool = False):
         """Run new positions (T,) of a session through every segment; return logits (T or 1, V)."""
@@ -74,17 +86,28 @@ class Chain:
         max_new_tokens: int,
         params: SamplingParams = SamplingParams(),
         stop_ids: tuple[int, ...] = (),
+        grammar: pb.Grammar | None = None,
     ) -> Iterator[tuple[int, float]]:
         """Yield (token, log-probability) one step at a time: prefill, then one position per step.
 
         The owner's decode loop over a ``LocalTail`` of the other segments, with lossless (fp32) frames
         into the first link; an unseeded ``params`` samples with seed 0.
         """
-        wire = pb.GenerationParams(max_tokens=max_new_tokens, temperature=params.temperature, top_p=params.top_p,
-                                   seed=params.seed or 0, stop_token_ids=list(stop_ids))
-        tail = LocalTail(self.segments[1:], self.links)
+        wire = wire_params(params, max_new_tokens, stop_ids, grammar)
+        tail = LocalTail(self.segments[1:], self.links, self.grammars)
         for event in Generation(self.segments[0], tail, list(prompt_ids), wire, "fp32", tokenizer=None):
             yield event.token, event.logprob
+
+
+def wire_params(params: SamplingParams, max_tokens: int, stop_ids=(), grammar: pb.Grammar | None = None
+                ) -> pb.GenerationParams:
+    """A generation's wire parameters from its ``SamplingParams`` (unseeded: seed 0)."""
+    return pb.GenerationParams(
+        max_tokens=max_tokens, temperature=params.temperature, top_p=params.top_p, seed=params.seed or 0,
+        stop_token_ids=list(stop_ids), top_k=params.top_k, min_p=params.min_p,
+        presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+        repetition_penalty=params.repetition_penalty, logit_bias=dict(params.logit_bias),
+        top_logprobs=params.top_logprobs, grammar=grammar)
 
 
 class LocalTail:
@@ -92,10 +115,10 @@ class LocalTail:
     states (or the previous segment's output) into ``segments[i]``; the last segment samples (a
     ``Terminal`` over them all, one step at a time)."""
 
-    def __init__(self, segments: list[Segment], links: list[Link] | None = None):
+    def __init__(self, segments: list[Segment], links: list[Link] | None = None, grammars: Grammars | None = None):
         self.segments = segments
         self.links = links or [identity_link] * len(segments)
-        self.terminal = Terminal(_Row(segments, self.links))
+        self.terminal = Terminal(_Row(segments, self.links), grammars=grammars)
 
     def step(self, frame: pb.Frame) -> pb.StepResult:
         try:
@@ -132,3 +155,13 @@ class _Row:
     def close_session(self, session_id: str) -> None:
         for segment in self.segments:
             segment.close_session(session_id)
+
+    def fork_session(self, src: str, dst: str, length: int, reserve: int = 0) -> None:
+        """Fork ``src``'s cache into the new session ``dst`` in every segment (``Segment.fork_session``)."""
+        for i, segment in enumerate(self.segments):
+            try:
+                segment.fork_session(src, dst, length, reserve)
+            except Exception:
+                for done in self.segments[:i]:
+                    done.close_session(dst)
+                raise

@@ -10,10 +10,18 @@ never emitted; ``next_pos`` moves the next frame back after rejected drafts
 and ends the generation on a stop string (decided here, where the tokenizer
 is) or when the downstream says ``finished`` (a stop token or
 ``max_tokens``, decided by the terminal tier).
+
+Several completions of one prompt (n > 1, ``share_prefill``): generation 0 prefills the prompt; each
+other one forks its cache instead. Its first frame names generation 0's session (``Frame.fork_of``) and
+carries only the prompt's last row at P - 1; the owner's segment and every tier downstream start it from
+generation 0's positions [0, P - 1). Generation 0 keeps its session open until the forks' first steps
+are answered; a fork that finds it closed (or not prefilled), whose owner segment cannot fork, or whose
+downstream answers NOT_FOUND / FAILED_PRECONDITION (no copy of the source there) prefills the prompt itself.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -26,11 +34,17 @@ import torch
 
 from protos import splitglm_pb2 as pb
 from protos.frames import make_frame
+from protos.status import STATUS_CODES
 from runtime.segment import SegmentInput
+
+logger = logging.getLogger(__name__)
 
 
 class Downstream(Protocol):
-    """Where an owner sends frames: the edge over MQTT, or the cloud (or router) at the edge."""
+    """Where an owner sends frames: the edge over MQTT, or the cloud (or router) at the edge. One that sets
+    ``forks_sessions = True`` starts a session from another's cache on every tier behind it (``Frame.fork_of``;
+    the source session went through the same downstream's tiers), or answers NOT_FOUND / FAILED_PRECONDITION
+    with nothing of the new session left, so that the owner prefills the prompt instead."""
 
     def step(self, frame: pb.Frame) -> pb.StepResult:
         """Send one frame and wait for its answer; raise on a transport failure."""
@@ -90,6 +104,49 @@ class TokenEvent:
     path: int  # pb.ACCURATE or pb.FAST
     step_ms: float  # owner compute + round trip of this step
     timings_ms: dict[str, float]  # the downstream's named timings of this step
+    # with GenerationParams.top_logprobs: the most likely tokens at this position, (token, log-prob), best first
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+
+
+FORK_REFUSED = (STATUS_CODES["NOT_FOUND"], STATUS_CODES["FAILED_PRECONDITION"])  # a downstream that cannot fork
+FORK_WAIT_S = 60.0  # longest a fork waits for its source's prefill before prefilling the prompt itself
+
+
+class PrefillShare:
+    """A generation's prompt cache as its forks see it: "pending" until its first step is answered, then
+    "open" until the generation ends ("closed"); its close waits for the forks still copying it."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self.state = "pending"
+        self._copying = 0  # forks whose first step (which copies the cache on every tier) is not answered yet
+
+    def opened(self) -> None:
+        with self._cond:
+            if self.state == "pending":
+                self.state = "open"
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        """No more forks; wait for the ones copying the cache now."""
+        with self._cond:
+            self.state = "closed"
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._copying == 0)
+
+    def hold(self, timeout_s: float = FORK_WAIT_S) -> bool:
+        """Wait for the prefill; True (and held until ``release``) if the cache is open to copy."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.state != "pending", timeout_s)
+            if self.state != "open":
+                return False
+            self._copying += 1
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            self._copying -= 1
+            self._cond.notify_all()
 
 
 @dataclass
@@ -105,10 +162,12 @@ class Generation:
     session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     deadline_unix_ms: int = 0
     lock: threading.Lock | None = None  # serialises the owner segment between threads
+    fork_of: Generation | None = None  # n > 1: start from this generation's prompt cache (``share_prefill``)
 
     text: str = ""
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per token (empty: not asked)
     paths: list[int] = field(default_factory=list)
     finish_reason: str = ""  # "stop" or "length"
     ttft_ms: float = 0.0
@@ -124,6 +183,9 @@ class Generation:
     step_timings: list[dict[str, float]] = field(default_factory=list)
     # Speculative split decoding: drafts the cloud verified, how many it accepted, in how many round trips.
     speculative: dict[str, int] = field(default_factory=lambda: {"drafted": 0, "accepted": 0, "round_trips": 0})
+    forked: bool = False  # the first step forked fork_of's prompt cache (False: this generation prefilled it)
+    prefilled: int = 0  # prompt positions the owner's segment ran (P, or 1 for a fork)
+    share: PrefillShare = field(default_factory=PrefillShare, repr=False)  # this one's prompt cache, for forks
 
     def __iter__(self) -> Iterator[TokenEvent]:
         if not self.prompt_ids:
@@ -134,17 +196,25 @@ class Generation:
         try:
             while True:
                 t0 = time.perf_counter()
-                result = self._step(ids, pos, seq)
+                if seq == 0:
+                    ids, pos, result = self._first_step(ids)
+                else:
+                    result = self._step(ids, pos, seq)
                 if result.error:
                     raise StepFailed(result.status, result.error)
                 if not result.tokens and not result.draft_tokens:
                     raise StepFailed(13, f"step {seq} of session {self.session_id} came back without a token")
+                if seq == 0:
+                    self.share.opened()  # the prompt is in every tier's cache: forks may copy it
                 self._note_routing(result)
                 done, step_ms = False, (time.perf_counter() - t0) * 1e3
+                tops = [list(zip(map(int, t.tokens), map(float, t.logprobs))) for t in result.top_logprobs]
                 for i, (token, logprob) in enumerate(zip(result.tokens, result.logprobs)):
                     token, logprob = int(token), float(logprob)
+                    top = tops[i] if i < len(tops) else []
                     self.tokens.append(token)
                     self.logprobs.append(logprob)
+                    self.top_logprobs.append(top)
                     self.paths.append(result.path)
                     if len(self.tokens) == 1:
                         self.ttft_ms = (time.perf_counter() - start) * 1e3
@@ -154,7 +224,7 @@ class Generation:
                     if done and not stopped:
                         piece += stream.flush()
                     yield TokenEvent(token, logprob, piece, result.path, step_ms / len(result.tokens),
-                                     dict(result.timings_ms))
+                                     dict(result.timings_ms), top)
                     if done:
                         eos = result.finished and token in self.params.stop_token_ids
                         self.finish_reason = "stop" if stopped or eos else "length"
@@ -167,7 +237,45 @@ class Generation:
         finally:
             self.text = stream.text[: stream.released]
             self.total_ms = (time.perf_counter() - start) * 1e3
+            self.share.close()  # (after the forks that copy the prompt's cache now)
             self._close(seq + 1, pos)
+
+    def _first_step(self, ids: torch.Tensor) -> tuple[torch.Tensor, int, pb.StepResult]:
+        """The first step: the whole prompt from position 0, or -- a fork of a generation whose prompt cache is
+        open -- the prompt's last row at P - 1 after a copy of that cache. Its rows, their start, its answer."""
+        source = self.fork_of
+        if source is not None and len(ids) >= 2 and source.share.hold():
+            try:
+                forked = self._forked_step(ids, source)
+            finally:
+                source.share.release()
+            if forked is not None:
+                return forked
+        self.prefilled += len(ids)
+        return ids, 0, self._step(ids, 0, 0)
+
+    def _forked_step(self, ids: torch.Tensor, source: Generation) -> tuple[torch.Tensor, int, pb.StepResult] | None:
+        """A fork's first step (``_first_step``); None when no fork could be made -- the owner's segment
+        refused it, or the downstream holds no copy of the source to fork (NOT_FOUND, FAILED_PRECONDITION) --
+        and nothing of it is left: the prompt is then prefilled instead."""
+        start = len(ids) - 1
+        try:
+            with self.lock or nullcontext():
+                self.segment.fork_session(source.session_id, self.session_id, start)
+        except Exception as e:  # noqa: BLE001 -- no fork: this generation prefills the prompt itself
+            logger.info("session %s: no fork of %s's prompt cache here (%r): prefilling it", self.session_id,
+                        source.session_id, e)
+            return None
+        self.prefilled += 1
+        result = self._step(ids[start:], start, 0, fork_of=source.session_id)
+        if result.error and result.status in FORK_REFUSED:
+            logger.info("session %s: no fork of %s downstream (%s): prefilling the prompt", self.session_id,
+                        source.session_id, result.error)
+            with self.lock or nullcontext():
+                self.segment.close_session(self.session_id)
+            return None
+        self.forked = True
+        return ids[start:], start, result
 
     def _note_routing(self, result: pb.StepResult) -> None:
         """Keep the router's facts a StepResult carries (before the tokens it answers are added)."""
@@ -183,7 +291,7 @@ class Generation:
             self.predicted_ms = float(result.predicted_ms)
         self.policy = self.policy or result.policy
 
-    def _step(self, ids: torch.Tensor, pos: int, seq: int) -> pb.StepResult:
+    def _step(self, ids: torch.Tensor, pos: int, seq: int, fork_of: str = "") -> pb.StepResult:
         t0 = time.perf_counter()
         with self.lock or nullcontext():
             hidden = self.segment([SegmentInput(self.session_id, pos, input_ids=ids)])[0]  # (T, C)
@@ -196,6 +304,7 @@ class Generation:
             params=self.params if seq == 0 else None,
             deadline_unix_ms=self.deadline_unix_ms,
         )
+        frame.fork_of = fork_of
         self.frame_bytes += frame.ByteSize()
         t1 = time.perf_counter()
         result = self.downstream.step(frame)
@@ -220,6 +329,17 @@ class Generation:
         """Mean time of each token after the first."""
         n = len(self.tokens)
         return (self.total_ms - self.ttft_ms) / (n - 1) if n > 1 else 0.0
+
+
+def share_prefill(generations: list[Generation]) -> None:
+    """Completions of one prompt: generations 1.. fork generation 0's prompt cache instead of prefilling it,
+    where the owner's segment can fork a session (``fork_session``) and the downstream says its tiers can
+    (``Downstream.forks_sessions``); else each prefills the prompt itself. Iterate generation 0 to its first
+    token before the others, so that they find its cache open."""
+    first = generations[0]
+    if getattr(first.downstream, "forks_sessions", False) and hasattr(first.segment, "fork_session"):
+        for generation in generations[1:]:
+            generation.fork_of = first
 
 
 def stage_breakdown(steps: list[dict[str, float]]) -> dict[str, float]:

@@ -19,7 +19,7 @@ tokens for it.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -98,7 +98,8 @@ class SampleRow:
     repetition: float = 1.0
     seen: tuple[tuple[int, int], ...] = ()  # (token, times generated before this position)
     bias: tuple[tuple[int, float], ...] = ()
-    mask: torch.Tensor | None = None  # (ceil(V / 32),) int32 bitmask of the ids the grammar allows
+    mask: torch.Tensor | Callable[[], torch.Tensor] | None = None  # (ceil(V / 32),) int32 bitmask of the ids
+    # the grammar allows, or what computes it when the sampler needs it (``runtime.generation``: lazily)
     top_logprobs: int = 0
 
     @property
@@ -156,9 +157,10 @@ class Processed:
 
 def process_logits(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
     """(R, V) logits after each row's penalties and logit_bias (a new tensor, fp32)."""
-    logits = logits.float().clone()
     R, V = logits.shape
     seen = [(i, t, c) for i, r in enumerate(rows) for t, c in r.seen if t < V]
+    bias = [(i, t, b) for i, r in enumerate(rows) for t, b in r.bias if t < V]
+    logits = logits.float().clone() if seen or bias else logits.float()  # (written in place only then)
     if seen:
         index = torch.tensor([(i, t) for i, t, _ in seen], dtype=torch.int64).to(logits.device)  # (K, 2)
         counts = torch.tensor([c for *_, c in seen], dtype=torch.float32).to(logits.device)  # (K,)
@@ -168,7 +170,6 @@ def process_logits(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Ten
         values = torch.where(values > 0, values / table[:, 0], values * table[:, 0])  # vLLM's repetition penalty
         values = values - table[:, 1] * (counts > 0) - table[:, 2] * counts  # OpenAI's presence and frequency
         logits[index[:, 0], index[:, 1]] = values
-    bias = [(i, t, b) for i, r in enumerate(rows) for t, b in r.bias if t < V]
     if bias:
         index = torch.tensor([(i, t) for i, t, _ in bias], dtype=torch.int64).to(logits.device)
         logits.index_put_((index[:, 0], index[:, 1]),
@@ -176,11 +177,18 @@ def process_logits(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Ten
     return logits
 
 
+_BITS: dict = {}  # device -> (256, 8) bools: the bits of each byte value, lowest first
+
+
 def allowed(masks: torch.Tensor, vocab: int) -> torch.Tensor:
     """(R, W) int32 bitmasks (bit j of word w: id 32 w + j) as (R, vocab) bools."""
-    bits = torch.arange(32, device=masks.device, dtype=torch.int32)
-    unpacked = (masks[:, :, None] >> bits) & 1  # (R, W, 32)
-    out = unpacked.reshape(masks.shape[0], -1)[:, :vocab].bool()
+    table = _BITS.get(masks.device)
+    if table is None:
+        values = torch.arange(256, dtype=torch.int32)
+        table = _BITS[masks.device] = ((values[:, None] >> torch.arange(8, dtype=torch.int32)) & 1).bool().to(
+            masks.device)
+    data = masks.contiguous().view(torch.uint8)  # (R, 4W): little-endian, so byte k holds ids 8k .. 8k + 7
+    out = table[data.long()].reshape(masks.shape[0], -1)[:, :vocab]
     if out.shape[1] < vocab:  # ids past the mask's words are never allowed
         out = torch.nn.functional.pad(out, (0, vocab - out.shape[1]))
     return out
@@ -196,14 +204,14 @@ def sample_processed(logits: torch.Tensor, rows: Sequence[SampleRow]) -> Process
     logprobs = torch.log_softmax(scaled, dim=-1)  # (R, V): what is reported
     k = max(r.top_logprobs for r in rows)
     top = logprobs.topk(k, dim=-1) if k else None
-    masked = [i for i, r in enumerate(rows) if r.mask is not None]
-    if masked:
-        words = max(int(rows[i].mask.shape[0]) for i in masked)
+    masks = {i: r.mask() if callable(r.mask) else r.mask for i, r in enumerate(rows) if r.mask is not None}
+    if masks:  # (a lazy mask is computed only now: on a GPU, while the forward pass runs)
+        words = max(int(m.shape[0]) for m in masks.values())
         table = torch.full((R, words), -1, dtype=torch.int32)
-        for i in masked:
-            table[i, : rows[i].mask.shape[0]] = rows[i].mask
+        for i, m in masks.items():
+            table[i, : m.shape[0]] = m
         keep = allowed(table.to(device, non_blocking=True), V)
-        scaled = scaled.masked_fill(~keep, float("-inf"))
+        scaled = torch.where(keep, scaled, float("-inf"))
     if any(r.top_k for r in rows):
         ks = torch.tensor([r.top_k or V for r in rows], device=device)
         kth = scaled.sort(dim=-1, descending=True).values.gather(-1, (ks.clamp(max=V) - 1)[:, None])  # (R, 1)

@@ -12,8 +12,9 @@ chunked step of a segment without the head: the rows of all its chunks; with the
 answer). A step that fails is retried item by item, so a bad item fails only its own caller.
 ``submit_job`` defers the item to when the session's turn comes: ``admit()`` runs on the scheduler's
 thread once the session's earlier steps are done and gives the item, or a final answer instead (a
-repeated frame); ``finish(output, timings)`` turns the output into the answer. ``call(fn)`` runs ``fn``
-on the scheduler's thread between steps (closing sessions).
+repeated frame); ``finish(output, timings)`` turns the output into the answer; a job ``after`` another
+session (a fork of its cache) is admitted once that session's steps queued before it are done. ``call(fn)``
+runs ``fn`` on the scheduler's thread between steps (closing and forking sessions).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class _Entry:
     session_id: str = ""
     admit: Callable[[], object] | None = None
     finish: Callable[[object, dict], object] | None = None
+    after: str = ""  # a session whose steps queued before this one run first (the source of a fork)
     future: StepFuture = field(default_factory=StepFuture)
     done: int = 0  # positions of the item already run (chunked steps)
     parts: list = field(default_factory=list)  # outputs of the chunks run so far
@@ -120,10 +122,11 @@ class Scheduler:
         return self._enqueue([_Entry(item, last_only, item.session_id) for item in items])
 
     def submit_job(self, session_id: str, admit: Callable[[], object], finish: Callable[[object, dict], object],
-                   last_only: bool = False) -> StepFuture:
-        """Queue a step admitted in the session's turn (see the module docstring); the future gives
-        ``finish``'s answer, ``admit``'s final answer, or the error either (or the step) raised."""
-        return self._enqueue([_Entry(None, last_only, session_id, admit, finish)])[0]
+                   last_only: bool = False, after: str = "") -> StepFuture:
+        """Queue a step admitted in the session's turn (see the module docstring), and not before the steps of
+        session ``after`` queued earlier are done; the future gives ``finish``'s answer, ``admit``'s final
+        answer, or the error either (or the step) raised."""
+        return self._enqueue([_Entry(None, last_only, session_id, admit, finish, after)])[0]
 
     def _enqueue(self, entries: list[_Entry]) -> list[StepFuture]:
         with self._wake:
@@ -155,6 +158,12 @@ class Scheduler:
     def close_session(self, session_id: str) -> None:
         """Free a session's KV cache (waits until it is freed)."""
         self.call(lambda: self.segment.close_session(session_id)).result()
+
+    def fork_session(self, src: str, dst: str, length: int, reserve: int = 0) -> None:
+        """Start the new session ``dst`` from ``src``'s cached positions [0, length) (the segment's
+        ``fork_session``), between steps; raises what the segment raised. Steps of ``src`` still queued must
+        not rewrite those positions (a fork copies a prompt that is done)."""
+        self.call(lambda: self.segment.fork_session(src, dst, length, reserve)).result()
 
     def queued(self) -> int:
         with self._wake:
@@ -204,6 +213,8 @@ class Scheduler:
             if sid in seen:
                 continue  # a session's steps run one at a time, in order
             seen.add(sid)
+            if entry.item is None and entry.after and entry.after in seen:
+                continue  # its source's earlier steps are still queued (or running)
             if entry.item is None and not self._admit(entry):
                 seen.discard(sid)  # answered without a step: the session's next step may go now
                 continue

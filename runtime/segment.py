@@ -3,12 +3,15 @@
 One ``forward`` call serves many sessions at once, each with its own number of new positions and its own
 cache length (prefill and decode mixed): their rows run as one flat batch, and each row attends to its
 own session's keys in the pool (``runtime.attention``). A segment with the head can sample on the spot
-(``SegmentInput.sample``) and hand back tokens instead of logits.
+(``SegmentInput.sample``) and hand back tokens instead of logits. ``fork_session`` starts a session from
+another's cached positions, sharing their KV pages copy-on-write (several completions of one prompt);
+``stats`` counts the positions run and the positions forked.
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 import torch
 from torch import nn
@@ -47,6 +50,7 @@ class Segment(nn.Module):
             self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.pool: KVPool | None = None  # made at the first session (``configure_pool`` to size it)
         self._pool_size: dict = {}
+        self.stats: Counter[str] = Counter()  # positions (run), forked_positions (taken from another session)
 
     @classmethod
     def from_checkpoint(
@@ -131,6 +135,13 @@ class Segment(nn.Module):
     def cached_length(self, session_id: str) -> int:
         return self.sessions[session_id].length
 
+    def fork_session(self, src: str, dst: str, length: int, reserve: int = 0) -> None:
+        """Start the new session ``dst`` from ``src``'s cached positions [0, length), their pages shared
+        copy-on-write, with room for ``reserve`` positions; nothing of ``dst`` stays on failure (SessionError:
+        no such source, too few positions or ``dst`` exists; PoolExhausted)."""
+        self.kv_pool().fork(src, dst, length, reserve)
+        self.stats["forked_positions"] += length
+
     def reserve(self, session_id: str, positions: int) -> None:
         """Take room for ``positions`` positions of a session now (PoolExhausted if the pool lacks it)."""
         self.kv_pool().reserve_all([(session_id, None, positions)])
@@ -157,6 +168,7 @@ class Segment(nn.Module):
         for layer in self.layers.values():
             x = layer(x, ctx)
         end_step(pool, items)
+        self.stats["positions"] += batch.num_rows
         if not self.has_head:
             return [x[first : first + item.num_positions] for item, first in zip(items, batch.offsets)]
         return self._head_outputs(items, batch.offsets, x, last_only)

@@ -69,6 +69,26 @@ class AgentSettings(BaseSettings):
         return init_settings, env_settings, YamlFile(settings_cls)
 
 
+class GrammarSettings(AgentSettings):
+    """The limits of a tier that samples on its grammars (``runtime.grammar.GrammarLimits``)."""
+
+    grammar_max_bytes: int = Field(default=64 * 1024, ge=1, description="largest grammar a request may send (a "
+                                   "JSON schema, a Lark grammar, a regex), bytes; larger ones get INVALID_ARGUMENT")
+    grammar_max_depth: int = Field(default=32, ge=1, description="deepest nesting of a JSON schema's objects and "
+                                   "arrays, levels; deeper ones get INVALID_ARGUMENT")
+    grammar_max_compile_ms: float = Field(default=5000.0, gt=0, description="longest a grammar may take to "
+                                          "compile, milliseconds; slower ones get INVALID_ARGUMENT (and are not "
+                                          "cached)")
+    grammar_cache: int = Field(default=64, ge=1, description="compiled grammars kept for later requests, grammars")
+
+    def grammar_limits(self):
+        """These limits as ``runtime.grammar.GrammarLimits``."""
+        from runtime.grammar import GrammarLimits  # (imports torch: only once the settings are good)
+
+        return GrammarLimits(max_bytes=self.grammar_max_bytes, max_depth=self.grammar_max_depth,
+                             max_compile_ms=self.grammar_max_compile_ms, cache=self.grammar_cache)
+
+
 def existing_file(value: Path | None) -> Path | None:
     """A field validator: unset, or a file that exists."""
     if value is not None and not value.is_file():

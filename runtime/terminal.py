@@ -19,6 +19,12 @@ every terminal:
   tokens sampled at their positions and answers that prefix plus its own next token (1 to g + 1 tokens);
   the next frame then starts after the accepted positions, which rewinds the cache (a length change).
 
+A new session may fork another's cache (``Frame.fork_of``: several completions of one prompt): its first
+frame carries only the rows from ``start_pos`` on; the segment starts it from the source's positions
+[0, start_pos), shared copy-on-write. For sampling it is a new session like any other. ``counts`` tells
+the positions run by first frames and those forked instead (a prompt shared by n completions is
+prefilled once).
+
 A sampled token's random draw depends only on the session's seed and the token's position
 (``sampling.draw_uniform``), not on the tier or on the draws before it: the fast tail that takes over a
 session mid-generation draws exactly what the cloud would have, and a repeated step draws the same.
@@ -29,6 +35,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -256,18 +263,23 @@ class Terminal:
         self.scheduler, self.wording = scheduler, wording
         self.tails = TailSessions(limits.max_sessions, limits.max_tokens, grammars)
         self.lock = threading.Lock()  # guards tails; in ``step`` and ``draft``, the segment too
+        self.counts: Counter[str] = Counter()  # prefill_positions (rows of first frames run), forked_positions
 
     def step(self, frame: pb.Frame, hidden: torch.Tensor) -> pb.StepResult:
         """Run a (non-close) frame's rows (T, C) now and sample; never raises for a bad step: the answer then
         carries ``error`` and its gRPC ``status``."""
         with self.lock:
             try:
+                self._check_fork(frame)
                 stored = self.tails.accept(frame)
                 if stored is not None:
                     return stored
                 started = time.perf_counter()
-                sampled = self.segment([self.tails.work(frame, hidden)])[0]
+                work = self.tails.work(frame, hidden)
+                self._fork(frame)
+                sampled = self.segment([work])[0]
                 result = self.tails.answer(frame, sampled, self.path)
+                self._count(frame, work.num_positions)
             except Exception as e:  # noqa: BLE001 -- this session's own failure, answered with its status
                 return error_result(frame.session_id, frame.seq, *self.wording.status(e, frame))
         result.timings_ms["compute"] = (time.perf_counter() - started) * 1e3
@@ -276,8 +288,10 @@ class Terminal:
     def submit(self, frame: pb.Frame, hidden: torch.Tensor | None) -> Future:
         """Queue a (non-close) frame on the scheduler; the future gives its StepResult or raises StepError."""
         answer: Future = Future()
+        rows = 0 if hidden is None else int(hidden.shape[0])
         step = self.scheduler.submit_job(frame.session_id, lambda: self._admit(frame, hidden),
-                                         lambda out, timings: self._answer(frame, out, timings))
+                                         lambda out, timings: self._answer(frame, out, timings, rows),
+                                         after=frame.fork_of if frame.seq == 0 else "")
         step.add_done_callback(lambda done: self._settle(frame, done, answer))
         return answer
 
@@ -332,6 +346,7 @@ class Terminal:
         end = frame.start_pos + hidden.shape[0]
         self._check_drafts(frame)
         with self.lock:
+            self._check_fork(frame)
             stored = self.tails.accept(frame)
             if stored is not None:
                 return stored
@@ -341,7 +356,32 @@ class Terminal:
             work = self.tails.work(frame, hidden)
         if frame.seq == 0:  # a new session takes its whole room in the KV pool now, or is refused
             work.reserve = min(end + frame.params.max_tokens, self.limits.max_positions)
+            self._fork(frame, work.reserve)
         return work
+
+    def _check_fork(self, frame: pb.Frame) -> None:
+        """A new session forking another's cache: StepError unless that session's cache here holds start_pos
+        positions (NOT_FOUND, FAILED_PRECONDITION)."""
+        if not frame.fork_of or frame.seq != 0 or frame.session_id in self.tails.sessions:
+            return
+        source = self.segment.sessions.get(frame.fork_of)
+        if source is None or frame.fork_of == frame.session_id:
+            raise StepError("NOT_FOUND", f"session {frame.session_id!r} forks {frame.fork_of!r}, which this tier "
+                            "does not hold")
+        if frame.start_pos > source.length:
+            raise StepError("FAILED_PRECONDITION", f"session {frame.session_id!r} forks {frame.start_pos} "
+                            f"positions of {frame.fork_of!r}, which holds {source.length}")
+
+    def _fork(self, frame: pb.Frame, reserve: int = 0) -> None:
+        """Start a forking session's cache from its source's (once: a retried first frame finds it)."""
+        if frame.fork_of and frame.seq == 0 and frame.session_id not in self.segment.sessions:
+            self.segment.fork_session(frame.fork_of, frame.session_id, frame.start_pos, reserve)
+
+    def _count(self, frame: pb.Frame, rows: int) -> None:
+        """A first frame ran: its rows were prefilled here, the positions before them forked (or none)."""
+        if frame.seq == 0:
+            self.counts["prefill_positions"] += rows
+            self.counts["forked_positions"] += frame.start_pos if frame.fork_of else 0
 
     def _check_drafts(self, frame: pb.Frame) -> None:
         """A verification frame's drafts: at most max_draft, each a token id of the model."""
@@ -357,10 +397,11 @@ class Terminal:
             raise StepError("INVALID_ARGUMENT", f"step {frame.seq} of session {frame.session_id!r}: draft token "
                             f"{bad} is not in the vocabulary ({vocab} ids)")
 
-    def _answer(self, frame: pb.Frame, sampled: Sampled, timings: dict) -> pb.StepResult:
-        """Turn a finished step (its ``Sampled`` tokens) into the session's StepResult."""
+    def _answer(self, frame: pb.Frame, sampled: Sampled, timings: dict, rows: int) -> pb.StepResult:
+        """Turn a finished step (its ``Sampled`` tokens, ``rows`` positions) into the session's StepResult."""
         with self.lock:
             result = self.tails.answer(frame, sampled, self.path)
+            self._count(frame, rows)
         for name, ms in timings.items():
             result.timings_ms[name] = ms
         return result

@@ -6,9 +6,16 @@ PLAN_DIR/report.md          the choice explained, with report.png
 PLAN_DIR/{device,edge,cloud,fast_tail}/
     model.safetensors       the tier's weights (checkpoint names), fp32
     config.json             the model config
-    tokenizer files         device and edge (the session owners)
+    tokenizer files         device and edge (the session owners): TOKENIZER_FILES
+    vocabulary files        cloud and fast_tail (the tiers that sample): VOCABULARY_FILES, for grammars
     manifest.json           tier, layers, compression, model and plan ids, sha256 of every file
 ```
+
+The tiers that sample get the vocabulary (``tokenizer.json``, public) and the
+end-of-text ids (``generation_config.json``) so they can compile a request's
+grammar (``runtime.grammar``); never a prompt. Plans exported before they did
+still serve every request without a grammar (a grammar there is refused by
+name, or compiled from the edge's tokenizer for the fast tail).
 
 Weights are stored uncompressed; the tier's compression (a list of
 ``runtime.compress`` passes) is applied when the agent loads them, so
@@ -45,6 +52,8 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "generation_config.json",
 )
+VOCABULARY_FILES = ("tokenizer.json", "generation_config.json")  # what a tier that samples needs of the tokenizer
+LAYOUT = 2  # a tier folder's contents; cached plans of an older layout are exported again (2: VOCABULARY_FILES)
 
 
 def tier_layout(num_layers: int, k1: int, k2: int) -> dict[str, dict]:
@@ -87,10 +96,10 @@ def _write_tier(model: Path, folder: Path, layout: dict, info: dict, source: Pat
         a, b = layout["layers"]
         save_weights(Segment.from_checkpoint(model, a, b, embed=layout["embed"], head=layout["head"]), folder)
     write_config(model, folder)
-    if layout["embed"]:
-        for name in TOKENIZER_FILES:
-            if (model / name).is_file():
-                shutil.copy2(model / name, folder / name)
+    names = TOKENIZER_FILES if layout["embed"] else VOCABULARY_FILES if layout["head"] else ()
+    for name in names:
+        if (model / name).is_file():
+            shutil.copy2(model / name, folder / name)
     write_manifest(folder, {**info, **layout})
 
 
@@ -159,7 +168,7 @@ def cached_plan(model: str | os.PathLike, plan: dict, root: str | os.PathLike) -
     """Export ``plan`` for ``model`` once under ``root`` (named by model and plan) and return its folder."""
     model = resolve_checkpoint(model)
     config = json.loads((model / "config.json").read_text())
-    name = f"{model_fingerprint(config)}-{plan_id({**plan, 'model': model_fingerprint(config)})}"
+    name = f"{model_fingerprint(config)}-{plan_id({**plan, 'model': model_fingerprint(config)})}-v{LAYOUT}"
     folder = Path(root) / name
     if (folder / "plan.json").is_file():
         return folder

@@ -4,7 +4,8 @@ Each session's KV cache lives here as numpy arrays, one (1, K, P, D) pair per
 layer; every call feeds the past and keeps the present the graph returns.
 Sessions in one call run one after another. ONNX Runtime takes its past as
 dense inputs, so unlike the PyTorch pool a rewind here truncates (copies) the
-arrays; the steps are checked by the same ``runtime.step`` rules.
+arrays; the steps are checked by the same ``runtime.step`` rules. For the same reason a fork (several
+completions of one prompt) copies the source's arrays instead of sharing them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from runtime.backends.onnx_export import FORMAT_VERSION, META_FILE
 from runtime.checkpoint import GlmSpec
+from runtime.kv_pool import check_fork
 from runtime.step import SegmentInput, check_continues, check_items, output_rows, sample_outputs
 
 logger = logging.getLogger(__name__)
@@ -114,6 +116,15 @@ class OnnxSegment:
 
     def cached_length(self, session_id: str) -> int:
         return self.sessions[session_id].length
+
+    def fork_session(self, src: str, dst: str, length: int, reserve: int = 0) -> None:
+        """Start the new session ``dst`` from a copy of ``src``'s cached positions [0, length) (SessionError:
+        no such source, too few positions or ``dst`` exists); ``reserve`` is ignored, as in ``reserve``."""
+        source = self.sessions.get(src)
+        check_fork(None if source is None else source.length, src, dst, dst in self.sessions, length)
+        self.sessions[dst] = OnnxCache(keys={i: a[:, :, :length].copy() for i, a in source.keys.items()},
+                                       values={i: a[:, :, :length].copy() for i, a in source.values.items()},
+                                       length=length)
 
     def reserve(self, session_id: str, positions: int) -> None:
         """Open the session (ONNX caches grow per step: there is no pool to reserve in)."""

@@ -43,10 +43,11 @@ def test_plain_steps_replay_every_row_and_the_current_one():
     assert positions(replay) == list(range(8))
     assert (replay.session_id, replay.seq, replay.start_pos) == ("s-r1", 0, 0)
     assert replay.params.seed == 5 and replay.params.max_tokens == 20 - 3  # what is still to come
+    assert list(replay.params.generated_tokens) == [1, 2, 3]  # the new edge's tails restore their state from them
     assert history.wire_seq(3) == 0 and history.wire_seq(4) == 1
     answer = pb.StepResult(tokens=[4])
     history.replayed(replay, answer)
-    assert answer.next_pos == 8 and history.rows.length == 8 and history.emitted == 4
+    assert answer.next_pos == 8 and history.rows.length == 8 and history.tokens == [1, 2, 3, 4]
 
 
 def test_a_draft_in_flight_is_left_out_and_the_owner_rewinds():
@@ -66,7 +67,7 @@ def test_a_verification_commits_the_accepted_drafts_only():
                              (frame(1, 5, 1), pb.StepResult(draft_tokens=[9], next_pos=6)),
                              (frame(2, 6, 1), pb.StepResult(draft_tokens=[8], next_pos=7)),
                              (frame(3, 7, 1), pb.StepResult(tokens=[9, 4], next_pos=7))])  # d1 accepted, d2 not
-    assert history.rows.length == 7 and not history.rows.drafts and history.emitted == 3
+    assert history.rows.length == 7 and not history.rows.drafts and history.tokens == [1, 9, 4]
     assert positions(history.replay(frame(4, 7, 1))) == list(range(8))
 
 

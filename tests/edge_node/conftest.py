@@ -31,3 +31,21 @@ def spec_plan(tiny_glm, tmp_path_factory) -> str:
 
     plan = fixed_plan((2, 4), ("fp32", "fp32"))
     return str(cached_plan(tiny_glm, plan, tmp_path_factory.mktemp("spec-plans")))
+
+
+@pytest.fixture(scope="module")
+def url(node):
+    """The module's ``node`` served by the edge's HTTP app (a real uvicorn on a free loopback port): its URL."""
+    from edge_node.http_api import create_app
+    from tests.local_chain import serve
+
+    with serve(create_app(node)) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    """The official ``openai`` client of ``url``."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)

@@ -18,23 +18,13 @@ from edge_node.schemas import ChatRequest, CompletionRequest, field_status
 from tests.local_chain import TestNode, char_tokenizer, serve
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "api.md"
+README = DOCS.parents[1] / "README.md"
 USER = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture(scope="module")
 def node(tiny_glm):
     return TestNode(tiny_glm, char_tokenizer(), 1, 3, max_positions=512, max_prompt_tokens=100)
-
-
-@pytest.fixture(scope="module")
-def url(node):
-    with serve(create_app(node)) as base:
-        yield base
-
-
-@pytest.fixture(scope="module")
-def client(url):
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=30)
 
 
 def docs_table() -> dict[str, tuple[str, str]]:
@@ -51,19 +41,26 @@ def test_docs_table_agrees_with_the_code():
         assert statuses == (field_status(CompletionRequest, name), field_status(ChatRequest, name)), name
 
 
+def readme_table() -> dict[str, tuple[str, str]]:
+    """The README's API table: each field's (completions, chat) status."""
+    section = README.read_text().split("## The HTTP API", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| (`\w+`(?:, `\w+`)*) \| ([\w ]+) \| ([\w ]+) \|$", section, re.M)
+    return {name: (completions, chat) for names, completions, chat in rows for name in re.findall(r"`(\w+)`", names)}
+
+
+def test_readme_table_agrees_with_the_code():
+    assert readme_table() == docs_table()
+
+
 REFUSED = [  # (chat?, field, value, words)
-    (False, "top_k", 5, "not supported yet"),
-    (False, "presence_penalty", 0.5, "not supported yet"),
-    (False, "logit_bias", {"1": 5}, "not supported yet"),
-    (False, "logprobs", 2, "not supported yet"),
-    (False, "n", 2, "not supported yet"),
     (False, "best_of", 2, "not served"),
+    (False, "echo", True, "not served"),
+    (False, "suffix", "x", "not served"),
     (False, "frobnicate", 1, "unrecognized"),
-    (True, "logprobs", True, "not supported yet"),
-    (True, "response_format", {"type": "json_object"}, "not supported yet"),
-    (True, "tools", [{"type": "function", "function": {"name": "f"}}], "not supported yet"),
-    (True, "tool_choice", "required", "not supported yet"),
-    (True, "min_p", 0.1, "not supported yet"),
+    (False, "top_logprobs", 2, "unrecognized"),
+    (False, "response_format", {"type": "json_object"}, "unrecognized"),
+    (False, "tools", [{"type": "function", "function": {"name": "f"}}], "unrecognized"),
+    (False, "parallel_tool_calls", False, "unrecognized"),
     (True, "audio", {"voice": "x"}, "not served"),
     (True, "guided_json", {}, "unrecognized"),
 ]
@@ -89,8 +86,8 @@ def test_refused_with_the_async_client(url):
         async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0) as client:
             with pytest.raises(openai.BadRequestError, match="top_logprobs"):
                 await client.chat.completions.create(model="tiny", messages=USER, top_logprobs=3, max_tokens=2)
-            with pytest.raises(openai.BadRequestError, match="frequency_penalty"):
-                await client.completions.create(model="tiny", prompt="ab", frequency_penalty=1.0, max_tokens=2)
+            with pytest.raises(openai.BadRequestError, match="best_of"):
+                await client.completions.create(model="tiny", prompt="ab", best_of=3, max_tokens=2)
 
     asyncio.run(main())
 
@@ -112,6 +109,16 @@ def test_ignored_and_neutral_fields_are_accepted(client):
     assert r.usage.completion_tokens == 2
     r = client.completions.create(model="tiny", prompt="ab", max_tokens=2, n=1, best_of=1, echo=False, user="u")
     assert r.usage.completion_tokens == 2
+
+
+def test_structured_output_without_a_vocabulary_is_a_400(node, client):
+    """This edge's character tokenizer is one llguidance cannot read, and it has no grammars of its own."""
+    sessions = len(node.generations)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=USER, max_tokens=2,
+                                       response_format={"type": "json_object"})  # fmt: skip
+    assert e.value.body["code"] == "structured_output_unavailable" and e.value.body["param"] == "response_format"
+    assert "cannot serve structured output" in e.value.message and len(node.generations) == sessions
 
 
 @pytest.mark.parametrize("chat", [False, True])
@@ -155,7 +162,7 @@ def test_max_model_len(client):
 
 
 def test_request_id_echoed(url, caplog):
-    caplog.set_level("INFO", logger="edge_node.http_api")
+    caplog.set_level("INFO", logger="edge_node.jobs")
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "ab", "max_tokens": 1}, headers={"X-Request-ID": "abc-1"})
     assert r.status_code == 200 and r.headers["x-request-id"] == "abc-1"
     assert any(r.json()["id"] in m and "abc-1" in m for m in caplog.messages)

@@ -83,7 +83,7 @@ BAD = [
         "",
     ),
     (COMPLETIONS, b'{"prompt": "x", "stream": true, "stream_options": []}', 400, "stream_options", ""),
-    (COMPLETIONS, b'{"prompt": "x", "n": 2}', 400, "n", "not supported yet"),
+    (COMPLETIONS, b'{"prompt": "x", "n": 17}', 400, "n", "at most 16"),
     (COMPLETIONS, b'{"prompt": "x", "latency_budget_ms": 0}', 400, "latency_budget_ms", ""),
     (COMPLETIONS, b'{"prompt": "x", "latency_budget_ms": 4294967296}', 400, "latency_budget_ms", ""),
     (COMPLETIONS, b'{"prompt": "x", "policy": "cheap"}', 400, "policy", ""),

@@ -216,3 +216,97 @@ def test_a_verification_step_equals_one_step_per_position(tiny_glm):
     assert isinstance(at_once, Sampled)
     assert at_once.tokens == [o.tokens[0] for o in one_by_one]
     assert at_once.logprobs == [o.logprobs[0] for o in one_by_one]
+
+
+# ---- logit processing: rows that are not plain are sampled after the pass (sample_batch) -----------------
+
+PROCESSED = {
+    "mask": SamplingParams(),  # greedy under a grammar-like mask
+    "pen": SamplingParams(temperature=0.8, seed=5, top_k=20, presence_penalty=0.5, frequency_penalty=0.3,
+                          repetition_penalty=1.3, logit_bias=((3, 5.0), (7, -100.0))),  # verifies 2 drafts a step
+    "top": SamplingParams(temperature=0.7, top_p=0.9, seed=9, min_p=0.05, top_logprobs=5),
+    "plain": SamplingParams(temperature=0.9, seed=2),  # sampled inside the pass, beside the others
+}
+
+
+def pack(allowed: torch.Tensor) -> torch.Tensor:
+    """(V,) bools as the (ceil(V / 32),) int32 bitmask a grammar gives (bit j of word w: id 32 w + j)."""
+    bits = torch.zeros(-(-allowed.shape[0] // 32) * 32, dtype=torch.int64)
+    bits[: allowed.shape[0]] = allowed.long()
+    words = (bits.view(-1, 32) << torch.arange(32)).sum(dim=-1)  # (W,) in [0, 2^32)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def processed_steps(run, vocab: int, width: int, sessions=tuple(PROCESSED), steps: int = 6) -> list[dict]:
+    """Sessions of ``PROCESSED`` stepping together (a 20-row prompt, then ``steps`` steps); each step's answers.
+
+    "pen" verifies two drafts a step (3 rows) and keeps only its first token, so its next step rewinds."""
+    from dataclasses import replace
+
+    from runtime.generation import TokenState
+
+    states = {sid: TokenState(PROCESSED[sid]) for sid in sessions}  # counts the tokens for the penalties
+    masks = torch.Generator().manual_seed(99)
+    table = torch.randn(vocab, width, generator=torch.Generator().manual_seed(6))  # token -> its next input row
+
+    def item(sid: str, start: int, hidden: torch.Tensor, drafts=()) -> SegmentInput:
+        rows = states[sid].rows(start + hidden.shape[0] - len(drafts), drafts)
+        if sid == "mask":
+            rows = tuple(replace(r, mask=pack(torch.rand(vocab, generator=masks) < 0.3)) for r in rows)
+        return SegmentInput(sid, start, hidden=hidden, sample=rows)
+
+    prompts = {sid: torch.randn(20, width, generator=torch.Generator().manual_seed(list(PROCESSED).index(sid)))
+               for sid in sessions}
+    answers = [dict(zip(sessions, run([item(sid, 0, prompts[sid]) for sid in sessions])))]
+    pos = dict.fromkeys(sessions, 20)
+    for _ in range(steps):
+        batch = []
+        for sid in sessions:
+            states[sid].commit(answers[-1][sid].tokens[:1])
+            last = states[sid].tokens[-1]
+            drafts = ((last * 7 + 1) % vocab, (last * 11 + 2) % vocab) if sid == "pen" else ()
+            batch.append(item(sid, pos[sid], table[[last, *drafts]], drafts))
+            pos[sid] += 1
+        answers.append(dict(zip(sessions, run(batch))))
+    return answers
+
+
+def assert_same_answers(got: list[dict], want: list[dict], atol: float) -> None:
+    for step, (g, w) in enumerate(zip(got, want, strict=True)):
+        for sid in w:
+            assert g[sid].tokens == w[sid].tokens, (step, sid)
+            torch.testing.assert_close(torch.tensor(g[sid].logprobs), torch.tensor(w[sid].logprobs), atol=atol, rtol=0)
+            assert [ids for ids, _ in g[sid].top] == [ids for ids, _ in w[sid].top], (step, sid)
+            for (_, a), (_, b) in zip(g[sid].top, w[sid].top):
+                torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=atol, rtol=0)
+
+
+def test_processed_rows_equal_the_pytorch_segments(tiny_checkpoint):
+    """Masks, penalties + bias + top-k (in a verification), min-p + top log-probs and a plain row in one step,
+    and in a chunked prompt step: the engine's answers equal the PyTorch segment's."""
+    reference = cloud_segment(tiny_checkpoint)
+    engine = engine_of(cloud_segment(tiny_checkpoint), graphs=True)  # graphs on a GPU, eager passes on a CPU
+    V, C = reference.spec.vocab_size, reference.spec.hidden_size
+    want = processed_steps(reference, V, C)
+    got = processed_steps(engine, V, C)
+    assert_same_answers(got, want, atol=5e-4)
+    assert all(len(step["top"].top[0][0]) == 5 for step in got) and not any(i for i, _ in got[-1]["plain"].top)
+    assert len(got[-1]["pen"].tokens) == 3
+
+
+@needs_cuda
+def test_processed_rows_leave_the_graphs_alone(tiny_glm):
+    """bf16 with CUDA graphs: processed answers equal the eager passes' bit for bit, the plain session beside
+    them draws what it draws alone, and a plain step after them still replays its graph."""
+    graphed = engine_of(cloud_segment(tiny_glm), dtype=torch.bfloat16, graphs=True)
+    eager = engine_of(cloud_segment(tiny_glm), dtype=torch.bfloat16, graphs=False)
+    V, C = graphed.spec.vocab_size, graphed.spec.hidden_size
+    mixed = processed_steps(graphed, V, C)
+    assert_same_answers(mixed, processed_steps(eager, V, C), atol=0)
+    for sid in PROCESSED:
+        graphed.close_session(sid)
+    alone = processed_steps(graphed, V, C, sessions=("plain",))
+    assert [s["plain"].tokens for s in alone] == [s["plain"].tokens for s in mixed]
+    replays, captures = graphed.stats["graph_replays"], graphed.stats["captures"]
+    graphed([SegmentInput("plain", 26, hidden=torch.randn(1, C), sample=tuple(PROCESSED["plain"].rows(27)))])
+    assert graphed.stats["graph_replays"] == replays + 1 and graphed.stats["captures"] == captures

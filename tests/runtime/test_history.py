@@ -79,21 +79,32 @@ def test_the_replay_frame_carries_every_committed_row_and_what_is_still_to_come(
     commit(h, 5, 1)
     h.draft(6, encode(rows(6, 1), "fp32"))  # a draft row in flight is not replayed
     params = pb.GenerationParams(max_tokens=20, seed=5, temperature=0.5)
-    out = h.replay_frame("s-r1", params, tokens_done=3)
+    out = h.replay_frame("s-r1", params, [7, 8, 9])
     assert (out.session_id, out.seq, out.start_pos) == ("s-r1", 0, 0)
     assert positions(decode(out.hidden, C)) == list(range(6))
     assert out.params.seed == 5 and out.params.temperature == 0.5 and out.params.max_tokens == 17
-    with_current = h.replay_frame("s", params, 3, current=encode(rows(6, 1), "fp32"))
+    assert list(out.params.generated_tokens) == [7, 8, 9]
+    with_current = h.replay_frame("s", params, [7, 8, 9], current=encode(rows(6, 1), "fp32"))
     assert positions(decode(with_current.hidden, C)) == list(range(7))
-    assert params.max_tokens == 20  # the session's own params are untouched
+    assert params.max_tokens == 20 and not params.generated_tokens  # the session's own params are untouched
     with pytest.raises(ValueError, match="no rows"):
-        SplitHistory().replay_frame("s", params, 0)
+        SplitHistory().replay_frame("s", params, [])
 
 
 def test_remaining_params_never_asks_for_less_than_one_token():
     params = pb.GenerationParams(max_tokens=4, seed=9)
-    assert remaining_params(params, 1).max_tokens == 3 and remaining_params(params, 1).seed == 9
-    assert remaining_params(params, 4).max_tokens == 1 and remaining_params(params, 7).max_tokens == 1
+    assert remaining_params(params, [5]).max_tokens == 3 and remaining_params(params, [5]).seed == 9
+    assert remaining_params(params, [5] * 4).max_tokens == 1 and remaining_params(params, [5] * 7).max_tokens == 1
+
+
+def test_remaining_params_carry_every_token_before_the_replay():
+    """A session replayed twice (a device to a new edge, then that edge's session to the fast tail): the second
+    replay's params name the tokens before the first one, then those since."""
+    first = remaining_params(pb.GenerationParams(max_tokens=10, presence_penalty=0.5), [4, 4, 7])
+    second = remaining_params(first, [9, 1])
+    assert list(first.generated_tokens) == [4, 4, 7] and first.max_tokens == 7
+    assert list(second.generated_tokens) == [4, 4, 7, 9, 1] and second.max_tokens == 5
+    assert second.presence_penalty == 0.5
 
 
 @pytest.mark.parametrize("codec", CODECS)
@@ -112,9 +123,9 @@ def test_a_replay_decodes_bit_for_bit_to_what_the_frames_decoded_to(codec):
     h.settle(pos + 1)  # an accepted draft's row
     expected = h.tensor()
     assert expected.shape == (11, C)
-    assert torch.equal(decode(h.replay_frame("s", pb.GenerationParams(max_tokens=4), 0).hidden, C), expected)
+    assert torch.equal(decode(h.replay_frame("s", pb.GenerationParams(max_tokens=4), []).hidden, C), expected)
     h.truncate(5)  # inside the first frame: its first rows as fp32, then nothing of the other codec
-    assert torch.equal(decode(h.replay_frame("s", pb.GenerationParams(max_tokens=4), 0).hidden, C), expected[:5])
+    assert torch.equal(decode(h.replay_frame("s", pb.GenerationParams(max_tokens=4), []).hidden, C), expected[:5])
 
 
 def test_seqs_renumber_for_the_tail_that_took_the_session():

@@ -1,0 +1,134 @@
+"""Structured output across the real split: fifty JSON schemas (``tests.schemas50``) through an edge and a cloud.
+
+The demo model's plan with lossless fp32 frames: an in-process ``EdgeNode`` (the owner of HTTP sessions, with
+the plan's int8 fast tail drafting) in front of a real ``python -m cloud_service`` over gRPC. Each schema
+travels as ``GenerationParams.grammar`` (json_schema); the cloud compiles it against the vocabulary the plan
+ships and masks every token it samples, the fast tail masks every draft. For each schema, greedy and sampled
+(seeded), with speculation off and on:
+
+- an answer that ended with the stop token parses as JSON and validates against its schema (``jsonschema``);
+- an answer cut by ``max_tokens`` (finish "length": possible where a string or a number's digits are
+  unbounded) is counted apart, never as valid;
+- speculation on and off give identical tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import jsonschema
+import pytest
+
+from partitioner.plan.demo import demo_plan
+from protos import splitglm_pb2 as pb
+from runtime.owner import StepFailed
+from tests.edge_node.test_cloud_client import start_cloud
+from tests.edge_node.test_speculative import start_edge
+from tests.schemas50 import UNBOUNDED, schemas
+
+MAX_TOKENS = 64
+CONCURRENT = 10  # generations at once
+PROMPT = "Reply with a short JSON value."  # short: a prefill costs as much as a few tokens (the grammar does the rest)
+MODES = {"greedy": {}, "sampled": {"temperature": 0.8, "top_p": 0.95}}  # sampled: seeded 23 + the schema's index
+
+
+def test_the_fifty_schemas_are_valid_varied_and_compile(demo_checkpoint):
+    from runtime.grammar import Grammars, Vocabulary
+
+    pairs = schemas()
+    assert len(pairs) == 50 and len({name for name, _ in pairs}) == 50 and UNBOUNDED <= {n for n, _ in pairs}
+    text = json.dumps([s for _, s in pairs])
+    for feature in ('"minItems"', '"maxItems"', '"enum"', '"minimum"', '"maximum"', '"boolean"', '"maxLength"',
+                    '"pattern"', '"anyOf"', '"$ref"', '"number"', '"integer"', '"required": []'):
+        assert feature in text, feature
+    grammars = Grammars(Vocabulary.load(demo_checkpoint, 49152))
+    for _, schema in pairs:
+        jsonschema.Draft202012Validator.check_schema(schema)
+        grammars.matcher("json_schema", json.dumps(schema)).mask()
+    assert grammars.compiled == 50
+
+
+@pytest.fixture(scope="module")
+def edge(demo_checkpoint):
+    """An edge (drafting 4 tokens a round when asked to speculate) in front of a real cloud process."""
+    plan = str(demo_plan(demo_checkpoint, codecs=("fp32", "fp32")))
+    proc, address = start_cloud(plan)
+    try:
+        node = start_edge(plan, address, draft_tokens=4, step_timeout_s=60)
+    except BaseException:
+        proc.stop()
+        raise
+    yield node
+    node.close()
+    assert proc.stop() == 0, proc.output
+
+
+def generate(node, schema: dict, speculate: int, **sampling):
+    """One edge-owned generation under ``schema`` (as the HTTP API runs it)."""
+    prompt = node.tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=True, return_dict=False)
+    params = pb.GenerationParams(
+        max_tokens=MAX_TOKENS, speculate=speculate, stop_token_ids=list(node.spec.eos_token_ids),
+        grammar=pb.Grammar(kind="json_schema", text=json.dumps(schema)), **sampling)  # fmt: skip
+    gen = node.generation(list(prompt), params)
+    list(gen)
+    return gen
+
+
+def outcome(gen, schema: dict, eos: set[int]) -> str:
+    """'valid', 'length' (cut by max_tokens: counted apart) or why the answer is wrong."""
+    if gen.finish_reason == "length":
+        return "length" if len(gen.tokens) == MAX_TOKENS else f"length after {len(gen.tokens)} tokens"
+    if gen.finish_reason != "stop" or gen.tokens[-1] not in eos or eos & set(gen.tokens[:-1]):
+        return f"finish {gen.finish_reason!r} with tokens {gen.tokens}"
+    try:
+        jsonschema.validate(json.loads(gen.text), schema)
+    except (ValueError, jsonschema.ValidationError) as e:
+        return f"invalid: {gen.text!r}: {str(e).splitlines()[0]}"
+    return "valid"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", list(MODES))
+def test_every_answer_validates_and_speculation_changes_no_token(edge, mode, record_property):
+    eos = set(edge.spec.eos_token_ids)
+    counts = {"valid": 0, "length": 0}
+    wrong, differ, lengths, round_trips = [], [], [], 0
+    started = time.perf_counter()
+
+    def both(i: int, schema: dict):
+        sampling = {**MODES[mode], "seed": 23 + i} if MODES[mode] else {}
+        return generate(edge, schema, pb.SPECULATE_OFF, **sampling), generate(edge, schema, pb.SPECULATE_ON, **sampling)
+
+    with ThreadPoolExecutor(CONCURRENT) as pool:  # concurrent sessions: the cloud batches their steps
+        answers = list(pool.map(both, range(50), [schema for _, schema in schemas()]))
+    for (name, schema), (plain, spec) in zip(schemas(), answers):
+        round_trips += spec.speculative["round_trips"]
+        assert set(plain.paths) == {pb.ACCURATE} and set(spec.paths) == {pb.ACCURATE}, name  # no fallback
+        if spec.tokens != plain.tokens or spec.finish_reason != plain.finish_reason:
+            differ.append(f"{name}: plain {plain.tokens} / speculative {spec.tokens}")
+        elif spec.logprobs != pytest.approx(plain.logprobs, abs=1e-4):
+            differ.append(f"{name}: log-probs differ")
+        result = outcome(plain, schema, eos)
+        if result in counts:
+            counts[result] += 1
+            lengths += [name] if result == "length" else []
+        else:
+            wrong.append(f"{name}: {result}")
+    seconds = time.perf_counter() - started
+    record_property("outcomes", {**counts, "length_schemas": lengths, "seconds": round(seconds, 1)})
+    print(f"{mode}: {counts['valid']} valid, {counts['length']} cut by max_tokens {lengths}, {seconds:.0f} s")
+    assert not wrong, "\n".join(wrong)
+    assert not differ, "\n".join(differ)
+    assert counts["valid"] + counts["length"] == 50
+    assert counts["valid"] >= 40  # the cut ones are the exception (unbounded strings and digits)
+    assert round_trips > 0  # the speculative runs did verify drafts
+
+
+@pytest.mark.slow
+def test_a_schema_the_library_cannot_take_fails_the_generation_with_the_reason(edge):
+    with pytest.raises(StepFailed, match="INVALID_ARGUMENT: .*no-such-type") as refused:
+        generate(edge, {"type": "no-such-type"}, pb.SPECULATE_OFF)
+    assert refused.value.status == 3  # INVALID_ARGUMENT
