@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 SERVICE = "splitglm.v1.SegmentService"
 FREE_TIMEOUT_S = 30.0  # longest wait for the scheduler to free a session at the end of a stream
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+MAX_OWNERS = 65536  # sessions whose opening peer is remembered (for forks), oldest forgotten first
 
 
 class SegmentServicer:
@@ -48,6 +49,7 @@ class SegmentServicer:
         self.batcher, self.hidden_size, self.step_timeout_s = batcher, hidden_size, step_timeout_s
         self.max_frame_bytes, self.max_elements = max_frame_bytes, max_positions * hidden_size
         self._streaming: set[str] = set()  # sessions that have a stream now
+        self._owners: dict[str, str] = {}  # session -> the peer that opened it (a fork must come from the same)
         self._lock = threading.Lock()
 
     def Stream(self, request_iterator, context):  # noqa: N802 -- the rpc's name
@@ -57,7 +59,8 @@ class SegmentServicer:
             for data in request_iterator:
                 frame = self._parse(data)
                 if session is None:
-                    session = self._attach(frame.session_id)
+                    session = self._attach(frame.session_id, peer_identity(context))
+                    self._check_fork(frame, context)
                 elif frame.session_id != session:
                     raise StepError("INVALID_ARGUMENT", f"this stream carries session {session!r}, not "
                                     f"{frame.session_id!r}: open one stream per session")
@@ -95,18 +98,39 @@ class SegmentServicer:
         except CodecError as e:
             raise _codec_error(e, where) from None
 
-    def _attach(self, session_id: str) -> str:
+    def _attach(self, session_id: str, peer: str) -> str:
         with self._lock:
             if session_id in self._streaming:
                 raise StepError("FAILED_PRECONDITION", f"session {session_id!r} already has a stream")
             self._streaming.add(session_id)
+            self._owners.setdefault(session_id, peer)
+            while len(self._owners) > MAX_OWNERS:  # (sessions kept for a retry and then reaped leave entries)
+                del self._owners[next(iter(self._owners))]
         return session_id
+
+    def _check_fork(self, frame: pb.Frame, context) -> None:
+        """A session may fork only a session its own peer opened (else another edge's prompt would leak into
+        it): any other source is NOT_FOUND, as one this tier does not hold."""
+        if frame.fork_of and frame.seq == 0:
+            with self._lock:
+                mine = self._owners.get(frame.fork_of) == peer_identity(context)
+            if not mine:
+                raise StepError("NOT_FOUND", f"session {frame.session_id!r} forks {frame.fork_of!r}, which this "
+                                "tier does not hold for this peer")
 
     def _detach(self, session_id: str, free: bool) -> None:
         if free:
             self.batcher.free(session_id).result(FREE_TIMEOUT_S)
         with self._lock:
             self._streaming.discard(session_id)
+            if free:
+                self._owners.pop(session_id, None)
+
+
+def peer_identity(context) -> str:
+    """Who opened a stream: the client certificate's common name under mTLS, else the connection's address."""
+    names = dict(context.auth_context() or {}).get("x509_common_name")
+    return f"cn:{names[0].decode(errors='replace')}" if names else f"peer:{context.peer()}"
 
 
 def _codec_error(error: CodecError, where: str) -> StepError:

@@ -34,6 +34,8 @@ from pydantic_core import PydanticCustomError
 
 from protos import splitglm_pb2 as pb
 
+from .tools import FIRST_NOT_A_TOOL_RESULT, MESSAGE_RULES, TOOL_CALL_SCHEMA, TOOL_CHOICE_SCHEMA, TOOLS_SCHEMA
+
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
 MAX_LOGIT_BIAS = 300  # logit_bias entries per request
 MAX_TOP_LOGPROBS = 20  # chat: top_logprobs (OpenAI's range)
@@ -263,28 +265,7 @@ def string_or_object(value):
     return value
 
 
-TOOL_CHOICE_SCHEMA = {"anyOf": [
-    {"enum": ["none", "auto", "required"]},
-    {"type": "object", "properties": {"type": {"const": "function"}, "function": {
-        "type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}},
-     "required": ["type", "function"]}]}  # fmt: skip
 ToolChoiceField = Annotated[str | dict, BeforeValidator(string_or_object), WithJsonSchema(TOOL_CHOICE_SCHEMA)]
-STRING = {"type": "string"}
-TOOL_SCHEMA = {"type": "object", "required": ["type", "function"], "additionalProperties": False, "properties": {
-    "type": {"const": "function"}, "function": {
-        "type": "object", "required": ["name"], "additionalProperties": False, "properties": {
-            "name": {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,64}$"}, "description": STRING,
-            "parameters": {"type": "object"}, "strict": {"type": "boolean"}}}}}  # fmt: skip
-TOOL_CALL_SCHEMA = {"type": "object", "required": ["id", "type", "function"], "additionalProperties": False,
-                    "properties": {"id": STRING, "type": {"const": "function"}, "function": {
-                        "type": "object", "required": ["name", "arguments"], "additionalProperties": False,
-                        "properties": {"name": STRING, "arguments": STRING}}}}  # fmt: skip
-MESSAGE_RULES = {"allOf": [  # (published) a tool message answers a call; only an assistant's carries calls
-    {"if": {"properties": {"role": {"const": "tool"}}}, "then": {"required": ["tool_call_id", "content"],
-                                                         "properties": {"content": STRING}},
-     "else": {"not": {"required": ["tool_call_id"]}}},
-    {"if": {"properties": {"role": {"const": "assistant"}}}, "else": {"properties": {"tool_calls": {"maxItems": 0}}}},
-]}  # fmt: skip
 
 
 class Message(Checked):
@@ -315,6 +296,9 @@ class Message(Checked):
         if self.tool_call_id is not None:
             out["tool_call_id"] = self.tool_call_id
         return out
+
+
+Conversation = Annotated[list[Message], Field(min_length=1, json_schema_extra=FIRST_NOT_A_TOOL_RESULT)]
 
 
 class JsonSchemaFormat(Checked):
@@ -357,12 +341,12 @@ class ChatRequest(GenerationRequest):
 
     refused: ClassVar[dict] = REFUSED_CHAT
 
-    messages: Annotated[list[Message], Field(min_length=1)]
+    messages: Conversation
     logprobs: StrictBool | None = None  # the log-prob of each token (choices[i].logprobs.content)
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None  # alternatives per token
     response_format: ResponseFormat | None = None  # {"type": "text" | "json_object" | "json_schema", ...}
     # functions the model may call (checked by edge_node.tools: names, schemas, at most 128)
-    tools: list[Annotated[dict, WithJsonSchema(TOOL_SCHEMA)]] | None = None
+    tools: Annotated[list[dict], WithJsonSchema(TOOLS_SCHEMA)] | None = None
     tool_choice: ToolChoiceField | None = None  # "none", "auto", "required" or a named function
     parallel_tool_calls: StrictBool | None = None  # several calls in one answer; default true
 
@@ -386,7 +370,7 @@ class TokenizeRequest(Checked):
 
     model: StrictStr | None = None
     prompt: StrictStr | None = None
-    messages: Annotated[list[Message], Field(min_length=1)] | None = None
+    messages: Conversation | None = None
 
     @model_validator(mode="after")
     def _one_input(self):

@@ -30,8 +30,9 @@ from runtime.grammar import GrammarError, Grammars, schema_depth
 
 from .tool_calls import CALL_CLOSE, CALL_OPEN, ToolCallParser
 
-__all__ = ["MAX_TOOLS", "Tool", "ToolChoice", "ToolError", "ToolRequest", "call_text", "template_supports_tools",
-           "tool_request"]
+__all__ = ["FIRST_NOT_A_TOOL_RESULT", "MAX_TOOLS", "MESSAGE_RULES", "TOOLS_SCHEMA", "TOOL_CALL_SCHEMA",
+           "TOOL_CHOICE_SCHEMA", "Tool", "ToolChoice", "ToolError", "ToolRequest", "call_text",
+           "template_supports_tools", "tool_request"]
 
 MAX_TOOLS = 128
 NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
@@ -215,6 +216,34 @@ class ToolRequest:
         except Exception as e:  # noqa: BLE001 -- a template that rejects the conversation (e.g. role order)
             raise ToolError("messages", f"the chat template rejected the messages: {e}") from None
         return list(ids)
+
+
+# ---- the tool fields' published JSON schema (edge_node.schemas; what the code here checks, for clients) --------
+
+STRING = {"type": "string"}
+TOOL_SCHEMA = {"type": "object", "required": ["type", "function"], "additionalProperties": False, "properties": {
+    "type": {"const": "function"}, "function": {
+        "type": "object", "required": ["name"], "additionalProperties": False, "properties": {
+            "name": {"type": "string", "pattern": f"^{NAME.pattern}$"}, "description": STRING,
+            "parameters": {"type": "object"}, "strict": {"type": "boolean"}}}}}  # fmt: skip
+TOOLS_SCHEMA = {"type": "array", "maxItems": MAX_TOOLS, "items": TOOL_SCHEMA}
+TOOL_CHOICE_SCHEMA = {"anyOf": [
+    {"enum": list(CHOICES)},
+    {"type": "object", "required": ["type", "function"], "additionalProperties": False, "properties": {
+        "type": {"const": "function"},
+        "function": {"type": "object", "required": ["name"], "additionalProperties": False,
+                     "properties": {"name": STRING}}}}]}  # fmt: skip
+TOOL_CALL_SCHEMA = {"type": "object", "required": ["id", "type", "function"], "additionalProperties": False,
+                    "properties": {"id": STRING, "type": {"const": "function"}, "function": {
+                        "type": "object", "required": ["name", "arguments"], "additionalProperties": False,
+                        "properties": {"name": STRING, "arguments": STRING}}}}  # fmt: skip
+MESSAGE_RULES = {"allOf": [  # a tool message answers a call; only an assistant's carries calls
+    {"if": {"properties": {"role": {"const": "tool"}}},
+     "then": {"required": ["tool_call_id", "content"], "properties": {"tool_call_id": STRING, "content": STRING}},
+     "else": {"not": {"required": ["tool_call_id"]}}},
+    {"if": {"properties": {"role": {"const": "assistant"}}}, "else": {"properties": {"tool_calls": {"maxItems": 0}}}},
+]}  # fmt: skip
+FIRST_NOT_A_TOOL_RESULT = {"not": {"prefixItems": [{"properties": {"role": {"const": "tool"}}, "required": ["role"]}]}}
 
 
 # ---- the answer's grammar ----------------------------------------------------------------------------------

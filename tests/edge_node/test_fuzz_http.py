@@ -30,7 +30,7 @@ def target(node):
 
 
 def test_schemathesis_cases_never_get_a_server_error(target, node):
-    @settings(FUZZ, max_examples=300)
+    @settings(FUZZ, max_examples=400)
     @given(target.strategy())
     def fuzz(case):
         target.check(case)

@@ -240,8 +240,9 @@ def test_json_schema_output_parses_and_validates(node, client):
 
 
 def test_json_cut_by_max_tokens_finishes_with_length(node, client):
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
     r = client.chat.completions.create(model="tiny", messages=USER, max_tokens=3, response_format={
-        "type": "json_object"})  # fmt: skip
+        "type": "json_schema", "json_schema": {"name": "a", "schema": schema}})  # no answer fits 3 tokens
     assert r.choices[0].finish_reason == "length" and r.choices[0].message.content.startswith("{")
     assert len(last(node)[0].tokens) == 3
 
