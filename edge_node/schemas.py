@@ -33,6 +33,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from protos import splitglm_pb2 as pb
+from runtime.grammar import without_annotations
 
 from .tools import FIRST_NOT_A_TOOL_RESULT, MESSAGE_RULES, TOOL_CALL_SCHEMA, TOOL_CHOICE_SCHEMA, TOOLS_SCHEMA
 
@@ -332,7 +333,7 @@ class ResponseFormat(Checked):
             return pb.Grammar(kind="json_object")
         if self.type == "json_schema":
             schema = {} if self.json_schema.schema_ is None else self.json_schema.schema_
-            return pb.Grammar(kind="json_schema", text=json.dumps(schema, separators=(",", ":")))
+            return pb.Grammar(kind="json_schema", text=json.dumps(without_annotations(schema), separators=(",", ":")))
         return None
 
 

@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass
 
 from protos import splitglm_pb2 as pb
-from runtime.grammar import GrammarError, Grammars, schema_depth
+from runtime.grammar import GrammarError, Grammars, schema_depth, without_annotations
 
 from .tool_calls import CALL_CLOSE, CALL_OPEN, ToolCallParser
 
@@ -251,7 +251,8 @@ FIRST_NOT_A_TOOL_RESULT = {"not": {"prefixItems": [{"properties": {"role": {"con
 def call_schema(tool: Tool) -> dict:
     """The JSON of one call to ``tool``: its name, then arguments that follow its schema (the schema's own
     ``#...`` references moved under ``arguments``, where it now sits)."""
-    return {"type": "object", "properties": {"name": {"const": tool.name}, "arguments": rebase(tool.parameters)},
+    arguments = rebase(without_annotations(tool.parameters))  # (its descriptions are prompt text: kept at the edge)
+    return {"type": "object", "properties": {"name": {"const": tool.name}, "arguments": arguments},
             "required": ["name", "arguments"], "additionalProperties": False, "x-guidance": JSON_FORMAT}
 
 

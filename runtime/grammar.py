@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["GRAMMAR_KINDS", "GrammarError", "GrammarLimits", "Grammars", "Matcher", "Vocabulary", "schema_depth",
-           "tier_grammars"]
+           "tier_grammars", "without_annotations"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,31 @@ class GrammarLimits:
     max_compile_ms: float = 5000.0  # a grammar that takes longer to compile is refused (and not cached)
     cache: int = 64  # compiled grammars kept
     max_items: int = 500_000  # llguidance: Earley items per token (bounds a mask's time)
+
+
+ANNOTATIONS = ("title", "description", "examples", "$comment")  # words for readers: they constrain nothing
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")  # name -> schema
+
+
+def without_annotations(schema):
+    """A JSON schema without its annotations (``ANNOTATIONS``), which constrain no token. The edge sends
+    this to the tier that samples: a tool's parameter descriptions are also rendered into the prompt, and the
+    cloud must not receive the prompt's text. Property names stay (they are what the output holds)."""
+    if isinstance(schema, list):
+        return [without_annotations(v) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in ANNOTATIONS:
+            continue
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: without_annotations(sub) for name, sub in value.items()}
+        elif key in ("enum", "const", "default", "required"):
+            out[key] = value  # values, not schemas
+        else:
+            out[key] = without_annotations(value)
+    return out
 
 
 def schema_depth(value, depth: int = 0) -> int:

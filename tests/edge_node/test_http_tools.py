@@ -18,8 +18,7 @@ import openai
 import pytest
 
 from partitioner.plan.demo import demo_plan
-from tests.edge_node.test_cloud_client import start_cloud
-from tests.edge_node.test_speculative import start_edge
+from tests.edge_node.test_speculative import edge_and_cloud
 
 pytestmark = pytest.mark.slow
 MAX_TOKENS = 80
@@ -43,15 +42,8 @@ NAMED = {"type": "function", "function": {"name": "get_weather"}}
 def edge(demo_checkpoint):
     """An edge (drafting up to 4 tokens a round) in front of a real cloud process, on lossless fp32 frames."""
     plan = str(demo_plan(demo_checkpoint, codecs=("fp32", "fp32")))
-    proc, address = start_cloud(plan)
-    try:
-        node = start_edge(plan, address, draft_tokens=4, step_timeout_s=60, model_name="smollm2")
-    except BaseException:
-        proc.stop()
-        raise
-    yield node
-    node.close()
-    assert proc.stop() == 0, proc.output
+    with edge_and_cloud(plan, draft_tokens=4, step_timeout_s=60, model_name="smollm2") as node:
+        yield node
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -42,6 +44,24 @@ def start_edge(plan: str, cloud: str, broker: str = "", **settings) -> EdgeNode:
         node.close()
         raise
     return node
+
+
+@contextmanager
+def edge_and_cloud(plan: str, **settings) -> Iterator[EdgeNode]:
+    """An in-process edge (``start_edge``) in front of a real cloud process on ``plan``; the cloud must exit
+    cleanly at the end."""
+    proc, address = start_cloud(plan)
+    try:
+        node = start_edge(plan, address, **settings)
+    except BaseException:
+        proc.stop()
+        raise
+    try:
+        yield node
+    finally:
+        node.close()
+        code = proc.stop()
+    assert code == 0, proc.output
 
 
 def http(node: EdgeNode, speculate: int, on_token=None, **params) -> Generation:

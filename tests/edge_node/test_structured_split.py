@@ -24,8 +24,7 @@ import pytest
 from partitioner.plan.demo import demo_plan
 from protos import splitglm_pb2 as pb
 from runtime.owner import StepFailed
-from tests.edge_node.test_cloud_client import start_cloud
-from tests.edge_node.test_speculative import start_edge
+from tests.edge_node.test_speculative import edge_and_cloud
 from tests.schemas50 import UNBOUNDED, schemas
 
 MAX_TOKENS = 64
@@ -54,15 +53,8 @@ def test_the_fifty_schemas_are_valid_varied_and_compile(demo_checkpoint):
 def edge(demo_checkpoint):
     """An edge (drafting 4 tokens a round when asked to speculate) in front of a real cloud process."""
     plan = str(demo_plan(demo_checkpoint, codecs=("fp32", "fp32")))
-    proc, address = start_cloud(plan)
-    try:
-        node = start_edge(plan, address, draft_tokens=4, step_timeout_s=60)
-    except BaseException:
-        proc.stop()
-        raise
-    yield node
-    node.close()
-    assert proc.stop() == 0, proc.output
+    with edge_and_cloud(plan, draft_tokens=4, step_timeout_s=60) as node:
+        yield node
 
 
 def generate(node, schema: dict, speculate: int, **sampling):

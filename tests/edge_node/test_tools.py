@@ -351,3 +351,16 @@ def test_the_name_streams_before_the_arguments_end():
         "arguments": 'ty": "Paris"}'}}]}]
     assert parser.feed("call>") == [] and parser.finish() == []
     assert parser.answer().content == "Sure." and parser.answer().complete
+
+
+def test_the_grammar_leaves_the_tools_descriptions_at_the_edge(grammars, tokenizer):
+    described = {"type": "function", "function": {"name": "find", "description": "Find a PRIVATE-WORD", "parameters": {
+        "type": "object", "title": "PRIVATE-TITLE", "properties": {
+            "description": {"type": "string", "description": "the PRIVATE-WORD to look for", "maxLength": 8}},
+        "required": ["description"]}}}
+    req = tool_request([described], "required", grammars=grammars)
+    text = req.grammar().text
+    assert "PRIVATE" not in text and '"description"' in text  # the property stays, the words for readers go
+    assert "PRIVATE-WORD" in tokenizer.decode(req.render(tokenizer, [{"role": "user", "content": "hi"}]))
+    assert accepts(grammars, req, tokenizer, '<tool_call>\n{"name": "find", "arguments": {"description": "x"}}'
+                                             '\n</tool_call>')

@@ -217,3 +217,17 @@ def test_sampling_under_the_mask_from_random_logits_gives_valid_json(vocab, toke
         state.commit([token])
     assert token == EOS
     jsonschema.validate(json.loads(tokenizer.decode(state.tokens)), PERSON)
+
+
+def test_annotations_are_left_at_the_edge_and_property_names_kept():
+    from runtime.grammar import without_annotations
+
+    schema = {"title": "T", "description": "prompt words", "type": "object", "$comment": "c",
+              "properties": {"description": {"type": "string", "description": "more prompt words", "maxLength": 5},
+                             "n": {"type": "integer", "examples": [1], "enum": [{"description": "a value"}, 2]}},
+              "required": ["description"], "$defs": {"title": {"title": "x", "type": "boolean"}}}
+    assert without_annotations(schema) == {
+        "type": "object", "properties": {"description": {"type": "string", "maxLength": 5},
+                                         "n": {"type": "integer", "enum": [{"description": "a value"}, 2]}},
+        "required": ["description"], "$defs": {"title": {"type": "boolean"}}}
+    assert "prompt words" not in json.dumps(without_annotations(schema))
