@@ -7,7 +7,8 @@ order, repeats answered from the stored result, limits, the deadline); a new ses
 reserves its whole KV room (prompt + ``max_tokens`` positions), so a full pool refuses new sessions and
 never a running one. A step that cannot be served fails its own future with a ``StepError`` (status
 name + message, ``runtime.terminal.status_of``) and touches no other session. Idle sessions are freed
-after ``session_ttl_s``.
+after ``session_ttl_s``. With ``metrics`` (``cloud_service.metrics.CloudMetrics``), each step and each
+verification is observed, and the rest is read from here at scrape time.
 """
 
 from __future__ import annotations
@@ -32,14 +33,18 @@ WORDING = Wording(closed=CLOSED, failed="step {seq} of session {session} failed 
 class Batcher:
     """Owns the cloud segment's sessions; ``submit`` a step, get a future of its StepResult."""
 
-    def __init__(self, segment, limits: Limits = Limits(), device: torch.device | str = "cpu", grammars=None):
+    def __init__(self, segment, limits: Limits = Limits(), device: torch.device | str = "cpu", grammars=None,
+                 metrics=None):
         self.segment, self.limits, self.device = segment, limits, torch.device(device)
+        self.metrics = metrics  # CloudMetrics, or None
         self.scheduler = Scheduler(segment, max_batch=limits.max_batch, prefill_chunk=limits.prefill_chunk,
-                                   name="cloud-scheduler")
+                                   name="cloud-scheduler", on_step=metrics.on_step if metrics is not None else None)
         self.terminal = Terminal(segment, limits, path=pb.ACCURATE, scheduler=self.scheduler, wording=WORDING,
                                  grammars=grammars)  # runtime.grammar.Grammars, or None: grammars are refused
         self._stopping = threading.Event()
         self._reaper = threading.Thread(target=self._reap, name="cloud-reaper", daemon=True)
+        if metrics is not None:
+            metrics.watch(self)
 
     def start(self) -> Batcher:
         self.scheduler.start()
@@ -52,7 +57,10 @@ class Batcher:
             answer: Future = Future()
             answer.set_exception(StepError("UNAVAILABLE", CLOSED))
             return answer
-        return self.terminal.submit(frame, hidden)
+        answer = self.terminal.submit(frame, hidden)
+        if self.metrics is not None and frame.draft_tokens:
+            answer.add_done_callback(self.metrics.on_verified)
+        return answer
 
     def free(self, session_id: str) -> Future:
         """Free a session's KV cache and sampling state (after its step in flight, if any); the future is

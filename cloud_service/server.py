@@ -31,6 +31,7 @@ from runtime.grammar import tier_grammars
 from runtime.terminal import StepError, status_of
 
 from .batcher import Batcher, Limits
+from .metrics import CloudMetrics
 from .settings import CloudSettings, SettingsError
 
 logger = logging.getLogger(__name__)
@@ -157,6 +158,7 @@ class CloudServer:
     host: str
     port: int
     tls: bool = False
+    metrics: CloudMetrics | None = None  # served on metrics_port, when set
 
     @property
     def url(self) -> str:
@@ -173,6 +175,8 @@ class CloudServer:
         self.server.stop(grace).wait()
         self.batcher.stop()  # after the streams: steps still queued fail (UNAVAILABLE)
         self.executor.shutdown(wait=True)  # the streams' threads, woken by the cancellation
+        if self.metrics is not None:
+            self.metrics.stop()
         logger.info("stopped: %s", self.url)
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -258,7 +262,8 @@ def serve(settings: CloudSettings) -> CloudServer:
     limits = Limits(settings.max_sessions, settings.max_batch, settings.max_tokens, settings.max_positions,
                     settings.session_ttl_s, settings.prefill_chunk, settings.max_draft)
     grammars = tier_grammars([Path(settings.plan) / "cloud"], segment.spec.vocab_size, settings.grammar_limits())
-    batcher = Batcher(segment, limits, device, grammars).start()
+    metrics = CloudMetrics() if settings.metrics_port is not None else None
+    batcher = Batcher(segment, limits, device, grammars, metrics).start()
     workers = max(64, settings.max_sessions + 16)  # one thread per open stream, plus health checks
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cloud-rpc")
     server = grpc.server(
@@ -276,6 +281,8 @@ def serve(settings: CloudSettings) -> CloudServer:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
         port = bind(server, settings)
+        if metrics is not None:
+            metrics.serve(settings.metrics_host, settings.metrics_port)
     except OSError:  # the port, or the certificate files
         batcher.stop()
         executor.shutdown()
@@ -283,7 +290,8 @@ def serve(settings: CloudSettings) -> CloudServer:
     server.start()
     for name in ("", SERVICE):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    handle = CloudServer(server, executor, batcher, health_servicer, settings.host, port, settings.tls_cert is not None)
+    handle = CloudServer(server, executor, batcher, health_servicer, settings.host, port, settings.tls_cert is not None,
+                         metrics=metrics)
     mode = security_mode(settings)
     if settings.tls_cert is None and settings.host not in LOOPBACK:
         logger.warning("gRPC on %s is %s", settings.host, mode)

@@ -55,6 +55,10 @@ class CloudSettings(GrammarSettings):
                                   "(a long prompt's included), seconds; then DEADLINE_EXCEEDED on its stream")
     session_ttl_s: float = Field(default=300.0, gt=0, description="idle sessions are freed after, seconds")
     grace_s: float = Field(default=5.0, ge=0, description="on shutdown, time left to running streams, seconds")
+    metrics_port: int | None = Field(default=None, ge=0, le=65535, description="port of the Prometheus metrics "
+                                     "(plain HTTP, GET /metrics); 0 = a free port; unset = no metrics")
+    metrics_host: str = Field(default="127.0.0.1", min_length=1, description="interface the metrics port "
+                              "listens on")
 
     @model_validator(mode="after")
     def _tls_files(self) -> CloudSettings:

@@ -42,7 +42,11 @@ def _serve(settings: DeviceSettings, stop: threading.Event) -> int:
     except ConnectionError as e:
         logger.error("%s", e)
         return 1
-    agent.start()
+    try:
+        agent.start()
+    except OSError as e:  # the metrics port
+        logger.error("cannot serve metrics on %s:%s: %s", settings.metrics_host, settings.metrics_port, e)
+        return 1
     stop.wait()
     logger.info("stopping")
     agent.stop()

@@ -45,6 +45,7 @@ from runtime.owner import Generation
 from runtime.report import report
 
 from .link import EdgeLink, LinkClosed
+from .metrics import DeviceMetrics
 from .readings import Reading, ReadingError, ReadingRate, dead_letter, parse_reading, prompt_token_ids, render_prompt
 from .settings import DeviceSettings
 
@@ -89,6 +90,7 @@ class DeviceAgent:
         self._last_publish: Any = None  # MQTTMessageInfo of the latest answer
         self._was_ready = False
         self._worker = threading.Thread(target=self._work, name=f"device-{self.device_id}", daemon=True)
+        self.metrics = DeviceMetrics()  # counted always; served on metrics_port when set (``start``)
 
         self.auth = MqttAuth.from_settings(settings, client_id("device", self.device_id))  # bound to the login
         self.protocol = wait_for_broker(settings.broker, settings.mqtt_protocol, BROKER_WAIT_S, self.auth)
@@ -103,10 +105,14 @@ class DeviceAgent:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = self._on_subscribe
         self.client.message_callback_add(sensors_subscription(self.device_id), self._on_reading)
+        self.metrics.watch(self)
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> DeviceAgent:
+        """Serve the metrics (when ``metrics_port`` is set: OSError if it cannot), take readings, connect."""
+        if self.settings.metrics_port is not None:
+            self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
         self._worker.start()
         connect(self.client, self.settings.broker, self.protocol, self.auth)
         return self
@@ -129,6 +135,7 @@ class DeviceAgent:
         self.client.loop_stop()
         if self.settings.ready_file is not None:
             self.settings.ready_file.unlink(missing_ok=True)
+        self.metrics.stop()
 
     # ---- MQTT callbacks (network thread) ---------------------------------------------------------
 
@@ -177,18 +184,21 @@ class DeviceAgent:
     def take(self, topic: str, payload: bytes) -> Reading | None:
         """Validate one sensor message and queue it for an answer; a refused one gets a dead letter (None)."""
         if not self.rate.admit():  # over max_readings_per_s: dropped, a dead letter at most once a second
+            self.metrics.reading("rate_limited")
             if notice := self.rate.notice():
                 self._refuse(topic, payload, notice)
             return None
         try:
             reading = parse_reading(topic, payload, self.device_id, self.settings.max_reading_bytes)
         except ReadingError as e:
+            self.metrics.reading("invalid")
             self._refuse(topic, payload, str(e))
             return None
         if self._stopping.is_set():  # too late for a generation, but it is ours now: answer it
             self._publish({**self._request([reading], ""), **failed("the device agent is stopping")})
             return reading
         if self.inbox.qsize() >= self.settings.max_queued_readings:
+            self.metrics.reading("queue_full")
             self._refuse(topic, payload, f"{self.settings.max_queued_readings} readings already wait for an "
                          "answer (max_queued_readings)")
             return None
@@ -196,6 +206,7 @@ class DeviceAgent:
             logger.info("reading %s", reading.line())
         else:
             logger.info("reading on %s queued", topic)
+        self.metrics.reading("queued")
         self.inbox.put(reading)
         return reading
 
@@ -215,6 +226,7 @@ class DeviceAgent:
                 logger.exception("answering %d reading(s) failed", len(batch))
                 answer = {**self._request(batch, ""), **failed(f"internal error: {e!r}")}
             self._publish(answer)
+            self.metrics.answer_latency_seconds.observe(time.monotonic() - batch[0].received)
 
     def _next_batch(self) -> list[Reading] | None:
         """Block for a reading, then take whatever else is queued, up to ``window`` readings (None: stop)."""
@@ -299,6 +311,7 @@ class DeviceAgent:
 
     def _publish(self, answer: dict[str, Any]) -> None:
         self._last_publish = self.client.publish(self.results_topic, json.dumps(answer), qos=1)
+        self.metrics.answered(bool(answer["error"]), answer["tokens"])
         if answer["error"]:
             logger.warning("answer %s for %d reading(s): error %s", answer["request_id"], len(answer["readings"]),
                            answer["error"])

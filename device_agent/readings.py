@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from runtime.rates import RateBuckets
@@ -32,6 +32,7 @@ class ReadingError(ValueError):
 class Reading:
     sensor: str  # the topic levels after sensors/{device_id}/
     fields: dict[str, Any]  # the JSON object as published (a bare number becomes {"value": n})
+    received: float = field(default_factory=time.monotonic, compare=False)  # time.monotonic() when it arrived
 
     def as_json(self) -> dict[str, Any]:
         """The reading as it appears in an answer: its sensor name and its fields."""

@@ -75,6 +75,9 @@ class DeviceSettings(MqttClientSettings):
                               "the log otherwise holds only ids, counts, timings and topics)")
     results_include_prompt: bool = Field(False, description="the answers on results/{device_id} carry the prompt "
                                          "(\"prompt\"); off, they carry the readings and the answer only")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="port of the Prometheus metrics (plain "
+                                     "HTTP, GET /metrics); 0 = a free port; unset = no metrics endpoint")
+    metrics_host: str = Field("127.0.0.1", min_length=1, description="interface the metrics port listens on")
 
     _check_broker = field_validator("broker")(_mqtt_url)
     _check_protocol = field_validator("mqtt_protocol", mode="before")(_protocol)

@@ -38,7 +38,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from runtime.stats import percentile
@@ -219,8 +219,8 @@ class Estimates:
 
     def register(self, registry: CollectorRegistry) -> Collector:
         """Add gauges ``splitglm_edge_router_{prefill,replay}_seconds_per_token``,
-        ``..._{step,rtt}_seconds`` (labels path, stat = mean | high) and ``..._samples`` (labels path,
-        stat = the quantity) to ``registry``, read at each scrape."""
+        ``..._{step,rtt}_seconds`` (labels path, stat = mean | high) and the counter ``..._samples_total``
+        (labels path, stat = the quantity) to ``registry``, read at each scrape."""
         collector = _Collector(self)
         registry.register(collector)
         return collector
@@ -241,13 +241,13 @@ class _Collector(Collector):
     def __init__(self, estimates: Estimates):
         self.estimates = estimates
 
-    def describe(self) -> Iterator[GaugeMetricFamily]:
+    def describe(self) -> Iterator[Metric]:
         yield from self._families(with_values=False)
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         yield from self._families(with_values=True)
 
-    def _families(self, with_values: bool) -> Iterator[GaugeMetricFamily]:
+    def _families(self, with_values: bool) -> Iterator[Metric]:
         snapshot = self.estimates.snapshot() if with_values else {}
         for quantity, (name, help_text) in _GAUGES.items():
             family = GaugeMetricFamily(PREFIX + name, help_text, labels=["path", "stat"])
@@ -255,7 +255,8 @@ class _Collector(Collector):
                 for stat in ("mean", "high"):
                     family.add_metric([path, stat], values[quantity][stat] / 1000)
             yield family
-        samples = GaugeMetricFamily(PREFIX + "samples", "Router estimate: observations seen.", labels=["path", "stat"])
+        samples = CounterMetricFamily(PREFIX + "samples", "Router estimates: observations taken, by path and "
+                                      "quantity (stat).", labels=["path", "stat"])  # exposed as ..._samples_total
         for path, values in snapshot.items():
             for quantity in QUANTITIES:
                 samples.add_metric([path, quantity], values[quantity]["samples"])

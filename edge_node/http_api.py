@@ -67,18 +67,20 @@ from .streaming import BoundedStream, close_shielded, merged, next_event, next_e
 log = logging.getLogger(__name__)
 
 
-def observe(metrics, event: TokenEvent) -> None:
-    """Metrics of one token: its step and the path that made it."""
+def observe(metrics, event: TokenEvent, first: bool = False) -> None:
+    """Metrics of one token (the ``first`` of its choice, or a later one): its step and the path that made it."""
     metrics.observe_step(pb.StepResult(path=event.path, timings_ms=event.timings_ms), event.step_ms / 1e3, "http")
-    metrics.tokens(path_name(event.path), 1)
+    metrics.token(path_name(event.path), event.step_ms / 1e3, first)
 
 
 def drain(it: Iterator[TokenEvent], event: TokenEvent | None, metrics, stop: threading.Event) -> StepFailed | None:
     """Run a generation to its end (in a worker thread) from its ``event`` pulled already, or until ``stop``
     (then close it); its failure, which sets ``stop`` for the others (so does any other exception, raised)."""
     try:
+        first = True
         while event is not None:
-            observe(metrics, event)
+            observe(metrics, event, first)
+            first = False
             if stop.is_set():  # the client went away, or another choice failed: close the session
                 break
             event = next(it, None)
@@ -192,7 +194,7 @@ class Gateway:
         if failed is not None:
             raise step_failed_error(failed)
         if client_gone:
-            self.metrics.request(job.api, "499")  # the client went away: nobody reads this answer
+            self.metrics.http_request(job.api, 499)  # the client went away: nobody reads this answer
             return Response(status_code=499)
         self.finish_metrics(job, ttft_ms, "200")
         return JSONResponse(response_body(job, gens, ttft_ms, self.logprobs(job)))
@@ -225,6 +227,7 @@ class Gateway:
         tokens' log-probs when asked) as they come, its last chunk (finish_reason, its ``splitglm`` object) when
         it ends, then the usage if asked."""
         outcome, logprobs, offsets = "error", self.logprobs(job), [0] * job.n
+        seen = [False] * job.n  # a choice's first token came (the later ones are inter-token latencies)
         parsers = [job.tool_parser() for _ in range(job.n)]  # a choice's tool calls (None: no tools)
         try:
             if job.api == "chat":
@@ -236,7 +239,8 @@ class Gateway:
                         for body in end_chunks(job, i, gens[i], parsers[i], splitglm_info(job, gens[i], ttft_ms)):
                             yield sse(body)
                         continue
-                    observe(self.metrics, event)
+                    observe(self.metrics, event, not seen[i])
+                    seen[i] = True
                     lp = None
                     if logprobs is not None:  # a chunk per token at least: its log-probs
                         lp = logprobs.of([event.token], [event.logprob], [event.top_logprobs], offsets[i])
@@ -259,13 +263,12 @@ class Gateway:
             if outcome == "200":
                 self.finish_metrics(job, ttft_ms, outcome)
             else:
-                self.metrics.request(job.api, outcome)
+                self.metrics.http_request(job.api, outcome)
         yield sse("[DONE]")
 
     def finish_metrics(self, job: Job, ttft_ms: float, status: str) -> None:
-        self.metrics.request(job.api, status)
-        self.metrics.stage("ttft", ttft_ms / 1e3)
-        self.metrics.stage("request", job.elapsed_ms() / 1e3)
+        self.metrics.http_request(job.api, status)
+        self.metrics.http_answered(ttft_ms / 1e3, job.elapsed_ms() / 1e3)
 
 
 def validation_error(exc: RequestValidationError) -> ApiError:
@@ -289,7 +292,7 @@ def validation_error(exc: RequestValidationError) -> ApiError:
 def install_error_handlers(app: FastAPI, metrics) -> None:
     def count(request: Request, status: int) -> None:
         if api := api_of(request):
-            metrics.request(api, str(status))
+            metrics.http_request(api, status)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):

@@ -1,8 +1,10 @@
 """Prometheus metrics of the edge node, in one registry of its own (served at ``GET /metrics``).
 
-Every metric name starts with ``splitglm_edge_``. Times are in seconds (the
-Prometheus convention), byte counts in bytes. The router counts its decisions
-and switches here and adds its estimate gauges (``Estimates.register``) to the same ``registry``.
+Every metric name starts with ``splitglm_edge_``; ``docs/metrics.md`` lists them all. Times are in seconds
+(the Prometheus convention), byte counts in bytes, and every label takes its values from a fixed set. The
+registry (``runtime.metrics_http.new_registry``) also holds the process, platform and gc collectors. The
+router counts its decisions and switches here and adds its estimate gauges (``Estimates.register``) to
+the same ``registry``.
 """
 
 from __future__ import annotations
@@ -11,24 +13,59 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from protos import splitglm_pb2 as pb
+from protos.status import STATUS_CODES
+from runtime.metrics_http import LATENCY_BUCKETS_S, new_registry
 from runtime.report import path_name  # noqa: F401 -- the label of a path (one definition, re-exported)
 
 PREFIX = "splitglm_edge_"
-# 1 ms .. 60 s: a step over a LAN is milliseconds, a long generation is tens of seconds.
-BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BUCKETS_S = LATENCY_BUCKETS_S
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+# The timings a step's answer may name (StepResult.timings_ms): the terminal's (queue, compute, grammar) and
+# the relay's (edge_*, tail). Any other key is counted as "other", so a peer cannot grow the label's values.
+TIMINGS = frozenset({"queue", "compute", "grammar", "edge_queue", "edge_compute", "tail", "edge_total"})
+NOT_TIMES = frozenset({"batch_size"})  # counts the answers carry beside their timings
+
+
+def timing_label(name: str) -> str:
+    """The ``timing`` label of a StepResult timing: its name when known, else "other"."""
+    return name if name in TIMINGS else "other"
 
 
 class EdgeMetrics:
     """The edge node's counters, gauges and histograms."""
 
     def __init__(self, registry: CollectorRegistry | None = None):
-        self.registry = registry if registry is not None else CollectorRegistry()
+        self.registry = registry if registry is not None else new_registry()
         r = self.registry
-        self.requests_total = Counter(
-            PREFIX + "requests_total",
-            "Requests answered, by API and status (HTTP code or ok/error).",
-            ["api", "status"],
+        self.http_requests_total = Counter(
+            PREFIX + "http_requests_total",
+            "HTTP generation requests answered, by API (completions, chat) and HTTP status code (499: the "
+            "client went away).",
+            ["api", "code"],
+            registry=r,
+        )
+        self.device_frames_total = Counter(
+            PREFIX + "device_frames_total",
+            "Device frames (MQTT) answered, by gRPC status code name of the answer (OK, INVALID_ARGUMENT, ...).",
+            ["code"],
+            registry=r,
+        )
+        self.ttft_seconds = Histogram(
+            PREFIX + "time_to_first_token_seconds",
+            "HTTP requests: time from the request's arrival to its first token.",
+            buckets=BUCKETS_S,
+            registry=r,
+        )
+        self.itl_seconds = Histogram(
+            PREFIX + "inter_token_latency_seconds",
+            "HTTP requests: time per generated token after the first (its step's time over the step's tokens).",
+            buckets=BUCKETS_S,
+            registry=r,
+        )
+        self.e2e_seconds = Histogram(
+            PREFIX + "e2e_request_latency_seconds",
+            "HTTP requests answered in full (200): time from the request's arrival to its last token.",
+            buckets=BUCKETS_S,
             registry=r,
         )
         self.tokens_total = Counter(
@@ -46,14 +83,16 @@ class EdgeMetrics:
         )
         self.step_timing_seconds = Histogram(
             PREFIX + "step_timing_seconds",
-            "Named timings the downstream reported for a step (StepResult.timings_ms).",
+            "Named timings the downstream reported for a step (StepResult.timings_ms): queue, compute, grammar, "
+            "edge_queue, edge_compute, tail, edge_total, other.",
             ["timing"],
             buckets=BUCKETS_S,
             registry=r,
         )
         self.stage_seconds = Histogram(
             PREFIX + "stage_seconds",
-            "Latency of a named stage (ttft, request, owner, cloud, ...).",
+            "Latency of a stage: cloud (an edge-cloud step, round trip included), edge_segment (the edge's "
+            "layers for a device frame).",
             ["stage"],
             buckets=BUCKETS_S,
             registry=r,
@@ -83,7 +122,7 @@ class EdgeMetrics:
             registry=r,
         )
         self.spec_acceptance = Histogram(
-            PREFIX + "speculative_acceptance",
+            PREFIX + "speculative_acceptance_ratio",
             "Share of the drafts each speculative verification accepted.",
             buckets=(0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0),
             registry=r,
@@ -159,8 +198,8 @@ class EdgeMetrics:
         self.steps_total.labels(path=path_name(result.path)).inc()
         self.step_seconds.labels(kind=kind).observe(step_s)
         for name, ms in result.timings_ms.items():
-            if name != "batch_size":  # a count, not a time
-                self.step_timing_seconds.labels(timing=name).observe(ms / 1e3)
+            if name not in NOT_TIMES:
+                self.step_timing_seconds.labels(timing=timing_label(name)).observe(ms / 1e3)
 
     def add_wire_bytes(self, link: str, direction: str, n: int) -> None:
         """Add ``n`` bytes sent ('out') or received ('in') on ``link``."""
@@ -190,16 +229,32 @@ class EdgeMetrics:
         """Count a refusal of a device's or a key's (``kind``) new session or frame at its ``limit``."""
         self.quota_refusals_total.labels(limit=limit, kind=kind).inc()
 
-    def request(self, api: str, status: str) -> None:
-        """Count one request of ``api`` ('completions', 'chat', 'mqtt') that ended with ``status``."""
-        self.requests_total.labels(api=api, status=str(status)).inc()
+    def http_request(self, api: str, code: int | str) -> None:
+        """Count one request of ``api`` ('completions', 'chat') answered with HTTP status ``code``."""
+        self.http_requests_total.labels(api=api, code=str(code)).inc()
+
+    def device_frame(self, code: str) -> None:
+        """Count one device frame answered with gRPC status ``code`` (a name; any other counts as UNKNOWN)."""
+        self.device_frames_total.labels(code=code if code in STATUS_CODES else "UNKNOWN").inc()
+
+    def token(self, path: str, step_s: float, first: bool) -> None:
+        """Count one token of an HTTP session made by ``path`` in a step of ``step_s`` seconds per token;
+        each after the ``first`` is an inter-token latency."""
+        self.tokens_total.labels(path=path).inc()
+        if not first:
+            self.itl_seconds.observe(step_s)
+
+    def http_answered(self, ttft_s: float, e2e_s: float) -> None:
+        """A whole HTTP answer: its time to first token and its end-to-end latency."""
+        self.ttft_seconds.observe(ttft_s)
+        self.e2e_seconds.observe(e2e_s)
 
     def tokens(self, path: str, n: int) -> None:
         """Count ``n`` tokens produced by ``path`` ('accurate' or 'fast')."""
         self.tokens_total.labels(path=path).inc(n)
 
     def stage(self, stage: str, seconds: float) -> None:
-        """Observe the latency of one ``stage`` in seconds."""
+        """Observe the latency of one ``stage`` ('cloud', 'edge_segment') in seconds."""
         self.stage_seconds.labels(stage=stage).observe(seconds)
 
     def router_decision(self, path: str, policy: str) -> None:

@@ -328,7 +328,7 @@ class FrameRelay:
             props = publish_properties("", incoming.correlation, {topics.EDGE_ID_PROPERTY: self.edge_id})
         self.client.publish(incoming.reply_topic, payload, qos=1, properties=props)
         self.metrics.add_wire_bytes("device_edge", "out", len(payload))
-        self.metrics.request("mqtt", STATUS_NAMES.get(result.status, "UNKNOWN") if result.error else "ok")
+        self.metrics.device_frame(STATUS_NAMES.get(result.status, "UNKNOWN") if result.error else "OK")
 
     # ---- sessions --------------------------------------------------------------------------------
 

@@ -99,7 +99,7 @@ class Scheduler:
         self.prefill_chunk = getattr(segment, "prefill_chunk", prefill_chunk)  # an engine's captured chunk wins
         self.decode_rows = max(decode_rows, 1)
         self.lock, self.on_step = lock, on_step
-        self.stats: Counter[str] = Counter()  # steps, rows, items, largest
+        self.stats: Counter[str] = Counter()  # steps, rows, items, largest, chunks (of long steps: prompts)
         self._queue: deque[_Entry] = deque()
         self._calls: deque[tuple[Callable, Future]] = deque()
         self._wake = threading.Condition()
@@ -259,7 +259,8 @@ class Scheduler:
                 self._step([one])
             return
         compute_ms = (time.perf_counter() - started) * 1e3
-        self._count(len(step), sum(n for _, n in step), compute_ms)
+        chunks = sum(1 for entry, _ in step if entry.item.num_positions > self.decode_rows)
+        self._count(len(step), sum(n for _, n in step), compute_ms, chunks)
         for (entry, n), out in zip(step, outputs):
             entry.done += n
             entry.compute_ms += compute_ms
@@ -301,8 +302,9 @@ class Scheduler:
         if not entry.future.done():
             entry.future.set_result(out)
 
-    def _count(self, items: int, rows: int, compute_ms: float) -> None:
+    def _count(self, items: int, rows: int, compute_ms: float, chunks: int) -> None:
         self.stats["steps"] += 1
+        self.stats["chunks"] += chunks
         self.stats["items"] += items
         self.stats["rows"] += rows
         self.stats["largest"] = max(self.stats["largest"], items)

@@ -124,7 +124,7 @@ def test_gauges_in_a_registry_follow_the_estimates():
     assert registry.get_sample_value(
         "splitglm_edge_router_step_seconds", {"path": "fast", "stat": "high"}
     ) == pytest.approx(0.01, rel=0.05)
-    assert registry.get_sample_value("splitglm_edge_router_samples", {"path": "fast", "stat": "step"}) == 30
+    assert registry.get_sample_value("splitglm_edge_router_samples_total", {"path": "fast", "stat": "step"}) == 30
     text = generate_latest(registry).decode()
     assert 'splitglm_edge_router_prefill_seconds_per_token{path="fast",stat="mean"}' in text
     with pytest.raises(ValueError):  # registering twice would duplicate the names

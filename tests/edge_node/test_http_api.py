@@ -197,7 +197,7 @@ def test_cloud_failure_is_503(node, client, url):
     assert e.value.status_code == 503
     assert node.open_sessions() == 0
     r = httpx.get(f"{url}/metrics")
-    assert 'splitglm_edge_requests_total{api="completions",status="503"} 1.0' in r.text
+    assert 'splitglm_edge_http_requests_total{api="completions",code="503"} 1.0' in r.text
 
 
 @pytest.mark.parametrize("grpc_status, http_status", [(14, 503), (13, 503), (8, 429), (4, 504)])
@@ -240,7 +240,7 @@ def test_client_disconnect_stops_a_stream(node, url):
     gen = node.generations[-1]
     assert wait_until(lambda: node.downstream.closed == [gen.session_id]), "the session was not closed"
     assert len(gen.tokens) < 30 and node.open_sessions() == 0
-    assert wait_until(lambda: 'status="499"' in node.metrics.exposition().decode())
+    assert wait_until(lambda: 'code="499"' in node.metrics.exposition().decode())
 
 
 def test_client_disconnect_stops_a_plain_request(node, url):
@@ -289,12 +289,15 @@ def test_metrics_count_requests(node, client, url):
     r = httpx.get(f"{url}/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     text = r.text
-    assert 'splitglm_edge_requests_total{api="completions",status="200"} 1.0' in text
-    assert 'splitglm_edge_requests_total{api="chat",status="200"} 1.0' in text
-    assert 'splitglm_edge_requests_total{api="completions",status="400"} 1.0' in text
+    assert 'splitglm_edge_http_requests_total{api="completions",code="200"} 1.0' in text
+    assert 'splitglm_edge_http_requests_total{api="chat",code="200"} 1.0' in text
+    assert 'splitglm_edge_http_requests_total{api="completions",code="400"} 1.0' in text
     assert 'splitglm_edge_tokens_total{path="accurate"} 8.0' in text
     assert 'splitglm_edge_steps_total{path="accurate"} 8.0' in text
-    assert 'splitglm_edge_stage_seconds_count{stage="ttft"} 2.0' in text
+    assert 'splitglm_edge_time_to_first_token_seconds_count 2.0' in text
+    assert 'splitglm_edge_e2e_request_latency_seconds_count 2.0' in text
+    assert 'splitglm_edge_inter_token_latency_seconds_count 6.0' in text  # 5 + 3 tokens, less each first
+    assert 'stage="ttft"' not in text and "process_cpu_seconds_total" in text and "python_info" in text
     assert 'splitglm_edge_step_seconds_count{kind="http"} 8.0' in text
 
 

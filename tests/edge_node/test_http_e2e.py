@@ -77,7 +77,7 @@ def test_health_and_metrics_of_the_real_edge(edge_url):
     r = httpx.get(f"{edge_url}/healthz", timeout=10)
     assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["cloud"] is True
     metrics = httpx.get(f"{edge_url}/metrics", timeout=10).text
-    assert 'splitglm_edge_requests_total{api="chat",status="200"}' in metrics
+    assert 'splitglm_edge_http_requests_total{api="chat",code="200"}' in metrics
     assert 'splitglm_edge_wire_bytes_total{direction="out",link="edge_cloud"}' in metrics
     r = httpx.post(f"{edge_url}/v1/chat/completions", json={"messages": [], "model": "smollm2"}, timeout=10)
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"

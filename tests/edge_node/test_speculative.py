@@ -117,7 +117,7 @@ def test_http_speculation_gives_the_accurate_tokens(spec_plan, cloud, drafts):
             assert plain.speculative == {"drafted": 0, "accepted": 0, "round_trips": 0}
             assert set(spec.paths) == {pb.ACCURATE}
         metrics = node.metrics.exposition().decode()
-        assert "splitglm_edge_speculative_acceptance_count" in metrics
+        assert "splitglm_edge_speculative_acceptance_ratio_count" in metrics
         assert "splitglm_edge_speculative_tokens_per_round_trip_bucket" in metrics
     finally:
         node.close()
