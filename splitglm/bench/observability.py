@@ -32,10 +32,13 @@ import urllib.error
 import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .options import add_command, add_model_plan, plan_of
-from .otlp import OtlpReceiver
 from .stats import median, overhead_pct, ratio
+
+if TYPE_CHECKING:
+    from .otlp import OtlpReceiver
 
 MODES = ("off", "metrics", "tracing")
 PROMPT = "Explain in a few sentences what a software license is."
@@ -99,6 +102,8 @@ def stacks(plan: str, sink: OtlpReceiver, exits: ExitStack, threads: int) -> tup
 
 def bench_observability(plan: str, tokens: int, repeats: int, threads: int = 1, progress=None) -> dict:
     """Tokens/s of each mode, measured in turns (module docstring)."""
+    from .otlp import OtlpReceiver
+
     with ExitStack() as exits:
         sink = exits.enter_context(OtlpReceiver())
         systems, cloud_metrics = stacks(plan, sink, exits, threads)

@@ -1,10 +1,11 @@
 """Traces: one trace per request across every process it crosses, exported over OTLP/HTTP by the standard
 ``OTEL_*`` variables to a receiver in the test; and, without those variables, no SDK at all.
 
-The real processes (Mosquitto, cloud, edge, device agent) run the tiny talking plan. An HTTP completion sent
+The real processes (a broker, cloud, edge, device agent) run the tiny talking plan. An HTTP completion sent
 with a caller's ``traceparent`` must come back as spans of the edge and the cloud under the caller's trace id; a
-sensor reading as spans of the device, the edge and the cloud under one trace id (the context crossing MQTT v5
-in a user property and the first frame, gRPC in metadata). No span carries the prompt's text.
+sensor reading as spans of the device, the edge and the cloud under one trace id: the context crosses MQTT in a
+v5 user property on every frame (Mosquitto), or in the session's first frame alone (the embedded MQTT 3.1.1
+broker), and gRPC in metadata. No span carries the prompt's text.
 """
 
 from __future__ import annotations
@@ -48,13 +49,16 @@ def test_wanted_reads_only_the_standard_variables():
     assert not wanted({"OTEL_TRACES_EXPORTER": "console", "OTEL_SDK_DISABLED": "true"})
 
 
-def test_a_completion_and_a_reading_are_each_one_trace_across_their_processes(talking_plan, mosquitto, monkeypatch):
+@pytest.mark.parametrize("broker", ["mosquitto", "embedded"])  # MQTT v5 (user properties), 3.1.1 (the frame)
+def test_a_completion_and_a_reading_are_each_one_trace_across_their_processes(talking_plan, request, monkeypatch,
+                                                                              broker):
     for name in [k for k in os.environ if k.startswith("OTEL_")]:
         monkeypatch.delenv(name)
+    mosquitto = request.getfixturevalue("mosquitto") if broker == "mosquitto" else None  # else amqtt, started here
     with OtlpReceiver(keep=True) as sink:
         for name, value in sink.env().items():
             monkeypatch.setenv(name, value)
-        with LocalSystem(talking_plan, broker=mosquitto.url, device_max_tokens=2) as system:
+        with LocalSystem(talking_plan, broker=mosquitto and mosquitto.url, device_max_tokens=2) as system:
             listener = ResultListener(system.broker, system.device_id)
             try:
                 response = httpx.post(f"{system.http}/v1/completions", headers={"traceparent": CALLER},
