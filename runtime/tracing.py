@@ -113,7 +113,8 @@ def instrument_fastapi(app) -> None:
     """Server spans for the HTTP app's requests (not for ``HEALTH_PATHS``), continuing a caller's traceparent."""
     from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
-    FastAPIInstrumentor.instrument_app(app, excluded_urls=HEALTH_PATHS, tracer_provider=_provider)
+    FastAPIInstrumentor.instrument_app(app, excluded_urls=HEALTH_PATHS, tracer_provider=_provider,
+                                       exclude_spans=["receive", "send"])  # (one span per ASGI message: noise)
 
 
 @contextlib.contextmanager

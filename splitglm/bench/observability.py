@@ -14,11 +14,12 @@ on each, then the next round, the order rotating each round -- so that all three
 - **tracing**: OTLP/HTTP to a receiver in this process that counts the spans and drops them
   (``splitglm.bench.otlp``), every request sampled, the batch span processor's defaults but a 100 ms delay.
 
-Each request is a non-streamed greedy ``/v1/completions`` of ``--tokens`` tokens (speculation as the edge
-decides), timed from send to answer: tokens/s = completion tokens / wall seconds. Reported per mode: the
-median tokens/s over the repeats (``stats.median``), its ratio to off (``stats.ratio``) and the cost
-(``stats.overhead_pct`` of the time per token); plus the spans received and the scrapes made, so a run
-where a mode did nothing shows it. The aim: each costs at most 2%.
+Each request is a non-streamed greedy ``/v1/completions`` of ``--tokens`` tokens (the end tokens banned by
+``logit_bias``, so every request decodes them all; speculation as the edge decides), timed from send to
+answer: tokens/s = completion tokens / wall seconds. Reported per mode: the median tokens/s over the repeats
+(``stats.median``), its ratio to off (``stats.ratio``) and the cost (``stats.overhead_pct`` of the time per
+token); plus the spans received and the scrapes made, so a run where a mode did nothing shows it. The aim:
+each costs at most 2%.
 """
 
 from __future__ import annotations
@@ -77,9 +78,10 @@ def scrape(url: str) -> bool:
         return False
 
 
-def complete(http: str, tokens: int) -> tuple[int, float]:
-    """One greedy completion: (completion tokens, wall seconds)."""
-    body = json.dumps({"prompt": PROMPT, "max_tokens": tokens, "temperature": 0}).encode()
+def complete(http: str, tokens: int, no_stop: dict[str, int]) -> tuple[int, float]:
+    """One greedy completion of ``tokens`` tokens (``no_stop``: the logit bias that bans the end tokens):
+    (completion tokens, wall seconds)."""
+    body = json.dumps({"prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "logit_bias": no_stop}).encode()
     request = urllib.request.Request(f"{http}/v1/completions", body, {"Content-Type": "application/json"})
     started = time.perf_counter()
     with urllib.request.urlopen(request, timeout=900) as response:
@@ -102,8 +104,12 @@ def stacks(plan: str, sink: OtlpReceiver, exits: ExitStack, threads: int) -> tup
 
 def bench_observability(plan: str, tokens: int, repeats: int, threads: int = 1, progress=None) -> dict:
     """Tokens/s of each mode, measured in turns (module docstring)."""
+    from runtime.checkpoint import load_spec
+
     from .otlp import OtlpReceiver
 
+    spec = load_spec(Path(plan) / "edge")
+    no_stop = {str(t): -100 for t in spec.eos_token_ids if t < spec.vocab_size}  # every request: all its tokens
     with ExitStack() as exits:
         sink = exits.enter_context(OtlpReceiver())
         systems, cloud_metrics = stacks(plan, sink, exits, threads)
@@ -111,12 +117,12 @@ def bench_observability(plan: str, tokens: int, repeats: int, threads: int = 1, 
         urls = [f"{systems['metrics'].http}/metrics"] + ([cloud_metrics] if has_cloud_metrics else [])
         scraper = exits.enter_context(Scraper(urls))
         for mode in MODES:  # warm-up: each stack's first completion loads and caches what it needs
-            complete(systems[mode].http, 4)
+            complete(systems[mode].http, 4, no_stop)
         rates: dict[str, list[float]] = {mode: [] for mode in MODES}
         for r in range(repeats):
             for mode in MODES[r % 3 :] + MODES[: r % 3]:  # the order rotates
                 scraper.on.set() if mode == "metrics" else scraper.on.clear()
-                n, seconds = complete(systems[mode].http, tokens)
+                n, seconds = complete(systems[mode].http, tokens, no_stop)
                 rates[mode].append(n / seconds)
             if progress is not None:
                 progress(r + 1)
