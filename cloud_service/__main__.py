@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 
+from runtime import tracing
 from runtime.artifacts import ArtifactError
 from runtime.settings import configure_logging, stop_on_signals
 
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .server import serve  # imports torch and grpc: after the settings are known to be good
 
-    with stop_on_signals() as stop:
+    with stop_on_signals() as stop, tracing.running("splitglm-cloud"):  # (before the gRPC server is made)
         try:
             server = serve(settings)
         except SettingsError as e:

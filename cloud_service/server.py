@@ -25,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from protos import splitglm_pb2 as pb
 from protos.errors import CodecError, SizeLimitError
 from protos.frames import decode_frame_hidden, parse_frame
+from runtime import tracing
 from runtime.artifacts import load_tier
 from runtime.checkpoint import load_spec
 from runtime.grammar import tier_grammars
@@ -55,23 +56,21 @@ class SegmentServicer:
 
     def Stream(self, request_iterator, context):  # noqa: N802 -- the rpc's name
         """Serve a session's frames in order; a close frame or the end of the stream frees the session."""
-        session, keep = None, False
+        session, keep, parent = None, False, None
         try:
             for data in request_iterator:
                 frame = self._parse(data)
                 if session is None:
                     session = self._attach(frame.session_id, peer_identity(context))
                     self._check_fork(frame, context)
+                    if tracing.enabled and not tracing.continues_remote():  # no context in the gRPC metadata
+                        parent = tracing.context_of(frame.traceparent)
                 elif frame.session_id != session:
                     raise StepError("INVALID_ARGUMENT", f"this stream carries session {session!r}, not "
                                     f"{frame.session_id!r}: open one stream per session")
                 if frame.close:
                     return
-                try:
-                    yield self.batcher.submit(frame, self._hidden(frame)).result(self.step_timeout_s)
-                except concurrent.futures.TimeoutError:
-                    raise StepError("DEADLINE_EXCEEDED", f"session {session!r}: step {frame.seq} took more than "
-                                    f"{self.step_timeout_s:g} s (step_timeout_s)") from None
+                yield self._traced(frame, parent) if tracing.enabled else self._answer(frame)
         except StepError as e:
             keep = e.status == "DEADLINE_EXCEEDED"  # the session stays for a retry (on a new stream)
             logger.info("stream of session %r ends with %s: %s", session, e.status, e)
@@ -79,6 +78,23 @@ class SegmentServicer:
         finally:
             if session is not None:
                 self._detach(session, free=not keep)
+
+    def _answer(self, frame: pb.Frame) -> pb.StepResult:
+        """The frame's StepResult from the scheduler (StepError DEADLINE_EXCEEDED past ``step_timeout_s``)."""
+        try:
+            return self.batcher.submit(frame, self._hidden(frame)).result(self.step_timeout_s)
+        except concurrent.futures.TimeoutError:
+            raise StepError("DEADLINE_EXCEEDED", f"session {frame.session_id!r}: step {frame.seq} took more than "
+                            f"{self.step_timeout_s:g} s (step_timeout_s)") from None
+
+    def _traced(self, frame: pb.Frame, parent) -> pb.StepResult:
+        """``_answer`` in a span (the batched step that runs it links to it)."""
+        with tracing.span("cloud.step", parent, session_id=frame.session_id, seq=frame.seq,
+                          start_pos=frame.start_pos, drafts=len(frame.draft_tokens)) as span:
+            result = self._answer(frame)
+            span.set_attributes({"tokens": len(result.tokens), "accepted": result.accepted,
+                                 "batch_size": int(result.timings_ms.get("batch_size", 0))})
+            return result
 
     def _parse(self, data: bytes) -> pb.Frame:
         try:

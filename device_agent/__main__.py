@@ -10,6 +10,7 @@ import logging
 import sys
 import threading
 
+from runtime import tracing
 from runtime.settings import configure_logging, stop_on_signals
 
 from .settings import DeviceSettings, SettingsError, load_settings
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as e:
         logger.error("%s", e)
         return 2
-    with stop_on_signals() as stop:
+    with stop_on_signals() as stop, tracing.running("splitglm-device"):
         return _serve(settings, stop)
 
 

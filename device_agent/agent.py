@@ -39,6 +39,7 @@ import torch
 from protos import splitglm_pb2 as pb
 from protos.mqtt import MqttAuth, Subscriptions, connect, new_client, wait_for_broker
 from protos.topics import client_id, errors_topic, results_topic, sensors_subscription
+from runtime import tracing
 from runtime.artifacts import load_plan, load_tier
 from runtime.checkpoint import load_spec, load_tokenizer
 from runtime.owner import Generation
@@ -266,9 +267,12 @@ class DeviceAgent:
         logger.info("generating for %d reading(s) (session %s)", len(batch), generation.session_id)
         if self.settings.log_content:
             logger.info("prompt of session %s: %r", generation.session_id, prompt)
+        traced = tracing.span("device.answer", request_id=request["request_id"], session_id=generation.session_id,
+                              readings=len(batch)) if tracing.enabled else tracing.NOOP  # the reading's trace root
         try:
-            for _ in generation:
-                pass
+            with traced:
+                for _ in generation:
+                    pass
         except LinkClosed:
             return {**request, **failed("the device agent stopped while answering", generation)}
         except Exception as e:  # noqa: BLE001 -- StepFailed, LinkError, a bad frame: all end in an error answer

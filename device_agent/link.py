@@ -31,7 +31,7 @@ from google.protobuf.message import DecodeError
 
 from protos import splitglm_pb2 as pb
 from protos.frames import frame_to_bytes
-from protos.mqtt import V5, publish_properties
+from protos.mqtt import V5, publish_properties, user_property
 from protos.status import STATUS_CODES
 from protos.topics import (
     DEFAULT_POOL,
@@ -41,6 +41,7 @@ from protos.topics import (
     parse_correlation,
     steps_topic,
 )
+from runtime import tracing
 
 from .replay import NoHistory, SessionHistory
 
@@ -123,7 +124,7 @@ class EdgeLink:
             logger.warning("ignoring %d bytes on %s that are no StepResult: %s", len(message.payload), message.topic, e)
             return
         key = (result.session_id, int(result.seq)) if result.session_id else _correlation_key(message)
-        edge = result.edge_id or _user_property(message, EDGE_ID_PROPERTY)
+        edge = result.edge_id or user_property(message, EDGE_ID_PROPERTY)
         with self._cond:
             if key is None or key not in self._answers or self._answers[key] is not None:
                 self.stats["ignored"] += 1
@@ -140,6 +141,15 @@ class EdgeLink:
     def step(self, frame: pb.Frame) -> pb.StepResult:
         """Publish the frame and wait for its answer, republishing it until answered or out of attempts; when
         the session's edge is gone, replay the session to the pool and answer from the replay."""
+        if not tracing.enabled:
+            return self._step(frame)
+        with tracing.span("link.mqtt.frame", client=True, session_id=frame.session_id, seq=frame.seq,
+                          start_pos=frame.start_pos) as span:
+            result = self._step(frame)
+            span.set_attributes({"edge_id": result.edge_id, "tokens": len(result.tokens), "status": result.status})
+            return result
+
+    def _step(self, frame: pb.Frame) -> pb.StepResult:
         frame.reply_to = self.reply_to
         sid, seq = frame.session_id, int(frame.seq)
         history = self._history(frame)
@@ -260,7 +270,8 @@ class EdgeLink:
             if self._answers[key] is not None:  # a late answer came in during the backoff
                 return self._epoch
             epoch, topic = self._epoch, self._topic(*key)
-        properties = publish_properties(self.reply_to, correlation(*key)) if self.v5 else None
+        user = {tracing.TRACEPARENT: tracing.traceparent()} if tracing.enabled else None  # the link's span
+        properties = publish_properties(self.reply_to, correlation(*key), user) if self.v5 else None
         info = self.client.publish(topic, payload, qos=1, properties=properties)
         # NO_CONN: the connection dropped just now; paho keeps the message and sends it on reconnect
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
@@ -297,7 +308,3 @@ def _correlation_key(message: mqtt.MQTTMessage) -> Key | None:
     except ValueError:
         return None
 
-
-def _user_property(message: mqtt.MQTTMessage, name: str) -> str:
-    pairs = getattr(getattr(message, "properties", None), "UserProperty", None) or []
-    return next((value for key, value in pairs if key == name), "")

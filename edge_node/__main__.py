@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 
+from runtime import tracing
 from runtime.settings import configure_logging, stop_on_signals
 
 from .settings import EdgeSettings, SettingsError
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         if node is not None:
             node.stop()
 
-    with stop_on_signals(on_stop) as stop_requested:
+    with stop_on_signals(on_stop) as stop_requested, tracing.running("splitglm-edge"):
         try:
             from .node import EdgeNode  # heavy imports (torch, transformers) after the settings are known good
 

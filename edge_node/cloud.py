@@ -35,6 +35,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos import splitglm_pb2 as pb
 from protos import splitglm_pb2_grpc as pb_grpc
 from protos.status import error_result
+from runtime import tracing
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,18 @@ class CloudStream:
 
     def step(self, frame: pb.Frame) -> pb.StepResult:
         """Send one frame and wait (at most ``step_timeout_s``) for its answer."""
+        if not tracing.enabled:
+            return self._step(frame)
+        with tracing.span("link.grpc.step", client=True, session_id=frame.session_id, seq=frame.seq,
+                          start_pos=frame.start_pos, drafts=len(frame.draft_tokens), frame_bytes=frame.ByteSize()
+                          ) as span:
+            if frame.seq == 0:
+                frame.traceparent = tracing.traceparent()
+            result = self._step(frame)
+            span.set_attributes({"replica": self.target, "tokens": len(result.tokens), "status": result.status})
+            return result
+
+    def _step(self, frame: pb.Frame) -> pb.StepResult:
         with self._lock:
             if self._failure is not None:
                 return error_result(frame.session_id, frame.seq, *self._failure)

@@ -22,6 +22,7 @@ import torch
 import uvicorn
 
 from protos import splitglm_pb2 as pb
+from runtime import tracing
 from runtime.artifacts import load_plan, load_tier, verify_manifest
 from runtime.build import build_segment
 from runtime.checkpoint import load_tokenizer
@@ -288,5 +289,8 @@ class EdgeNode:
         """Serve the HTTP API in a thread (``serve_http``); its URL."""
         from .http_api import create_app
 
-        self._http, url = serve_http(create_app(self), self.settings, self.metrics)
+        app = create_app(self)
+        if tracing.enabled:
+            tracing.instrument_fastapi(app)
+        self._http, url = serve_http(app, self.settings, self.metrics)
         return url

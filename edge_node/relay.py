@@ -47,8 +47,18 @@ from protos import splitglm_pb2 as pb
 from protos import topics
 from protos.errors import CodecError
 from protos.frames import decode_frame_hidden, make_frame, parse_frame
-from protos.mqtt import V5, MqttAuth, Subscriptions, connect, new_client, publish_properties, wait_for_broker
+from protos.mqtt import (
+    V5,
+    MqttAuth,
+    Subscriptions,
+    connect,
+    new_client,
+    publish_properties,
+    user_property,
+    wait_for_broker,
+)
 from protos.status import STATUS_NAMES, error_result
+from runtime import tracing
 from runtime.ledger import Ledger, StepError
 from runtime.ledger import idle as ledger_idle
 from runtime.scheduler import Scheduler
@@ -77,6 +87,7 @@ class Incoming:
     correlation: bytes
     device: str = ""  # the sending device, from the frames topic
     received: float = field(default_factory=time.perf_counter)
+    traceparent: str = ""  # (tracing on) the sender's trace context: the v5 user property, else the frame's
 
 
 @dataclass
@@ -86,6 +97,7 @@ class RelaySession:
     tail: object  # a runtime.owner.Downstream (the cloud stream of this session)
     device: str  # the device that opened it: the only one whose frames it takes
     ledger: Ledger = field(default_factory=Ledger)  # seq order and the answer to a duplicate delivery
+    traceparent: str = ""  # (tracing on) its first frame's trace context: its later frames' over MQTT 3.1.1
 
 
 class SerialLanes:
@@ -246,6 +258,8 @@ class FrameRelay:
             self._publish(Incoming(pb.Frame(), own, correlation, device), error_result("", 0, *status_of(e)))
             return
         incoming = Incoming(frame, own, correlation or topics.correlation(frame.session_id, frame.seq), device)
+        if tracing.enabled:
+            incoming.traceparent = user_property(message, tracing.TRACEPARENT) or frame.traceparent
         try:
             self.frame_rates.take(device)
         except QuotaExceeded as e:
@@ -276,7 +290,8 @@ class FrameRelay:
                 self._in_flight.discard(key)
             self._publish(incoming, self._over_quota(frame, e))
             return
-        if not self._lanes.submit(frame.session_id, lambda: self._serve(incoming)):
+        serve = self._serve_traced if tracing.enabled else self._serve
+        if not self._lanes.submit(frame.session_id, lambda: serve(incoming)):
             self.queued.release(key)
             with self._lock:
                 self._in_flight.discard(key)
@@ -331,6 +346,17 @@ class FrameRelay:
         self.metrics.device_frame(STATUS_NAMES.get(result.status, "UNKNOWN") if result.error else "OK")
 
     # ---- sessions --------------------------------------------------------------------------------
+
+    def _serve_traced(self, incoming: Incoming) -> None:
+        """``_serve`` in a span that continues the device's trace (the frame's context, else its session's)."""
+        frame, carrier = incoming.frame, incoming.traceparent
+        if not carrier:
+            with self._lock:
+                state = self.sessions.get(frame.session_id)
+            carrier = state.traceparent if state is not None else ""
+        with tracing.span("relay.frame", tracing.context_of(carrier), device_id=incoming.device,
+                          session_id=frame.session_id, seq=frame.seq, start_pos=frame.start_pos):
+            self._serve(incoming)
 
     def _serve(self, incoming: Incoming) -> None:
         """Answer one frame on its session's lane."""
@@ -430,7 +456,7 @@ class FrameRelay:
                             f"max_tokens_limit, {s.max_tokens_limit} tokens per session")
         self.shares.acquire(device, sid, min(frame.start_pos + rows + asked, s.max_positions))
         try:
-            state = RelaySession(self.new_tail(), device)
+            state = RelaySession(self.new_tail(), device, traceparent=frame.traceparent)
         except BaseException:
             self.shares.release(sid)
             raise

@@ -42,6 +42,7 @@ from protos import splitglm_pb2 as pb
 from protos.errors import CodecError
 from protos.frames import decode_frame_hidden, make_frame
 from protos.status import error_result
+from runtime import tracing
 from runtime.history import Seqs, SplitHistory, count_rows, remaining_params
 from runtime.ledger import Ledger, StepError
 from runtime.owner import FORK_REFUSED
@@ -328,6 +329,15 @@ class RoutedTail:
         return self._cloud(self.history.replay_frame(s.session_id, s.params, s.tokens), seq)[0]
 
     def _to_replica(self, seq: int, failed: pb.StepResult) -> pb.StepResult | None:
+        if not tracing.enabled:
+            return self._move_to_replica(seq, failed)
+        with tracing.span("router.failover", session_id=self.session.session_id, seq=seq,
+                          failed_replica=self.cloud.target, status=failed.status) as span:
+            moved = self._move_to_replica(seq, failed)
+            span.set_attributes({"moved": moved is not None, "replica": self.cloud.target})
+            return moved
+
+    def _move_to_replica(self, seq: int, failed: pb.StepResult) -> pb.StepResult | None:
         """The cloud replica failed: replay the history on another replica (a new stream), which answers the
         token after it; None when no replica takes it (then the fast path does)."""
         if failed.status == DEADLINE_EXCEEDED or self.router.closed.is_set():
@@ -353,6 +363,13 @@ class RoutedTail:
     # ---- the fast path ------------------------------------------------------------------------------
 
     def _to_fast(self, seq: int, reason: str, degraded: bool = False) -> pb.StepResult:
+        if not tracing.enabled:
+            return self._move_to_fast(seq, reason, degraded)
+        with tracing.span("router.switch", session_id=self.session.session_id, seq=seq, to="fast",
+                          reason=reason.split(":")[0], degraded=degraded, positions=self.history.length):
+            return self._move_to_fast(seq, reason, degraded)
+
+    def _move_to_fast(self, seq: int, reason: str, degraded: bool = False) -> pb.StepResult:
         """Leave the cloud for good: the fast tail replays the history and answers the token after it, as frame
         ``seq``; the owner goes on after the history."""
         s, end = self.session, self.history.length

@@ -46,6 +46,7 @@ import torch
 from protos import splitglm_pb2 as pb
 from protos.codecs import join_rows
 from protos.status import error_result
+from runtime import tracing
 from runtime.generation import TokenState
 from runtime.grammar import GrammarError
 from runtime.history import SplitHistory
@@ -253,6 +254,15 @@ class Speculation:
                             f"edge fast tail: session {self.session.session_id!r}: {error}")
 
     def _verify(self, frame: pb.Frame) -> pb.StepResult:
+        if not tracing.enabled:
+            return self._verify_round(frame)
+        with tracing.span("speculation.round", session_id=self.session.session_id, seq=frame.seq,
+                          start_pos=self.round.base, drafts=len(self.round.drafts)) as span:
+            result = self._verify_round(frame)
+            span.set_attributes({"accepted": result.accepted, "tokens": len(result.tokens), "status": result.status})
+            return result
+
+    def _verify_round(self, frame: pb.Frame) -> pb.StepResult:
         """One cloud step over the round's g + 1 rows; the accepted tokens, and where the owner goes on."""
         r, self.round = self.round, None
         out = pb.Frame(session_id=frame.session_id, seq=frame.seq, start_pos=r.base, draft_tokens=r.drafts)

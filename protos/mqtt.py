@@ -242,6 +242,12 @@ def publish_properties(response_topic: str, correlation_data: bytes, user: dict[
     return props
 
 
+def user_property(message, name: str) -> str:
+    """The value of a received message's v5 user property ``name`` ("" when it has none: MQTT 3.1.1 too)."""
+    pairs = getattr(getattr(message, "properties", None), "UserProperty", None) or []
+    return next((value for key, value in pairs if key == name), "")
+
+
 def wait_for_broker(url: str, setting: str, timeout_s: float, auth: MqttAuth | None = None) -> int:
     """``resolve_protocol``, retrying with backoff (0.5 s ... 5 s) while the broker is down, up to ``timeout_s``.
 

@@ -143,7 +143,7 @@ class Grammar(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("session_id", "seq", "start_pos", "hidden", "params", "deadline_unix_ms", "close", "reply_to", "draft_tokens", "fork_of")
+    __slots__ = ("session_id", "seq", "start_pos", "hidden", "params", "deadline_unix_ms", "close", "reply_to", "draft_tokens", "fork_of", "traceparent")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     START_POS_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +154,7 @@ class Frame(_message.Message):
     REPLY_TO_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FORK_OF_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     seq: int
     start_pos: int
@@ -164,7 +165,8 @@ class Frame(_message.Message):
     reply_to: str
     draft_tokens: _containers.RepeatedScalarFieldContainer[int]
     fork_of: str
-    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., start_pos: _Optional[int] = ..., hidden: _Optional[_Union[EncodedTensor, _Mapping]] = ..., params: _Optional[_Union[GenerationParams, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., close: _Optional[bool] = ..., reply_to: _Optional[str] = ..., draft_tokens: _Optional[_Iterable[int]] = ..., fork_of: _Optional[str] = ...) -> None: ...
+    traceparent: str
+    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., start_pos: _Optional[int] = ..., hidden: _Optional[_Union[EncodedTensor, _Mapping]] = ..., params: _Optional[_Union[GenerationParams, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., close: _Optional[bool] = ..., reply_to: _Optional[str] = ..., draft_tokens: _Optional[_Iterable[int]] = ..., fork_of: _Optional[str] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class StepResult(_message.Message):
     __slots__ = ("session_id", "seq", "tokens", "logprobs", "path", "timings_ms", "finished", "error", "status", "edge_id", "degraded", "predicted_ms", "switch_reason", "policy", "drafted", "accepted", "draft_tokens", "next_pos", "top_logprobs")

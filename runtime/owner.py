@@ -35,6 +35,7 @@ import torch
 from protos import splitglm_pb2 as pb
 from protos.frames import make_frame
 from protos.status import STATUS_CODES
+from runtime import tracing
 from runtime.segment import SegmentInput
 
 logger = logging.getLogger(__name__)
@@ -292,6 +293,17 @@ class Generation:
         self.policy = self.policy or result.policy
 
     def _step(self, ids: torch.Tensor, pos: int, seq: int, fork_of: str = "") -> pb.StepResult:
+        if not tracing.enabled:
+            return self._run_step(ids, pos, seq, fork_of)
+        with tracing.span("owner.step", session_id=self.session_id, seq=seq, start_pos=pos,
+                          positions=int(ids.shape[0])) as span:
+            result = self._run_step(ids, pos, seq, fork_of)
+            span.set_attributes({"tokens": len(result.tokens), "drafts": len(result.draft_tokens),
+                                 "path": pb.Path.Name(result.path), "status": result.status})
+            return result
+
+    def _run_step(self, ids: torch.Tensor, pos: int, seq: int, fork_of: str) -> pb.StepResult:
+        """Run the owner's segment on ``ids`` at ``pos``, send the frame, wait for its answer."""
         t0 = time.perf_counter()
         with self.lock or nullcontext():
             hidden = self.segment([SegmentInput(self.session_id, pos, input_ids=ids)])[0]  # (T, C)
@@ -305,6 +317,8 @@ class Generation:
             deadline_unix_ms=self.deadline_unix_ms,
         )
         frame.fork_of = fork_of
+        if tracing.enabled and seq == 0:
+            frame.traceparent = tracing.traceparent()  # the session's trace, for the tiers downstream
         self.frame_bytes += frame.ByteSize()
         t1 = time.perf_counter()
         result = self.downstream.step(frame)

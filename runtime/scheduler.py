@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from runtime import tracing
 from runtime.step import SegmentInput
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class _Entry:
     started: float | None = None  # perf_counter() when its first chunk ran
     compute_ms: float = 0.0  # its steps' compute so far
     batch: int = 0  # sessions in its latest step
+    trace: object = None  # (tracing on) the submitter's span context: the steps that run it link to it
 
     @property
     def left(self) -> int:
@@ -129,6 +131,10 @@ class Scheduler:
         return self._enqueue([_Entry(None, last_only, session_id, admit, finish, after)])[0]
 
     def _enqueue(self, entries: list[_Entry]) -> list[StepFuture]:
+        if tracing.enabled:
+            origin = tracing.current()
+            for entry in entries:
+                entry.trace = origin
         with self._wake:
             for entry in entries:
                 if self._stopping:
@@ -249,7 +255,10 @@ class Scheduler:
         for entry, _ in step:
             entry.started = entry.started or started
         try:
-            outputs = self._run_segment(items, last_only)
+            if tracing.enabled:
+                outputs = self._traced_segment(step, items, last_only)
+            else:
+                outputs = self._run_segment(items, last_only)
         except Exception as e:  # noqa: BLE001 -- one bad item must not fail the others: retry them one by one
             if len(step) == 1:
                 self._finish(step[0][0], error=e)
@@ -268,6 +277,13 @@ class Scheduler:
             entry.parts.append(out)
             if entry.left == 0:
                 self._finish(entry)
+
+    def _traced_segment(self, step: list[tuple[_Entry, int]], items: list[SegmentInput], last_only: list[bool]
+                        ) -> list:
+        """``_run_segment`` in one span per batched step, linked to the span of every session's step in it."""
+        with tracing.span("scheduler.step", links=[entry.trace for entry, _ in step], scheduler=self._thread.name,
+                          sessions=len(step), rows=sum(n for _, n in step)):
+            return self._run_segment(items, last_only)
 
     def _run_segment(self, items: list[SegmentInput], last_only: list[bool]) -> list:
         """One segment call per value of last_only among the items (one call, normally)."""

@@ -65,11 +65,12 @@ class LocalSystem:
     device_args: tuple[str, ...] = ()  # more flags for the device agent
     secrets: str | None = None  # a `splitglm secrets` folder: TLS, logins and API keys on every link
     edge_id: str = "edge-demo"  # with secrets: an edge login of that folder
+    env: dict[str, str] = field(default_factory=dict)  # more environment variables for every tier process
     procs: list[Proc] = field(default_factory=list)
     urls: dict[str, str] = field(default_factory=dict)
 
     def _start(self, name: str, module: str, *args: str) -> str:
-        proc = Proc(name, [sys.executable, "-m", module, *args])
+        proc = Proc(name, [sys.executable, "-m", module, *args], self.env)
         self.procs.append(proc)
         url = proc.ready(START_TIMEOUT_S)
         self.urls[name] = url

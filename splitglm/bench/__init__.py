@@ -15,7 +15,7 @@ from __future__ import annotations
 from importlib import import_module
 
 COMMANDS = ("all", "codecs", "cloud", "cloud_gpu", "speculative", "soak", "fanin", "split", "router", "fuzz",
-            "sparse", "structured")
+            "sparse", "structured", "observability")
 
 
 def add_parser(sub) -> None:
