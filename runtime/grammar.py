@@ -98,7 +98,8 @@ class Vocabulary:
 
         self.vocab_size = vocab_size
         self.words = (vocab_size + 31) // 32  # int32 words of a mask
-        self.tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=eos or None)
+        self.tokenizer = llguidance.LLTokenizer(byte_level_decoder(tokenizer_json), n_vocab=vocab_size,
+                                                eos_token=eos or None)
 
     @classmethod
     def load(cls, folder: str | Path, vocab_size: int) -> Vocabulary:
@@ -115,6 +116,29 @@ class Vocabulary:
                                    "export the plan again (every tier that samples ships tokenizer.json)")
             vocab = cls._cache[key] = cls(path.read_text(), vocab_size, end_of_text(folder))
             return vocab
+
+
+def _has_byte_level(part) -> bool:
+    """A pre-tokenizer or decoder entry that is, or holds, a ``ByteLevel`` one."""
+    if not isinstance(part, dict):
+        return False
+    return part.get("type") == "ByteLevel" or any(_has_byte_level(p) for key in ("pretokenizers", "decoders")
+                                                  for p in part.get(key) or ())
+
+
+def byte_level_decoder(tokenizer_json: str) -> str:
+    """``tokenizer.json`` with a plain ``ByteLevel`` decoder where its pre-tokenizer is byte-level.
+
+    llguidance reads a token's bytes through the decoder's top-level type. Some transformers versions save a
+    GGUF's byte-level BPE with a ``Sequence`` decoder (ByteFallback, Fuse, Replace, ByteLevel): llguidance
+    then takes ``Ġ`` as the two bytes of its UTF-8, not as a space, and no mask allows a space.
+    """
+    spec = json.loads(tokenizer_json)
+    decoder = spec.get("decoder")
+    if not _has_byte_level(spec.get("pre_tokenizer")) or (decoder or {}).get("type") == "ByteLevel":
+        return tokenizer_json
+    spec["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    return json.dumps(spec)
 
 
 def end_of_text(folder: Path) -> list[int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -106,6 +107,22 @@ def test_a_tier_without_a_tokenizer_cannot_load_a_vocabulary(tmp_path, demo_chec
     with pytest.raises(GrammarError, match="tokenizer.json"):
         Vocabulary.load(tmp_path, 49152)
     assert Vocabulary.load(demo_checkpoint, 49152) is Vocabulary.load(demo_checkpoint, 49152)  # built once
+
+
+def test_a_byte_level_vocabulary_saved_with_a_sequence_decoder_reads_the_same_bytes(demo_checkpoint, answer_ids):
+    """transformers 5.17 saves the demo GGUF's tokenizer with a Sequence decoder (ByteFallback, Fuse, Replace,
+    ByteLevel); llguidance must still read ``Ġ`` as a space, or no mask allows one (seen on the GPU host)."""
+    spec = json.loads((Path(demo_checkpoint) / "tokenizer.json").read_text())
+    spec["decoder"] = {"type": "Sequence", "decoders": [
+        {"type": "ByteFallback"}, {"type": "Fuse"}, {"type": "Replace", "pattern": {"String": "\u2581"},
+                                                     "content": " "}, spec["decoder"]]}
+    seq = Vocabulary(json.dumps(spec), 49152, [EOS])
+    plain = Vocabulary.load(demo_checkpoint, 49152)
+    assert seq.tokenizer.decode_bytes(answer_ids) == plain.tokenizer.decode_bytes(answer_ids) == ANSWER.encode()
+    m = person(Grammars(seq))
+    for t in answer_ids:  # ' "Ann"' and ' 30' start with a space
+        assert t in allowed(m.mask())
+        m.consume([t])
 
 
 # ---- the matcher ------------------------------------------------------------------------------------------------
