@@ -11,7 +11,8 @@ import sys
 
 from runtime import tracing
 from runtime.artifacts import ArtifactError
-from runtime.settings import configure_logging, stop_on_signals
+from runtime.logs import default_format, setup_logging
+from runtime.settings import stop_on_signals
 
 from .settings import CloudSettings, SettingsError
 
@@ -19,12 +20,13 @@ logger = logging.getLogger("cloud_service")
 
 
 def main(argv: list[str] | None = None) -> int:
-    configure_logging()
+    setup_logging(fmt=default_format())  # until the settings say how
     try:
         settings = CloudSettings.load(argv)
     except SettingsError as e:
         logger.error("%s", e)
         return 2
+    settings.setup_logging()
     from .server import serve  # imports torch and grpc: after the settings are known to be good
 
     with stop_on_signals() as stop, tracing.running("splitglm-cloud"):  # (before the gRPC server is made)

@@ -71,6 +71,14 @@ class Batcher:
         """Sessions with sampling state, sessions with a KV cache, steps waiting (for tests and logs)."""
         return self.terminal.stats()
 
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until the scheduler's loop has ended (``stop``, or a bug killed it); whether it has."""
+        return self.scheduler.join(timeout)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the running step, fail what is still queued (UNAVAILABLE), end the threads."""
         self._stopping.set()

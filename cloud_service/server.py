@@ -7,6 +7,11 @@ becomes a ``StepError`` through ``runtime.terminal.status_of``). Frames arrive
 as raw bytes (not parsed by gRPC), so bad bytes are our INVALID_ARGUMENT, not
 gRPC's INTERNAL; gRPC itself refuses messages over ``max_frame_bytes`` with
 RESOURCE_EXHAUSTED.
+
+The health service (service "" and ``splitglm.v1.SegmentService``) says NOT_SERVING until the plan's tier is
+loaded on its device and the scheduler runs (the port opens only after the load), SERVING then, and
+NOT_SERVING for good once the server drains (``stop``, SIGTERM) or the scheduler's loop has died
+(``CloudServer.watch_scheduler``). Each stream's session id is on its log lines (``runtime.logs``).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from protos import splitglm_pb2 as pb
 from protos.errors import CodecError, SizeLimitError
 from protos.frames import decode_frame_hidden, parse_frame
-from runtime import tracing
+from runtime import logs, tracing
 from runtime.artifacts import load_tier
 from runtime.checkpoint import load_spec
 from runtime.grammar import tier_grammars
@@ -62,6 +67,7 @@ class SegmentServicer:
                 frame = self._parse(data)
                 if session is None:
                     session = self._attach(frame.session_id, peer_identity(context))
+                    logs.session_id.set(session)  # on this stream's log lines (its thread's, until the end)
                     self._check_fork(frame, context)
                     if tracing.enabled and not tracing.continues_remote():  # no context in the gRPC metadata
                         parent = tracing.context_of(frame.traceparent)
@@ -78,6 +84,7 @@ class SegmentServicer:
         finally:
             if session is not None:
                 self._detach(session, free=not keep)
+            logs.session_id.set("")
 
     def _answer(self, frame: pb.Frame) -> pb.StepResult:
         """The frame's StepResult from the scheduler (StepError DEADLINE_EXCEEDED past ``step_timeout_s``)."""
@@ -184,6 +191,17 @@ class CloudServer:
     def drain(self) -> None:
         """Health NOT_SERVING, for good: load balancers stop sending new sessions."""
         self.health.enter_graceful_shutdown()
+
+    def watch_scheduler(self) -> None:
+        """Drain (health NOT_SERVING) once the scheduler's loop ends: at ``stop``, or when a bug kills it."""
+
+        def watch() -> None:
+            self.batcher.join()
+            if not self.batcher.stopping:
+                logger.error("the scheduler's loop has died: health NOT_SERVING (restart this process)")
+            self.drain()
+
+        threading.Thread(target=watch, name="cloud-health", daemon=True).start()
 
     def stop(self, grace: float | None = 0.0) -> None:
         """Drain, let running streams finish for ``grace`` seconds, cancel the rest, stop the scheduler."""
@@ -294,6 +312,8 @@ def serve(settings: CloudSettings) -> CloudServer:
     add_segment_service(SegmentServicer(batcher, hidden_size, settings.max_frame_bytes, settings.max_positions,
                                         settings.step_timeout_s), server)
     health_servicer = health.HealthServicer()
+    for name in ("", SERVICE):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)  # until the server runs
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
         port = bind(server, settings)
@@ -308,6 +328,7 @@ def serve(settings: CloudSettings) -> CloudServer:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     handle = CloudServer(server, executor, batcher, health_servicer, settings.host, port, settings.tls_cert is not None,
                          metrics=metrics)
+    handle.watch_scheduler()
     mode = security_mode(settings)
     if settings.tls_cert is None and settings.host not in LOOPBACK:
         logger.warning("gRPC on %s is %s", settings.host, mode)

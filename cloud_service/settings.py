@@ -13,12 +13,12 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from runtime.settings import GrammarSettings, SettingsError, load_settings  # noqa: F401 -- re-exported
+from runtime.settings import GrammarSettings, LogSettings, SettingsError, load_settings  # noqa: F401 -- re-exported
 
 DESCRIPTION = "splitglm cloud service: a plan's cloud segment over gRPC, steps of many sessions batched"
 
 
-class CloudSettings(GrammarSettings):
+class CloudSettings(GrammarSettings, LogSettings):
     """Settings of ``python -m cloud_service`` (with the grammars' limits, ``GrammarSettings``)."""
 
     model_config = SettingsConfigDict(env_prefix="SPLITGLM_CLOUD_", extra="forbid")

@@ -11,7 +11,8 @@ import sys
 import threading
 
 from runtime import tracing
-from runtime.settings import configure_logging, stop_on_signals
+from runtime.logs import default_format, setup_logging
+from runtime.settings import stop_on_signals
 
 from .settings import DeviceSettings, SettingsError, load_settings
 
@@ -19,12 +20,13 @@ logger = logging.getLogger("device_agent")
 
 
 def main(argv: list[str] | None = None) -> int:
-    configure_logging()
+    setup_logging(fmt=default_format())  # until the settings say how
     try:
         settings = load_settings(DeviceSettings, argv, "python -m device_agent", __doc__.splitlines()[0])
     except SettingsError as e:
         logger.error("%s", e)
         return 2
+    settings.setup_logging()
     with stop_on_signals() as stop, tracing.running("splitglm-device"):
         return _serve(settings, stop)
 

@@ -42,6 +42,7 @@ from protos.topics import client_id, errors_topic, results_topic, sensors_subscr
 from runtime import tracing
 from runtime.artifacts import load_plan, load_tier
 from runtime.checkpoint import load_spec, load_tokenizer
+from runtime.logs import bound
 from runtime.owner import Generation
 from runtime.report import report
 
@@ -261,10 +262,15 @@ class DeviceAgent:
         self.window.extend(batch)
         prompt = render_prompt(self.settings.prompt_template, self.device_id, list(self.window))
         request = self._request(batch, prompt)
+        with bound(request_id=request["request_id"], session_id=request["request_id"]):  # (one id: the session's)
+            return self._generate(request, prompt, len(batch))
+
+    def _generate(self, request: dict[str, Any], prompt: str, readings: int) -> dict[str, Any]:
+        """The answer of ``request``: its generation's summary, or the error that ended it."""
         if self._stopping.is_set():
             return {**request, **failed("the device agent stopped before answering")}
         generation = self._generation(request["request_id"], prompt)
-        logger.info("generating for %d reading(s) (session %s)", len(batch), generation.session_id)
+        logger.info("generating for %d reading(s) (session %s)", readings, generation.session_id)
         if self.settings.log_content:
             logger.info("prompt of session %s: %r", generation.session_id, prompt)
         traced = tracing.span("device.answer", request_id=request["request_id"], session_id=generation.session_id,

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 from protos.mqtt import MqttAuth, connect, new_client, resolve_protocol
 from protos.topics import client_id, sensor_topic
-from runtime.settings import configure_logging, stop_on_signals
+from runtime.logs import default_format, setup_logging
+from runtime.settings import stop_on_signals
 
 from .settings import SensorSettings, SettingsError, load_settings
 
@@ -140,12 +141,13 @@ class Simulator:
 
 
 def main(argv: list[str] | None = None) -> int:
-    configure_logging()
+    setup_logging(fmt=default_format())  # until the settings say how
     try:
         settings = load_settings(SensorSettings, argv, "python -m device_agent.simulator", __doc__.splitlines()[0])
     except SettingsError as e:
         logger.error("%s", e)
         return 2
+    settings.setup_logging()
     if settings.mqtt_username and len(settings.device_ids) > 1:
         logger.error("a login publishes for one device only (its sensors login, client id splitglm-sensors-"
                      "{device}): run one simulator per device, not --device-id %s", settings.device_id)

@@ -10,7 +10,8 @@ import signal
 import sys
 
 from runtime import tracing
-from runtime.settings import configure_logging, stop_on_signals
+from runtime.logs import default_format, setup_logging
+from runtime.settings import stop_on_signals
 
 from .settings import EdgeSettings, SettingsError
 
@@ -18,7 +19,7 @@ logger = logging.getLogger("edge_node")
 
 
 def main(argv: list[str] | None = None) -> int:
-    configure_logging()
+    setup_logging(fmt=default_format())  # until the settings say how
     try:
         settings = EdgeSettings.load(argv)
     except SettingsError as e:
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SystemExit as e:  # argparse: --help (0) or an unknown flag (2)
         return int(e.code or 0)
+    settings.setup_logging()
 
     node = None
 

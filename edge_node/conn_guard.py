@@ -22,7 +22,7 @@ to ``uvicorn.Config(http=...)``), adds:
   one's response says ``Connection: close``.
 
 ``RequestCap`` is the ASGI side: at most ``max_requests`` requests in progress
-on the whole server (``/healthz`` exempt), 503 with ``Retry-After`` beyond it.
+on the whole server (the probes, ``health.PROBE_PATHS``, exempt), 503 with ``Retry-After`` beyond it.
 Every refusal counts ``http_refused_total{reason}``: ``header_timeout``,
 ``body_timeout``, ``connection_evicted``, ``connection_refused``, ``server_busy``.
 A TLS handshake precedes all of this (the protocol sees a connection once it
@@ -42,6 +42,7 @@ from uvicorn.protocols.http.flow_control import CLOSE_HEADER
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .guard import Refusal
+from .health import PROBE_PATHS
 from .settings import setting
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,6 @@ logger = logging.getLogger(__name__)
 TIMEOUT_RESPONSE = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 FULL_RESPONSE = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\nretry-after: 1\r\n\r\n"
 SPARE_DESCRIPTORS = 256  # beyond the HTTP connections: the cloud channels, MQTT, logs, the model's files
-EXEMPT_PATH = "/healthz"  # RequestCap always lets it through (liveness probes)
 
 
 @dataclass(frozen=True)
@@ -212,7 +212,7 @@ class RequestCap:
         self.open = 0  # requests in progress (the event loop's thread only)
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or not self.most or scope.get("path") == EXEMPT_PATH:
+        if scope["type"] != "http" or not self.most or scope.get("path") in PROBE_PATHS:
             return await self.app(scope, receive, send)
         if self.open >= self.most:
             self.on_refuse("server_busy")

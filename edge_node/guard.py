@@ -12,8 +12,8 @@ forwarded header unless the peer is a configured proxy) that fails authenticatio
 instead of 401s, so guessing keys costs time. The client is the API key, or
 its address when no keys are set. Every refusal answers with OpenAI's error body (429s with
 ``Retry-After``) and counts ``EdgeMetrics.http_refused(reason)``; a refused
-request never reaches the app, so no model work is done for it. ``/healthz``
-stays open.
+request never reaches the app, so no model work is done for it. The probes
+(``/livez``, ``/readyz`` and its old name ``/healthz``) stay open.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The edge's OpenAI-compatible HTTP gateway: completions and chat (plain or streamed), /tokenize and /detokenize,
-health, metrics; every response carries X-Request-ID (``request_id``).
+probes (``health``), metrics; every response carries X-Request-ID (``request_id``).
 
 The edge is the session owner of an HTTP request: ``node.generation`` runs
 the edge's layers and drives the cloud step by step (``runtime.owner``).
@@ -23,7 +23,7 @@ What ``create_app(node)`` uses of the node: ``model_name``, ``tokenizer``
 vocabulary size), ``metrics`` (``EdgeMetrics``), ``settings``
 (``default_max_tokens``, ``max_tokens_limit``; where present the limits, ``policy``,
 ``max_n`` and ``api_keys_file``, else EdgeSettings' defaults), ``generation(prompt_ids, params) -> Generation``
-and ``health() -> {name: ok}``; where present, ``grammars`` (``jobs.EdgeGrammars``).
+and ``health() -> {name: ok}`` (``health.readiness`` reads it); where present, ``grammars`` (``jobs.EdgeGrammars``).
 
 ``guard.Guard`` stands in front of the app (API keys, body size, request rate
 and open requests per client); the prompt limits are checked before any
@@ -53,9 +53,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from protos import splitglm_pb2 as pb
+from runtime import logs
 from runtime.owner import Generation, StepFailed, TokenEvent, share_prefill
 
 from .guard import CLIENT, RETRY_CONCURRENT_S, Guard, GuardLimits, setting
+from .health import readiness
 from .jobs import ApiError, EdgeGrammars, Job, chat_job, completion_job, detokenize, step_failed_error, tokenize
 from .metrics import CONTENT_TYPE, path_name
 from .openai_format import Logprobs, chunk, end_chunks, response_body, splitglm_info, sse, token_chunks, usage
@@ -138,11 +140,16 @@ class Gateway:
                 self.release(job)
 
     def generations(self, job: Job) -> list[Generation]:
-        """The job's n generations, the others forking choice 0's prefill where the tiers can."""
+        """The job's n generations, the others forking choice 0's prefill where the tiers can; their session ids
+        bound for the request's log lines (comma-separated when n > 1), and one line linking the ids."""
         # latency_budget_ms travels in the params as a soft target (the router's input, reported as budget_met);
         # no frame deadline is derived from it: the cloud drops late frames, which would fail the request.
         gens = [self.node.generation(job.prompt_ids, job.choice_params(i)) for i in range(job.n)]
         share_prefill(gens)
+        sessions = ",".join(gen.session_id for gen in gens)
+        logs.session_id.set(sessions)  # (in the request's task: ``RequestId`` restores the value after it)
+        log.info("%s: request %s, session %s, %d prompt tokens, max_tokens %d, n %d", job.id, job.request_id,
+                 sessions, len(job.prompt_ids), job.params.max_tokens, job.n)
         return gens
 
     def hold(self, request: Request, job: Job) -> None:
@@ -363,12 +370,16 @@ def create_app(node) -> FastAPI:
             raise ApiError(404, f"the model {model_id!r} does not exist", param="model", code="model_not_found")
         return model_card(node, started)
 
-    @app.get("/healthz")
-    async def healthz():
-        checks = {name: bool(ok) for name, ok in (await run_in_threadpool(node.health)).items()}
-        healthy = all(checks.values())
-        body = {"status": "ok" if healthy else "unavailable", **checks}
-        return JSONResponse(body, status_code=200 if healthy else 503)
+    @app.get("/livez")
+    async def livez():
+        return {"status": "alive"}  # answered by the event loop: the process works
+
+    @app.get("/readyz")
+    async def readyz():
+        status, body = readiness(await run_in_threadpool(node.health))
+        return JSONResponse(body, status_code=status)
+
+    app.add_api_route("/healthz", readyz, methods=["GET"], deprecated=True)  # the old name of /readyz
 
     @app.get("/metrics")
     async def metrics():

@@ -345,11 +345,8 @@ def chat_job(node, req: ChatRequest, rid: str = "", grammars: EdgeGrammars | Non
 
 def new_job(node, api: str, req: GenerationRequest, ids: list[int], params: pb.GenerationParams, rid: str,
             tools: ToolRequest | None = None) -> Job:
-    job = Job(api, node.model_name, ids, params, bool(req.stream), req.include_usage(), n=req.n or 1,
-              logprobs=req.logprobs_asked(), request_id=rid, tools=tools)
-    log.info("%s: request %s, %d prompt tokens, max_tokens %d, n %d", job.id, rid, len(ids), params.max_tokens,
-             job.n)
-    return job
+    return Job(api, node.model_name, ids, params, bool(req.stream), req.include_usage(), n=req.n or 1,
+               logprobs=req.logprobs_asked(), request_id=rid, tools=tools)
 
 
 def tokenize(node, req: TokenizeRequest) -> dict:

@@ -113,13 +113,15 @@ class HttpServer(uvicorn.Server):
 
 def http_config(app, settings, metrics) -> uvicorn.Config:
     """uvicorn's configuration of the edge's HTTP API: TLS, the read timeouts and connection caps
-    (``conn_guard``), keep-alive, and X-Forwarded-For only from the proxies in ``forwarded_allow_ips``."""
+    (``conn_guard``), keep-alive, X-Forwarded-For only from the proxies in ``forwarded_allow_ips``, and its
+    records (warnings and worse) through the process's logging (``runtime.logs``)."""
     limits = ConnLimits.from_settings(settings)
     tls_cert = setting(settings, "tls_cert")
     tls = {"ssl_certfile": str(tls_cert), "ssl_keyfile": str(setting(settings, "tls_key"))} if tls_cert else {}
     proxies = setting(settings, "forwarded_allow_ips")
     config = uvicorn.Config(
         RequestCap(app, limits.max_requests, metrics.http_refused), log_level="warning",
+        log_config=None, access_log=False,  # uvicorn's records go through our handler; RequestId logs the access
         http=protocol_factory(limits, metrics.http_refused),
         timeout_keep_alive=setting(settings, "http_keepalive_timeout_s"),
         proxy_headers=bool(proxies), forwarded_allow_ips=proxies or None,
@@ -217,8 +219,10 @@ class EdgeNode:
 
     def health(self) -> dict[str, bool]:
         """{"broker": every MQTT subscription of the relay acknowledged now (True without a broker), "cloud": the
-        cloud's health service serves}."""
-        return {"broker": self.relay.subscribed() if self.relay else True, "cloud": self.cloud.healthy()}
+        cloud's health service serves, "fast_path": the fast tail answers (until the edge shuts down)}
+        (``health.readiness`` reads them)."""
+        return {"broker": self.relay.subscribed() if self.relay else True, "cloud": self.cloud.healthy(),
+                "fast_path": not self.router.closed.is_set()}
 
     # ---- lifecycle ---------------------------------------------------------------------------------
 

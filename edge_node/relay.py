@@ -61,6 +61,7 @@ from protos.status import STATUS_NAMES, error_result
 from runtime import tracing
 from runtime.ledger import Ledger, StepError
 from runtime.ledger import idle as ledger_idle
+from runtime.logs import bound
 from runtime.scheduler import Scheduler
 from runtime.step import SegmentInput
 from runtime.terminal import status_of
@@ -101,7 +102,8 @@ class RelaySession:
 
 
 class SerialLanes:
-    """Runs tasks on a thread pool; the tasks of one key run in order, one at a time, at most ``depth`` waiting."""
+    """Runs tasks on a thread pool; the tasks of one key (a session id, bound for their log lines) run in order,
+    one at a time, at most ``depth`` waiting."""
 
     def __init__(self, workers: int, depth: int = 64):
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="relay")
@@ -135,7 +137,8 @@ class SerialLanes:
                     return
                 task = lane.popleft()
             try:
-                task()
+                with bound(session_id=key):  # a lane is one session's: its id on the task's log lines
+                    task()
             except Exception:  # noqa: BLE001 -- one task's bug must not stop its lane
                 logger.exception("relay task for session %s failed", key)
 

@@ -20,6 +20,7 @@ from protos import topics
 from protos.mqtt import broker_address
 from runtime.settings import (  # noqa: F401 -- re-exported
     GrammarSettings,
+    LogSettings,
     MqttClientSettings,
     SettingsError,
     existing_file,
@@ -37,7 +38,7 @@ def default_edge_id() -> str:
     return f"edge-{host}"[:64]
 
 
-class EdgeSettings(MqttClientSettings, GrammarSettings):
+class EdgeSettings(MqttClientSettings, GrammarSettings, LogSettings):
     """Settings of ``python -m edge_node`` (with the fast tail's grammar limits, ``GrammarSettings``)."""
 
     model_config = SettingsConfigDict(env_prefix="SPLITGLM_EDGE_", extra="forbid")
@@ -83,7 +84,7 @@ class EdgeSettings(MqttClientSettings, GrammarSettings):
                                       "more evicts the oldest without a request in progress, or gets a 503 when "
                                       "every one has one; 0 = no limit")
     http_max_requests: int = Field(default=256, ge=0, description="HTTP requests in progress on the whole server, "
-                                   "requests (/healthz exempt); more get 503; 0 = no limit")
+                                   "requests (/livez, /readyz, /healthz exempt); more get 503; 0 = no limit")
     http_keepalive_timeout_s: float = Field(default=5.0, gt=0, description="an idle kept-alive HTTP connection is "
                                             "closed after, seconds")
     http_max_requests_per_connection: int = Field(default=1000, ge=0, description="requests on one HTTP "

@@ -7,7 +7,8 @@
   (``ledger``), the split-point history and its replay (``history``), the per-answer report (``report``) and
   the split model chained in one process (``local``);
 - ``stats``: the one percentile definition (nearest rank) of the benches and the edge's estimates;
-- services: settings, logging and signal handling shared by the three agents (``settings``).
+- services: settings and signal handling (``settings``) and logging (``logs``: text or JSON lines, request and
+  session ids), shared by the three agents.
 
 It imports only ``protos``: nothing from ``partitioner``, the agents or ``splitglm``.
 """

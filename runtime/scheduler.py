@@ -175,6 +175,11 @@ class Scheduler:
         with self._wake:
             return len(self._queue)
 
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until the scheduler's thread has ended (stopped, or killed by a bug); whether it has."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the running step, fail what is still queued (SchedulerClosed), end the thread."""
         with self._wake:

@@ -11,20 +11,20 @@ field names as keys) and the defaults. ``load_settings`` raises
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import socket
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from .logs import default_format, setup_logging
 
 _CONFIG_FILE: ContextVar[Path | None] = ContextVar("splitglm_config_file", default=None)
 S = TypeVar("S", bound=BaseSettings)
@@ -67,6 +67,24 @@ class AgentSettings(BaseSettings):
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, **other_sources):
         return init_settings, env_settings, YamlFile(settings_cls)
+
+
+class LogSettings(AgentSettings):
+    """How an agent logs (``runtime.logs``): every agent's settings class has these fields."""
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="the least severe records "
+                                                                  "logged: DEBUG, INFO, WARNING or ERROR")
+    log_format: Literal["text", "json"] = Field(default_factory=default_format, validate_default=True,
+                                                description="text (one line a record) or json (one object a line, "
+                                                "with request_id, session_id and trace_id); default: "
+                                                "SPLITGLM_LOG_FORMAT, else text")
+
+    _upper_level = field_validator("log_level", mode="before")(lambda v: v.upper() if isinstance(v, str) else v)
+    _lower_format = field_validator("log_format", mode="before")(lambda v: v.lower() if isinstance(v, str) else v)
+
+    def setup_logging(self) -> None:
+        """Log as these settings say (``runtime.logs.setup_logging``)."""
+        setup_logging(self.log_level, self.log_format)
 
 
 class GrammarSettings(AgentSettings):
@@ -148,11 +166,6 @@ def explain(error: ValidationError, cls: type[BaseSettings], prog: str) -> str:
             name = f"{name} (--{name.replace('_', '-')})"
         lines.append(f"{name}: {item['msg']}")
     return f"invalid {prog} settings:\n  " + "\n  ".join(lines)
-
-
-def configure_logging(level: int = logging.INFO) -> None:
-    """Agents log to stderr, one line per record."""
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
 @contextmanager

@@ -36,6 +36,7 @@ from amqtt.mqtt.connack import IDENTIFIER_REJECTED, NOT_AUTHORIZED, ConnackPacke
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.utils import gen_client_id
 
+from runtime.logs import FORMATS, default_format, setup_logging
 from splitglm.mqtt_access import default_max_frame_bytes, load_clientids, max_packet_bytes, read_max_packet_size
 
 logger = logging.getLogger("splitglm.broker")
@@ -230,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clientids-file", type=Path, help="'login client_id' lines: the one client id of each login")
     parser.add_argument("--max-packet-bytes", type=int, help="largest message accepted, bytes (default: the edge's "
                         "max_frame_bytes plus 64 KiB; with --secrets, the max_packet_size of its mosquitto.conf)")
+    parser.add_argument("--log-format", choices=FORMATS, default=default_format(), help="text (one line a record) or "
+                        "json (one object a line); default: SPLITGLM_LOG_FORMAT, else text")
+    parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), default="INFO", type=str.upper,
+                        help="the least severe records logged (default INFO)")
     return parser
 
 
@@ -243,7 +248,7 @@ def security_from_args(args: argparse.Namespace) -> BrokerSecurity:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    setup_logging(args.log_level, args.log_format)
     for noisy in ("amqtt", "transitions"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     security = security_from_args(args)

@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from runtime.logs import default_format, setup_logging
+
 # Never reach for a model hub: everything loads from local folders.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -64,7 +66,7 @@ def cmd_demo_plan(args) -> int:
 
 
 def cmd_health(args) -> int:
-    """Exit 0 when the service at the URL says it is healthy (gRPC health service, or HTTP /healthz)."""
+    """Exit 0 when the service at the URL says it is healthy (gRPC health service, or an HTTP probe: 200)."""
     from urllib.parse import urlsplit
 
     url = urlsplit(args.url)
@@ -314,8 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="plan folder to write (default: the cache)")
     p.set_defaults(func=cmd_demo_plan)
 
-    p = sub.add_parser("health", help="check a service: grpc(s)://HOST:PORT (cloud), http(s)://HOST:PORT/healthz "
-                       "(edge)")
+    p = sub.add_parser("health", help="check a service: grpc(s)://HOST:PORT (cloud), http(s)://HOST:PORT/readyz "
+                       "or /livez (edge), file:///PATH (a ready file)")
     p.add_argument("url")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
     p.add_argument("--ca", type=Path, help="grpcs, https: CA certificate (PEM) the server's certificate must chain to")
@@ -451,11 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in AGENTS:  # argparse.REMAINDER would refuse the agent's leading --options
         return _run_agent(argparse.Namespace(command=argv[0], agent_args=argv[1:]))
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO, default_format())
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -34,7 +34,7 @@ def _with_parent_death_signal(args: list[str]) -> list[str]:
     return [SETPRIV, "--pdeathsig", "TERM", "--", *args] if SETPRIV else args
 
 
-READY = re.compile(r"ready: (\S+)")
+READY = re.compile(r"ready: ([^\s\"]+)")  # (a JSON log line closes the message with a quote)
 
 
 def mosquitto_binary() -> str:

@@ -169,8 +169,6 @@ def test_edge_routes_are_read():
     assert {"/v1/models", "/metrics"} <= edge_routes()
 
 
-@pytest.mark.xfail(strict=True, reason="the edge's /livez and /readyz arrive with issue 24's health item: "
-                   "then drop this mark")
 def test_edge_probes_are_edge_routes(rendered):
     for workload in k8s.named(objects_of(rendered, "base"), "Deployment").values():
         for probe in k8s.probes(workload).values():

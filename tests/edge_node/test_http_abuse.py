@@ -172,7 +172,7 @@ def test_caps_on_connections_and_requests_refuse_only_when_every_slot_is_busy(ti
         finally:
             busy[0].close()
         wait_for(lambda: len(server.server_state.connections) == 1, "the closed connection's slot did not come back")
-        assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+        assert httpx.get(f"{url}/livez", timeout=5).status_code == 200
         busy[1].close()
 
     with edge_server(tiny_glm, http_max_connections=4, http_max_requests=1, http_max_requests_per_connection=2,
@@ -184,15 +184,15 @@ def test_caps_on_connections_and_requests_refuse_only_when_every_slot_is_busy(ti
             r = httpx.post(f"{url}/v1/completions", json={"prompt": "ab", "max_tokens": 1}, timeout=5)
             assert r.status_code == 503 and r.json()["error"]["code"] == "server_busy" and r.headers["Retry-After"]
             assert refused(node, "server_busy") == 1
-            with httpx.Client(base_url=url, timeout=5) as http:  # /healthz is exempt; 2 requests a connection
-                first, second = http.get("/healthz"), http.get("/healthz")
+            with httpx.Client(base_url=url, timeout=5) as http:  # the probes are exempt; 2 requests a connection
+                first, second = http.get("/livez"), http.get("/readyz")
             assert first.status_code == second.status_code == 200
             assert "close" not in first.headers.get("connection", "") and second.headers["connection"] == "close"
         finally:
             sock.close()
         idle = connect(url)  # a kept-alive connection that says nothing more is closed after the keep-alive timeout
         try:
-            idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: edge\r\n\r\n")
+            idle.sendall(b"GET /livez HTTP/1.1\r\nHost: edge\r\n\r\n")
             started = time.monotonic()
             answer = read_until_closed(idle, started + 5)
             assert answer.startswith(b"HTTP/1.1 200 ") and time.monotonic() - started < 3

@@ -269,12 +269,26 @@ def test_concurrent_requests(node, client):
     assert node.open_sessions() == 0
 
 
-def test_health(node, url):
-    r = httpx.get(f"{url}/healthz")
-    assert r.status_code == 200 and r.json() == {"status": "ok", "broker": True, "cloud": True}
-    node.checks["cloud"] = False
-    r = httpx.get(f"{url}/healthz")
-    assert r.status_code == 503 and r.json() == {"status": "unavailable", "broker": True, "cloud": False}
+READINESS = [  # (checks, HTTP status, status, reasons)
+    ({"broker": True, "cloud": True, "fast_path": True}, 200, "ready", None),
+    ({"broker": True, "cloud": False, "fast_path": True}, 200, "degraded", ["cloud_unavailable"]),
+    ({"broker": False, "cloud": True, "fast_path": True}, 503, "unready", ["broker_subscription_lost"]),
+    ({"broker": True, "cloud": False, "fast_path": False}, 503, "unready", ["cloud_unavailable", "no_path_to_tokens"]),
+]
+
+
+def test_probes(node, url):
+    """/livez answers whatever the checks say; /readyz (and its old name /healthz) reads them."""
+    try:
+        for checks, code, status, reasons in READINESS:
+            node.checks = dict(checks)
+            assert httpx.get(f"{url}/livez").json() == {"status": "alive"}
+            for path in ("/readyz", "/healthz"):
+                r = httpx.get(f"{url}{path}")
+                assert (r.status_code, r.json().get("status"), r.json().get("reasons")) == (code, status, reasons)
+                assert r.json()["checks"] == checks
+    finally:
+        node.checks = {"broker": True, "cloud": True}
 
 
 def test_metrics_count_requests(node, client, url):

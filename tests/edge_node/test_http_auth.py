@@ -6,7 +6,7 @@ certificate and serves HTTPS with an API key file. httpx and the official
 ``openai`` client verify the test CA. Without a key, with a wrong one or
 another scheme, ``/v1/*`` answers 401 with OpenAI's error body and
 ``WWW-Authenticate: Bearer`` before any tokenising or generation;
-``/healthz`` stays open and ``/metrics`` needs the key. A real edge process
+the probes (``/livez``, ``/readyz``) stay open and ``/metrics`` needs the key. A real edge process
 does the same from its flags.
 """
 
@@ -160,9 +160,11 @@ def test_openai_client_with_a_wrong_key_gets_authentication_error(node, secrets)
     assert info.value.code == "invalid_api_key"
 
 
-def test_healthz_is_open_and_metrics_needs_the_key(node, https, key):
-    r = https.get("/healthz")
-    assert r.status_code == 200 and r.json() == {"status": "ok", "broker": True, "cloud": True}
+def test_probes_are_open_and_metrics_needs_the_key(node, https, key):
+    assert https.get("/livez").json() == {"status": "alive"}
+    for path in ("/readyz", "/healthz"):
+        r = https.get(path)
+        assert r.status_code == 200 and r.json()["status"] == "ready"
     r = https.get("/metrics")
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     r = https.get("/metrics", headers=bearer(key))

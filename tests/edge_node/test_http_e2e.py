@@ -74,8 +74,8 @@ def test_chat_through_real_processes_equals_monolithic(edge_url, monolithic_text
 def test_health_and_metrics_of_the_real_edge(edge_url):
     body = {"model": "smollm2", "messages": MESSAGES, "max_tokens": 2}
     assert httpx.post(f"{edge_url}/v1/chat/completions", json=body, timeout=60).status_code == 200
-    r = httpx.get(f"{edge_url}/healthz", timeout=10)
-    assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["cloud"] is True
+    r = httpx.get(f"{edge_url}/readyz", timeout=10)
+    assert r.status_code == 200 and r.json()["status"] == "ready" and r.json()["checks"]["cloud"] is True
     metrics = httpx.get(f"{edge_url}/metrics", timeout=10).text
     assert 'splitglm_edge_http_requests_total{api="chat",code="200"}' in metrics
     assert 'splitglm_edge_wire_bytes_total{direction="out",link="edge_cloud"}' in metrics

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import pytest
 from edge_node import schemas
 from edge_node.http_api import create_app
 from edge_node.schemas import ChatRequest, CompletionRequest, field_status
+from runtime.logs import ContextFilter, json_formatter
+from tests.edge_node.test_relay import wait_until
 from tests.local_chain import TestNode, char_tokenizer, serve
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "api.md"
@@ -162,16 +165,24 @@ def test_max_model_len(client):
 
 
 def test_request_id_echoed(url, caplog):
-    caplog.set_level("INFO", logger="edge_node.jobs")
+    caplog.set_level("INFO", logger="edge_node")
+    caplog.handler.addFilter(ContextFilter())  # (the filter of the process's handler: runtime.logs)
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "ab", "max_tokens": 1}, headers={"X-Request-ID": "abc-1"})
     assert r.status_code == 200 and r.headers["x-request-id"] == "abc-1"
-    assert any(r.json()["id"] in m and "abc-1" in m for m in caplog.messages)
+    assert wait_until(lambda: any(getattr(rec, "path", "") == "/v1/completions" for rec in caplog.records), 5)
+    mine = [rec for rec in caplog.records if getattr(rec, "request_id", "") == "abc-1"]
+    linking = [rec for rec in mine if r.json()["id"] in rec.getMessage()]  # completion id, request id, session
+    assert len(linking) == 1 and linking[0].session_id in linking[0].getMessage()
+    assert {rec.session_id for rec in mine} == {linking[0].session_id}  # the access line too
+    line = json.loads(json_formatter().format(mine[-1]))  # the access line as --log-format json writes it
+    assert (line["logger"], line["path"], line["status"], line["request_id"]) == ("edge_node.access",
+                                                                                  "/v1/completions", 200, "abc-1")
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "ab", "nope": 1}, headers={"X-Request-ID": "abc-2"})
     assert r.status_code == 400 and r.headers["x-request-id"] == "abc-2"
     fresh = {httpx.get(f"{url}/v1/models", headers={"X-Request-ID": bad}).headers["x-request-id"]
              for bad in ("has space", "x" * 129, "")}  # fmt: skip
     assert len(fresh) == 3 and all(re.fullmatch(r"[0-9a-f]{32}", f) for f in fresh)
-    assert httpx.get(f"{url}/healthz").headers["x-request-id"]
+    assert all(httpx.get(f"{url}{path}").headers["x-request-id"] for path in ("/livez", "/readyz"))
 
 
 def test_request_id_on_guard_refusals(tiny_glm, tmp_path):

@@ -127,7 +127,7 @@ def test_rate_per_client_is_429_with_retry_after(started):
     assert error["type"] == "requests" and "3 requests per minute" in error["message"]
     assert 15 <= int(r.headers["retry-after"]) <= 20  # one request's worth of the bucket: 60 s / 3
     assert refused(node, "rate_limit") == 1 and node.generations == []
-    assert http.get("/healthz").status_code == 200  # not limited
+    assert http.get("/livez").status_code == http.get("/readyz").status_code == 200  # not limited
 
 
 def test_open_requests_per_client_are_429_and_freed_after(started):

@@ -43,18 +43,51 @@ def start_edge(plan: str, broker: str, cloud: str, *args: str) -> Proc:
                        "--http-host", "127.0.0.1", "--http-port", "0", "--edge-id", "edge-proc", *args)
 
 
-def post(url: str, body: dict, timeout: float = 30):
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+def post(url: str, body: dict, timeout: float = 30, headers: dict[str, str] | None = None):
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json",
+                                                                      **(headers or {})})
     return urllib.request.urlopen(request, timeout=timeout)
 
 
+def check_request_logs(edge: Proc, rid: str, completion_id: str) -> None:
+    """The edge's JSON log of one completion: a line linking its ids, the access line, the ids on every line."""
+    assert wait_until(lambda: any(r.get("path") == "/v1/completions" for r in json_lines(edge.output)), 5)
+    records = [r for r in json_lines(edge.output) if r["request_id"] == rid]
+    assert {"timestamp", "level", "logger", "message", "session_id", "trace_id"} <= set(records[0])
+    linking = [r for r in records if completion_id in r["message"]]
+    assert len(linking) == 1 and re.fullmatch(r"[0-9a-f]{32}", linking[0]["session_id"])
+    assert linking[0]["session_id"] in linking[0]["message"]
+    access = [r for r in records if r["logger"] == "edge_node.access"]
+    assert len(access) == 1 and access[0]["session_id"] == linking[0]["session_id"]
+    assert (access[0]["method"], access[0]["path"], access[0]["status"]) == ("POST", "/v1/completions", 200)
+    assert access[0]["duration_ms"] > 0 and access[0]["client"] == "127.0.0.1"
+
+
+def json_lines(output: str) -> list[dict]:
+    """The JSON log records in a process's output (every line of it that is one)."""
+    records = []
+    for line in output.splitlines():
+        if line.startswith("{"):
+            records.append(json.loads(line))
+    return records
+
+
+def readyz(url: str) -> tuple[int, str, list[str]]:
+    status, body = get(f"{url}/readyz")
+    return status, body["status"], body.get("reasons", [])
+
+
 def test_edge_process_serves_reports_health_and_stops_cleanly(talking_plan, tiny_glm, mosquitto):
+    """Issue 24's acceptance of the probes and the JSON logs, on real processes: /livez stays 200 and /readyz
+    says degraded while the cloud is stopped; /readyz goes 503 once the broker subscription is lost too."""
     cloud, address = start_cloud(talking_plan)
-    edge = start_edge(talking_plan, mosquitto.url, address, "--shutdown-grace-s", "1")
+    edge = start_edge(talking_plan, mosquitto.url, address, "--shutdown-grace-s", "1", "--log-format", "json")
     try:
         url = edge.ready(120)
         assert url.startswith("http://127.0.0.1:")
-        assert get(f"{url}/healthz") == (200, {"status": "ok", "broker": True, "cloud": True})
+        assert get(f"{url}/readyz") == (200, {"status": "ready", "checks": {"broker": True, "cloud": True,
+                                                                             "fast_path": True}})
+        assert get(f"{url}/livez") == (200, {"status": "alive"})
 
         prompt = [3, 17, 5, 9, 11, 40, 2]
         device = MqttDevice(mosquitto.url)  # a device frame over MQTT
@@ -67,26 +100,31 @@ def test_edge_process_serves_reports_health_and_stops_cleanly(talking_plan, tiny
             device.close()
         assert list(result.tokens) == expected(tiny_glm, prompt, 1) and result.edge_id == "edge-proc"
 
-        with post(f"{url}/v1/completions", {"prompt": prompt, "max_tokens": 8, "temperature": 0}) as response:
+        body = {"prompt": prompt, "max_tokens": 8, "temperature": 0}
+        with post(f"{url}/v1/completions", body, headers={"X-Request-ID": "proc-1"}) as response:
             answer = json.loads(response.read())  # an HTTP session owned by the edge
+            assert response.headers["X-Request-ID"] == "proc-1"
         assert answer["choices"][0]["text"] == "".join(CHARS[t] for t in expected(tiny_glm, prompt, 8))
+        check_request_logs(edge, "proc-1", answer["id"])
         status, metrics = get(f"{url}/metrics")
         assert status == 200 and 'splitglm_edge_steps_total{path="accurate"} 9.0' in metrics
         assert 'splitglm_edge_sessions_active{kind="http"} 0.0' in metrics
 
-        mosquitto.stop()
-        assert wait_until(lambda: get(f"{url}/healthz")[0] == 503, 20)
-        assert get(f"{url}/healthz")[1]["broker"] is False
-        mosquitto.start()
-        assert wait_until(lambda: get(f"{url}/healthz")[0] == 200, 20)  # paho reconnected and resubscribed
-
-        os.kill(cloud.popen.pid, signal.SIGSTOP)
+        os.kill(cloud.popen.pid, signal.SIGSTOP)  # the cloud stops answering
         try:
             # within the health check's 1 s timeout or so (once in CI the first check still saw it serving)
-            assert wait_until(lambda: get(f"{url}/healthz")[1]["cloud"] is False, 5)
+            assert wait_until(lambda: readyz(url) == (200, "degraded", ["cloud_unavailable"]), 5)
+            assert get(f"{url}/livez") == (200, {"status": "alive"})
+            mosquitto.stop()  # and the broker goes away: device frames cannot arrive
+            unready = (503, "unready", ["broker_subscription_lost", "cloud_unavailable"])
+            assert wait_until(lambda: readyz(url) == unready, 20)
+            assert get(f"{url}/livez") == (200, {"status": "alive"})
+            assert get(f"{url}/healthz")[0] == 503  # the old name of /readyz
+            mosquitto.start()
+            assert wait_until(lambda: readyz(url)[0] == 200, 20)  # paho reconnected and resubscribed
         finally:
             os.kill(cloud.popen.pid, signal.SIGCONT)
-        assert wait_until(lambda: get(f"{url}/healthz")[0] == 200, 10)
+        assert wait_until(lambda: readyz(url) == (200, "ready", []), 10)
 
         with post(f"{url}/v1/completions", {"prompt": prompt, "max_tokens": 1000, "stream": True}) as response:
             assert response.readline().startswith(b"data: ")  # a generation is running: stop the edge now

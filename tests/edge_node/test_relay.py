@@ -157,7 +157,7 @@ def steps_done(node: EdgeNode) -> float:
 
 def test_v5_sessions_spread_over_a_shared_pool(edges, mosquitto, device_segment, tiny_glm):
     a, b = edges.start("edge-a", mqtt_protocol="5"), edges.start("edge-b", mqtt_protocol="auto")
-    assert a.health() == {"broker": True, "cloud": True}
+    assert a.health() == {"broker": True, "cloud": True, "fast_path": True}
     device = MqttDevice(mosquitto.url)
     used = set()
     try:

@@ -92,7 +92,7 @@ def test_secure_demo_serves_only_authenticated_clients(demo_checkpoint, tmp_path
             for headers in ({}, {"Authorization": "Bearer sk-wrong"}):
                 refused = web.post(f"{http}/v1/chat/completions", json=body, headers=headers)
                 assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
-            assert web.get(f"{http}/healthz").status_code == 200
+            assert web.get(f"{http}/readyz").status_code == 200
 
         # MQTT: no login, a wrong password, or no TLS: refused
         with pytest.raises(ConnectionError):
