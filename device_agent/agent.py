@@ -274,7 +274,7 @@ class DeviceAgent:
         if self.settings.log_content:
             logger.info("prompt of session %s: %r", generation.session_id, prompt)
         traced = tracing.span("device.answer", request_id=request["request_id"], session_id=generation.session_id,
-                              readings=len(batch)) if tracing.enabled else tracing.NOOP  # the reading's trace root
+                              readings=readings) if tracing.enabled else tracing.NOOP  # the reading's trace root
         try:
             with traced:
                 for _ in generation:
