@@ -85,8 +85,9 @@ layer() {  # NAME BASE KEY SCRIPT [docker run -v ...]: BASE + what SCRIPT does, 
 deps_image() {  # ROLE BASE: BASE + a venv in /opt/splitglm with ROLE's wheels (mounted: they stay out of the image)
     layer "splitglm-$1-deps" "$2" "$(cat "$BUILD/req/$1.txt" "$BUILD/req/constraints.txt")" \
         "python3 -m venv /opt/splitglm
-         /opt/splitglm/bin/pip install --quiet --disable-pip-version-check --no-index --find-links /wheels \\
-             -r /req/$1.txt -c /req/constraints.txt
+         /opt/splitglm/bin/pip install --quiet --disable-pip-version-check --no-compile --no-index \\
+             --find-links /wheels -r /req/$1.txt -c /req/constraints.txt
+         /opt/splitglm/bin/python -m compileall -q -j 0 /opt/splitglm/lib >/dev/null || true  # on every core
          rm -rf /root/.cache" \
         -v "$BUILD/wheels:/wheels:ro" -v "$BUILD/req:/req:ro"
 }
@@ -108,12 +109,19 @@ wheel() {  # $BUILD/context/wheel: the project's wheel (built from a copy: no bu
 }
 
 main() {
-    "$HERE/dockerd.sh"
     mkdir -p "$BUILD"
-    local base sensors full
+    exec 2> >(tee "$BUILD/build-images.log" >&2)  # kept for a look at where the time went
+    "$HERE/dockerd.sh"
+    local base sensors full fetching
+    wheels >"$BUILD/wheels.log" 2>&1 &  # mostly network: beside debootstrap
+    fetching=$!
     base=$(base_image)
     docker tag "$base" splitglm-mosquitto:latest
-    wheels
+    if ! wait "$fetching"; then
+        cat "$BUILD/wheels.log" >&2
+        return 1
+    fi
+    grep "^build-images" "$BUILD/wheels.log" >&2 || true
     sensors=$(deps_image sensors "$base")
     full=$(plan_image "$(deps_image splitglm "$base")")
     wheel
