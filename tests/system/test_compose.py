@@ -14,8 +14,6 @@ from edge_node.settings import EdgeSettings
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
-# set ahead of issue 24's metrics settings (the cloud's and device agents' metrics ports): exempt while missing
-METRICS_ENV = {f"SPLITGLM_{agent}_METRICS_{field}" for agent in ("CLOUD", "DEVICE") for field in ("PORT", "HOST")}
 PREFIXES = {
     "SPLITGLM_CLOUD_": CloudSettings,
     "SPLITGLM_EDGE_": EdgeSettings,
@@ -58,8 +56,6 @@ def test_environment_names_real_settings_fields(name):
         prefix = next((p for p in PREFIXES if key.startswith(p)), None)
         assert prefix, f"{name}: {key} is not a splitglm setting"
         field = key.removeprefix(prefix).lower()
-        if key in METRICS_ENV and "metrics_port" not in PREFIXES[prefix].model_fields:
-            continue
         assert field in PREFIXES[prefix].model_fields, f"{name}: {key} names no field of {PREFIXES[prefix].__name__}"
 
 

@@ -51,7 +51,8 @@ HEALTHY_S = 420.0  # every service healthy after `up`, on 2 shared cores, second
 ANSWER_S = 180.0  # a reading's answer (48 tokens), seconds
 LOG_LINES = 30  # of an unhealthy service, in the failure message
 # The cloud's and the device agents' metrics ports (SPLITGLM_*_METRICS_PORT) come with issue 24's metrics work:
-# until its settings exist, those two scrapes are not asserted (the edge's is).
+# until its settings exist, those scrapes are not asserted (the edge's is). Once they do, docker-compose.yml's
+# commented SPLITGLM_{CLOUD,DEVICE}_METRICS_{PORT,HOST} lines must be on (and deploy/k8s's) for this test to pass.
 TIER_METRICS = "metrics_port" in CloudSettings.model_fields
 
 
