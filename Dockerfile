@@ -1,4 +1,5 @@
-# One image for every splitglm service (cloud, edge, device agents, sensor simulator).
+# One image for every splitglm service (cloud, edge, device agents, sensor simulator), for a machine with a
+# registry. Without one, deploy/compose/build-images.sh builds docker-compose.yml's images (docs/operations.md).
 # The demo model and its plan are baked in at build time: nothing is downloaded at run time.
 FROM python:3.11-slim
 

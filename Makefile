@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup mosquitto demo test test-fast protos bench lint clean
+.PHONY: setup mosquitto docker demo test test-fast compose-test protos bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,9 +25,22 @@ mosquitto:
 	command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto; }
 
-test: setup mosquitto
+# docker-compose.yml is run for real (tests/system/test_compose_docker.py): Docker, compose and debootstrap (the
+# images are built without a registry: deploy/compose/build-images.sh); dockerd started where no systemd does
+docker:
+	@missing=""; \
+	command -v dockerd >/dev/null || missing="$$missing docker.io"; \
+	command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 || missing="$$missing docker-compose"; \
+	command -v debootstrap >/dev/null || missing="$$missing debootstrap"; \
+	test -z "$$missing" || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; }
+	deploy/compose/dockerd.sh
+
+test: setup mosquitto docker
 	$(BIN)/python -m protos.generate --check
 	$(BIN)/python -m pytest
+
+compose-test: setup docker
+	$(BIN)/python -m pytest tests/system/test_compose_docker.py
 
 test-fast: setup mosquitto
 	$(BIN)/python -m pytest -m 'not slow'

@@ -15,9 +15,13 @@ from pathlib import Path
 
 from runtime.logs import default_format, setup_logging
 
-# Never reach for a model hub: everything loads from local folders.
+# Never reach for a model hub: everything loads from local folders. transformers stays quiet (errors only, no
+# progress bars of its own) without being imported here: `splitglm health`, run by every container's
+# healthcheck, must not pay for torch.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 logger = logging.getLogger("splitglm")
 
@@ -297,7 +301,9 @@ AGENTS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Every command's parser; given the ``command`` about to run, only the parsers of ``distill`` and ``bench``
+    that command needs are added (they import torch)."""
     parser = argparse.ArgumentParser(prog="splitglm", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -348,9 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
 
-    from splitglm import cli_distill
+    if command in (None, "distill"):
+        from splitglm import cli_distill
 
-    cli_distill.add_parser(sub)
+        cli_distill.add_parser(sub)
 
     p = sub.add_parser("profile", help="measure per-layer time and memory of a model on this machine")
     p.add_argument("--model", required=True, help="GLM checkpoint folder")
@@ -442,9 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("agent_args", nargs=argparse.REMAINDER, help="its own options (see --help)")
         p.set_defaults(func=_run_agent)
 
-    from splitglm import bench
+    if command in (None, "bench"):
+        from splitglm import bench
 
-    bench.add_parser(sub)
+        bench.add_parser(sub)
     return parser
 
 
@@ -452,12 +460,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in AGENTS:  # argparse.REMAINDER would refuse the agent's leading --options
         return _run_agent(argparse.Namespace(command=argv[0], agent_args=argv[1:]))
-    args = build_parser().parse_args(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     setup_logging(logging.DEBUG if args.verbose else logging.INFO, default_format())
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
     try:
         return args.func(args)
     except (ValueError, OSError, RuntimeError) as e:

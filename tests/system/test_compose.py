@@ -1,4 +1,4 @@
-"""docker-compose.yml cannot run here (no Docker): check it against the code it configures."""
+"""docker-compose.yml checked against the code it configures, in seconds (test_compose_docker.py runs it)."""
 
 from __future__ import annotations
 
@@ -148,9 +148,14 @@ def test_each_simulator_has_its_own_sensors_login():
 
 
 def test_dockerfile_builds_what_compose_runs():
-    dockerfile = (ROOT / "Dockerfile").read_text()
+    dockerfile = (ROOT / "Dockerfile").read_text()  # with a registry: one image
     assert "torch==2.13.0" in dockerfile.split("pip install .")[0]  # CPU torch pinned before the project
     assert "splitglm demo-plan --out /plans/demo" in dockerfile
+    script = (ROOT / "deploy/compose/build-images.sh").read_text()  # offline: the images compose names
+    images = {service["image"] for service in SERVICES.values()}
+    assert images == {"splitglm:latest", "splitglm-sensors:latest", "splitglm-mosquitto:latest"}
+    assert "docker tag \"$base\" splitglm-mosquitto:latest" in script and "-t \"$image:latest\"" in script
+    assert "/plans/demo" in script and "--target" in script
     for service in SERVICES.values():
         for key, value in (service.get("environment") or {}).items():
             if key.endswith("_PLAN"):
