@@ -262,7 +262,10 @@ def test_services_ports_and_names_match_the_settings(tree, rendered, overlay):
             assert all(k8s.ports(w)[port["targetPort"]] == port["port"] for w in pods), name
     (cloud,) = by_component["cloud"]
     cloud_port = int(k8s.environment(cloud).get("SPLITGLM_CLOUD_PORT", CloudSettings.model_fields["port"].default))
-    assert k8s.ports(cloud) == {"grpc": cloud_port}
+    metrics_port = int(k8s.environment(cloud)["SPLITGLM_CLOUD_METRICS_PORT"])
+    assert k8s.ports(cloud) == {"grpc": cloud_port, "metrics": metrics_port}
+    for device in by_component["device"]:
+        assert k8s.ports(device) == {"metrics": int(k8s.environment(device)["SPLITGLM_DEVICE_METRICS_PORT"])}
     assert services["cloud"]["spec"]["clusterIP"] == "None"  # headless: DNS answers every ready replica
     assert "cloud" in certificate_names(tree / "secrets" / "cloud" / "cloud" / "server.crt")
     (broker,) = by_component["broker"]
