@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import grpc
@@ -155,10 +156,16 @@ def test_a_late_frame_is_deadline_exceeded_and_its_retry_works(cloud, edge, tiny
 def test_a_step_past_step_timeout_is_deadline_exceeded(tiny_plan, edge):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with start_cloud(tiny_plan, step_timeout_s=0.001) as server:  # no step of a real prompt is that quick
+    with start_cloud(tiny_plan, step_timeout_s=0.05) as server:
+        entered, hold = threading.Event(), threading.Event()  # the scheduler held: the step cannot be answered
+        server.batcher.scheduler.call(lambda: (entered.set(), hold.wait(10)))  # in time, however busy the machine
+        assert entered.wait(10)
         prompt = [i % 96 for i in range(300)]
         run = Run(edge, server.port, prompt, 4)
-        error = Stream(server.port).error(run.frame(0, 0, prompt))
+        try:
+            error = Stream(server.port).error(run.frame(0, 0, prompt))
+        finally:
+            hold.set()
         _assert_status(error, grpc.StatusCode.DEADLINE_EXCEEDED, "step_timeout_s")
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:  # the server goes on serving
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
