@@ -31,7 +31,7 @@ from protos import splitglm_pb2 as pb
 from protos.errors import CodecError, SizeLimitError
 from protos.frames import decode_frame_hidden, parse_frame
 from runtime import logs, tracing
-from runtime.artifacts import load_tier
+from runtime.artifacts import load_plan, load_tier
 from runtime.checkpoint import load_spec
 from runtime.grammar import tier_grammars
 from runtime.terminal import StepError, status_of
@@ -226,7 +226,8 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp8": torch.bfloat16}  # fp8: E4M3 weights of the layers' products, bf16 for the rest
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -236,10 +237,30 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def weights_format(plan: Path, settings: CloudSettings, device: torch.device) -> str:
+    """``settings.dtype``, or with ``auto`` the plan's choice for its cloud tier (``gpu_weights`` of its compression
+    entry); an FP8 choice where FP8 cannot run is a settings error that says why."""
+    name = settings.dtype
+    source = "dtype"
+    if name == "auto":
+        name = load_plan(plan)["compression"]["cloud"].get("gpu_weights", "auto")
+        source = f"the plan's cloud tier ({plan})"
+    if name != "fp8":
+        return name
+    from runtime.fp8 import support_error
+
+    problem = "it runs on cuda only, and device is cpu" if device.type != "cuda" else support_error(device)
+    if problem:
+        raise SettingsError(f"{source} asks for fp8 weights, but {problem}. Run the cloud on such a GPU, or pass "
+                            "--dtype bfloat16 to serve the same tier unquantised")
+    return name
+
+
 def load_segment(plan: Path, settings: CloudSettings):
     """The plan's verified cloud tier on the settings' device and dtype, its KV pool sized; and its hidden size."""
     device = resolve_device(settings.device)
-    dtype = resolve_dtype(settings.dtype, device)
+    weights = weights_format(plan, settings, device)
+    dtype = resolve_dtype(weights, device)
     segment = load_tier(plan, "cloud")
     mib = settings.kv_pool_mib
     if mib is None and settings.kv_pool_tokens is None:
@@ -247,7 +268,7 @@ def load_segment(plan: Path, settings: CloudSettings):
     if device.type == "cuda":
         from runtime.cuda import CudaEngine
 
-        segment = CudaEngine(segment, dtype=dtype, pool_tokens=settings.kv_pool_tokens, pool_mib=mib,
+        segment = CudaEngine(segment, dtype=dtype, fp8_linears=weights == "fp8", pool_tokens=settings.kv_pool_tokens, pool_mib=mib,
                              prefill_chunk=settings.prefill_chunk, max_batch=settings.max_batch,
                              max_sessions=settings.max_sessions,
                              max_positions=settings.max_positions, graphs=settings.cuda_graphs)

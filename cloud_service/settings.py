@@ -34,8 +34,10 @@ class CloudSettings(GrammarSettings, LogSettings):
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="where the segment runs; auto = cuda when available"
     )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        default="auto", description="weights and KV cache precision; auto = bfloat16 on cuda, float32 on cpu"
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "fp8"] = Field(
+        default="auto", description="weights and KV cache precision; fp8 = the layers' products in E4M3 (per-channel "
+        "scales), the rest bfloat16, on a GPU with FP8 (Ada, Hopper); auto = the plan's choice for the cloud tier, "
+        "else bfloat16 on cuda and float32 on cpu"
     )
     kv_pool_mib: float | None = Field(
         default=None, gt=0, description="KV pool size, MiB (default 1024 on cpu, 8192 on cuda)"

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from runtime import fp8
 from runtime import triton_ops as ops
 from runtime.checkpoint import GlmSpec
 from runtime.kv_pool import DEFAULT_PAGE_SIZE, KVPool, PoolExhausted, pool_tokens
@@ -38,13 +39,16 @@ from runtime.step import Sampled, SegmentInput, begin_step, check_items, end_ste
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+Linear = torch.Tensor | fp8.Fp8Weight  # a product's weight: the engine's dtype, or FP8 with row scales
+
+
 @dataclass
 class LayerWeights:
-    qkv: torch.Tensor  # ((H + 2K) D, C)
+    qkv: Linear  # ((H + 2K) D, C)
     qkv_bias: torch.Tensor | None  # ((H + 2K) D,)
-    o: torch.Tensor  # (C, H D)
-    gate_up: torch.Tensor  # (2 I, C)
-    down: torch.Tensor  # (C, I)
+    o: Linear  # (C, H D)
+    gate_up: Linear  # (2 I, C)
+    down: Linear  # (C, I)
     input_norm: torch.Tensor  # (C,)
     post_attention_norm: torch.Tensor
     post_self_attn_norm: torch.Tensor | None  # glm4's sandwich norms
@@ -61,14 +65,19 @@ class Weights:
     def nbytes(self) -> int:
         tensors = [t for w in self.layers for t in vars(w).values() if t is not None]
         tensors += [t for t in (self.embed, self.norm, self.lm_head) if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.nbytes() if isinstance(t, fp8.Fp8Weight) else t.numel() * t.element_size() for t in tensors)
 
 
-def weights_of(segment, dtype: torch.dtype, device) -> Weights:
-    """The segment's weights fused (q|k|v) and cast for the GPU; refuses compressed layers."""
+def weights_of(segment, dtype: torch.dtype, device, fp8_linears: bool = False) -> Weights:
+    """The segment's weights fused (q|k|v) and cast for the GPU; refuses compressed layers. ``fp8_linears``:
+    the layers' four products in E4M3 with per-row scales (``runtime.fp8``); norms, biases and the head keep
+    ``dtype``."""
 
     def cast(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.detach().to(device=device, dtype=dtype).contiguous()
+
+    def linear(t: torch.Tensor) -> Linear:
+        return fp8.quantize(t, device) if fp8_linears else cast(t)
 
     layers = []
     for layer in segment.layers.values():
@@ -79,8 +88,9 @@ def weights_of(segment, dtype: torch.dtype, device) -> Weights:
         bias = None if attn.q_proj.bias is None else torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
         sandwich = getattr(layer, "sandwich", False)
         layers.append(LayerWeights(
-            qkv=cast(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])), qkv_bias=cast(bias),
-            o=cast(attn.o_proj.weight), gate_up=cast(mlp.gate_up_proj.weight), down=cast(mlp.down_proj.weight),
+            qkv=linear(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])),
+            qkv_bias=cast(bias), o=linear(attn.o_proj.weight), gate_up=linear(mlp.gate_up_proj.weight),
+            down=linear(mlp.down_proj.weight),
             input_norm=cast(layer.input_layernorm.weight),
             post_attention_norm=cast(layer.post_attention_layernorm.weight),
             post_self_attn_norm=cast(layer.post_self_attn_layernorm.weight) if sandwich else None,
@@ -94,8 +104,10 @@ def weights_of(segment, dtype: torch.dtype, device) -> Weights:
     )
 
 
-def random_weights(spec: GlmSpec, layers: int, embed: bool, head: bool, dtype, device, seed: int = 0) -> Weights:
-    """Random weights of a segment's shape, made on the GPU (speed benchmarks of shapes without a checkpoint)."""
+def random_weights(spec: GlmSpec, layers: int, embed: bool, head: bool, dtype, device, seed: int = 0,
+                   fp8_linears: bool = False) -> Weights:
+    """Random weights of a segment's shape, made on the GPU (speed benchmarks of shapes without a checkpoint);
+    ``fp8_linears`` as in ``weights_of``."""
     gen = torch.Generator(device=device).manual_seed(seed)
     C, D, inter = spec.hidden_size, spec.head_dim, spec.intermediate_size
     qkv_rows = (spec.num_heads + 2 * spec.num_kv_heads) * D
@@ -107,11 +119,14 @@ def random_weights(spec: GlmSpec, layers: int, embed: bool, head: bool, dtype, d
     def ones():
         return torch.ones(C, device=device, dtype=dtype)
 
+    def linear(*shape) -> Linear:
+        return fp8.quantize(rand(*shape)) if fp8_linears else rand(*shape)
+
     sandwich = spec.sandwich_norm
     made = [LayerWeights(
-        qkv=rand(qkv_rows, C),
+        qkv=linear(qkv_rows, C),
         qkv_bias=torch.zeros(qkv_rows, device=device, dtype=dtype) if spec.attention_bias else None,
-        o=rand(C, spec.num_heads * D), gate_up=rand(2 * inter, C), down=rand(C, inter), input_norm=ones(),
+        o=linear(C, spec.num_heads * D), gate_up=linear(2 * inter, C), down=linear(C, inter), input_norm=ones(),
         post_attention_norm=ones(), post_self_attn_norm=ones() if sandwich else None,
         post_mlp_norm=ones() if sandwich else None,
     ) for _ in range(layers)]  # fmt: skip
@@ -150,6 +165,7 @@ class CudaEngine:
         embed: bool = False,
         head: bool = False,
         dtype: torch.dtype = torch.bfloat16,
+        fp8_linears: bool = False,
         device: str | torch.device = "cuda",
         pool_tokens: int | None = None,
         pool_mib: float | None = None,
@@ -161,13 +177,22 @@ class CudaEngine:
         max_positions: int = 8192,
         graphs: bool = True,
     ):
-        """From a ``Segment`` (its weights are copied to the GPU), or from ``weights`` + ``spec`` + layout."""
+        """From a ``Segment`` (its weights are copied to the GPU), or from ``weights`` + ``spec`` + layout.
+        ``dtype``: activations, KV cache, norms and head; ``fp8_linears``: the layers' products in FP8
+        (``runtime.fp8``; a ``Segment``'s weights are quantised here, given ``weights`` must already be)."""
         if not ops.AVAILABLE:
             raise RuntimeError("the CUDA engine needs triton (it comes with PyTorch's CUDA builds)")
         self.device, self.dtype = torch.device(device), dtype
+        if fp8_linears:
+            if dtype == torch.float32:
+                raise ValueError("fp8 weights run with bfloat16 (or float16) activations, not float32")
+            problem = fp8.support_error(self.device)
+            if problem:
+                raise RuntimeError(problem)
         if segment is not None:
             spec, start, embed, head = segment.spec, segment.start, segment.has_embed, segment.has_head
-            weights = weights_of(segment, dtype, self.device)
+            weights = weights_of(segment, dtype, self.device, fp8_linears)
+        self.fp8_linears = any(isinstance(lw.qkv, fp8.Fp8Weight) for lw in weights.layers)
         self.spec, self.weights = spec, weights
         self.start, self.end = start, start + len(weights.layers)
         self.has_embed, self.has_head = embed, head
@@ -383,7 +408,9 @@ class CudaEngine:
         p.graph = graph
         self.stats["captures"] += 1
 
-    def _linear(self, p: _Pass, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def _linear(self, p: _Pass, x: torch.Tensor, w: Linear, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(w, fp8.Fp8Weight):  # weight-only FP8 in short passes, FP8 x FP8 in chunks
+            return ops.skinny_linear(x, w.data, bias, scale=w.scale) if p.short else fp8.chunk_linear(x, w, bias)
         if p.short:
             return ops.skinny_linear(x, w, bias)
         return F.linear(x, w, bias)

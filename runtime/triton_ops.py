@@ -47,6 +47,8 @@ SKINNY_CONFIGS: dict[tuple[int, int], tuple[int, int, int, int, int]] = {
     (151552, 4096): (64, 128, 4, 4, 1),  # lm_head: 2368 tiles
 }
 SKINNY_SHAPES = tuple(SKINNY_CONFIGS)
+# FP8 weights: BLOCK_K times this where K allows, so a stage moves as many bytes as bf16's (1 keeps bf16's K).
+FP8_BLOCK_K = int(os.environ.get("SPLITGLM_FP8_BLOCK_K", "2"))
 SM_PROGRAMS = 3 * 132  # programs to aim for at M <= 16 (three per H200 SM)
 SKINNY_SMEM_BYTES = 160 * 1024  # cap on a program's pipelined tiles (H200: 227 KB per block), see _fit_stages
 
@@ -70,9 +72,10 @@ def skinny_rows(m: int) -> int:
     return rows
 
 
-def _fit_stages(num_stages: int, block_m: int, block_n: int, block_k: int, element_size: int) -> int:
+def _fit_stages(num_stages: int, block_m: int, block_n: int, block_k: int, element_size: int,
+                weight_size: int | None = None) -> int:
     """Fewer pipeline stages where wide dtypes (fp32) would overflow shared memory; arithmetic is unchanged."""
-    per_stage = (block_m + block_n) * block_k * element_size
+    per_stage = (block_m * element_size + block_n * (weight_size or element_size)) * block_k
     return max(1, min(num_stages, SKINNY_SMEM_BYTES // per_stage))
 
 
@@ -309,6 +312,7 @@ if AVAILABLE:
     def _skinny_linear_kernel(
         x_ptr,
         w_ptr,
+        s_ptr,
         b_ptr,
         out_ptr,
         M,
@@ -317,6 +321,7 @@ if AVAILABLE:
         stride_xm,
         stride_wn,
         stride_om,
+        HAS_SCALE: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr,
@@ -326,7 +331,9 @@ if AVAILABLE:
         PRECISION: tl.constexpr,
     ):
         """One (BLOCK_M, BLOCK_N) output tile over one of SPLIT_K fixed K ranges, in BLOCK_K steps, fp32 sums;
-        with SPLIT_K > 1 the partial sum goes to ``out_ptr`` as fp32 (SPLIT_K, M, N) for ``_splitk_sum``."""
+        with SPLIT_K > 1 the partial sum goes to ``out_ptr`` as fp32 (SPLIT_K, M, N) for ``_splitk_sum``.
+        HAS_SCALE: the weight is FP8 (E4M3), widened to x's dtype per tile; each column's sum is multiplied
+        by its scale (``s_ptr``, fp32 (N,)) before it is stored."""
         pid_n, pid_m = _skinny_tile_ids()
         split = pid_n % SPLIT_K
         pid_n = pid_n // SPLIT_K
@@ -348,9 +355,13 @@ if AVAILABLE:
                 k_ok = rk < K - k * BLOCK_K
                 x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            if HAS_SCALE:
+                w = w.to(x_ptr.dtype.element_ty)
             acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)  # (BM, BN)
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
+        if HAS_SCALE:
+            acc *= tl.load(s_ptr + rn, mask=n_ok, other=0.0)[None, :]
         if SPLIT_K == 1:
             if HAS_BIAS:
                 acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -372,6 +383,30 @@ if AVAILABLE:
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
         tl.store(out_ptr + m * stride_om + cols, acc, mask=ok)
+
+
+if AVAILABLE:
+
+    @triton.jit
+    def _read_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, STEPS: tl.constexpr):
+        """Read STEPS * BLOCK int32 words per program and store their sum (so the loads stay)."""
+        start = tl.program_id(0).to(tl.int64) * BLOCK * STEPS
+        acc = tl.zeros((BLOCK,), tl.int32)
+        for s in range(STEPS):
+            offs = start + s * BLOCK + tl.arange(0, BLOCK)
+            acc += tl.load(x_ptr + offs, mask=offs < n, other=0)
+        tl.store(out_ptr + tl.program_id(0), tl.sum(acc, axis=0))
+
+
+def read_words(x: torch.Tensor) -> torch.Tensor:
+    """Read every byte of ``x`` (its size a multiple of 4) once; a per-program sum, for bandwidth figures."""
+    _require_triton()
+    words = x.view(torch.int32).view(-1)
+    block, steps = 1024, 16
+    grid = (triton.cdiv(words.numel(), block * steps),)
+    out = torch.empty(grid[0], dtype=torch.int32, device=x.device)
+    _read_kernel[grid](words, out, words.numel(), BLOCK=block, STEPS=steps, num_warps=8)
+    return out
 
 
 def _require_triton() -> None:
@@ -521,25 +556,38 @@ def silu_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Te
 
 
 def skinny_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(M, K) @ (N, K).T + bias -> (M, N) for small M; batch-invariant (no split-K, fixed BLOCK_M)."""
+    """(M, K) @ (N, K).T + bias -> (M, N) for small M; batch-invariant (fixed BLOCK_M, split-K from (N, K) only).
+
+    ``scale``: ``weight`` is FP8 (E4M3, ``runtime.fp8``) with this fp32 (N,) scale per output row."""
     _require_triton()
     _check_rows(x, "x")
     _check_rows(weight, "weight")
     m, k = x.shape
     n = weight.shape[0]
-    assert weight.shape[1] == k and weight.dtype == x.dtype
+    assert weight.shape[1] == k
+    if scale is None:
+        assert weight.dtype == x.dtype
+    else:
+        assert weight.dtype == torch.float8_e4m3fn and scale.shape == (n,) and scale.dtype == torch.float32
     if bias is not None:
         assert bias.shape == (n,) and bias.is_contiguous()
     out = _check_out(out, (m, n), x)
     block_n, block_k, num_warps, num_stages, split = skinny_config(n, k)
+    if scale is not None and k % (block_k * FP8_BLOCK_K) == 0:
+        block_k *= FP8_BLOCK_K  # the same bytes per stage as bf16
     block_m = skinny_rows(m)
-    num_stages = _fit_stages(num_stages, block_m, block_n, block_k, x.element_size())
+    num_stages = _fit_stages(num_stages, block_m, block_n, block_k, x.element_size(), weight.element_size())
     grid = (triton.cdiv(n, block_n) * split, triton.cdiv(m, block_m))
     target = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     _skinny_linear_kernel[grid](
-        x, weight, weight if bias is None else bias, target, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
+        x, weight, weight if scale is None else scale, weight if bias is None else bias, target, m, n, k,
+        x.stride(0), weight.stride(0), out.stride(0), HAS_SCALE=scale is not None,
         HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_K=block_k, SPLIT_K=split, PRECISION=_dot_precision(x.dtype), num_warps=num_warps,
         num_stages=num_stages,
@@ -563,16 +611,21 @@ def _bench_row(kernel: str, shape: str, fn, nbytes: int) -> dict:
     return {"kernel": kernel, "shape": shape, "ms": ms, "gbytes": nbytes / 1e9, "gbps": nbytes / ms / 1e6}
 
 
-def _bench_skinny_shape(m: int, n: int, k: int, dtype: torch.dtype) -> list[dict]:
-    """skinny_linear against torch.matmul on one (M, N, K)."""
+def _bench_skinny_shape(m: int, n: int, k: int, dtype: torch.dtype, fp8_weights: bool = False) -> list[dict]:
+    """skinny_linear against torch.matmul on one (M, N, K); ``fp8_weights``: the FP8 product (E4M3 weights)."""
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     w = torch.randn(n, k, device="cuda", dtype=dtype) / math.sqrt(k)
     out = torch.empty(m, n, device="cuda", dtype=dtype)
     nbytes = (n * k + m * k + m * n) * x.element_size()
-    return [
-        _bench_row("skinny_linear", f"M={m} N={n} K={k}", lambda: skinny_linear(x, w, out=out), nbytes),
-        _bench_row("torch.matmul", f"M={m} N={n} K={k}", lambda: torch.matmul(x, w.T, out=out), nbytes),
-    ]
+    rows = [_bench_row("torch.matmul", f"M={m} N={n} K={k}", lambda: torch.matmul(x, w.T, out=out), nbytes)]
+    if fp8_weights:
+        from runtime.fp8 import quantize
+
+        q = quantize(w)
+        fp8_bytes = n * k + 4 * n + (m * k + m * n) * x.element_size()
+        return rows + [_bench_row("skinny_linear fp8", f"M={m} N={n} K={k}",
+                                  lambda: skinny_linear(x, q.data, out=out, scale=q.scale), fp8_bytes)]
+    return rows + [_bench_row("skinny_linear", f"M={m} N={n} K={k}", lambda: skinny_linear(x, w, out=out), nbytes)]
 
 
 def _bench_pointwise(m: int, dtype: torch.dtype, hidden: int = 4096, inter: int = 13696) -> list[dict]:
@@ -622,13 +675,16 @@ def _bench_attention(m: int, dtype: torch.dtype, ctx: int = 4096, page_size: int
     ]  # fmt: skip
 
 
-def benchmark(dtype: torch.dtype = torch.bfloat16, ms: tuple[int, ...] = (1, 8, 32)) -> list[dict]:
+def benchmark(dtype: torch.dtype = torch.bfloat16, ms: tuple[int, ...] = (1, 8, 32), fp8_weights: bool = False,
+              products_only: bool = False) -> list[dict]:
     """Time every kernel on GLM-4-9B shapes on CUDA; one dict per (kernel, shape) with ms and achieved GB/s."""
     _require_triton()
     assert torch.cuda.is_available(), "benchmark() needs a CUDA device"
     rows = []
     for m in ms:
         for n, k in SKINNY_SHAPES:
-            rows += _bench_skinny_shape(m, n, k, dtype)
+            rows += _bench_skinny_shape(m, n, k, dtype, fp8_weights)
+        if products_only:
+            continue
         rows += _bench_pointwise(m, dtype) + _bench_attention(m, dtype)
     return rows

@@ -56,6 +56,15 @@ def _tier_profile(path: str, num_layers: int) -> Profile:
     return profile
 
 
+def tier_compressions(topo: Topology, chosen: dict[str, str]) -> dict[str, dict]:
+    """Each tier's compression entry; the cloud's carries the topology's ``gpu_weights`` (the weights its GPU
+    engine runs: fp8 or bfloat16), which the cloud service takes when its ``dtype`` is ``auto``."""
+    entries = {t: compression_entry(tier_backend(topo, t), n) for t, n in chosen.items()}
+    if topo.tiers["cloud"].gpu_weights is not None and "cloud" in entries:
+        entries["cloud"] = {**entries["cloud"], "gpu_weights": topo.tiers["cloud"].gpu_weights}
+    return entries
+
+
 def _tier_choices(topo: Topology, data: dict, num_layers: int) -> dict[str, list[CompressionCost]]:
     """Compression choices per tier, measured with the tier's backend: all on device and edge, none on the cloud."""
     choices = {}
@@ -175,7 +184,7 @@ def partition(
             "topology": topo.name,
             "splits": list(best.splits),
             "codecs": best.codecs,
-            "compression": {t: compression_entry(tier_backend(topo, t), n) for t, n in best.compression.items()},
+            "compression": tier_compressions(topo, best.compression),
             "predicted": {
                 "ttft_ms": round(best.ttft_ms, 3),
                 "per_token_ms": round(best.per_token_ms, 3),

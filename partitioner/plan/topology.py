@@ -29,6 +29,10 @@ class Tier(_Strict):
     profile: str | None = Field(None, description="profile JSON measured on this tier (splitglm profile)")
     speed_factor: float = Field(1.0, gt=0, description="speed relative to the profiled machine; 2.0 = twice as fast")
     max_sessions: int = Field(1, ge=1, description="concurrent sessions whose KV caches must fit")
+    gpu_weights: Literal["bfloat16", "fp8"] | None = Field(
+        None, description="cloud only: its GPU's weights for the layers' products; fp8 = E4M3 with per-channel "
+        "scales (Ada, Hopper), about half the bytes of bfloat16 (`splitglm bench cloud-fp8` measures its cost)"
+    )
 
 
 class Link(_Strict):
@@ -60,6 +64,9 @@ class Topology(_Strict):
     def _names(self) -> Topology:
         if set(self.tiers) != set(TIERS):
             raise ValueError(f"tiers must be exactly {', '.join(TIERS)}; got {', '.join(sorted(self.tiers))}")
+        for name in ("device", "edge"):
+            if self.tiers[name].gpu_weights is not None:
+                raise ValueError(f"gpu_weights is the cloud tier's setting; tier {name} has it")
         if set(self.links) != set(LINKS):
             raise ValueError(f"links must be exactly {', '.join(LINKS)}; got {', '.join(sorted(self.links))}")
         return self

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from importlib import import_module
 
-COMMANDS = ("all", "codecs", "cloud", "cloud_gpu", "speculative", "soak", "fanin", "split", "router", "fuzz",
+COMMANDS = ("all", "codecs", "cloud", "cloud_gpu", "cloud_fp8", "speculative", "soak", "fanin", "split", "router", "fuzz",
             "sparse", "structured", "observability")
 
 

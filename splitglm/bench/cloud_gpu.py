@@ -1,12 +1,16 @@
 """The cloud tier on a GPU: decode speed against the memory-bandwidth bound, and what else a server meets.
 
-    splitglm bench cloud-gpu [--json] [--shape glm4-9b | --model DIR] [--repeats 3]
+    splitglm bench cloud-gpu [--json] [--dtype bf16|fp8] [--shape glm4-9b | --model DIR] [--repeats 3]
 
-Measured in one run, on the CUDA engine (``runtime.cuda``, bf16, CUDA graphs):
-- the card's device-to-device copy bandwidth (bytes read + written), the segment's weight bytes, and the
-  batch-1 bound: copy bandwidth / weight bytes tokens per second;
+Measured in one run, on the CUDA engine (``runtime.cuda``, bf16 activations, bf16 or FP8 weights, CUDA graphs):
+- the card's device-to-device copy bandwidth (bytes read + written), a cold-L2 read of one layer's weights
+  (the floor the anchors measure against), the segment's weight bytes, and the batch-1 bound: copy bandwidth /
+  weight bytes tokens per second (against the weights' own bytes: FP8's are about half);
 - decode tokens/s at batch 1, 8 and 32 (128-token prompts, 128 decode steps, every session's step one
-  graph replay), and the fraction of the bound at batch 1;
+  graph replay), and the fraction of the bound at batch 1; batch 32 again with mixed lengths (prompts of
+  64 to 2048 tokens, so every session attends over a different context);
+- time to first token of a 4096-token prompt alone, and its fraction of the card's dense peak (bf16, or FP8
+  for FP8 weights: the chunk passes multiply FP8 by FP8);
 - the time of a 5-position step (speculative verification) over a 1-position step;
 - transformers' ``generate`` on the same card, shape and batch sizes (eager, its own KV cache), as a ratio;
 - the p99 decode step of 31 sessions while a 4096-token prompt arrives (in chunks, through the runtime's
@@ -53,18 +57,104 @@ def copy_gbps(gib: float = 4.0, repeats: int = 20) -> float:
     return 2 * src.numel() / median(times) / 1e9
 
 
+# Dense tensor-core peaks, TFLOPS (NVIDIA's data sheets, without sparsity): (bf16, fp8) by a name's part.
+PEAK_TFLOPS = (("H200", (989.4, 1978.9)), ("H100 NVL", (835.0, 1670.0)), ("H100 PCIe", (756.0, 1513.0)),
+               ("H100", (989.4, 1978.9)), ("H800", (989.4, 1978.9)), ("L40S", (362.0, 733.0)),
+               ("A100", (312.0, None)))
+
+
+def peak_tflops(card: str, fp8_weights: bool) -> float | None:
+    for part, peaks in PEAK_TFLOPS:
+        if part in card:
+            return peaks[1 if fp8_weights else 0]
+    return None
+
+
 def build_engine(args, spec):
     from runtime.cuda import CudaEngine, random_weights
 
-    common = {"dtype": torch.bfloat16, "pool_mib": args.pool_mib, "prefill_chunk": args.prefill_chunk,
-              "max_batch": 32, "max_positions": 8192}
+    fp8 = args.dtype == "fp8"
+    common = {"dtype": torch.bfloat16, "fp8_linears": fp8, "pool_mib": args.pool_mib,
+              "prefill_chunk": args.prefill_chunk, "max_batch": 32, "max_positions": 8192}
     if args.model:
         from runtime.segment import Segment
 
         segment = Segment.from_checkpoint(args.model, 0, spec.num_layers, head=True, dtype=torch.bfloat16)
         return CudaEngine(segment, **common)
-    weights = random_weights(spec, spec.num_layers, embed=False, head=True, dtype=torch.bfloat16, device="cuda")
+    weights = random_weights(spec, spec.num_layers, embed=False, head=True, dtype=torch.bfloat16, device="cuda",
+                             fp8_linears=fp8)
     return CudaEngine(weights=weights, spec=spec, start=0, head=True, **common)
+
+
+def cold_l2_read_gbps(engine, repeats: int = 10) -> float:
+    """GB/s of one read of one layer's weights (every product's bytes) after the L2 is flushed, median."""
+    from runtime import triton_ops as ops
+    from runtime.fp8 import Fp8Weight
+
+    lw = engine.weights.layers[0]
+    tensors = [w.data if isinstance(w, Fp8Weight) else w for w in (lw.qkv, lw.o, lw.gate_up, lw.down)]
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    times = []
+    for _ in range(repeats + 2):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for t in tensors:
+            ops.read_words(t)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    return nbytes / median(times[2:]) / 1e9
+
+
+def mixed_lengths_rate(engine, batch: int = 32, steps: int = 128, shortest: int = 64, longest: int = 2048,
+                       seed: int = 0) -> float:
+    """Decode tokens/s of ``batch`` sessions at different positions (prompt lengths spread over
+    [shortest, longest]), ``steps`` lockstep steps."""
+    from runtime.sampling import SamplingParams
+    from runtime.segment import SegmentInput
+
+    C, greedy = engine.spec.hidden_size, SamplingParams()
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(shortest, longest + 1, (batch,), generator=g).tolist()
+    sids = [f"mixed-{i}-{time.monotonic_ns()}" for i in range(batch)]
+    for sid, n in zip(sids, lengths):
+        engine([SegmentInput(sid, 0, hidden=_rows(n, C), sample=tuple(greedy.rows(n)))])
+    rows = _rows(batch, C)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for s in range(steps):
+        engine([SegmentInput(sid, n + s, hidden=rows[i : i + 1], sample=tuple(greedy.rows(n + s + 1)))
+                for i, (sid, n) in enumerate(zip(sids, lengths))])
+    wall = time.perf_counter() - start
+    for sid in sids:
+        engine.close_session(sid)
+    return batch * steps / wall
+
+
+def ttft_ms(engine, prompt: int = 4096) -> float:
+    """Milliseconds from a ``prompt``-token prompt's call to its first sampled token, one session alone."""
+    from runtime.sampling import SamplingParams
+    from runtime.segment import SegmentInput
+
+    C = engine.spec.hidden_size
+    rows = _rows(prompt, C)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    engine([SegmentInput("ttft", 0, hidden=rows, sample=tuple(SamplingParams().rows(prompt)))])
+    took = (time.perf_counter() - t0) * 1e3
+    engine.close_session("ttft")
+    return took
+
+
+def prefill_flops(engine, prompt: int) -> float:
+    """Useful FLOPs of a ``prompt``-token prefill: the layers' products, causal attention, one head row."""
+    spec, lw = engine.spec, engine.weights.layers
+    linear = sum(w.shape[0] * w.shape[1] for layer in lw for w in (layer.qkv, layer.o, layer.gate_up, layer.down))
+    attention = len(lw) * 2 * 2 * spec.num_heads * spec.head_dim * prompt * (prompt + 1) / 2
+    head = 2 * spec.vocab_size * spec.hidden_size if engine.has_head else 0
+    return 2 * linear * prompt + attention + head
 
 
 def _rows(n: int, width: int) -> torch.Tensor:
@@ -227,7 +317,9 @@ def hf_rates(config: dict, batches: tuple[int, ...], prompt: int, short: int = 1
 def add_parser(sub) -> None:
     p = add_command(sub, "cloud-gpu", run, "the cloud tier on a GPU: tokens/s against the bandwidth bound, vs generate")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--shape", choices=["glm4-9b"], default="glm4-9b", help="random bf16 weights of this shape")
+    p.add_argument("--shape", choices=["glm4-9b"], default="glm4-9b", help="random weights of this shape")
+    p.add_argument("--dtype", choices=["bf16", "fp8"], default="bf16",
+                   help="the layers' weights: bf16, or fp8 (E4M3, per-channel scales; runtime.fp8)")
     p.add_argument("--model", help="a GLM checkpoint folder instead (its layers + head)")
     p.add_argument("--repeats", type=int, default=3, help="runs per figure; medians are reported (default 3)")
     p.add_argument("--pool-mib", type=float, default=8192, help="KV pool size, MiB (default 8192)")
@@ -245,12 +337,20 @@ def run(args: argparse.Namespace) -> int:
     spec = load_spec(args.model) if args.model else GlmSpec.from_config(config)
     torch.manual_seed(0)
     torch.set_num_threads(1)  # as the cloud service does: the host's part of a step is many small tensors
+    if args.dtype == "fp8":
+        from runtime.fp8 import support_error
+
+        if support_error():
+            sys.stderr.write(f"splitglm bench cloud-gpu: {support_error()}\n")
+            return 2
     bandwidth = copy_gbps()
     engine = build_engine(args, spec)
     weight_gb = engine.nbytes() / 1e9
     bound = bandwidth / weight_gb
-    out = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": args.model or args.shape,
-           "random_weights": not args.model, "dtype": "bfloat16", "copy_gbps": round(bandwidth, 1),
+    card = torch.cuda.get_device_name()
+    out = {"card": card, "torch": torch.__version__, "shape": args.model or args.shape,
+           "random_weights": not args.model, "dtype": args.dtype, "copy_gbps": round(bandwidth, 1),
+           "cold_l2_read_gbps": round(cold_l2_read_gbps(engine), 1),
            "weight_gb": round(weight_gb, 3), "bound_tok_s": round(bound, 1), "prompt_tokens": 128, "decode_steps": 128,
            "repeats": args.repeats}  # fmt: skip
     for b in (1, 8, 32):
@@ -262,9 +362,20 @@ def run(args: argparse.Namespace) -> int:
         out[f"step_ms_b{b}"] = round(median(r[1] for r in runs), 3)
         out[f"fill_ms_per_pass_b{b}"] = round((engine.stats["fill_ms"] - fill) / max(passes, 1), 3)
     out["bound_fraction_b1"] = round(out["tokens_per_s_b1"] / bound, 3)
+    out["cold_l2_bound_fraction_b1"] = round(out["tokens_per_s_b1"] * weight_gb / out["cold_l2_read_gbps"], 3)
+    mixed_lengths_rate(engine, steps=4)  # the chunk and batch-32 graphs exist; this warms the long contexts
+    out["tokens_per_s_b32_mixed_lengths"] = round(median(mixed_lengths_rate(engine, seed=r)
+                                                         for r in range(args.repeats)), 1)
+    ttft_ms(engine, 4096)
+    ttft = median(ttft_ms(engine, 4096) for _ in range(args.repeats))
+    peak = peak_tflops(card, args.dtype == "fp8")
+    out.update(ttft_4096_ms=round(ttft, 1), prefill_peak_tflops=peak,
+               prefill_peak_fraction=round(prefill_flops(engine, 4096) / (ttft / 1e3) / (peak * 1e12), 3)
+               if peak else None)
     verify, one, five = verify_ratio(engine)
     out.update(verify5_over_step=round(verify, 3), step1_ms=round(one, 3), step5_ms=round(five, 3))
     out.update(prompt_interference(engine))
+    out["p99_ratio_long_prompt"] = out["prompt_p99_ratio"]
     out["breakdown_b1"] = kernel_breakdown(engine, 1)
     out["breakdown_b32"] = kernel_breakdown(engine, 32)
     out["graphs"] = dict(engine.stats)

@@ -73,3 +73,19 @@ def test_flags_override_env_which_overrides_yaml(tiny_plan, tmp_path, monkeypatc
     assert settings.max_frame_bytes == 4096 and settings.port == 50051 and settings.device == "auto"
     with pytest.raises(SettingsError, match="max-batch"):
         CloudSettings.load(["--config", str(config), "--max-batch", "0"])
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a machine without CUDA")
+def test_an_fp8_plan_without_a_gpu_exits_2_and_says_why(tiny_glm, tiny_plan, tmp_path, caplog):
+    from partitioner.plan.export import cached_plan, fixed_plan
+    from partitioner.plan.measure import compression_entry
+
+    fp8_plan = fixed_plan((2, 4), ("fp32", "fp32"),
+                          compression={"cloud": {**compression_entry("torch", "none"), "gpu_weights": "fp8"}})
+    folder = str(cached_plan(tiny_glm, fp8_plan, tmp_path))
+    assert main(["--plan", folder, "--port", "0"]) == 2
+    assert "the plan's cloud tier" in caplog.text and "fp8 weights" in caplog.text
+    assert "--dtype bfloat16" in caplog.text
+    caplog.clear()
+    assert main(["--plan", tiny_plan, "--port", "0", "--dtype", "fp8"]) == 2
+    assert "dtype asks for fp8 weights, but it runs on cuda only" in caplog.text

@@ -216,3 +216,14 @@ def test_tier_profile_file_is_resolved_and_checked(tmp_path):
     (tmp_path / "profiles" / "h100.json").unlink()
     with pytest.raises(TopologyError, match="does not exist"):
         load_topology(tmp_path / "t.yaml")
+
+
+def test_gpu_weights_belong_to_the_cloud_and_reach_its_compression_entry():
+    from partitioner.plan.partition import tier_compressions
+
+    topo = topology(tiers={"cloud": {"gpu_weights": "fp8"}})
+    entries = tier_compressions(topo, {"device": "none", "edge": "int8", "cloud": "none"})
+    assert entries["cloud"]["gpu_weights"] == "fp8" and "gpu_weights" not in entries["edge"]
+    assert entries["edge"]["passes"] and not entries["cloud"]["passes"]
+    with pytest.raises(ValueError, match="gpu_weights is the cloud tier's setting"):
+        topology(tiers={"edge": {"gpu_weights": "fp8"}})
