@@ -268,7 +268,8 @@ def load_segment(plan: Path, settings: CloudSettings):
     if device.type == "cuda":
         from runtime.cuda import CudaEngine
 
-        segment = CudaEngine(segment, dtype=dtype, fp8_linears=weights == "fp8", pool_tokens=settings.kv_pool_tokens, pool_mib=mib,
+        segment = CudaEngine(segment, dtype=dtype, fp8_linears=weights == "fp8", pool_tokens=settings.kv_pool_tokens,
+                             pool_mib=mib,
                              prefill_chunk=settings.prefill_chunk, max_batch=settings.max_batch,
                              max_sessions=settings.max_sessions,
                              max_positions=settings.max_positions, graphs=settings.cuda_graphs)

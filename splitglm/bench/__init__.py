@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from importlib import import_module
 
-COMMANDS = ("all", "codecs", "cloud", "cloud_gpu", "cloud_fp8", "speculative", "soak", "fanin", "split", "router", "fuzz",
-            "sparse", "structured", "observability")
+COMMANDS = ("all", "codecs", "cloud", "cloud_gpu", "cloud_fp8", "speculative", "soak", "fanin", "split", "router",
+            "fuzz", "sparse", "structured", "observability")
 
 
 def add_parser(sub) -> None:

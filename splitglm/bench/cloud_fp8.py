@@ -4,8 +4,8 @@
 
 The whole model (the demo model unless ``--model``) runs on the CUDA engine three ways: in fp32 (the
 reference; the engine in fp32 equals the PyTorch segment), with bf16 weights, and with FP8 weights
-(``runtime.fp8``: E4M3, one absmax scale per output channel, nothing calibrated, so no text is tuned on). On ``--text`` (held out: it
-was used for nothing else), each reports:
+(``runtime.fp8``: E4M3, one absmax scale per output channel, nothing calibrated, so no text is tuned on).
+On ``--text`` (held out: it was used for nothing else), each reports:
 
 - **prefill perplexity**: windows of ``--window`` tokens teacher-forced through the chunk passes (for FP8:
   FP8 activations x FP8 weights on the tensor cores);
@@ -89,7 +89,8 @@ def compare(model: str, text: str, tokens: int = 4096, window: int = 1024, decod
     for name in ("fp8", "fp32"):
         for path, i in (("prefill", 0), ("decode", 1)):
             mine, base = logits[name][i], logits["bf16"][i]
-            out[f"{path}_agreement_{name}_vs_bf16"] = round((mine.argmax(-1) == base.argmax(-1)).float().mean().item(), 4)
+            agree = (mine.argmax(-1) == base.argmax(-1)).float().mean().item()
+            out[f"{path}_agreement_{name}_vs_bf16"] = round(agree, 4)
             diff = (mine - base).abs()
             out[f"{path}_logits_mae_over_std_{name}"] = round((diff.mean() / base.std()).item(), 4)
             out[f"{path}_logits_max_abs_{name}"] = round(diff.max().item(), 3)

@@ -71,7 +71,8 @@ def peak_tflops(card: str, fp8_weights: bool) -> float | None:
 
 
 def build_engine(args, spec):
-    from runtime.cuda import CudaEngine, random_weights
+    from runtime.cuda import CudaEngine
+    from runtime.cuda_weights import random_weights
 
     fp8 = args.dtype == "fp8"
     common = {"dtype": torch.bfloat16, "fp8_linears": fp8, "pool_mib": args.pool_mib,

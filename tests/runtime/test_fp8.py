@@ -48,8 +48,8 @@ def test_an_fp8_engine_without_a_gpu_is_refused_clearly(tiny_glm):
     from runtime.cuda import CudaEngine
 
     with pytest.raises(RuntimeError, match="fp8 weights need an NVIDIA GPU"):
-        CudaEngine(Segment.from_checkpoint(tiny_glm, 0, load_spec(tiny_glm).num_layers, head=True), dtype=torch.bfloat16, fp8_linears=True,
-                   device="cpu")
+        segment = Segment.from_checkpoint(tiny_glm, 0, load_spec(tiny_glm).num_layers, head=True)
+        CudaEngine(segment, dtype=torch.bfloat16, fp8_linears=True, device="cpu")
 
 
 # --- on a GPU ---
