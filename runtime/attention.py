@@ -77,6 +77,8 @@ class PoolAttention:
         local = layer - self.first_layer
         self.pool.write(local, self.batch.slots, k, v)
         keys, values = self.pool.flat(local)  # (S, K, D)
+        if len(self.batch.items) == 1:  # one session (a device's or an HTTP client's decode step)
+            return attend_runs(q, keys, values, self.batch.runs[0], self.batch.items[0].start_pos, self.scale)
         out = torch.empty_like(q)  # (N, H, D)
         for item, first, runs in zip(self.batch.items, self.batch.offsets, self.batch.runs):
             rows = slice(first, first + item.num_positions)

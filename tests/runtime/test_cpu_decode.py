@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from runtime.compress import apply_compression
+from runtime.compress.named import tier_passes
 from runtime.segment import Segment, SegmentInput
 
 INT4_EVERYWHERE = [{"pass": "int4", "group_size": 32}, {"pass": "int4", "group_size": 32, "layers": [0, 0],
                                                         "include_head": True}]
+INT4_TIER = tier_passes("int4", head=True)  # what a terminal CPU tier runs: int4 layers, int8 head
 
 
 def whole(model: str, compression: list[dict] | None = None, compiled: bool = False) -> Segment:
@@ -35,7 +37,8 @@ def greedy(segment: Segment, prompt: torch.Tensor, steps: int) -> tuple[list[int
     return tokens, seen
 
 
-@pytest.mark.parametrize("compression, atol", [(None, 1e-4), (INT4_EVERYWHERE, 2e-2)], ids=["fp32", "int4"])
+@pytest.mark.parametrize("compression, atol", [(None, 1e-4), (INT4_EVERYWHERE, 2e-2), (INT4_TIER, 2e-2)],
+                         ids=["fp32", "int4", "int4-int8-head"])
 def test_compiled_decode_equals_eager(tiny_glm, compression, atol):
     prompt = torch.arange(5) * 7 % 96
     eager_tokens, eager_logits = greedy(whole(tiny_glm, compression), prompt, 12)
@@ -83,10 +86,10 @@ def test_long_steps_stay_eager(tiny_glm):
 
 @pytest.mark.slow
 def test_demo_model_int4_greedy_tokens_equal_eager(demo_checkpoint):
-    """The demo model in the precision the CPU tiers run (int4 layers and head): the same 24 greedy tokens."""
+    """The demo model in the precision the CPU tiers run (int4 layers, int8 head): the same 24 greedy tokens."""
     prompt = torch.tensor([1, 504, 3458, 282, 253, 2256, 314, 216])
-    eager_tokens, eager_logits = greedy(whole(demo_checkpoint, INT4_EVERYWHERE), prompt, 24)
-    tokens, logits = greedy(whole(demo_checkpoint, INT4_EVERYWHERE, compiled=True), prompt, 24)
+    eager_tokens, eager_logits = greedy(whole(demo_checkpoint, INT4_TIER), prompt, 24)
+    tokens, logits = greedy(whole(demo_checkpoint, INT4_TIER, compiled=True), prompt, 24)
     assert tokens == eager_tokens
     for got, want in zip(logits, eager_logits):
         torch.testing.assert_close(got, want, atol=5e-2, rtol=0)
