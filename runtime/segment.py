@@ -102,9 +102,10 @@ class Segment(nn.Module):
     def compile_decode(self, max_rows: int = DEFAULT_MAX_ROWS, warm_up: bool = True) -> CompiledLayers:
         """Run steps of up to ``max_rows`` rows through the compiled layers (``runtime.cpu_decode``); compile now
         unless ``warm_up`` is False. Call it after the compression passes."""
-        self.compiled = CompiledLayers(list(self.layers.values()), max_rows)
+        spec = self.spec
+        self.compiled = CompiledLayers(list(self.layers.values()), self.start, spec.head_dim**-0.5, max_rows)
         if warm_up and self.end > self.start:
-            self.compiled.warm_up(self.spec.hidden_size, self.spec.rotary_dim, self._dtype())
+            self.compiled.warm_up(spec.hidden_size, spec.rotary_dim, (spec.num_kv_heads, spec.head_dim), self._dtype())
         return self.compiled
 
     def _dtype(self) -> torch.dtype:
@@ -189,8 +190,9 @@ class Segment(nn.Module):
 
     def _layers(self, x: torch.Tensor, ctx: PoolAttention) -> torch.Tensor:
         """The decoder layers on the step's rows (N, C): compiled for a few rows when asked, else eager."""
-        if self.compiled is not None and self.compiled.accepts(x):
-            return self.compiled(x, ctx)
+        out = self.compiled.run(x, ctx) if self.compiled is not None else None
+        if out is not None:
+            return out
         for layer in self.layers.values():
             x = layer(x, ctx)
         return x
