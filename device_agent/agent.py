@@ -71,8 +71,8 @@ class DeviceTier:
     @classmethod
     def load(cls, plan: Path | str, cpu_decode: CpuDecode | None = None) -> DeviceTier:
         folder = Path(plan) / "device"
-        return cls(load_tier(plan, "device", cpu_decode=cpu_decode), load_tokenizer(folder), list(load_spec(folder).eos_token_ids),
-                   load_plan(plan)["codecs"]["device_edge"])
+        return cls(load_tier(plan, "device", cpu_decode=cpu_decode), load_tokenizer(folder),
+                   list(load_spec(folder).eos_token_ids), load_plan(plan)["codecs"]["device_edge"])
 
 
 class DeviceAgent:
