@@ -196,6 +196,13 @@ def llama_rows(args, quality: Quality, threads: int, fp32_ppl: float) -> list[di
     return [row]
 
 
+def llama_status(gguf: str, rows: list[dict]) -> str:
+    """"ok", "not asked" (no GGUF given) or how to install llama-cpp-python."""
+    if not gguf:
+        return "not asked"
+    return "ok" if any(r["engine"] == "llama.cpp" for r in rows) else llama_cpp.INSTALL
+
+
 def bench_cpu(args) -> dict:
     spec = load_spec(args.model)
     quality = Quality(args.model, spec, {"held_out": args.text, "tuning": args.tuning_text}, args.tokens,
@@ -216,7 +223,7 @@ def bench_cpu(args) -> dict:
     return {"model": args.model, "gguf": args.gguf, "splits": list(args.splits), "held_out_text": args.text,
             "tuning_text": args.tuning_text, "tokens": args.tokens, "fp32_perplexity": round(fp32_ppl, 4),
             "prompt": args.prompt, "decode_steps": args.decode, "prefill": args.prefill,
-            "llama_cpp": "ok" if any(r["engine"] == "llama.cpp" for r in rows) else llama_cpp.INSTALL,
+            "llama_cpp": llama_status(args.gguf, rows),
             "rows": rows}
 
 
