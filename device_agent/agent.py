@@ -42,6 +42,7 @@ from protos.topics import client_id, errors_topic, results_topic, sensors_subscr
 from runtime import tracing
 from runtime.artifacts import load_plan, load_tier
 from runtime.checkpoint import load_spec, load_tokenizer
+from runtime.cpu_decode import CpuDecode
 from runtime.logs import bound
 from runtime.owner import Generation
 from runtime.report import report
@@ -68,10 +69,10 @@ class DeviceTier:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def load(cls, plan: Path | str) -> DeviceTier:
+    def load(cls, plan: Path | str, cpu_decode: CpuDecode | None = None) -> DeviceTier:
         folder = Path(plan) / "device"
-        return cls(load_tier(plan, "device"), load_tokenizer(folder), list(load_spec(folder).eos_token_ids),
-                   load_plan(plan)["codecs"]["device_edge"])
+        return cls(load_tier(plan, "device", cpu_decode=cpu_decode), load_tokenizer(folder),
+                   list(load_spec(folder).eos_token_ids), load_plan(plan)["codecs"]["device_edge"])
 
 
 class DeviceAgent:
@@ -79,7 +80,7 @@ class DeviceAgent:
         """``tier``: an already loaded device tier of ``settings.plan`` to share (None: load one)."""
         self.settings, self.device_id = settings, settings.device_id
         torch.set_num_threads(settings.threads)
-        self.tier = tier or DeviceTier.load(settings.plan)
+        self.tier = tier or DeviceTier.load(settings.plan, CpuDecode.of(settings))
         self.codec, self.segment, self.tokenizer = self.tier.codec, self.tier.segment, self.tier.tokenizer
         self.stop_token_ids = self.tier.stop_token_ids
         self.window: deque[Reading] = deque(maxlen=settings.window)

@@ -16,7 +16,14 @@ from pydantic_settings import SettingsConfigDict
 
 from protos.mqtt import broker_address
 from protos.topics import DEFAULT_POOL, frames_topic, steps_topic
-from runtime.settings import AgentSettings, LogSettings, MqttClientSettings, SettingsError, load_settings  # noqa: F401 -- re-exported
+from runtime.settings import (  # noqa: F401 -- re-exported
+    AgentSettings,
+    CpuDecodeSettings,
+    LogSettings,
+    MqttClientSettings,
+    SettingsError,
+    load_settings,
+)
 
 DEFAULT_PROMPT = (
     "You monitor the sensors of device {device_id}. Recent readings:\n{readings}\n"
@@ -33,7 +40,7 @@ def _protocol(value: Any) -> str:
     return str(value)
 
 
-class DeviceSettings(MqttClientSettings, LogSettings):
+class DeviceSettings(MqttClientSettings, CpuDecodeSettings, LogSettings):
     """The device agent: one device's sensor readings in, its answers out; runs the plan's device segment."""
 
     model_config = SettingsConfigDict(env_prefix="SPLITGLM_DEVICE_", extra="forbid")

@@ -19,6 +19,7 @@ import torch
 
 from protos import splitglm_pb2 as pb
 from runtime.artifacts import load_tier
+from runtime.cpu_decode import CpuDecode
 from runtime.generation import TokenState
 from runtime.grammar import GrammarLimits, Grammars, tier_grammars
 from runtime.kv_pool import PoolExhausted
@@ -38,9 +39,11 @@ class FastTail:
                                  wording=Wording(prefix="edge fast tail: "), grammars=grammars)
 
     @classmethod
-    def load(cls, plan_dir: str | os.PathLike, grammar_limits: GrammarLimits = GrammarLimits(), **limits) -> FastTail:
-        """The plan's ``fast_tail`` tier, verified against its manifest, with its grammars."""
-        segment = load_tier(plan_dir, "fast_tail")
+    def load(cls, plan_dir: str | os.PathLike, grammar_limits: GrammarLimits = GrammarLimits(),
+             cpu_decode: CpuDecode | None = None, **limits) -> FastTail:
+        """The plan's ``fast_tail`` tier, verified against its manifest, with its grammars (``cpu_decode``: its
+        decode path, default eager)."""
+        segment = load_tier(plan_dir, "fast_tail", cpu_decode=cpu_decode)
         folders = [os.path.join(plan_dir, "fast_tail"), os.path.join(plan_dir, "edge")]
         return cls(segment, grammars=tier_grammars(folders, segment.spec.vocab_size, grammar_limits), **limits)
 

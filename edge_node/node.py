@@ -26,6 +26,7 @@ from runtime import tracing
 from runtime.artifacts import load_plan, load_tier, verify_manifest
 from runtime.build import build_segment
 from runtime.checkpoint import load_tokenizer
+from runtime.cpu_decode import CpuDecode
 from runtime.owner import Downstream, Generation
 from runtime.scheduler import FairLock, Scheduler
 
@@ -165,7 +166,7 @@ class EdgeNode:
         self.model_name = settings.model_name
         self.plan = load_plan(settings.plan)
         self.codec = self.plan["codecs"]["edge_cloud"]
-        self.segment = load_tier(settings.plan, "edge")  # embedding + [0, k2)
+        self.segment = load_tier(settings.plan, "edge", cpu_decode=CpuDecode.of(settings))  # embedding + [0, k2)
         self.spec = self.segment.spec
         self.segment_lock = FairLock()  # the HTTP and the MQTT schedulers take turns on the CPU
         self.owner = Scheduler(self.segment, max_batch=settings.relay_max_batch, lock=self.segment_lock,
@@ -177,7 +178,7 @@ class EdgeNode:
                                  tls=cloud_tls(settings))
         self.estimates = Estimates.from_plan(self.plan)
         self.estimates.register(self.metrics.registry)
-        fast = FastTail.load(settings.plan, settings.grammar_limits())
+        fast = FastTail.load(settings.plan, settings.grammar_limits(), cpu_decode=CpuDecode.of(settings))
         for segment in (self.segment, self.device_segment, fast.segment):
             if hasattr(segment, "configure_pool"):  # (ONNX Runtime tiers keep their own caches)
                 segment.configure_pool(tokens=settings.kv_pool_tokens)

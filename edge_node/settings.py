@@ -19,6 +19,7 @@ from pydantic_settings import SettingsConfigDict
 from protos import topics
 from protos.mqtt import broker_address
 from runtime.settings import (  # noqa: F401 -- re-exported
+    CpuDecodeSettings,
     GrammarSettings,
     LogSettings,
     MqttClientSettings,
@@ -38,7 +39,7 @@ def default_edge_id() -> str:
     return f"edge-{host}"[:64]
 
 
-class EdgeSettings(MqttClientSettings, GrammarSettings, LogSettings):
+class EdgeSettings(MqttClientSettings, GrammarSettings, CpuDecodeSettings, LogSettings):
     """Settings of ``python -m edge_node`` (with the fast tail's grammar limits, ``GrammarSettings``)."""
 
     model_config = SettingsConfigDict(env_prefix="SPLITGLM_EDGE_", extra="forbid")

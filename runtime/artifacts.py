@@ -88,11 +88,11 @@ def load_plan(plan_dir: str | os.PathLike) -> dict:
     return json.loads(file.read_text())
 
 
-def load_tier(plan_dir: str | os.PathLike, tier: str, expect_model: str | None = None):
+def load_tier(plan_dir: str | os.PathLike, tier: str, expect_model: str | None = None, cpu_decode=None):
     """Verify a tier's artifact against its manifest and the plan, then build its compressed segment.
 
     ``expect_model``: the model fingerprint this deployment serves; a plan for
-    another model is refused.
+    another model is refused. ``cpu_decode``: a ``runtime.cpu_decode.CpuDecode`` (default: eager).
     """
     plan = load_plan(plan_dir)
     if expect_model is not None and plan["model"] != expect_model:
@@ -109,4 +109,5 @@ def load_tier(plan_dir: str | os.PathLike, tier: str, expect_model: str | None =
         manifest["head"],
         manifest["compression"],
         runs=manifest.get("runs"),
+        cpu_decode=cpu_decode,
     )

@@ -46,6 +46,8 @@ def attend_runs(
 def _attend_view(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, scale: float) -> torch.Tensor:
     """Causal attention of T rows at positions start.. to (L, K, D) keys/values views: (T, H, D)."""
     T, L = q.shape[0], keys.shape[0]
+    if T == 1:  # a decode row: two small products cost less than the fused kernel's set-up
+        return _attend_last(q, keys, values, scale)
     mask, causal = None, T > 1 and start == 0  # a whole prompt: plain causal attention
     if T > 1 and start > 0:  # row t sees keys [0, start + t]
         mask = torch.arange(L, device=q.device)[None, :] <= start + torch.arange(T, device=q.device)[:, None]
@@ -53,6 +55,15 @@ def _attend_view(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, star
                                          values.transpose(0, 1)[None], attn_mask=mask, is_causal=causal,
                                          scale=scale, enable_gqa=True)  # (1, H, T, D)
     return out[0].transpose(0, 1)  # (T, H, D)
+
+
+def _attend_last(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """One row at the end of its keys (sees them all): (1, H, D) against (L, K, D) views -> (1, H, D)."""
+    K, D = keys.shape[1], keys.shape[2]
+    qg = q.view(K, -1, D)  # (K, G, D): query head h reads kv head h // G
+    scores = torch.bmm(qg, keys.permute(1, 2, 0)).float() * scale  # (K, G, L)
+    probs = scores.softmax(dim=-1).to(q.dtype)
+    return torch.bmm(probs, values.transpose(0, 1)).view(1, -1, D)  # (K, G, D) -> (1, H, D)
 
 
 class PoolAttention:
@@ -66,6 +77,8 @@ class PoolAttention:
         local = layer - self.first_layer
         self.pool.write(local, self.batch.slots, k, v)
         keys, values = self.pool.flat(local)  # (S, K, D)
+        if len(self.batch.items) == 1:  # one session (a device's or an HTTP client's decode step)
+            return attend_runs(q, keys, values, self.batch.runs[0], self.batch.items[0].start_pos, self.scale)
         out = torch.empty_like(q)  # (N, H, D)
         for item, first, runs in zip(self.batch.items, self.batch.offsets, self.batch.runs):
             rows = slice(first, first + item.num_positions)

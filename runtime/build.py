@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 from runtime.compress import apply_compression
+from runtime.cpu_decode import CpuDecode
 from runtime.segment import Segment
 from runtime.student import load_student
 
@@ -20,13 +21,15 @@ def build_segment(
     compression: dict,
     runs: tuple[int, int] | None = None,
     threads: int | None = None,
+    cpu_decode: CpuDecode | None = None,
 ):
     """A ``Segment``, or an ``OnnxSegment`` for an onnxruntime entry (exported into a temporary folder).
 
     ``compression`` is a plan entry (``partitioner.plan.measure.compression_entry``); ``runs`` is the
     layer range its torch passes apply to (default: all of [start, end)). An entry with a ``"student"``
     (``runtime.student``: a distilled segment of another structure) is rebuilt from the
-    weights in ``path``, then gets its passes over every layer it holds.
+    weights in ``path``, then gets its passes over every layer it holds. ``cpu_decode``: how a PyTorch
+    segment runs its steps of a few rows (``runtime.cpu_decode``; default eager).
     """
     if compression.get("student") is not None:
         segment = load_student(path, start, compression["student"], embed, head)  # it ends where it ends
@@ -43,4 +46,6 @@ def build_segment(
     if passes and segment.end > start:
         layers = list(runs or (start, segment.end))
         apply_compression(segment, [{**p, "layers": p.get("layers", layers)} for p in passes])
+    if cpu_decode is not None:
+        cpu_decode.apply(segment)
     return segment

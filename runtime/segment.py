@@ -18,6 +18,7 @@ from torch import nn
 
 from runtime.attention import PoolAttention
 from runtime.checkpoint import GlmSpec, load_spec, load_tensors
+from runtime.cpu_decode import DEFAULT_MAX_ROWS, CompiledLayers
 from runtime.kv_pool import DEFAULT_PAGE_SIZE, KVPool, PoolExhausted, pool_tokens
 from runtime.layers import DecoderLayer, RMSNorm, rotary_cos_sin
 from runtime.step import (
@@ -51,6 +52,7 @@ class Segment(nn.Module):
         self.pool: KVPool | None = None  # made at the first session (``configure_pool`` to size it)
         self._pool_size: dict = {}
         self.stats: Counter[str] = Counter()  # positions (run), forked_positions (taken from another session)
+        self.compiled: CompiledLayers | None = None  # the CPU decode path (``compile_decode``)
 
     @classmethod
     def from_checkpoint(
@@ -93,7 +95,22 @@ class Segment(nn.Module):
         part.end = end
         part.layers = nn.ModuleDict({str(i): self.layers[str(i)] for i in range(start, end)})
         part._pool_size = dict(self._pool_size)
+        if self.compiled is not None:
+            part.compile_decode(self.compiled.max_rows)
         return part.eval()
+
+    def compile_decode(self, max_rows: int = DEFAULT_MAX_ROWS, warm_up: bool = True) -> CompiledLayers:
+        """Run steps of up to ``max_rows`` rows through the compiled layers (``runtime.cpu_decode``); compile now
+        unless ``warm_up`` is False. Call it after the compression passes."""
+        spec = self.spec
+        self.compiled = CompiledLayers(list(self.layers.values()), self.start, spec.head_dim**-0.5, max_rows)
+        if warm_up and self.end > self.start:
+            self.compiled.warm_up(spec.hidden_size, spec.rotary_dim, (spec.num_kv_heads, spec.head_dim), self._dtype())
+        return self.compiled
+
+    def _dtype(self) -> torch.dtype:
+        weight = next(iter(self.parameters()), None)
+        return weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
 
     # ---- the KV pool and its sessions -----------------------------------------------------------------
 
@@ -110,8 +127,7 @@ class Segment(nn.Module):
     def kv_pool(self) -> KVPool:
         if self.pool is None:
             weight = next(iter(self.parameters()), None)
-            device = weight.device if weight is not None else torch.device("cpu")
-            dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
+            device, dtype = weight.device if weight is not None else torch.device("cpu"), self._dtype()
             spec, layers = self.spec, self.end - self.start
             size = dict(self._pool_size)
             per_token = 2 * max(layers, 1) * spec.num_kv_heads * spec.head_dim * dtype.itemsize
@@ -165,13 +181,21 @@ class Segment(nn.Module):
         x = self._input_rows(items, device)  # (N, C)
         cos, sin = rotary_cos_sin(batch.positions, self.spec.rotary_dim, self.spec.rope_theta)  # (N, 1, R/2)
         ctx = PoolAttention(pool, batch, self.start, self.spec.head_dim**-0.5, cos, sin)
-        for layer in self.layers.values():
-            x = layer(x, ctx)
+        x = self._layers(x, ctx)
         end_step(pool, items)
         self.stats["positions"] += batch.num_rows
         if not self.has_head:
             return [x[first : first + item.num_positions] for item, first in zip(items, batch.offsets)]
         return self._head_outputs(items, batch.offsets, x, last_only)
+
+    def _layers(self, x: torch.Tensor, ctx: PoolAttention) -> torch.Tensor:
+        """The decoder layers on the step's rows (N, C): compiled for a few rows when asked, else eager."""
+        out = self.compiled.run(x, ctx) if self.compiled is not None else None
+        if out is not None:
+            return out
+        for layer in self.layers.values():
+            x = layer(x, ctx)
+        return x
 
     def _input_rows(self, items: list[SegmentInput], device) -> torch.Tensor:
         """Embed or take every session's rows, one after another: (N, C)."""

@@ -6,7 +6,7 @@ A bench with a command of its own has ``add_parser(sub)`` (its options, under
 modules serve those: ``baselines`` and ``report`` (``all``'s sections and its
 REPORT.md; ``python -m splitglm.bench.report OUT`` rewrites one), ``slow``
 (``soak``'s slow-consumer phase), ``stats`` (percentiles, medians, ratios),
-``options`` (options several benches share) and ``select_patch`` (paho past
+``llama_cpp`` (``cpu``'s llama.cpp rows), ``options`` (options several benches share) and ``select_patch`` (paho past
 1024 descriptors, for ``fanin``).
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 from importlib import import_module
 
 COMMANDS = ("all", "codecs", "cloud", "cloud_gpu", "cloud_fp8", "speculative", "soak", "fanin", "split", "router",
-            "fuzz", "sparse", "structured", "observability")
+            "fuzz", "sparse", "structured", "observability", "cpu")
 
 
 def add_parser(sub) -> None:

@@ -1,0 +1,227 @@
+"""The CPU decode path: a segment's decoder layers compiled by Inductor, for steps of a few rows.
+
+A one-position step of a small model on a CPU is dominated by dispatch, not by bytes: the demo model's 30
+layers are ~2000 small eager ops a token (``docs/benchmarks.md``, "CPU decode"). ``CompiledLayers`` runs the
+same modules through ``torch.compile`` (Inductor's C++ backend): the norms, rotary, residuals and the MLP's
+gate fuse into a few C++ loops per layer, and the linears (fp32, int8 or int4) stay the same ATen kernels.
+The KV pool, its pages, forks and rewinds are unchanged: a decode step of one session attends inside the
+graph to a view of its cached keys; a step of several rows calls the eager ``PoolAttention`` from the
+graph, one opaque custom op per layer, so the graph is the same whatever the sessions' lengths.
+
+- Steps of 1 .. ``max_rows`` rows take a compiled graph (a decode step, the edge relay's batch of decode
+  rows, a verification step); longer steps (prompt chunks) run the eager layers, which are already fast.
+- Two graphs (``CompiledLayers``): one session's decode row, its attention inside the graph; and 2 ..
+  ``max_rows`` rows, attention through the op.
+- ``warm_up`` compiles both at load, so no request waits: ~40 s for the demo model's 30 layers on 2 cores
+  the first time, a few seconds once Inductor's on-disk caches hold the kernels and graphs.
+- The eager layers are the reference: tests hold the compiled path to their logits and greedy tokens.
+  Compile after the compression passes (guards on the modules are skipped: a module replaced later is
+  not seen).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import types
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_ROWS = 16  # rows a step may hold to take the compiled graph
+CPU_DECODE_MODES = ("eager", "compiled")
+
+_active = threading.local()  # the step context of the step this thread runs (``CompiledLayers.__call__``)
+
+
+@torch.library.custom_op("splitglm::pool_attend", mutates_args=())
+def pool_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+    """Attention of ``layer`` in this thread's step: store k, v (N, K, D), attend q (N, H, D) -> (N, H, D)."""
+    return _active.ctx.attend(layer, q, k, v)
+
+
+@pool_attend.register_fake
+def _pool_attend_shape(q, k, v, layer):
+    return torch.empty_like(q)
+
+
+class _GraphStep:
+    """The step context seen inside the graph: the rotary angles are graph inputs, attention is the op."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
+        self.cos, self.sin = cos, sin  # (N, 1, R/2)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.ops.splitglm.pool_attend(q, k, v, layer)
+
+
+class _NoAttention:
+    """A step context for compiling only: attention gives zeros and stores nothing."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(q)
+
+
+@dataclass(frozen=True)
+class CpuDecode:
+    """A tier's choice of decode path (its agent's ``cpu_decode`` settings)."""
+
+    mode: str = "eager"  # one of CPU_DECODE_MODES
+    max_rows: int = DEFAULT_MAX_ROWS
+
+    def __post_init__(self):
+        if self.mode not in CPU_DECODE_MODES:
+            raise ValueError(f"cpu_decode must be one of {CPU_DECODE_MODES}, got {self.mode!r}")
+
+    @classmethod
+    def of(cls, settings) -> CpuDecode:
+        """From an agent's settings (``runtime.settings.CpuDecodeSettings``)."""
+        return cls(settings.cpu_decode, settings.cpu_decode_max_rows)
+
+    def apply(self, segment) -> None:
+        """Compile a PyTorch CPU segment's steps when the mode says so; anything else stays as it is. A compiler
+        failure (no C++ compiler on the host) is logged and leaves the segment eager."""
+        if self.mode != "compiled" or not hasattr(segment, "compile_decode"):
+            return
+        weight = next(iter(segment.parameters()), None)
+        if weight is not None and weight.device.type != "cpu":
+            return
+        try:
+            segment.compile_decode(self.max_rows)
+        except Exception as e:  # noqa: BLE001 -- Inductor raises many kinds; the eager path still serves
+            segment.compiled = None
+            logger.warning("the compiled CPU decode path is unavailable, running eager: %r", e)
+
+
+def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                  scale: float) -> torch.Tensor:
+    """One new row attending to its session's L cached keys and to itself: q (1, H, D), k, v (1, K, D),
+    keys, values (L, K, D) -> (1, H, D). Written as products and sums, so Inductor fuses it into a few loops."""
+    K, D = k.shape[1], k.shape[2]
+    qg = q.view(K, -1, 1, D)  # (K, G, 1, D): query head h reads kv head h // G
+    old = (qg * keys.permute(1, 0, 2)[:, None]).sum(-1)  # (K, G, L)
+    new = (qg[:, :, 0] * k.view(K, 1, D)).sum(-1, keepdim=True)  # (K, G, 1)
+    probs = (torch.cat((old, new), dim=-1).float() * scale).softmax(dim=-1).to(q.dtype)  # (K, G, L + 1)
+    out = (probs[..., :-1, None] * values.permute(1, 0, 2)[:, None]).sum(-2)  # (K, G, D)
+    return (out + probs[..., -1:] * v.view(K, 1, D)).reshape(1, -1, D)
+
+
+class _OneSession:
+    """The step context inside the one-session graph: the session's cached keys are graph inputs, and the new
+    row's keys and values are collected, to be written into the pool once the graph has run."""
+
+    def __init__(self, cos, sin, keys, values, first_layer: int, scale: float):
+        self.cos, self.sin = cos, sin  # (1, 1, R/2)
+        self.keys, self.values = keys, values  # per layer (L, K, D)
+        self.first_layer, self.scale = first_layer, scale
+        self.new_k: list[torch.Tensor] = []
+        self.new_v: list[torch.Tensor] = []
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        i = layer - self.first_layer
+        self.new_k.append(k)
+        self.new_v.append(v)
+        return attend_cached(q, k, v, self.keys[i], self.values[i], self.scale)
+
+
+def _per_layer(flat: torch.Tensor, cached: slice) -> list[torch.Tensor]:
+    """Each layer's keys (or values) of the cached slots: (layers, S, K, D) -> layers x (L, K, D) views, L
+    marked dynamic (one graph whatever the session's length)."""
+    views = list(flat[:, cached].unbind(0))
+    for view in views:
+        torch._dynamo.mark_dynamic(view, 0)
+    return views
+
+
+def _own_code(method) -> types.FunctionType:
+    """A copy of ``method``'s function with a code object of its own: Dynamo keeps its graphs on the code
+    object, and the guards on the modules are skipped (a fifth of a step's time at one thread), so each
+    ``CompiledLayers`` must compile its own."""
+    return types.FunctionType(method.__code__.replace(), globals(), method.__name__)
+
+
+class CompiledLayers:
+    """Decoder layers in order, run as compiled graphs for steps of 1 .. ``max_rows`` rows.
+
+    - One session's one new row (a decode step): attention inside the graph, against the session's cached
+      keys given as one (layers, L, K, D) view of the pool (L dynamic); the new keys and values come out
+      of the graph and are written into the pool with one copy for all layers.
+    - 2 .. ``max_rows`` rows (several sessions, drafts): attention through the pool's own code, one custom
+      op per layer (N dynamic).
+    - Anything else (a session's first row, keys spread over several pool runs) runs eagerly.
+    """
+
+    def __init__(self, layers: list[nn.Module], first_layer: int, scale: float, max_rows: int = DEFAULT_MAX_ROWS):
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        self.layers, self.first_layer, self.scale, self.max_rows = list(layers), first_layer, scale, max_rows
+        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        self._one = torch.compile(types.MethodType(_own_code(CompiledLayers._run_one), self), options=options)
+        self._rows = torch.compile(types.MethodType(_own_code(CompiledLayers._run_rows), self), options=options)
+        self.compile_s: float | None = None  # what ``warm_up`` took
+
+    def _run_one(self, x, cos, sin, keys, values):
+        ctx = _OneSession(cos, sin, keys, values, self.first_layer, self.scale)
+        for layer in self.layers:
+            x = layer(x, ctx)  # (1, C)
+        return x, torch.stack(ctx.new_k), torch.stack(ctx.new_v)  # (1, C), 2 x (layers, 1, K, D)
+
+    def _run_rows(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx = _GraphStep(cos, sin)
+        for layer in self.layers:
+            x = layer(x, ctx)  # (N, C)
+        return x
+
+    def run(self, x: torch.Tensor, ctx) -> torch.Tensor | None:
+        """The layers on a step's rows (N, C) through ``ctx`` (a ``runtime.attention.PoolAttention``); None
+        where the step is not one the graphs take (the caller runs it eagerly)."""
+        if x.device.type != "cpu" or not 1 <= x.shape[0] <= self.max_rows:
+            return None
+        if x.shape[0] > 1:
+            return self._through_op(self._rows, x, ctx, dims=(0,))
+        batch = ctx.batch
+        runs, start = batch.runs[0], batch.items[0].start_pos
+        if len(runs) != 1 or start < 2:  # a first row, or keys in several runs: eager
+            return None
+        pool, slot = ctx.pool, int(batch.slots[0])
+        kflat, vflat = (t.view(t.shape[0], -1, *t.shape[-2:]) for t in (pool.k, pool.v))  # (layers, S, K, D)
+        cached = slice(runs[0][0], runs[0][0] + start)
+        keys, values = _per_layer(kflat, cached), _per_layer(vflat, cached)
+        x, new_k, new_v = self._one(x, ctx.cos, ctx.sin, keys, values)
+        kflat[:, slot] = new_k[:, 0]
+        vflat[:, slot] = new_v[:, 0]
+        return x
+
+    @staticmethod
+    def _through_op(compiled, x, ctx, dims=()):
+        for t in (x, ctx.cos, ctx.sin):
+            for d in dims:
+                torch._dynamo.mark_dynamic(t, d)
+        _active.ctx = ctx
+        try:
+            return compiled(x, ctx.cos, ctx.sin)
+        finally:
+            _active.ctx = None
+
+    @torch.inference_mode()
+    def warm_up(self, hidden_size: int, rotary_dim: int, kv_shape: tuple[int, int],
+                dtype: torch.dtype = torch.float32) -> float:
+        """Compile both graphs now; the seconds it took. ``kv_shape``: (K, D) of the keys."""
+        began = time.perf_counter()
+        angles = torch.zeros(2, 1, rotary_dim // 2)
+        cos, sin = angles.cos(), angles.sin()
+        pool = torch.zeros(len(self.layers), 8, *kv_shape, dtype=dtype)  # (layers, S, K, D)
+        keys = _per_layer(pool, slice(2, 6))
+        self._one(torch.zeros(1, hidden_size, dtype=dtype), cos[:1], sin[:1], keys, _per_layer(pool, slice(1, 5)))
+        if self.max_rows > 1:
+            ctx = _NoAttention()
+            ctx.cos, ctx.sin = cos, sin
+            self._through_op(self._rows, torch.zeros(2, hidden_size, dtype=dtype), ctx, dims=(0,))
+        self.compile_s = time.perf_counter() - began
+        logger.info("compiled %d decoder layers for CPU steps of up to %d rows in %.1f s",
+                    len(self.layers), self.max_rows, self.compile_s)
+        return self.compile_s
