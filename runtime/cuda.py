@@ -97,7 +97,6 @@ class CudaEngine:
         if segment is not None:
             spec, start, embed, head = segment.spec, segment.start, segment.has_embed, segment.has_head
             weights = weights_of(segment, dtype, self.device, fp8_linears)
-        self.fp8_linears = any(isinstance(lw.qkv, fp8.Fp8Weight) for lw in weights.layers)
         self.spec, self.weights = spec, weights
         self.start, self.end = start, start + len(weights.layers)
         self.has_embed, self.has_head = embed, head

@@ -19,13 +19,12 @@ On ``--text`` (held out: it was used for nothing else), each reports:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 
 import torch
 
-from .options import MODEL_HELP, add_command
+from .options import MODEL_HELP, add_command, print_result
 
 GPL3 = "/usr/share/common-licenses/GPL-3"
 
@@ -76,7 +75,7 @@ def compare(model: str, text: str, tokens: int = 4096, window: int = 1024, decod
         decode_ids = ids[:decode_tokens]
     runs = {"fp32": _engine(model, torch.float32), "bf16": _engine(model, torch.bfloat16),
             "fp8": _engine(model, torch.bfloat16, fp8=True)}
-    out: dict = {"model": model, "text": text, "tokens": tokens, "window": window, "decode_tokens": len(decode_ids),
+    out: dict = {"model": model, "tokens": tokens, "window": window, "decode_tokens": len(decode_ids),
                  "card": torch.cuda.get_device_name(), "weights_gb": {}}
     logits = {}
     for name, run in runs.items():
@@ -122,10 +121,5 @@ def run(args: argparse.Namespace) -> int:
     with open(args.text, encoding="utf-8") as f:
         text = f.read()
     result = compare(args.model or str(demo_model()), text, args.tokens, args.window, args.decode_tokens)
-    result["text"] = args.text
-    if args.json:
-        sys.stdout.write(json.dumps(result) + "\n")
-    else:
-        for key, value in result.items():
-            sys.stdout.write(f"{key:>36}: {value}\n")
+    print_result({"text": args.text, **result}, args.json)
     return 0

@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from .options import add_command
+from .options import add_command, print_result
 from .stats import median, percentile, ratio
 
 GLM4_9B = {  # GLM-4-9B-0414's config.json, as far as the shape goes
@@ -41,20 +41,27 @@ GLM4_9B = {  # GLM-4-9B-0414's config.json, as far as the shape goes
 SHAPES = {"glm4-9b": GLM4_9B}
 
 
+def gpu_seconds(fn, repeats: int, before=None) -> float:
+    """Median GPU time of ``fn()`` in seconds (CUDA events) over ``repeats`` runs after one warm-up run;
+    ``before()`` runs untimed ahead of each (an L2 flush)."""
+    times = []
+    for _ in range(repeats + 1):
+        if before is not None:
+            before()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return median(times[1:])
+
+
 def copy_gbps(gib: float = 4.0, repeats: int = 20) -> float:
     """Device-to-device copy bandwidth, GB/s, counting bytes read and written (median of ``repeats``)."""
     src = torch.empty(int(gib * 2**30), dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    dst.copy_(src)
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * src.numel() / median(times) / 1e9
+    return 2 * src.numel() / gpu_seconds(lambda: dst.copy_(src), repeats) / 1e9
 
 
 # Dense tensor-core peaks, TFLOPS (NVIDIA's data sheets, without sparsity): (bf16, fp8) by a name's part.
@@ -98,42 +105,12 @@ def cold_l2_read_gbps(engine, repeats: int = 10) -> float:
     nbytes = sum(t.numel() * t.element_size() for t in tensors) // 16 * 16
     layer = torch.ones(nbytes, dtype=torch.uint8, device="cuda")
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    times = []
-    for _ in range(repeats + 2):
-        flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        ops.read_words(layer)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del layer, flush
-    return nbytes / median(times[2:]) / 1e9
+    return nbytes / gpu_seconds(lambda: ops.read_words(layer), repeats, before=flush.zero_) / 1e9
 
 
-def mixed_lengths_rate(engine, batch: int = 32, steps: int = 128, shortest: int = 64, longest: int = 2048,
-                       seed: int = 0) -> float:
-    """Decode tokens/s of ``batch`` sessions at different positions (prompt lengths spread over
-    [shortest, longest]), ``steps`` lockstep steps."""
-    from runtime.sampling import SamplingParams
-    from runtime.segment import SegmentInput
-
-    C, greedy = engine.spec.hidden_size, SamplingParams()
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(shortest, longest + 1, (batch,), generator=g).tolist()
-    sids = [f"mixed-{i}-{time.monotonic_ns()}" for i in range(batch)]
-    for sid, n in zip(sids, lengths):
-        engine([SegmentInput(sid, 0, hidden=_rows(n, C), sample=tuple(greedy.rows(n)))])
-    rows = _rows(batch, C)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for s in range(steps):
-        engine([SegmentInput(sid, n + s, hidden=rows[i : i + 1], sample=tuple(greedy.rows(n + s + 1)))
-                for i, (sid, n) in enumerate(zip(sids, lengths))])
-    wall = time.perf_counter() - start
-    for sid in sids:
-        engine.close_session(sid)
-    return batch * steps / wall
+def mixed_lengths(batch: int = 32, shortest: int = 64, longest: int = 2048, seed: int = 0) -> list[int]:
+    """``batch`` prompt lengths spread over [shortest, longest], so sessions decode at different positions."""
+    return torch.randint(shortest, longest + 1, (batch,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def ttft_ms(engine, prompt: int = 4096) -> float:
@@ -164,14 +141,15 @@ def _rows(n: int, width: int) -> torch.Tensor:
     return torch.randn(n, width)
 
 
-def decode_rate(engine, batch: int, prompt: int, steps: int) -> tuple[float, float]:
-    """(decode tokens/s over all sessions, median step ms): prompts first, then ``steps`` lockstep steps."""
+def decode_rate(engine, prompts: list[int], steps: int) -> tuple[float, float]:
+    """(decode tokens/s over all sessions, median step ms): one session per prompt length in ``prompts``, its
+    prompt first, then ``steps`` lockstep steps of them all."""
     from runtime.sampling import SamplingParams
     from runtime.segment import SegmentInput
 
-    C, greedy = engine.spec.hidden_size, SamplingParams()
+    C, greedy, batch = engine.spec.hidden_size, SamplingParams(), len(prompts)
     sids = [f"b{batch}-{i}-{time.monotonic_ns()}" for i in range(batch)]
-    for sid in sids:
+    for sid, prompt in zip(sids, prompts):
         engine([SegmentInput(sid, 0, hidden=_rows(prompt, C), sample=tuple(greedy.rows(prompt)))])
     step_inputs = [_rows(batch, C) for _ in range(4)]
     times = []
@@ -180,8 +158,8 @@ def decode_rate(engine, batch: int, prompt: int, steps: int) -> tuple[float, flo
     for s in range(steps):
         t0 = time.perf_counter()
         rows = step_inputs[s % 4]
-        engine([SegmentInput(sid, prompt + s, hidden=rows[i : i + 1], sample=tuple(greedy.rows(prompt + s + 1)))
-                for i, sid in enumerate(sids)])
+        engine([SegmentInput(sid, n + s, hidden=rows[i : i + 1], sample=tuple(greedy.rows(n + s + 1)))
+                for i, (sid, n) in enumerate(zip(sids, prompts))])
         times.append((time.perf_counter() - t0) * 1e3)
     wall = time.perf_counter() - start
     for sid in sids:
@@ -343,8 +321,9 @@ def run(args: argparse.Namespace) -> int:
     if args.dtype == "fp8":
         from runtime.fp8 import support_error
 
-        if support_error():
-            sys.stderr.write(f"splitglm bench cloud-gpu: {support_error()}\n")
+        problem = support_error()
+        if problem:
+            sys.stderr.write(f"splitglm bench cloud-gpu: {problem}\n")
             return 2
     bandwidth = copy_gbps()
     engine = build_engine(args, spec)
@@ -357,17 +336,17 @@ def run(args: argparse.Namespace) -> int:
            "weight_gb": round(weight_gb, 3), "bound_tok_s": round(bound, 1), "prompt_tokens": 128, "decode_steps": 128,
            "repeats": args.repeats}  # fmt: skip
     for b in (1, 8, 32):
-        decode_rate(engine, b, 128, 8)  # captures the graphs of this batch size
+        decode_rate(engine, [128] * b, 8)  # captures the graphs of this batch size
         fill, steps = engine.stats["fill_ms"], engine.stats["graph_replays"] + engine.stats["eager_passes"]
-        runs = [decode_rate(engine, b, 128, 128) for _ in range(args.repeats)]
+        runs = [decode_rate(engine, [128] * b, 128) for _ in range(args.repeats)]
         passes = engine.stats["graph_replays"] + engine.stats["eager_passes"] - steps
         out[f"tokens_per_s_b{b}"] = round(median(r[0] for r in runs), 1)
         out[f"step_ms_b{b}"] = round(median(r[1] for r in runs), 3)
         out[f"fill_ms_per_pass_b{b}"] = round((engine.stats["fill_ms"] - fill) / max(passes, 1), 3)
     out["bound_fraction_b1"] = round(out["tokens_per_s_b1"] / bound, 3)
     out["cold_l2_bound_fraction_b1"] = round(out["tokens_per_s_b1"] * weight_gb / out["cold_l2_read_gbps"], 3)
-    mixed_lengths_rate(engine, steps=4)  # the chunk and batch-32 graphs exist; this warms the long contexts
-    out["tokens_per_s_b32_mixed_lengths"] = round(median(mixed_lengths_rate(engine, seed=r)
+    decode_rate(engine, mixed_lengths(), 4)  # the chunk and batch-32 graphs exist; this warms the long contexts
+    out["tokens_per_s_b32_mixed_lengths"] = round(median(decode_rate(engine, mixed_lengths(seed=r), 128)[0]
                                                          for r in range(args.repeats)), 1)
     ttft_ms(engine, 4096)
     ttft = median(ttft_ms(engine, 4096) for _ in range(args.repeats))
@@ -390,10 +369,6 @@ def run(args: argparse.Namespace) -> int:
         for b, rate in hf.items():
             out[f"hf_tokens_per_s_b{b}"] = round(rate, 1)
             out[f"hf_generate_ratio_b{b}"] = ratio(out[f"tokens_per_s_b{b}"], rate, 2)
-    if args.json:
-        sys.stdout.write(json.dumps(out) + "\n")
-    else:
-        for key, value in out.items():
-            sys.stdout.write(f"{key:>24}: {value}\n")
+    print_result(out, args.json)
     return 0
 

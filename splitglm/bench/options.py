@@ -16,6 +16,19 @@ def add_command(sub, name: str, run: Callable[[argparse.Namespace], int], help: 
     return p
 
 
+def print_result(result: dict, as_json: bool) -> None:
+    """A bench's one result: a JSON line, or a ``key: value`` line per field, the keys right-aligned."""
+    import json
+    import sys
+
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+        return
+    width = max(map(len, result), default=0)
+    for key, value in result.items():
+        sys.stdout.write(f"{key:>{width}}: {value}\n")
+
+
 def add_model_plan(p: argparse.ArgumentParser, plan_help: str = PLAN_HELP) -> None:
     """``--model`` and ``--plan``, both defaulting to the demo's."""
     p.add_argument("--model", help=MODEL_HELP)

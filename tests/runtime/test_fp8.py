@@ -9,6 +9,7 @@ import torch
 from runtime import fp8
 from runtime.sampling import SamplingParams
 from runtime.segment import Segment, SegmentInput
+from tests.runtime.driving import drive
 
 ON_CUDA = torch.cuda.is_available()
 FP8_CARD = ON_CUDA and fp8.support_error() is None
@@ -144,22 +145,10 @@ def test_fp8_graphs_equal_eager_and_sessions_equal_themselves_alone(demo_checkpo
     prompts = {f"p{i}": ids[300 * i : 300 * i + n] for i, n in enumerate((12, 40, 7, 90, 150))}
     params = SamplingParams(temperature=temperature, seed=5)
 
-    def drive(engine, batch: dict, steps: int) -> dict:
-        out = engine([SegmentInput(s, 0, input_ids=p, sample=tuple(params.rows(len(p)))) for s, p in batch.items()])
-        tokens = {s: [o.tokens[-1]] for s, o in zip(batch, out)}
-        pos = {s: len(p) for s, p in batch.items()}
-        for _ in range(steps):
-            out = engine([SegmentInput(s, pos[s], input_ids=torch.tensor([tokens[s][-1]]),
-                                       sample=tuple(params.rows(pos[s] + 1))) for s in batch])
-            for s, o in zip(batch, out):
-                tokens[s].append(o.tokens[-1])
-                pos[s] += 1
-        for s in batch:
-            engine.close_session(s)
-        return tokens
+    next_id = lambda token: torch.tensor([token])  # noqa: E731
 
-    batch_g, batch_e = drive(graphed, prompts, 32), drive(eager, prompts, 32)
+    batch_g, batch_e = drive(graphed, prompts, 32, params, next_id), drive(eager, prompts, 32, params, next_id)
     assert batch_g == batch_e
     for sid in ("p1", "p4"):
-        assert drive(graphed, {sid: prompts[sid]}, 32)[sid] == batch_g[sid]
+        assert drive(graphed, {sid: prompts[sid]}, 32, params, next_id)[sid] == batch_g[sid]
     assert graphed.stats["graph_replays"] > 0 and eager.stats["graph_replays"] == 0
