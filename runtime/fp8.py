@@ -63,7 +63,9 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def chunk_linear(x: torch.Tensor, w: Fp8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """(M, K) bf16 @ W.T (+ bias) -> (M, N) in x's dtype, FP8 x FP8 on the tensor cores where the card has them."""
     if _scaled_mm_ok(x.device):
-        xq, xs = quantize_rows(x)
+        from runtime import triton_ops
+
+        xq, xs = triton_ops.quantize_rows(x) if triton_ops.AVAILABLE else quantize_rows(x)
         out = torch._scaled_mm(xq, w.data.t(), scale_a=xs, scale_b=w.scale.view(1, -1), out_dtype=x.dtype)
         return out if bias is None else out + bias
     return torch.nn.functional.linear(x, w.dequantize(x.dtype), bias)

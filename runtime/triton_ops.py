@@ -398,6 +398,34 @@ if AVAILABLE:
         tl.store(out_ptr + tl.program_id(0), tl.sum(acc, axis=0))
 
 
+if AVAILABLE:
+
+    @triton.jit
+    def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, QMAX: tl.constexpr, BLOCK: tl.constexpr):
+        """One row: scale = max|x| / QMAX (at least 1e-12), q = x / scale in q's (FP8) type."""
+        m = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        ok = cols < K
+        x = tl.load(x_ptr + m * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(x), axis=0) / QMAX, 1e-12)
+        q = tl.minimum(tl.maximum(x / scale, -QMAX), QMAX)
+        tl.store(q_ptr + m * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=ok)
+        tl.store(s_ptr + m, scale)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) -> (E4M3 (M, K), fp32 (M, 1) scales): one scale per row, one kernel (``runtime.fp8.quantize_rows``)."""
+    _require_triton()
+    _check_rows(x, "x")
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(k)
+    _quantize_rows_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), QMAX=448.0, BLOCK=block,
+                                num_warps=16 if block >= 8192 else 4)
+    return q, s
+
+
 def read_words(x: torch.Tensor) -> torch.Tensor:
     """Read every byte of ``x`` (its size a multiple of 4) once; a per-program sum, for bandwidth figures."""
     _require_triton()

@@ -152,3 +152,15 @@ def test_fp8_graphs_equal_eager_and_sessions_equal_themselves_alone(demo_checkpo
     for sid in ("p1", "p4"):
         assert drive(graphed, {sid: prompts[sid]}, 32, params, next_id)[sid] == batch_g[sid]
     assert graphed.stats["graph_replays"] > 0 and eager.stats["graph_replays"] == 0
+
+
+@needs_fp8
+@pytest.mark.parametrize("m, k", [(1, 64), (7, 1000), (128, 13696)])
+def test_the_row_quantising_kernel_equals_the_torch_one(m, k):
+    from runtime import triton_ops as ops
+
+    x = (torch.randn(m, k, device="cuda") * torch.logspace(-2, 3, m, device="cuda")[:, None]).bfloat16()
+    q, s = ops.quantize_rows(x)
+    want_q, want_s = fp8.quantize_rows(x)
+    torch.testing.assert_close(s, want_s, rtol=1e-6, atol=0)
+    assert (q.float() - want_q.float()).abs().le(want_q.float().abs() * 2.0**-3).all()  # at most one E4M3 step
