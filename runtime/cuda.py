@@ -14,9 +14,16 @@ qkv product, rotary + KV write, paged attention, o, gate-up, SiLU-gate, down):
 ``graphs=False`` runs the very same passes on the very same buffers without capture: the eager reference
 the graphs are tested against. Sampling (``runtime.sampling.sample_rows``) runs inside each pass; the
 tokens are the only thing read back. A session whose rows need logit processing (penalties, logit bias, a
-grammar's mask, top-k / min-p, top log-probs: a row not ``.plain``) is sampled after the pass instead, by
-``runtime.sampling.sample_batch`` on the pass's logits of its rows (eagerly, the same function as the
-PyTorch segment's); the graphs of a step without such rows are unchanged.
+grammar's mask, top-k / min-p, top log-probs: a row not ``.plain``) is sampled after the pass instead:
+
+- in a short pass, by a second graph (``runtime.static_sampling.sample_static`` over the pass's logits and
+  the rows' parameters in static device buffers), one per pass shape and the processing it needs. The host
+  fills those buffers, computing the grammars' masks, while the GPU runs the layers;
+- in a chunk pass (a prompt's last chunk) and where a row has more penalty or bias pairs than the buffers
+  hold, eagerly by ``runtime.sampling.sample_batch`` on the pass's logits of its rows.
+
+Both give the tokens, log-probabilities and alternatives of the PyTorch segment's ``sample_processed``; the
+graphs of a step without such rows are unchanged.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from runtime.cuda_weights import Linear, Weights, weights_of
 from runtime.kv_pool import DEFAULT_PAGE_SIZE, KVPool, PoolExhausted, pool_tokens
 from runtime.layers import inverse_frequencies
 from runtime.sampling import sample_batch, sample_rows
+from runtime.static_sampling import Needs, StaticRows, TooManyPairs, needs, sample_static
 from runtime.step import Sampled, SegmentInput, begin_step, check_items, end_step
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -42,7 +50,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 class _Pass:
     """Static buffers of one pass shape, its captured graph (if any), and how to fill and read them."""
 
-    def __init__(self, engine: CudaEngine, sessions: int, rows_per: int, sampled: bool, short: bool):
+    def __init__(self, engine: CudaEngine, sessions: int, rows_per: int, sampled: bool, short: bool,
+                 processing: Needs | None = None):
         self.B, self.T, self.sampled, self.short = sessions, rows_per, sampled, short
         N, dev = sessions * rows_per, engine.device
         self.N = N
@@ -57,6 +66,11 @@ class _Pass:
         self.sampling = torch.zeros(3, N, dtype=torch.float32, device=dev)  # temperature, top_p, uniform
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: tuple[torch.Tensor, ...] = ()
+        # processed rows, sampled after the layers by a second graph: its buffers, what the rows ask
+        self.processing = processing
+        self.static = StaticRows(N, engine.spec.vocab_size, dev) if processing is not None else None
+        self.sample_graph: torch.cuda.CUDAGraph | None = None
+        self.sample_out: tuple[torch.Tensor, ...] = ()
 
 
 class CudaEngine:
@@ -117,7 +131,7 @@ class CudaEngine:
         self._passes: dict[tuple, _Pass] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if graphs else None
         self.stats = {"graph_replays": 0, "eager_passes": 0, "captures": 0, "fill_ms": 0.0, "positions": 0,
-                      "forked_positions": 0}
+                      "forked_positions": 0, "eager_samplings": 0}
 
     # ---- sessions (as Segment) ---------------------------------------------------------------------
 
@@ -214,7 +228,9 @@ class CudaEngine:
             B = next(b for b in BATCH_BUCKETS if b >= len(short))
             T = max(items[i].num_positions for i in short)
             sampled = any(r.temperature > 0 for i in short if not _processed(items[i]) for r in items[i].sample)
-            p = self._pass((B, T, sampled, True), B, T, sampled, True)
+            processed = [r for i in short if _processed(items[i]) for r in items[i].sample]
+            processing = needs(processed) if processed and self.has_head else None
+            p = self._pass((B, T, sampled, True, processing), B, T, sampled, True, processing)
             layout = [(items[i], b * T, not items[i].sample and items[i].keep != 0) for b, i in enumerate(short)]
             for i, out in zip(short, self._replay(p, layout)):
                 outputs[i] = out
@@ -227,7 +243,7 @@ class CudaEngine:
         """A long step in ``prefill_chunk`` passes; the rows (no head) or the chunks' answers joined (head)."""
         chunk, parts = self.prefill_chunk, []
         sampled = not _processed(item) and any(r.temperature > 0 for r in item.sample)
-        p = self._pass((1, chunk, sampled, False), 1, chunk, sampled, False)
+        p = self._pass((1, chunk, sampled, False, None), 1, chunk, sampled, False)
         for a in range(0, item.num_positions, chunk):
             b = min(a + chunk, item.num_positions)
             rows = {"input_ids": item.input_ids[a:b]} if self.has_embed else {"hidden": item.hidden[a:b]}
@@ -243,10 +259,10 @@ class CudaEngine:
 
     # ---- passes --------------------------------------------------------------------------------------
 
-    def _pass(self, key, B, T, sampled, short) -> _Pass:
+    def _pass(self, key, B, T, sampled, short, processing=None) -> _Pass:
         p = self._passes.get(key)
         if p is None:
-            p = self._passes[key] = _Pass(self, B, T, sampled, short)
+            p = self._passes[key] = _Pass(self, B, T, sampled, short, processing)
         return p
 
     def _fill(self, p: _Pass, layout: list[tuple[SegmentInput, int, bool]]) -> None:
@@ -287,29 +303,73 @@ class CudaEngine:
         else:
             p.out = self._layers(p)
             self.stats["eager_passes"] += 1
+        static = p.static is not None and self._sample_static(p, layout)  # (the host fills while the GPU runs)
+        # the answers are copied out of the static buffers once per pass (the next replay rewrites them), and
+        # each item gets views of the copies: a copy per item costs a launch each
+        end = max(first + item.num_positions for item, first, _ in layout)
+        if not self.has_head:
+            rows_out = p.out[0][:end].clone()
+            return [rows_out[first : first + item.num_positions] for item, first, _ in layout]
+        tokens, logprobs, logits = p.out
+        tokens, logprobs = tokens[:end].clone(), logprobs[:end].clone()
+        sampled = tuple(t[:end].clone() for t in p.sample_out) if static else ()
         out = []
         for item, first, keep in layout:
             rows = slice(first, first + item.num_positions)
-            if not self.has_head:
-                out.append(p.out[0][rows].clone())
+            processed = _processed(item)
+            if processed and static:  # sampled by the second graph: its rows' answers
+                asked = slice(rows.stop - len(item.sample), rows.stop)
+                out.append(_Drawn(t[asked] for t in sampled))
                 continue
-            tokens, logprobs, logits = p.out
             kept = logits[rows].clone() if keep else None
-            if _processed(item):  # the logits of the rows it samples, for ``_answers``
+            if processed:  # the logits of the rows it samples, for ``_answers``
                 kept = logits[rows.stop - len(item.sample) : rows.stop].clone()
-            out.append((tokens[rows].clone(), logprobs[rows].clone(), kept))
+            out.append((tokens[rows], logprobs[rows], kept))
         return out
 
-    def _capture(self, p: _Pass) -> None:
+    def _sample_static(self, p: _Pass, layout) -> bool:
+        """Sample the processed rows of the pass just launched by its sampling graph (captured on first use);
+        False where a row has more pairs than the buffers hold (then ``_answers`` samples them eagerly)."""
+        rows: list = [None] * p.N
+        for item, first, _ in layout:
+            if _processed(item):
+                at = first + item.num_positions - len(item.sample)
+                rows[at : at + len(item.sample)] = item.sample
+        try:
+            p.static.fill(rows)
+        except TooManyPairs:
+            self.stats["eager_samplings"] += 1
+            return False
+        if self.graphs and p.sample_graph is None:
+            self._capture(p, sampling=True)
+        if p.sample_graph is not None:
+            p.sample_graph.replay()
+            self.stats["graph_replays"] += 1
+        else:
+            p.sample_out = self._sample(p)
+        return True
+
+    def _sample(self, p: _Pass) -> tuple[torch.Tensor, ...]:
+        out = sample_static(p.out[2], p.static, p.processing)
+        if out.top_tokens is None:  # (no row asks for alternatives)
+            return out.tokens, out.logprobs
+        return out.tokens, out.logprobs, out.top_tokens, out.top_logprobs
+
+    def _capture(self, p: _Pass, sampling: bool = False) -> None:
+        """Capture the pass's layers (or, ``sampling``, its processed rows' sampling) as a CUDA graph."""
+        run = self._sample if sampling else self._layers
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            self._layers(p)  # warm-up: compiles the kernels, sets up the libraries
+            run(p)  # warm-up: compiles the kernels, sets up the libraries
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
-            p.out = self._layers(p)
-        p.graph = graph
+            out = run(p)
+        if sampling:
+            p.sample_graph, p.sample_out = graph, out
+        else:
+            p.graph, p.out = graph, out
         self.stats["captures"] += 1
 
     def _linear(self, p: _Pass, x: torch.Tensor, w: Linear, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -353,13 +413,26 @@ class CudaEngine:
         if not self.has_head:
             return outputs
         answers: list = [None] * len(items)
-        for processed in (True, False):  # rows sampled now from their logits, then those sampled in the passes
-            group = [i for i, item in enumerate(items) if item.sample and _processed(item) == processed]
+        def way(i: int) -> str:  # how an item's rows were (or are now) sampled
+            if not _processed(items[i]):
+                return "pass"
+            return "static" if isinstance(outputs[i], _Drawn) else "eager"
+
+        for kind in ("eager", "static", "pass"):  # rows sampled now from their logits, then those sampled already
+            group = [i for i, item in enumerate(items) if item.sample and way(i) == kind]
             if not group:
                 continue
-            if processed:
+            if kind == "eager":
                 rows = [r for i in group for r in items[i].sample]
                 tokens, logprobs, top = sample_batch(torch.cat([outputs[i][2] for i in group]), rows)  # host sync
+            elif kind == "static":
+                rows = [r for i in group for r in items[i].sample]
+                tokens, logprobs = (torch.cat([outputs[i][j] for i in group]).tolist() for j in (0, 1))  # host sync
+                top = [((), ())] * len(rows)
+                if any(r.top_logprobs for r in rows):
+                    ids, values = (torch.cat([outputs[i][j] for i in group]).tolist() for j in (2, 3))
+                    top = [(tuple(ids[j][: r.top_logprobs]), tuple(values[j][: r.top_logprobs]))
+                           for j, r in enumerate(rows)]
             else:
                 tokens = torch.cat([outputs[i][0][-len(items[i].sample) :] for i in group]).tolist()  # host sync
                 logprobs = torch.cat([outputs[i][1][-len(items[i].sample) :] for i in group]).tolist()
@@ -368,7 +441,8 @@ class CudaEngine:
             for i in group:
                 k = len(items[i].sample)
                 answers[i], at = Sampled(tokens[at : at + k], logprobs[at : at + k], top[at : at + k]), at + k
-        for i, (item, (_, _, logits)) in enumerate(zip(items, outputs)):
+        for i, (item, out) in enumerate(zip(items, outputs)):
+            logits = out[2]
             if item.sample or logits is None:  # (keep=0: nobody reads this step's logits)
                 continue
             n = item.keep if item.keep is not None else (1 if last_only else logits.shape[0])
@@ -379,9 +453,13 @@ class CudaEngine:
         return self.weights.nbytes()
 
 
+class _Drawn(tuple):
+    """A processed item's answers from the sampling graph: (tokens, logprobs[, top ids, top log-probs])."""
+
+
 def _processed(item: SegmentInput) -> bool:
     """Its rows need logit processing, so they are sampled after the pass (``sample_batch``), not inside it."""
-    return any(not r.plain for r in item.sample)
+    return not item.plain_sampling
 
 
 def pool_tokens_of(per_token: int, tokens: int | None, mib: float | None) -> int:

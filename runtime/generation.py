@@ -16,16 +16,17 @@ from the tokens, so its next tokens are exactly those the old tier would have sa
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from functools import partial
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from runtime.grammar import Matcher
+from runtime.grammar import Matcher, masks_together
 from runtime.sampling import SampleRow, SamplingParams
 
-__all__ = ["LazyMasks", "TokenState"]
+__all__ = ["LazyMask", "LazyMasks", "TokenState"]
 
 
 class LazyMasks:
@@ -33,9 +34,9 @@ class LazyMasks:
     asks: the CUDA engine samples after launching the forward pass, so the host computes them meanwhile. The
     matcher must not move between ``rows`` and the sampling (a session has one step in flight)."""
 
-    def __init__(self, matcher: Matcher, drafts: list[int]):
+    def __init__(self, matcher: Matcher, drafts: list[int], ready: torch.Tensor | None = None):
         self.matcher, self.drafts = matcher, drafts
-        self.masks: list[torch.Tensor] | None = None
+        self.masks: list[torch.Tensor] | None = None if ready is None else [ready]  # (``ready``: no drafts)
 
     def get(self, j: int) -> torch.Tensor:
         if self.masks is None:
@@ -43,14 +44,71 @@ class LazyMasks:
         return self.masks[j]
 
 
-class TokenState:
-    """A generation's sampling parameters, the tokens it produced so far, and its grammar matcher (or None)."""
+class LazyMask:
+    """A row's mask: the ``j``-th of a step's ``LazyMasks``, computed when called (``SampleRow.mask``)."""
 
-    def __init__(self, sampling: SamplingParams, matcher: Matcher | None = None, generated: Iterable[int] = ()):
-        self.sampling, self.matcher = sampling, matcher
+    __slots__ = ("group", "j")
+
+    def __init__(self, group: LazyMasks, j: int):
+        self.group, self.j = group, j
+
+    def __call__(self) -> torch.Tensor:
+        return self.group.get(self.j)
+
+    @staticmethod
+    def together(masks: Sequence[LazyMask]) -> None:
+        """Compute the masks of many sessions at once (``runtime.sampling.resolve_masks``): the steps without
+        drafts in parallel (``masks_together``); those with drafts consume and roll back, one by one, later."""
+        groups = {id(m.group): m.group for m in masks if isinstance(m, LazyMask) and m.group.masks is None}
+        plain = [g for g in groups.values() if not g.drafts]
+        if len(plain) > 1:
+            for g, mask in zip(plain, masks_together([g.matcher for g in plain])):
+                g.masks = [mask]
+
+
+_MASKS: list[ThreadPoolExecutor] = []  # the thread that computes the next masks after a commit, made on first use
+_MASKS_LOCK = threading.Lock()
+
+
+def _mask_thread() -> ThreadPoolExecutor:
+    with _MASKS_LOCK:
+        if not _MASKS:
+            _MASKS.append(ThreadPoolExecutor(1, thread_name_prefix="grammar-masks"))
+        return _MASKS[0]
+
+
+class TokenState:
+    """A generation's sampling parameters, the tokens it produced so far, and its grammar matcher (or None).
+
+    After a commit the grammar's mask at the next position is computed at once in a background thread
+    (``prefetch``): by the time the next step's rows are asked for (the token went to the edge, the next
+    hidden states came back) it is ready, and the step does not wait for it. Every use of the matcher waits
+    for that computation first (``matcher``), so it is never used by two threads at once."""
+
+    def __init__(self, sampling: SamplingParams, matcher: Matcher | None = None, generated: Iterable[int] = (),
+                 prefetch: bool = True):
+        self.sampling, self._matcher, self.prefetch = sampling, matcher, prefetch
+        self._next: Future | None = None  # the mask at the next position, being computed
+        self._ready: torch.Tensor | None = None  # ... and computed
         self.tokens: list[int] = []
         self.counts: Counter[int] = Counter()
         self.commit(generated)
+
+    @property
+    def matcher(self) -> Matcher | None:
+        """The grammar's matcher, once no background computation uses it."""
+        self._settle()
+        return self._matcher
+
+    def _settle(self) -> None:
+        """Wait for the background mask (if any) and keep it; where it failed, it is computed again (and fails)
+        where it is needed, and the error is raised there."""
+        future, self._next = self._next, None
+        if future is not None:
+            try:
+                self._ready = future.result()
+            except Exception:  # (a broken grammar state: ``rows`` raises it)
+                self._ready = None
 
     def rows(self, first_position: int, drafts: Sequence[int] = ()) -> tuple[SampleRow, ...]:
         """The rows sampling positions first_position .. first_position + len(drafts): the next token, and the
@@ -64,10 +122,12 @@ class TokenState:
                 if j < len(drafts):
                     counts[int(drafts[j])] += 1
         masks = None
-        if self.matcher is not None:
-            self.matcher.check()  # (the masks come later, inside the step: a broken state is refused now)
-            lazy = LazyMasks(self.matcher, list(drafts))
-            masks = [partial(lazy.get, j) for j in range(count)]
+        if self._matcher is not None:
+            self._settle()
+            ready = self._ready
+            self._matcher.check()  # (the masks come later, inside the step: a broken state is refused now)
+            lazy = LazyMasks(self._matcher, list(drafts), ready if not drafts else None)
+            masks = [LazyMask(lazy, j) for j in range(count)]
         return tuple(self.sampling.rows(first_position, count, seen, masks))
 
     def commit(self, tokens: Iterable[int]) -> None:
@@ -77,16 +137,20 @@ class TokenState:
             return
         self.tokens.extend(tokens)
         self.counts.update(tokens)
-        if self.matcher is not None:
-            self.matcher.consume(tokens)
+        matcher, self._ready = self.matcher, None
+        if matcher is not None:
+            matcher.consume(tokens)
+            if self.prefetch and not matcher.stopped:
+                self._next = _mask_thread().submit(matcher.mask)
 
     def fork(self) -> TokenState:
         """An independent copy (a round's drafts go into the copy; the original stays at the committed tokens)."""
-        out = TokenState(self.sampling, None if self.matcher is None else self.matcher.fork())
+        matcher = self.matcher
+        out = TokenState(self.sampling, None if matcher is None else matcher.fork(), prefetch=self.prefetch)
         out.tokens, out.counts = list(self.tokens), Counter(self.counts)
         return out
 
     @property
     def plain(self) -> bool:
         """No state matters: no penalty and no grammar (rows need no history)."""
-        return self.matcher is None and not self.sampling.penalised
+        return self._matcher is None and not self.sampling.penalised

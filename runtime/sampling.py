@@ -204,7 +204,7 @@ def sample_processed(logits: torch.Tensor, rows: Sequence[SampleRow]) -> Process
     logprobs = torch.log_softmax(scaled, dim=-1)  # (R, V): what is reported
     k = max(r.top_logprobs for r in rows)
     top = logprobs.topk(k, dim=-1) if k else None
-    masks = {i: r.mask() if callable(r.mask) else r.mask for i, r in enumerate(rows) if r.mask is not None}
+    masks = {i: m for i, m in enumerate(resolve_masks(rows)) if m is not None}
     if masks:  # (a lazy mask is computed only now: on a GPU, while the forward pass runs)
         words = max(int(m.shape[0]) for m in masks.values())
         table = torch.full((R, words), -1, dtype=torch.int32)
@@ -226,6 +226,16 @@ def sample_processed(logits: torch.Tensor, rows: Sequence[SampleRow]) -> Process
         tokens = torch.where(temperature > 0, drawn, tokens)
     chosen = logprobs.gather(-1, tokens[:, None])[:, 0]
     return Processed(tokens, chosen, None if top is None else top.indices, None if top is None else top.values)
+
+
+def resolve_masks(rows: Sequence[SampleRow]) -> list[torch.Tensor | None]:
+    """Each row's mask (None where it has none), lazy ones computed now: together, where they know how (a
+    callable's ``together(callables)``, ``runtime.generation.LazyMask``: the sessions' grammars in parallel)."""
+    lazy = [r.mask for r in rows if callable(r.mask)]
+    together = getattr(lazy[0], "together", None) if lazy else None
+    if together is not None and len(lazy) > 1:
+        together(lazy)
+    return [r.mask() if callable(r.mask) else r.mask for r in rows]
 
 
 def _inverse_cdf(logits, temperature, top_p, uniform) -> torch.Tensor:

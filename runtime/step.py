@@ -9,6 +9,7 @@ KV slots, and per session its row offset and the pool runs it attends to.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -32,10 +33,15 @@ class SegmentInput:
     reserve: int = 0  # positions to hold room for now (a new session's whole room); 0: this step's
     keep: int | None = None  # head segments: the last rows whose logits are wanted (None: by last_only; 0: none)
 
-    @property
-    def num_positions(self) -> int:
+    @cached_property
+    def num_positions(self) -> int:  # (read many times a step; an item's rows are set once, at creation)
         rows = self.input_ids if self.input_ids is not None else self.hidden
         return int(rows.shape[0])
+
+    @cached_property
+    def plain_sampling(self) -> bool:
+        """No row it samples asks for logit processing (``SampleRow.plain``)."""
+        return all(r.plain for r in self.sample)
 
 
 @dataclass

@@ -9,21 +9,24 @@ B sessions decode greedily in lockstep, each step one call of the tier with ever
 runs of the same steps per device and batch size, interleaved ``--repeats`` times:
 
 - **plain**: no logit processing (on the GPU: sampled inside the graph);
-- **schema**: under ``SCHEMA``'s grammar (llguidance, the demo model's vocabulary): each step computes every
-  session's mask on the host (``TokenState.rows``), the tier applies it while sampling
-  (``runtime.sampling.sample_processed``: the mask's transfer, unpacking and the eager sampling), and the
-  matcher consumes the token (``TokenState.commit``). A session whose grammar has ended (its JSON closed,
-  then the end-of-text token, the one the mask allows there) starts again on a new prompt; so does one that
-  reaches ``--max-new`` tokens;
+- **schema**: under ``SCHEMA``'s grammar (llguidance, the demo model's vocabulary): each step's rows carry
+  every session's mask lazily (``TokenState.rows``), as in service; the tier computes them inside its call
+  (all sessions at once, in llguidance's threads; on the GPU while the layers run) and applies them while
+  sampling (on the GPU in the engine's sampling graph, ``runtime.static_sampling``; on the CPU
+  ``runtime.sampling.sample_processed``), and the matcher consumes the token (``TokenState.commit``). A
+  session whose grammar has ended (its JSON closed, then the end-of-text token, the one the mask allows
+  there) starts again on a new prompt; so does one that reaches ``--max-new`` tokens;
 - **penalties**: presence and frequency penalties, no grammar: the processing path alone, for reference.
 
 Every run restarts each session at the steps the first schema run did, so the runs decode the same number
 of positions at the same context lengths; a restart's prefill is not timed. The timed time of a step is
-the host's mask work plus the tier's call (which returns the tokens on the host) plus the commits.
+the rows, the tier's call (masks included; it returns the tokens on the host) and the commits.
 Reported per device and batch size: tokens/s of each run (median over repeats), the schema's and the
 penalties' overhead (``stats.overhead_pct`` of the time per token) and ratio (``stats.ratio`` of
-tokens/s), the host's mask ms per token (mask + consume), the ms a step adds, and how many schema episodes
-ended in parseable JSON. ``--out FILE`` writes the JSON (``examples/results/structured-<card>.json``).
+tokens/s), the host's mask ms per token (``mask_ms_per_token``: every session's mask computed together,
+measured apart before each step, untimed) and the commits' ms per token (timed), the ms a step adds, and
+how many schema episodes ended in parseable JSON. ``--out FILE`` writes the JSON
+(``examples/results/structured-<card>.json``).
 """
 
 from __future__ import annotations
@@ -100,7 +103,7 @@ class Lockstep:
         self.episodes = [0] * batch
         self.states: list = [None] * batch
         self.pos = [0] * batch
-        self.timed_ms = self.mask_ms = 0.0
+        self.timed_ms = self.mask_ms = self.commit_ms = 0.0
         self.tokens = 0
         self.ended = self.cut = self.valid = 0
 
@@ -147,6 +150,7 @@ class Lockstep:
     def step(self) -> list[int]:
         """One timed decode step of every session; the sessions to restart (their grammar's end-of-text token
         sampled, or max_new tokens)."""
+        from runtime.grammar import masks_together
         from runtime.segment import SegmentInput
 
         sids = [self._sid(i) for i in range(self.batch)]
@@ -154,21 +158,22 @@ class Lockstep:
                   for i, sid in enumerate(sids)]
         hidden = self.edge(inputs)
         self.sync()
+        matchers = [s.matcher for s in self.states if s.matcher is not None]
+        if matchers:  # the masks' host time, measured apart (the timed step computes them again, as in service)
+            before = time.perf_counter()
+            masks_together(matchers)
+            self.mask_ms += (time.perf_counter() - before) * 1e3
         started = time.perf_counter()
-        rows = [self.states[i].rows(self.pos[i] + 1) for i in range(self.batch)]
-        for (row,) in rows:  # the masks, on the host, now: timed apart (in service they are computed lazily,
-            if callable(row.mask):  # inside the tier's call, where a GPU overlaps them with the forward pass)
-                row.mask()
-        masked = time.perf_counter()
-        out = self.cloud([SegmentInput(sid, self.pos[i], hidden=h, sample=rows[i])
-                          for i, (sid, h) in enumerate(zip(sids, hidden))])
+        rows = [self.states[i].rows(self.pos[i] + 1) for i in range(self.batch)]  # masks lazy: the tier computes
+        out = self.cloud([SegmentInput(sid, self.pos[i], hidden=h, sample=rows[i])  # them inside its call (on a
+                          for i, (sid, h) in enumerate(zip(sids, hidden))])  # GPU, while the layers run)
         sampled = time.perf_counter()
         closed = [s.matcher is not None and s.matcher.stopped for s in self.states]  # JSON done: this is its EOS
         for state, o in zip(self.states, out):
             state.commit(o.tokens)
         done = time.perf_counter()
         self.timed_ms += (done - started) * 1e3
-        self.mask_ms += ((masked - started) + (done - sampled)) * 1e3
+        self.commit_ms += (done - sampled) * 1e3
         self.tokens += self.batch
         for i in range(self.batch):
             self.pos[i] += 1
@@ -195,7 +200,7 @@ def decode(tiers, tokenizer, grammars, mode: str, batch: int, steps: int, max_ne
             run.start(ending)
     run.close()
     figures = {"tok_s": run.tokens / run.timed_ms * 1e3, "ms_per_step": run.timed_ms / steps,
-               "mask_ms_per_token": run.mask_ms / run.tokens}
+               "mask_ms_per_token": run.mask_ms / run.tokens, "commit_ms_per_token": run.commit_ms / run.tokens}
     if mode == "schema":
         figures.update(episodes_ended=run.ended, episodes_cut=run.cut, episodes_valid_json=run.valid)
     return figures, restarts
@@ -223,7 +228,8 @@ def measure(tiers, tokenizer, grammars, batch: int, steps: int, repeats: int, ma
         out[f"{mode}_overhead_pct"] = overhead_pct(1e3 / out[f"{mode}_tok_s"], plain_ms)
         out[f"{mode}_ratio"] = ratio(out[f"{mode}_tok_s"], out["plain_tok_s"])
         out[f"{mode}_added_ms_per_step"] = round(out[f"{mode}_ms_per_step"] - out["plain_ms_per_step"], 3)
-    out["mask_ms_per_token"] = round(median(f["mask_ms_per_token"] for f in runs["schema"]), 4)
+    for key in ("mask_ms_per_token", "commit_ms_per_token"):
+        out[key] = round(median(f[key] for f in runs["schema"]), 4)
     for key in ("episodes_ended", "episodes_cut", "episodes_valid_json"):
         out[key] = sum(f[key] for f in runs["schema"])
     return out

@@ -262,6 +262,7 @@ def test_processed_rows_equal_the_pytorch_segments(tiny_checkpoint):
     assert_same_answers(got, want, atol=5e-4)
     assert all(len(step["top"].top[0][0]) == 5 for step in got) and not any(i for i, _ in got[-1]["plain"].top)
     assert len(got[-1]["pen"].tokens) == 3
+    assert engine.stats["eager_samplings"] == 0  # the decode steps' processed rows took the static sampling
 
 
 @needs_cuda
@@ -280,3 +281,37 @@ def test_processed_rows_leave_the_graphs_alone(tiny_glm):
     replays, captures = graphed.stats["graph_replays"], graphed.stats["captures"]
     graphed([SegmentInput("plain", 26, hidden=torch.randn(1, C), sample=tuple(PROCESSED["plain"].rows(27)))])
     assert graphed.stats["graph_replays"] == replays + 1 and graphed.stats["captures"] == captures
+    # processed decode steps replay a layers graph and a sampling graph each, captured once per shape
+    for _ in range(2):
+        for sid in PROCESSED:
+            graphed.close_session(sid)
+        before = dict(graphed.stats)
+        processed_steps(graphed, V, C, steps=3)
+    assert graphed.stats["captures"] == before["captures"] and graphed.stats["eager_samplings"] == 0
+    assert graphed.stats["eager_passes"] == before["eager_passes"]
+    chunks, steps = 2 * len(PROCESSED), 2 * 3  # two chunks per prompt; a layers and a sampling graph per step
+    assert graphed.stats["graph_replays"] == before["graph_replays"] + chunks + steps
+
+
+def test_rows_past_the_static_buffers_are_sampled_eagerly_alike(tiny_checkpoint):
+    """A row with more logit_bias pairs than the sampling buffers hold is sampled eagerly (counted), a row
+    within them by the static sampling; both answer as the PyTorch segment does, in one step."""
+    reference = cloud_segment(tiny_checkpoint)
+    engine = engine_of(cloud_segment(tiny_checkpoint), graphs=True)
+    C = reference.spec.hidden_size
+    wide = SamplingParams(temperature=0.8, seed=1, logit_bias=tuple((t, 0.25 * (t % 7)) for t in range(70)))
+    narrow = SamplingParams(temperature=0.8, seed=2, logit_bias=((5, 3.0),), top_logprobs=2)
+    hidden = {sid: torch.randn(n, C, generator=torch.Generator().manual_seed(n)) for sid, n in (("w", 18), ("n", 19))}
+    answers = {}
+    for name, run in (("reference", reference), ("engine", engine)):
+        prompts = [SegmentInput(sid, 0, hidden=h, sample=tuple(p.rows(len(h)))) for (sid, h), p in
+                   zip(hidden.items(), (wide, narrow))]
+        run(prompts)
+        steps = [SegmentInput(sid, len(h), hidden=h[-1:], sample=tuple(p.rows(len(h) + 1))) for (sid, h), p in
+                 zip(hidden.items(), (wide, narrow))]
+        answers[name] = run(steps)
+    assert engine.stats["eager_samplings"] == 1
+    for got, want in zip(answers["engine"], answers["reference"], strict=True):
+        assert got.tokens == want.tokens
+        torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs), atol=5e-4, rtol=0)
+        assert [ids for ids, _ in got.top] == [ids for ids, _ in want.top]

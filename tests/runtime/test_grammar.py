@@ -248,3 +248,47 @@ def test_annotations_are_left_at_the_edge_and_property_names_kept():
                                          "n": {"type": "integer", "enum": [{"description": "a value"}, 2]}},
         "required": ["description"], "$defs": {"title": {"type": "boolean"}}}
     assert "prompt words" not in json.dumps(without_annotations(schema))
+
+
+def test_masks_computed_together_equal_each_computed_alone(vocab, answer_ids):
+    """``masks_together`` (llguidance's threads) and ``resolve_masks`` over sessions' lazy masks give each
+    matcher's own ``mask()``; a session with drafts still gets its masks after each draft."""
+    from runtime.generation import TokenState
+    from runtime.grammar import masks_together
+    from runtime.sampling import SamplingParams, resolve_masks
+
+    grammars = Grammars(vocab)
+    matchers = []
+    for at in (0, 2, 5, 5, 9):
+        m = person(grammars)
+        m.consume(answer_ids[:at])
+        matchers.append(m)
+    want = [m.mask() for m in matchers]
+    got = masks_together(matchers)
+    assert len({tuple(w.tolist()) for w in want}) > 2  # the states differ
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    states = [TokenState(SamplingParams(), m.fork()) for m in matchers]
+    rows = [r for s in states[:-1] for r in s.rows(10)] + list(states[-1].rows(10, answer_ids[9:11]))
+    masks = resolve_masks(rows)
+    assert all(torch.equal(g, w) for g, w in zip(masks[:4], want[:4], strict=True))
+    assert [tuple(m.tolist()) for m in masks[4:]] == [tuple(m.tolist()) for m in matchers[4].masks(answer_ids[9:11])]
+
+
+def test_the_mask_computed_after_a_commit_is_the_one_the_next_rows_carry(vocab, answer_ids):
+    """With the background computation after each commit (the default) a state gives, step by step, with
+    drafts and forks, the masks of one that computes them only when asked; the step's rows carry the mask
+    already computed (no matcher work left for the step)."""
+    grammars = Grammars(vocab)
+    want = stepwise_masks(grammars, answer_ids)
+    eager = TokenState(SamplingParams(), person(grammars), prefetch=False)
+    ahead = TokenState(SamplingParams(), person(grammars))
+    for at, t in enumerate(answer_ids[:8]):
+        for state in (eager, ahead):
+            (row,) = state.rows(at)
+            assert torch.equal(row.mask(), want[at])
+            state.commit([t])
+        assert ahead.rows(at + 1)[0].mask.group.masks is not None  # computed before the step asked
+        drafts = answer_ids[at + 1 : at + 3]
+        got = [r.mask() for r in ahead.fork().rows(at + 1, drafts)]
+        assert all(torch.equal(g, w) for g, w in zip(got, want[at + 1 : at + 4], strict=True))
+    assert eager.tokens == ahead.tokens

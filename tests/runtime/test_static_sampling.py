@@ -78,3 +78,46 @@ def test_too_many_pairs_for_the_buffers_is_refused():
     rows = SamplingParams(presence_penalty=0.5).rows(3, 1, seen=[tuple((t, 1) for t in range(20))])
     with pytest.raises(TooManyPairs, match="20 seen"):
         StaticRows(2, V, "cpu", max_seen=16).fill(rows)
+
+
+def test_refilled_buffers_hold_only_the_new_rows():
+    """A fill after another (rows that asked more, in other places) answers as fresh buffers do: nothing of
+    the earlier rows' pairs or masks stays."""
+    rng = random.Random(4)
+    first, second = _rows(rng, 8), _rows(rng, 8)
+    second = [None, *second[1:5], None, None, second[7]]  # None: a row the pass does not sample here
+    logits = torch.randn(8, V, generator=torch.Generator().manual_seed(5)) * 3
+    reused = StaticRows(8, V, "cpu", max_seen=16, max_bias=8)
+    reused.fill(first)
+    reused.fill(second)
+    fresh = StaticRows(8, V, "cpu", max_seen=16, max_bias=8)
+    fresh.fill(second)
+    for name in ("scalars", "seen_ids", "seen_counts", "bias_ids", "bias_values", "mask"):
+        assert torch.equal(getattr(reused, name), getattr(fresh, name)), name
+    got = sample_static(logits, reused)
+    kept = [i for i, r in enumerate(second) if r is not None]
+    want = sample_processed(logits[kept], [second[i] for i in kept])
+    assert got.tokens[kept].tolist() == want.tokens.tolist()
+    assert got.tokens[0].item() == logits[0].argmax().item()  # a None row: greedy, unprocessed
+
+
+@pytest.mark.parametrize("asked", [(), ("temperature",), ("top_k", "min_p"), ("seen",), ("bias", "top_logprobs"),
+                                   ("mask",)])
+def test_skipping_what_no_row_asks_changes_no_answer(asked):
+    """``sample_static(..., need)`` skips work only where ``needs`` says no row asks it: the same answers."""
+    from dataclasses import replace
+
+    from runtime.static_sampling import needs
+
+    rng = random.Random(11)
+    neutral = {"temperature": 0.0, "top_k": 0, "min_p": 0.0, "seen": (), "bias": (), "top_logprobs": 0, "mask": None}
+    rows = [replace(r, **{k: v for k, v in neutral.items() if k not in asked}) for r in _rows(rng, 8)]
+    rows[0] = replace(rows[0], mask=_mask(rng, V)) if "mask" in asked else rows[0]
+    need = needs(rows)
+    assert sum(need) == len(asked) + ("top_k" in asked) * 0 and any(need) == bool(asked)
+    logits = torch.randn(8, V, generator=torch.Generator().manual_seed(2)) * 3
+    buffers = StaticRows(8, V, "cpu", max_seen=16, max_bias=8)
+    buffers.fill(rows)
+    full, skipped = sample_static(logits, buffers), sample_static(logits, buffers, need)
+    assert torch.equal(full.tokens, skipped.tokens) and torch.equal(full.logprobs, skipped.logprobs)
+    assert (skipped.top_tokens is None) == (not need.top)
