@@ -442,9 +442,9 @@ class CudaEngine:
                 k = len(items[i].sample)
                 answers[i], at = Sampled(tokens[at : at + k], logprobs[at : at + k], top[at : at + k]), at + k
         for i, (item, out) in enumerate(zip(items, outputs)):
-            logits = out[2]
-            if item.sample or logits is None:  # (keep=0: nobody reads this step's logits)
+            if item.sample or out[2] is None:  # (keep=0: nobody reads this step's logits)
                 continue
+            logits = out[2]
             n = item.keep if item.keep is not None else (1 if last_only else logits.shape[0])
             answers[i] = logits[logits.shape[0] - n :].float()
         return answers

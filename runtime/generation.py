@@ -66,15 +66,45 @@ class LazyMask:
                 g.masks = [mask]
 
 
-_MASKS: list[ThreadPoolExecutor] = []  # the thread that computes the next masks after a commit, made on first use
-_MASKS_LOCK = threading.Lock()
+class _Prefetcher:
+    """The background thread that computes the masks of committed sessions: the sessions that committed while
+    it worked are taken together, in one ``masks_together`` call (llguidance's threads), so a step of many
+    sessions costs one call, not one per session."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._pending: list[tuple[Matcher, Future]] = []
+        self._thread: ThreadPoolExecutor | None = None
+        self._scheduled = False
+
+    def submit(self, matcher: Matcher) -> Future:
+        future: Future = Future()
+        with self._lock:
+            self._pending.append((matcher, future))
+            if not self._scheduled:
+                if self._thread is None:
+                    self._thread = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
+                self._thread.submit(self._drain)
+                self._scheduled = True
+        return future
+
+    def _drain(self) -> None:
+        with self._lock:
+            batch, self._pending, self._scheduled = self._pending, [], False
+        try:
+            masks = masks_together([m for m, _ in batch])
+        except Exception:  # (one broken state: each alone, so that only its own future fails)
+            for matcher, future in batch:
+                try:
+                    future.set_result(matcher.mask())
+                except Exception as e:
+                    future.set_exception(e)
+            return
+        for (_, future), mask in zip(batch, masks):
+            future.set_result(mask)
 
 
-def _mask_thread() -> ThreadPoolExecutor:
-    with _MASKS_LOCK:
-        if not _MASKS:
-            _MASKS.append(ThreadPoolExecutor(1, thread_name_prefix="grammar-masks"))
-        return _MASKS[0]
+_PREFETCH = _Prefetcher()
 
 
 class TokenState:
@@ -141,7 +171,7 @@ class TokenState:
         if matcher is not None:
             matcher.consume(tokens)
             if self.prefetch and not matcher.stopped:
-                self._next = _mask_thread().submit(matcher.mask)
+                self._next = _PREFETCH.submit(matcher)
 
     def fork(self) -> TokenState:
         """An independent copy (a round's drafts go into the copy; the original stays at the committed tokens)."""

@@ -226,10 +226,12 @@ def masks_together(matchers: list[Matcher]) -> list[torch.Tensor]:
     GIL): a batch of sessions' masks costs about one mask's time instead of the sum."""
     import llguidance
 
-    for m in matchers:
-        m.check()
     if not matchers:
         return []
+    if len(matchers) == 1:
+        return [matchers[0].mask()]
+    for m in matchers:
+        m.check()
     with _EXECUTOR_LOCK:
         if not _EXECUTOR:
             _EXECUTOR.append(llguidance.LLExecutor())
