@@ -113,9 +113,10 @@ def cmd_health(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from partitioner.eval.assess import evaluate
+    from partitioner.eval.assess import evaluate, plan_segments
     from partitioner.eval.quality import format_table
 
+    deployed = plan_segments(args.plan) if args.plan else None  # loaded once, for all three measurements
     codecs = args.codecs
     if codecs is None and not args.compression and not args.plan:
         codecs = _codec_list("all")
@@ -129,14 +130,15 @@ def cmd_eval(args) -> int:
         compression=args.compression,
         plan_dir=args.plan,
         progress=not args.quiet,
+        deployed=deployed,
     )
     rows = [r.as_dict() for r in results]
     fast, tiers = None, []
     if args.plan:  # each compressed tier alone vs the uncompressed model; the fast tail vs the accurate path
         from partitioner.eval.assess import evaluate_fast_tail, evaluate_tiers
 
-        tiers = evaluate_tiers(args.model, args.text, args.plan, args.tokens, args.window)
-        fast = evaluate_fast_tail(args.model, args.text, args.plan, args.tokens, args.window)
+        tiers = evaluate_tiers(args.model, args.text, args.plan, args.tokens, args.window, deployed)
+        fast = evaluate_fast_tail(args.model, args.text, args.plan, args.tokens, args.window, deployed)
     if args.json:
         print(json.dumps(rows + tiers + ([fast] if fast else []), indent=2))
     else:

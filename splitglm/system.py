@@ -69,27 +69,39 @@ class LocalSystem:
     procs: list[Proc] = field(default_factory=list)
     urls: dict[str, str] = field(default_factory=dict)
 
-    def _start(self, name: str, module: str, *args: str) -> str:
+    def _spawn(self, name: str, module: str, *args: str) -> Proc:
         proc = Proc(name, [sys.executable, "-m", module, *args], self.env)
         self.procs.append(proc)
+        return proc
+
+    def _ready(self, proc: Proc) -> str:
         url = proc.ready(START_TIMEOUT_S)
-        self.urls[name] = url
-        logger.info("%s ready: %s", name, url)
+        self.urls[proc.name] = url
+        logger.info("%s ready: %s", proc.name, url)
         return url
 
+    def _start(self, name: str, module: str, *args: str) -> str:
+        return self._ready(self._spawn(name, module, *args))
+
     def start(self) -> LocalSystem:
-        """Start broker (unless given), cloud, edge and device agent, each once the one before is ready."""
+        """Start broker (unless given) and cloud at once, then edge and device agent, each once the ones before
+        are ready."""
         try:
+            broker = None
             if self.mqtt and self.broker is None:
                 secure = ("--secrets", self.secrets) if self.secrets else ()
-                self.broker = self._start("broker", "splitglm.broker", "--host", self.host, "--port", str(free_port()),
-                                          *secure)
-            if self.mqtt:
+                broker = self._spawn("broker", "splitglm.broker", "--host", self.host, "--port", str(free_port()),
+                                     *secure)
+            elif self.mqtt:
                 broker_address(self.broker)  # a clear error for a malformed URL before anything loads
-                self.urls["mqtt"] = self.broker
             threads = ("--threads", str(self.threads))
-            cloud = self._start("cloud", "cloud_service", "--plan", self.plan, "--host", self.host, "--port", "0",
+            cloud = self._spawn("cloud", "cloud_service", "--plan", self.plan, "--host", self.host, "--port", "0",
                                 *threads, *self._cloud_tls())
+            if broker is not None:
+                self.broker = self._ready(broker)
+            if self.mqtt:
+                self.urls["mqtt"] = self.broker
+            cloud = self._ready(cloud)
             cloud = cloud.split("://", 1)[-1]
             if self.cloud_rtt_ms is not None:
                 host, _, port = cloud.rpartition(":")

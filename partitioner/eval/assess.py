@@ -49,13 +49,14 @@ def evaluate(
     compression: str | None = None,
     plan_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    deployed: tuple[list[Segment], dict] | None = None,
 ) -> list[CodecQuality]:
     """Codecs at ``splits``; with ``compression`` every segment compressed; with ``plan_dir`` the plan as
-    deployed (its splits, per-tier compression and per-link codecs). Always against the uncompressed model
-    at the same splits with no codec."""
+    deployed (its splits, per-tier compression and per-link codecs; ``deployed``: ``plan_segments(plan_dir)``
+    if already loaded). Always against the uncompressed model at the same splits with no codec."""
     spec = load_spec(model)
     if plan_dir is not None:
-        segments, plan = plan_segments(plan_dir)
+        segments, plan = deployed or plan_segments(plan_dir)
         splits = tuple(plan["splits"])
         codecs = codecs or [f"{plan['codecs']['device_edge']}/{plan['codecs']['edge_cloud']}"]
     if splits is None or not splits[1] <= spec.num_layers:
@@ -78,8 +79,10 @@ def evaluate_fast_tail(
     plan_dir: str | os.PathLike,
     tokens: int = 4096,
     window: int = 1024,
+    deployed: tuple[list[Segment], dict] | None = None,
 ) -> dict | None:
-    """The plan's fast tail against its accurate path, as deployed; None for a plan without a fast tail.
+    """The plan's fast tail against its accurate path, as deployed (``deployed``: ``plan_segments(plan_dir)``
+    if already loaded); None for a plan without a fast tail.
 
     Both paths get the same hidden states at k2 (device, the device->edge codec, edge); the accurate
     path then crosses the edge->cloud codec to the cloud tier, the fast path runs the edge's fast tail.
@@ -88,7 +91,7 @@ def evaluate_fast_tail(
     plan = load_plan(plan_dir)
     if "fast_tail" not in plan or not (Path(plan_dir) / "fast_tail").is_dir():
         return None
-    (device, edge, cloud), _ = plan_segments(plan_dir)
+    (device, edge, cloud), _ = deployed or plan_segments(plan_dir)
     fast = load_tier(plan_dir, "fast_tail")
     C = load_spec(model).hidden_size
     front = Chain([device, edge], [FrameLink(plan["codecs"]["device_edge"], C)])
@@ -118,9 +121,10 @@ def compressed_tiers(plan: dict) -> list[str]:
 
 def evaluate_tiers(
     model: str | os.PathLike, text: str | os.PathLike, plan_dir: str | os.PathLike, tokens: int = 4096,
-    window: int = 1024,
+    window: int = 1024, deployed: tuple[list[Segment], dict] | None = None,
 ) -> list[dict]:
-    """Each compressed, sparse or distilled tier of the plan alone against the uncompressed model.
+    """Each compressed, sparse or distilled tier of the plan alone against the uncompressed model
+    (``deployed``: ``plan_segments(plan_dir)`` if already loaded).
 
     The model at the plan's splits with lossless links, one tier swapped for the plan's (as deployed:
     verified, rebuilt, compressed); perplexity change and greedy agreement against no swap.
@@ -129,7 +133,7 @@ def evaluate_tiers(
     tiers = compressed_tiers(plan)
     if not tiers:
         return []
-    deployed, _ = plan_segments(plan_dir)
+    deployed, _ = deployed or plan_segments(plan_dir)
     reference = split_segments(model, *plan["splits"])
     ids = text_ids(model, text, tokens)
     baseline = window_scores(reference, ids, window)

@@ -17,6 +17,7 @@ p99 of the gaps between the victims' tokens, the ratio of the two medians and wh
 from __future__ import annotations
 
 import json
+import select
 import socket
 import ssl
 import threading
@@ -32,6 +33,8 @@ from .stats import median, percentile, ratio
 
 RCVBUF = 4096  # the stallers' socket receive buffers, bytes
 QUIET_WAIT_S = 180.0  # longest wait for the edge to finish the last round's generations, seconds
+UNDER_WAY_S = 60.0  # longest wait for both stallers to get under way, seconds
+WARMUP_TOKENS = 8  # each victim's request in the warm-up round (first-request costs, not gaps), tokens
 STRICT_RATIO = 1.5
 
 
@@ -58,6 +61,10 @@ class HttpStaller:
         self._reader = threading.Thread(target=self._read, name="http-reader", daemon=True) if read else None
         if self._reader is not None:
             self._reader.start()
+
+    def answering(self) -> bool:
+        """Whether the edge has begun to answer (bytes read, or waiting unread in the socket)."""
+        return self.received > 0 or bool(select.select([self.sock], [], [], 0)[0])
 
     def _read(self) -> None:
         try:
@@ -182,7 +189,11 @@ def stallers(http_url: str, broker: str, tier: dict, prompt: str, staller_tokens
     facts = {"read": read}
     try:
         device = MqttStaller(broker, device_id, tier, auth=auth, read=read)
-        time.sleep(2.0)  # both under way: the long answer streaming, the device republishing
+        deadline = time.monotonic() + UNDER_WAY_S
+        while not (http.answering() and device.published >= 2):  # both under way: the long answer streaming,
+            if time.monotonic() > deadline:  # the device republishing
+                raise TimeoutError(f"the stallers were not under way after {UNDER_WAY_S:g} s")
+            time.sleep(0.05)
         yield facts
         facts["mqtt_frames"] = device.published
         facts["http_bytes_read"] = http.received
@@ -222,7 +233,7 @@ def slow_consumers(sessions: list, texts: list[str], http_url: str, broker: str,
     edge = EdgeTokens(http_url, key, ca_file)
     p99s: dict[bool, list[float]] = {False: [], True: []}
     facts: list[dict] = []
-    victims_round(sessions, texts, max_tokens)  # warm-up
+    victims_round(sessions, texts, min(max_tokens, WARMUP_TOKENS))  # warm-up
     for r in range(repeats):
         for stalled in (False, True) if r % 2 == 0 else (True, False):
             edge.wait_still()

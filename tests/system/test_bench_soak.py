@@ -1,4 +1,4 @@
-"""``splitglm bench soak``, briefly: a few sessions on the secure topology for half a minute, nothing lost."""
+"""``splitglm bench soak``, briefly: a few sessions on the secure topology for a quarter of a minute, nothing lost."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 def test_a_short_soak_fails_nothing_and_reports_memory(demo_checkpoint):
     from partitioner.plan.demo import demo_plan
 
-    report = bench_soak(str(demo_plan(demo_checkpoint)), minutes=0.5, sessions=4, max_tokens=12,
+    report = bench_soak(str(demo_plan(demo_checkpoint)), minutes=0.25, sessions=4, max_tokens=12,
                         slow_consumers=False)
     assert report["requests_failed"] == 0, report["errors"]
     assert report["requests_done"] >= 4 and report["tokens"] > 0 and report["tokens_per_s"] > 0
@@ -28,7 +28,7 @@ def test_a_short_soak_with_abusers_serves_the_honest_sessions_and_refuses_the_ab
     from partitioner.plan.demo import demo_plan
     from splitglm.bench.abuse import refusals
 
-    report = bench_soak(str(demo_plan(demo_checkpoint)), minutes=0.4, sessions=4, max_tokens=8,
+    report = bench_soak(str(demo_plan(demo_checkpoint)), minutes=0.25, sessions=4, max_tokens=8,
                         slow_consumers=False, abusers=True)
     assert report["requests_failed"] == 0, report["errors"]
     assert report["requests_done"] >= 4

@@ -35,7 +35,7 @@ def test_stalled_consumers_leave_the_others_per_token_p99(demo_checkpoint):
         devices = [DeviceSession(f"victim-{i}", system.broker, tier) for i in range(2)]
         try:
             report = slow_consumers([HttpSession(system.http), HttpSession(system.http), *devices], texts,
-                                    system.http, system.broker, tier, repeats=3, max_tokens=64)
+                                    system.http, system.broker, tier, repeats=3, max_tokens=48)
         finally:
             for device in devices:
                 device.close()
