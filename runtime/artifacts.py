@@ -92,7 +92,8 @@ def load_tier(plan_dir: str | os.PathLike, tier: str, expect_model: str | None =
     """Verify a tier's artifact against its manifest and the plan, then build its compressed segment.
 
     ``expect_model``: the model fingerprint this deployment serves; a plan for
-    another model is refused. ``cpu_decode``: a ``runtime.cpu_decode.CpuDecode`` (default: eager).
+    another model is refused. ``cpu_decode``: a ``runtime.cpu_decode.CpuDecode`` (default: eager); its
+    ``"plan"`` mode takes the path plan.json's ``cpu_decode`` chose for this tier (eager where it names none).
     """
     plan = load_plan(plan_dir)
     if expect_model is not None and plan["model"] != expect_model:
@@ -101,6 +102,8 @@ def load_tier(plan_dir: str | os.PathLike, tier: str, expect_model: str | None =
         Path(plan_dir) / tier, {"tier": tier, "plan_id": plan["plan_id"], "model": plan["model"]}
     )
     a, b = manifest["layers"]
+    if cpu_decode is not None:
+        cpu_decode = cpu_decode.for_plan((plan.get("cpu_decode") or {}).get(tier))
     return build_segment(
         Path(plan_dir) / tier,
         a,

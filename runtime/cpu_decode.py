@@ -34,7 +34,11 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_ROWS = 16  # rows a step may hold to take the compiled graph
 CPU_DECODE_MODES = ("eager", "compiled")
+PLANNED = "plan"  # an agent's setting: the path its plan chose for the tier (``CpuDecode.for_plan``)
 
+# No size and stride check after each extern kernel of the graph (the int4 / int8 products, the attention op):
+# ~840 Python calls a token of the demo model, a third of the wrapper's own calls. The shapes are fixed.
+INDUCTOR_OPTIONS: dict = {"size_asserts": False}
 _active = threading.local()  # the step context of the step this thread runs (``CompiledLayers.__call__``)
 
 
@@ -70,17 +74,24 @@ class _NoAttention:
 class CpuDecode:
     """A tier's choice of decode path (its agent's ``cpu_decode`` settings)."""
 
-    mode: str = "eager"  # one of CPU_DECODE_MODES
+    mode: str = "eager"  # one of CPU_DECODE_MODES, or PLANNED
     max_rows: int = DEFAULT_MAX_ROWS
 
     def __post_init__(self):
-        if self.mode not in CPU_DECODE_MODES:
-            raise ValueError(f"cpu_decode must be one of {CPU_DECODE_MODES}, got {self.mode!r}")
+        if self.mode not in (*CPU_DECODE_MODES, PLANNED):
+            raise ValueError(f"cpu_decode must be one of {(*CPU_DECODE_MODES, PLANNED)}, got {self.mode!r}")
 
     @classmethod
     def of(cls, settings) -> CpuDecode:
         """From an agent's settings (``runtime.settings.CpuDecodeSettings``)."""
         return cls(settings.cpu_decode, settings.cpu_decode_max_rows)
+
+    def for_plan(self, planned: str | None) -> CpuDecode:
+        """This choice for a tier whose plan chose ``planned`` (plan.json's ``cpu_decode``; None: eager): PLANNED
+        takes the plan's, a named mode overrides it."""
+        if self.mode != PLANNED:
+            return self
+        return CpuDecode(planned or "eager", self.max_rows)
 
     def apply(self, segment) -> None:
         """Compile a PyTorch CPU segment's steps when the mode says so; anything else stays as it is. A compiler
@@ -116,7 +127,7 @@ class _OneSession:
 
     def __init__(self, cos, sin, keys, values, first_layer: int, scale: float):
         self.cos, self.sin = cos, sin  # (1, 1, R/2)
-        self.keys, self.values = keys, values  # per layer (L, K, D)
+        self.keys, self.values = keys, values  # (layers, L, K, D)
         self.first_layer, self.scale = first_layer, scale
         self.new_k: list[torch.Tensor] = []
         self.new_v: list[torch.Tensor] = []
@@ -128,13 +139,12 @@ class _OneSession:
         return attend_cached(q, k, v, self.keys[i], self.values[i], self.scale)
 
 
-def _per_layer(flat: torch.Tensor, cached: slice) -> list[torch.Tensor]:
-    """Each layer's keys (or values) of the cached slots: (layers, S, K, D) -> layers x (L, K, D) views, L
+def _cached(flat: torch.Tensor, cached: slice) -> torch.Tensor:
+    """Every layer's keys (or values) of the cached slots: (layers, S, K, D) -> a (layers, L, K, D) view, L
     marked dynamic (one graph whatever the session's length)."""
-    views = list(flat[:, cached].unbind(0))
-    for view in views:
-        torch._dynamo.mark_dynamic(view, 0)
-    return views
+    view = flat[:, cached]
+    torch._dynamo.mark_dynamic(view, 1)
+    return view
 
 
 def _own_code(method) -> types.FunctionType:
@@ -159,7 +169,7 @@ class CompiledLayers:
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         self.layers, self.first_layer, self.scale, self.max_rows = list(layers), first_layer, scale, max_rows
-        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, **INDUCTOR_OPTIONS}
         self._one = torch.compile(types.MethodType(_own_code(CompiledLayers._run_one), self), options=options)
         self._rows = torch.compile(types.MethodType(_own_code(CompiledLayers._run_rows), self), options=options)
         self.compile_s: float | None = None  # what ``warm_up`` took
@@ -190,8 +200,7 @@ class CompiledLayers:
         pool, slot = ctx.pool, int(batch.slots[0])
         kflat, vflat = (t.view(t.shape[0], -1, *t.shape[-2:]) for t in (pool.k, pool.v))  # (layers, S, K, D)
         cached = slice(runs[0][0], runs[0][0] + start)
-        keys, values = _per_layer(kflat, cached), _per_layer(vflat, cached)
-        x, new_k, new_v = self._one(x, ctx.cos, ctx.sin, keys, values)
+        x, new_k, new_v = self._one(x, ctx.cos, ctx.sin, _cached(kflat, cached), _cached(vflat, cached))
         kflat[:, slot] = new_k[:, 0]
         vflat[:, slot] = new_v[:, 0]
         return x
@@ -215,8 +224,8 @@ class CompiledLayers:
         angles = torch.zeros(2, 1, rotary_dim // 2)
         cos, sin = angles.cos(), angles.sin()
         pool = torch.zeros(len(self.layers), 8, *kv_shape, dtype=dtype)  # (layers, S, K, D)
-        keys = _per_layer(pool, slice(2, 6))
-        self._one(torch.zeros(1, hidden_size, dtype=dtype), cos[:1], sin[:1], keys, _per_layer(pool, slice(1, 5)))
+        self._one(torch.zeros(1, hidden_size, dtype=dtype), cos[:1], sin[:1], _cached(pool, slice(2, 6)),
+                  _cached(pool, slice(1, 5)))
         if self.max_rows > 1:
             ctx = _NoAttention()
             ctx.cos, ctx.sin = cos, sin

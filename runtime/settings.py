@@ -90,8 +90,10 @@ class LogSettings(AgentSettings):
 class CpuDecodeSettings(AgentSettings):
     """How a CPU tier runs its layers for steps of a few rows (``runtime.cpu_decode``)."""
 
-    cpu_decode: Literal["eager", "compiled"] = Field(
-        "eager", description="eager: PyTorch op by op; compiled: decode steps of up to cpu_decode_max_rows rows "
+    cpu_decode: Literal["plan", "eager", "compiled"] = Field(
+        "plan", description="plan: the path the plan chose for this tier by its measured step time (plan.json's "
+        "cpu_decode; eager where it names none); eager: PyTorch op by op; compiled: decode steps of up to "
+        "cpu_decode_max_rows rows "
         "through an Inductor-compiled graph (1.7-1.8x faster int4 decode on the demo model; compiles at start: up to "
         "100 s a segment the first time, seconds from Inductor's cache; needs a C++ compiler, else stays eager)")
     cpu_decode_max_rows: int = Field(16, ge=1, le=1024, description="most rows a step may hold to take the "

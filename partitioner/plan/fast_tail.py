@@ -11,7 +11,7 @@ Choosing its compression by measurement (``choose_fast_tail``):
   reported as the candidate's perplexity change against the accurate tail's
   and the share of positions whose greedy next token is the same;
 - speed: one decode step and the prefill cost per position of the candidate at the
-  edge's threads, the candidates taking turns, each keeping its fastest round (``step_times``);
+  edge's threads, the candidates taking turns, each keeping its fastest round (``profiler.step_times``);
 - choice: the fastest decode step among the candidates within the floor
   (perplexity increase <= ``max_perplexity_increase_pct`` and agreement >=
   ``min_token_agreement``); "none" (the exact copy) always meets it.
@@ -27,20 +27,18 @@ under ``"fast_tail"`` -> ``"k2=<k2>"`` -> candidate, so re-partitioning is cheap
 from __future__ import annotations
 
 import logging
-import math
 import os
-import time
-import uuid
 from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm import tqdm
 
 from partitioner.eval.tails import compare_scores, hidden_windows, segment_front, tail_scores
+from partitioner.plan.profiler import decode_paths, faster_compiled, step_times
 from runtime.build import build_segment
 from runtime.checkpoint import load_spec
 from runtime.compress.named import COMPRESSIONS
-from runtime.segment import Segment, SegmentInput
+from runtime.segment import Segment
 
 logger = logging.getLogger(__name__)
 
@@ -113,48 +111,6 @@ class Floor:
         )
 
 
-# ---- speed ----------------------------------------------------------------------------------------
-
-
-def _session_times(tail: Segment, prompt: int, steps: int) -> tuple[float, float]:
-    """One session: (prefill ms per position, mean decode step ms) of random hidden states."""
-    session, C = uuid.uuid4().hex, tail.spec.hidden_size
-    try:
-        start = time.perf_counter()
-        tail([SegmentInput(session, 0, hidden=torch.randn(prompt, C))], last_only=True)
-        middle = time.perf_counter()
-        for s in range(steps):
-            tail([SegmentInput(session, prompt + s, hidden=torch.randn(1, C))], last_only=True)
-        end = time.perf_counter()
-    finally:
-        tail.close_session(session)
-    return (middle - start) * 1000 / prompt, (end - middle) * 1000 / steps
-
-
-def step_times(
-    tails: dict[str, Segment], threads: int = 1, rounds: int = 5, prompt: int = 64, steps: int = 8
-) -> dict[str, dict]:
-    """Each tail's decode step (ms, head included) and prefill/replay cost per position (ms).
-
-    The tails take turns (one session each per round) and each keeps its fastest round, so a busy
-    machine slows them alike and its bursts drop out (noise only ever adds time).
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    best = {name: (math.inf, math.inf) for name in tails}
-    try:
-        for _ in range(rounds):
-            for name, tail in tails.items():
-                prefill, step = _session_times(tail, prompt, steps)
-                best[name] = (min(best[name][0], prefill), min(best[name][1], step))
-    finally:
-        torch.set_num_threads(previous)
-    return {
-        name: {"step_ms": round(step, 4), "prefill_ms_per_token": round(prefill, 4), "threads": threads}
-        for name, (prefill, step) in best.items()
-    }
-
-
 # ---- choice ---------------------------------------------------------------------------------------
 
 
@@ -178,6 +134,13 @@ class FastTailChoice:
     floor: Floor
     measured: dict[str, dict] = field(default_factory=dict)  # per candidate: quality and timing
     students: dict[str, DistilledTail] = field(default_factory=dict)  # the distilled candidates
+    decode: dict = field(default_factory=lambda: {"path": "eager"})  # its CPU decode path (``choose_decode_path``)
+
+    @property
+    def step_ms(self) -> float:
+        """The chosen tail's decode step on its chosen CPU decode path (a draft's cost at the edge), ms."""
+        measured = self.decode.get(f"{self.decode['path']}_ms")  # None: not timed that way (or no compiler)
+        return measured if measured is not None else self.measured[self.name]["step_ms"]
 
     @property
     def entry(self) -> dict:
@@ -195,6 +158,7 @@ class FastTailChoice:
             "quality": self.measured[self.name],
             "floor": asdict(self.floor),
             "candidates": self.measured,
+            "cpu_decode": self.decode,
         }
 
 
@@ -259,3 +223,25 @@ def choose_fast_tail(
     name = pick_fast_tail(measured, floor)
     logger.info("fast tail at k2=%d: %s (%s)", k2, name, measured[name])
     return FastTailChoice(name, floor, measured, dict(students or {}))
+
+
+def choose_decode_path(model: str | os.PathLike, k2: int, choice: FastTailChoice, threads: int, wanted: str = "auto",
+                       data: dict | None = None) -> dict:
+    """The chosen tail's CPU decode path (``runtime.cpu_decode``), set on ``choice.decode``: ``wanted`` ("eager",
+    "compiled") or, for "auto", the shorter of the two steps measured side by side (``profiler.decode_paths``,
+    cached in ``data`` beside the tail's other measurements)."""
+    if wanted == "eager":
+        choice.decode = {"path": "eager"}
+        return choice.decode
+    cache = (data if data is not None else {}).setdefault("fast_tail", {}).setdefault(f"k2={k2}", {})
+    timings = cache.setdefault(choice.name, {}).setdefault("cpu_decode", {})
+    if str(threads) not in timings:
+        L = load_spec(model).num_layers
+        source = choice.source or model
+        eager, compiled = (build_segment(source, k2, L, False, True, choice.entry) for _ in range(2))
+        timings[str(threads)] = decode_paths(eager, compiled, threads)
+    measured = timings[str(threads)]
+    faster = "compiled" if faster_compiled(measured) else "eager"
+    choice.decode = {**measured, "path": faster if wanted == "auto" else wanted}
+    logger.info("fast tail at k2=%d decodes %s (%s)", k2, choice.decode["path"], measured)
+    return choice.decode

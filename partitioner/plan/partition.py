@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from partitioner.plan.export import export_plan
-from partitioner.plan.fast_tail import DistilledTail, FastTailChoice, Floor, choose_fast_tail
+from partitioner.plan.fast_tail import DistilledTail, FastTailChoice, Floor, choose_decode_path, choose_fast_tail
 from partitioner.plan.measure import (
     QUALITY_TOKENS,
     codec_costs,
@@ -73,9 +73,23 @@ def _tier_choices(topo: Topology, data: dict, num_layers: int) -> dict[str, list
         if t.profile:  # measured on the tier itself: only what was measured there
             choices[tier] = [CompressionCost("none", _tier_profile(t.profile, num_layers), 0.0)]
             continue
-        costs = compression_costs(data, _threads(topo, tier), num_layers, tier_backend(topo, tier))
+        cpu_decode = t.cpu_decode if tier != "cloud" else "eager"
+        costs = compression_costs(data, _threads(topo, tier), num_layers, tier_backend(topo, tier), cpu_decode)
         choices[tier] = costs if tier != "cloud" else [c for c in costs if c.name == "none"]
     return choices
+
+
+def _decode_threads(topo: Topology) -> set[int]:
+    """Thread counts to time the CPU decode paths at: those of the device and edge tiers that may compile."""
+    return {
+        _threads(topo, t) for t in ("device", "edge")
+        if not topo.tiers[t].profile and tier_backend(topo, t) == "torch" and topo.tiers[t].cpu_decode != "eager"
+    }
+
+
+def cpu_decode_record(best: Candidate, fast: FastTailChoice) -> dict[str, str]:
+    """plan.json's ``cpu_decode``: the path each CPU tier runs (the agents' ``--cpu-decode plan``)."""
+    return {**{t: best.cpu_decode.get(t, "eager") for t in ("device", "edge")}, "fast_tail": fast.decode["path"]}
 
 
 def path_predictions(
@@ -85,6 +99,8 @@ def path_predictions(
 
     accurate: front + send to the cloud + cloud [k2, L) (+ head per step) + the link's round trip;
     fast: front + the fast tail measured at the edge's threads, scaled by its speed factor.
+    Each on the CPU decode path the plan chose for it (the front's profile is that path's; the fast tail's step
+    is ``fast.step_ms``): the fast path's step is the draft cost speculation weighs at the edge.
     ``step_ms`` includes the round trip; ``prefill_ms_per_token`` does not (one RTT per prefill);
     ``replay_ms_per_token`` is the tail alone over history positions (rebuilding its cache).
     """
@@ -101,7 +117,7 @@ def path_predictions(
     front_prefill = costs["edge"].compute_ms(edge, 0, k2, 1, decode=False, embed=True)
     cloud_prefill = send_ms(link, 1, C, codec.bytes_per_element) + costs["cloud"].compute_ms(cloud, k2, L, 1, False)
     tail = fast.measured[fast.name]
-    tail_step, tail_prefill = tail["step_ms"] / edge.speed_factor, tail["prefill_ms_per_token"] / edge.speed_factor
+    tail_step, tail_prefill = fast.step_ms / edge.speed_factor, tail["prefill_ms_per_token"] / edge.speed_factor
     accurate_step = (
         send_ms(link, 1, C, codec.step_bytes_per_element)
         + link.rtt_ms
@@ -157,7 +173,7 @@ def partition(
     live = measure is not None
     threads = {_threads(topo, t) for t in profiled} | ({LIVE_THREADS} if live else set())
     ids = load_tokenizer(model)(Path(text).read_text(errors="replace"), return_tensors="pt").input_ids[0]
-    ensure_measurements(model, data, threads, ids[:QUALITY_TOKENS], backends)
+    ensure_measurements(model, data, threads, ids[:QUALITY_TOKENS], backends, _decode_threads(topo))
     cache = save_measurements(model, data)
     logger.info("measurements cached in %s", cache)
     ranked = plan(
@@ -177,6 +193,9 @@ def partition(
     offered = DistilledTail.offer(students, checkpoint_fingerprint(model), best.splits[1], spec.num_layers)
     fast = choose_fast_tail(model, best.splits[1], ids[:QUALITY_TOKENS], _threads(topo, "edge"), fast_tail_floor, data,
                             students=offered)
+    edge = topo.tiers["edge"]
+    choose_decode_path(model, best.splits[1], fast, _threads(topo, "edge"),
+                       edge.cpu_decode if tier_backend(topo, "edge") == "torch" else "eager", data)
     save_measurements(model, data)
     result = export_plan(
         model,
@@ -185,6 +204,7 @@ def partition(
             "splits": list(best.splits),
             "codecs": best.codecs,
             "compression": tier_compressions(topo, best.compression),
+            "cpu_decode": cpu_decode_record(best, fast),
             "predicted": {
                 "ttft_ms": round(best.ttft_ms, 3),
                 "per_token_ms": round(best.per_token_ms, 3),

@@ -49,6 +49,7 @@ class CompressionCost:
     name: str
     profile: Profile
     perplexity_delta_pct_per_layer: float
+    cpu_decode: str = "eager"  # the CPU decode path the profile was measured on (runtime.cpu_decode)
 
 
 @dataclass
@@ -62,6 +63,7 @@ class Candidate:
     link_bytes_per_token: dict[str, float]
     perplexity_delta_pct: float
     memory_mb: dict[str, float] = field(default_factory=dict)
+    cpu_decode: dict[str, str] = field(default_factory=dict)  # device / edge: eager or compiled
 
 
 class Costs:
@@ -174,6 +176,7 @@ def evaluate_candidate(
         },
         perplexity_delta_pct=quality,
         memory_mb=memory,
+        cpu_decode={t: c.cpu_decode for t, c in compression.items() if t != "cloud"},
     )
 
 

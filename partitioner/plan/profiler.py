@@ -1,13 +1,17 @@
-"""Per-layer time and memory of a segment on the machine it runs on.
+"""Per-layer time and memory of a segment on the machine it runs on, and whole steps of segments side by side.
 
 Times come from forward hooks around every decoder layer (and the
 embedding and head) while the segment runs a real prefill and real decode
-steps with its KV cache; medians over repeats.
+steps with its KV cache; medians over repeats. ``step_times`` times whole
+steps of several segments taking turns (the fast tail's candidates, the two
+CPU decode paths of ``decode_paths``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import platform
 import statistics
@@ -19,6 +23,8 @@ from pathlib import Path
 import torch
 
 from runtime.segment import Segment, SegmentInput
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -170,3 +176,70 @@ def profile_segment(
         else:
             profile.layers[int(name)] = cost
     return profile
+
+
+# ---- whole steps, side by side ------------------------------------------------------------------
+
+
+def _session_times(segment: Segment, prompt: int, steps: int) -> tuple[float, float]:
+    """One session: (prefill ms per position, mean decode step ms) of random hidden states."""
+    session, C = uuid.uuid4().hex, segment.spec.hidden_size
+    try:
+        start = time.perf_counter()
+        segment([SegmentInput(session, 0, hidden=torch.randn(prompt, C))], last_only=True)
+        middle = time.perf_counter()
+        for s in range(steps):
+            segment([SegmentInput(session, prompt + s, hidden=torch.randn(1, C))], last_only=True)
+        end = time.perf_counter()
+    finally:
+        segment.close_session(session)
+    return (middle - start) * 1000 / prompt, (end - middle) * 1000 / steps
+
+
+def step_times(
+    segments: dict[str, Segment], threads: int = 1, rounds: int = 5, prompt: int = 64, steps: int = 8
+) -> dict[str, dict]:
+    """Each segment's decode step (ms, head included) and prefill/replay cost per position (ms).
+
+    The segments take turns (one session each per round) and each keeps its fastest round, so a busy
+    machine slows them alike and its bursts drop out (noise only ever adds time).
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    best = {name: (math.inf, math.inf) for name in segments}
+    try:
+        for _ in range(rounds):
+            for name, segment in segments.items():
+                prefill, step = _session_times(segment, prompt, steps)
+                best[name] = (min(best[name][0], prefill), min(best[name][1], step))
+    finally:
+        torch.set_num_threads(previous)
+    return {
+        name: {"step_ms": round(step, 4), "prefill_ms_per_token": round(prefill, 4), "threads": threads}
+        for name, (prefill, step) in best.items()
+    }
+
+
+def decode_paths(eager: Segment, compiled: Segment, threads: int, rounds: int = 3, steps: int = 8) -> dict:
+    """One decode step of the same layers eager and compiled (``runtime.cpu_decode``), ms, taking turns:
+    ``{"layers", "threads", "eager_ms", "compiled_ms"}`` (``compiled_ms`` None where it does not compile here).
+    ``compiled`` is compiled at ``threads`` threads here (Inductor's kernels keep the thread count they were
+    built at)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    segments = {"eager": eager, "compiled": compiled}
+    try:
+        compiled.compile_decode(max_rows=1)  # one session's decode row: the step the plan predicts
+    except Exception as e:  # noqa: BLE001 -- as runtime.cpu_decode.CpuDecode.apply: e.g. no C++ compiler here
+        logger.warning("the compiled CPU decode path is unavailable here, timing eager only: %r", e)
+        del segments["compiled"]
+    finally:
+        torch.set_num_threads(previous)
+    times = step_times(segments, threads, rounds, prompt=16, steps=steps)
+    return {"layers": eager.end - eager.start, "threads": threads, "eager_ms": times["eager"]["step_ms"],
+            "compiled_ms": times["compiled"]["step_ms"] if "compiled" in times else None}
+
+
+def faster_compiled(measured: dict | None) -> bool:
+    """Whether a side-by-side timing (``decode_paths``) found the compiled step the shorter."""
+    return bool(measured) and measured["compiled_ms"] is not None and measured["compiled_ms"] < measured["eager_ms"]

@@ -51,18 +51,66 @@ def _plot(path: Path, plan: dict, data: dict, threads: int, num_layers: int) -> 
 
 def _candidates_table(plan: dict) -> list[str]:
     rows = [
-        "| rank | splits | codecs (dev-edge / edge-cloud) | compression (dev / edge) | TTFT ms | per-token ms "
-        "| expected ms | bytes/token dev-edge | bytes/token edge-cloud | Δ ppl % |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| rank | splits | codecs (dev-edge / edge-cloud) | compression (dev / edge) | CPU decode (dev / edge) "
+        "| TTFT ms | per-token ms | expected ms | bytes/token dev-edge | bytes/token edge-cloud | Δ ppl % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, c in enumerate(plan["candidates"], 1):
+        decode = c.get("cpu_decode") or {}
         rows.append(
             f"| {i} | {c['splits'][0]},{c['splits'][1]} | {c['codecs']['device_edge']} / {c['codecs']['edge_cloud']} "
-            f"| {c['compression']['device']} / {c['compression']['edge']} | {c['ttft_ms']:.1f} "
+            f"| {c['compression']['device']} / {c['compression']['edge']} "
+            f"| {decode.get('device', 'eager')} / {decode.get('edge', 'eager')} | {c['ttft_ms']:.1f} "
             f"| {c['per_token_ms']:.2f} | {c['expected_ms']:.1f} | {c['link_bytes_per_token']['device_edge']:.0f} "
             f"| {c['link_bytes_per_token']['edge_cloud']:.0f} | {c['perplexity_delta_pct']:.2f} |"
         )
     return rows
+
+
+def _ms(value: float | None) -> str:
+    return "- (no compiler)" if value is None else f"{value:.3f}"
+
+
+def _exactness(entry: dict) -> str:
+    return "exact" if entry["name"] == "none" else "low-bit"
+
+
+def cpu_decode_lines(plan: dict, data: dict) -> list[str]:
+    """How each CPU tier decodes, and the draft cost speculation weighs (plan.json's ``cpu_decode``)."""
+    chosen = plan.get("cpu_decode") or {}
+    if not chosen:
+        return []
+    fast = plan["fast_tail"]
+    draft = (plan.get("predicted", {}).get("paths") or {}).get("fast", {}).get("step_ms")
+    lines = [
+        "## CPU decode",
+        "",
+        f"Each CPU tier runs its decode steps on the path of the shorter measured step (`runtime/cpu_decode.py`): "
+        f"device `{chosen['device']}`, edge `{chosen['edge']}`, fast tail `{chosen['fast_tail']}`. The agents "
+        "take it unless `--cpu-decode eager|compiled` overrides it. The edge's layers are "
+        f"`{plan['compression']['edge']['name']}` ({_exactness(plan['compression']['edge'])}), the fast tail's "
+        f"`{fast['compression']['name']}` ({_exactness(fast['compression'])}).",
+    ]
+    if draft is not None:
+        lines += [
+            "",
+            f"A drafted token costs the edge {draft:.2f} ms (its [0, k2) and the fast tail, on those paths): the "
+            "draft cost speculation weighs. Speculation's tokens are the plain accurate path's whatever the "
+            "paths and precisions: the cloud accepts only drafts equal to its own tokens.",
+        ]
+    measured = data.get("cpu_decode") or {}
+    if measured:
+        lines += ["", "One decode step of a sample of the layers, eager and compiled side by side:", "",
+                  "| compression@threads | layers | eager ms | compiled ms | compiled / eager |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {k} | {m['layers']} | {m['eager_ms']:.3f} | {_ms(m['compiled_ms'])} "
+                  f"| {'-' if m['compiled_ms'] is None else format(m['compiled_ms'] / m['eager_ms'], '.2f')} |"
+                  for k, m in sorted(measured.items())]
+    tail = fast.get("cpu_decode") or {}
+    if tail.get("compiled_ms") is not None:
+        lines += ["", f"The fast tail's whole step: eager {tail['eager_ms']:.3f} ms, compiled "
+                      f"{tail['compiled_ms']:.3f} ms at {tail['threads']} threads."]
+    return lines + [""]
 
 
 def _measured_section(measured: dict) -> list[str]:
@@ -116,6 +164,7 @@ def write_report(out: Path, plan: dict, topo: Topology, data: dict, num_layers: 
         "",
         "![per-layer latency, activation size and cuts](report.png)",
         "",
+        *cpu_decode_lines(plan, data),
         "## Measurements used",
         "",
         "Codecs (both links, at splits L/3, 2L/3; the planner charges half to each link):",

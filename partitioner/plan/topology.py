@@ -29,6 +29,10 @@ class Tier(_Strict):
     profile: str | None = Field(None, description="profile JSON measured on this tier (splitglm profile)")
     speed_factor: float = Field(1.0, gt=0, description="speed relative to the profiled machine; 2.0 = twice as fast")
     max_sessions: int = Field(1, ge=1, description="concurrent sessions whose KV caches must fit")
+    cpu_decode: Literal["auto", "eager", "compiled"] = Field(
+        "auto", description="device and edge with the torch backend: how the tier runs its decode steps "
+        "(runtime.cpu_decode; the edge's fast tail too); auto = the path whose measured step is shorter"
+    )
     gpu_weights: Literal["bfloat16", "fp8"] | None = Field(
         None, description="cloud only: its GPU's weights for the layers' products; fp8 = E4M3 with per-channel "
         "scales (Ada, Hopper), about half the bytes of bfloat16 (`splitglm bench cloud-fp8` measures its cost)"
@@ -67,6 +71,10 @@ class Topology(_Strict):
         for name in ("device", "edge"):
             if self.tiers[name].gpu_weights is not None:
                 raise ValueError(f"gpu_weights is the cloud tier's setting; tier {name} has it")
+        for name, tier in self.tiers.items():
+            if tier.cpu_decode == "compiled" and (name == "cloud" or tier.backend != "torch"):
+                raise ValueError(f"cpu_decode: compiled is for a device or edge tier of the torch backend; tier "
+                                 f"{name} is {'the cloud' if name == 'cloud' else tier.backend}")
         if set(self.links) != set(LINKS):
             raise ValueError(f"links must be exactly {', '.join(LINKS)}; got {', '.join(sorted(self.links))}")
         return self

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -112,12 +113,16 @@ def test_local_demo_generates_through_three_segments(demo_checkpoint):
 @pytest.mark.slow
 def test_partition_writes_a_verified_plan(demo_checkpoint, tmp_path):
     out = tmp_path / "plan"
+    topology = tmp_path / "cellular.yaml"  # the edge eager: compiling its samples is tests/partitioner/plan's
+    text = Path("examples/topologies/cellular.yaml").read_text()
+    topology.write_text(text.replace("edge:   {backend: torch,", "edge:   {backend: torch, cpu_decode: eager,"))
+    assert topology.read_text() != text
     r = splitglm(
         "partition",
         "--model",
         demo_checkpoint,
         "--topology",
-        "examples/topologies/cellular.yaml",
+        str(topology),
         "--out",
         str(out),
         timeout=1200,
@@ -129,6 +134,7 @@ def test_partition_writes_a_verified_plan(demo_checkpoint, tmp_path):
     assert set(plan["codecs"]) == {"device_edge", "edge_cloud"}
     assert set(plan["compression"]) == {"device", "edge", "cloud"}
     assert plan["predicted"]["ttft_ms"] > 0 and plan["predicted"]["per_token_ms"] > 0
+    assert plan["cpu_decode"] == {"device": "eager", "edge": "eager", "fast_tail": "eager"}
     assert plan["perplexity_delta_pct"] <= 1.5  # the topology's quality floor
     for tier in ("device", "edge", "cloud", "fast_tail"):
         manifest = json.loads((out / tier / "manifest.json").read_text())

@@ -76,7 +76,10 @@ def test_relay_batch_of_decode_rows_equals_eager(tiny_glm):
 def test_steps_take_their_graph(tiny_glm):
     """A prompt longer than ``max_rows`` runs eagerly, a step of a few rows the rows graph, a decode row the
     one-session graph; the answers stay the eager ones."""
+    from torch._dynamo.utils import counters
+
     eager, segment = whole(tiny_glm), whole(tiny_glm, compiled=True)
+    graphs = counters["stats"]["unique_graphs"]
     calls = []
     for name in ("_one", "_rows"):
         real = getattr(segment.compiled, name)
@@ -86,6 +89,7 @@ def test_steps_take_their_graph(tiny_glm):
         want, got = (s([SegmentInput("p", start, input_ids=ids)])[0] for s in (eager, segment))
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
     assert calls == ["_rows", "_one", "_one"]
+    assert counters["stats"]["unique_graphs"] == graphs  # the warm-up's graphs serve the real pool: no recompile
 
 
 @pytest.mark.slow
@@ -114,7 +118,7 @@ def test_settings_choose_the_path(tiny_glm, tiny_plan):
 
     device = DeviceSettings(plan=tiny_plan, device_id="d", cpu_decode="compiled", cpu_decode_max_rows=3)
     assert CpuDecode.of(device) == CpuDecode("compiled", 3)
-    assert CpuDecode.of(EdgeSettings(plan=tiny_plan)) == CpuDecode("eager", 16)
+    assert CpuDecode.of(EdgeSettings(plan=tiny_plan)) == CpuDecode("plan", 16)  # the plan's path
     with pytest.raises(ValueError):
         DeviceSettings(plan=tiny_plan, device_id="d", cpu_decode="fast")
     eager, compiled = (Segment.from_checkpoint(tiny_glm, 0, 2) for _ in range(2))

@@ -102,7 +102,8 @@ def test_choose_measures_the_tiny_model_and_reuses_its_cache(tiny_glm):
     assert exact["perplexity_delta_pct"] == 0 and exact["token_agreement"] == 1.0 and exact["tokens"] == 254
     assert exact["step_ms"] > 0 and exact["prefill_ms_per_token"] > 0
     assert choice.name in ("none", "int8") and floor.meets(choice.measured[choice.name])
-    assert set(choice.record()) == {"compression", "quality", "floor", "candidates"}
+    assert set(choice.record()) == {"compression", "quality", "floor", "candidates", "cpu_decode"}
+    assert choice.record()["cpu_decode"] == {"path": "eager"}  # until choose_decode_path times it
     assert choice.record()["compression"]["passes"] == FAST_TAIL_COMPRESSIONS[choice.name]
     # the cache holds both; a planted number proves it is read back instead of measured again
     data["fast_tail"]["k2=4"]["int8"]["quality"]["token_agreement"] = 0.5
