@@ -1,0 +1,142 @@
+"""Tensor parallelism on CPU (gloo, fp32): 2 ranks give 1 rank's greedy tokens and logits within 1e-4.
+
+The same script of steps (a chunked prefill, a mixed batch, decode steps, a multi-position verification, a
+rewind, a fork, a session closed and reopened) runs on the whole segment here and through a ``Leader`` on
+rank 0 of a spawned 2-rank replica, whose follower runs the broadcast calls on its shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from runtime.checkpoint import GlmSpec
+from runtime.sampling import SampleRow
+from runtime.segment import Segment, SegmentInput
+from runtime.tensor_parallel import ShardError, head_slices, shard_segment, split_problem
+from runtime.tp_ranks import Leader, Ranks, follow, init_ranks, rendezvous
+
+GLM = GlmSpec(model_type="glm", vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=4,
+              num_kv_heads=2, head_dim=16, rotary_dim=8, rope_theta=10000.0, rms_norm_eps=1e-5, attention_bias=True,
+              tie_word_embeddings=False, eos_token_ids=())
+GLM4_ONE_KV = dataclasses.replace(GLM, model_type="glm4", num_kv_heads=1)  # 2 ranks: the KV head replicated
+GREEDY = SampleRow()
+
+
+def tiny_segment(spec: GlmSpec, seed: int = 0) -> Segment:
+    """A whole random segment (embedding, layers, head), biases and norms perturbed."""
+    torch.manual_seed(seed)
+    segment = Segment(spec, 0, spec.num_layers, embed=True, head=True)
+    with torch.no_grad():
+        for name, p in segment.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return segment.eval()
+
+
+def script(segment) -> list:
+    """Steps of three sessions through ``segment`` (a Segment or a Leader); every output, in order."""
+    out: list = []
+
+    def run(items, last_only=False):
+        got = segment(items, last_only)
+        out.extend(got)
+        return got
+
+    def ids(*tokens):
+        return torch.tensor(tokens)
+
+    prompt = ids(5, 17, 33, 2, 90, 41, 8)
+    run([SegmentInput("a", 0, input_ids=prompt[:3], reserve=16)])  # a prompt in chunks of 3
+    run([SegmentInput("a", 3, input_ids=prompt[3:6])])
+    (a,) = run([SegmentInput("a", 6, input_ids=prompt[6:], sample=(GREEDY,))])
+    b = None
+    for step in range(4):  # a's decode steps; b's prompt joins the first, then decodes beside a
+        items = [SegmentInput("a", 7 + step, input_ids=ids(a.tokens[-1]), sample=(GREEDY,))]
+        items.append(SegmentInput("b", 0, input_ids=ids(60, 61, 62, 63, 64), sample=(GREEDY,)) if b is None else
+                     SegmentInput("b", 4 + step, input_ids=ids(b.tokens[-1]), sample=(GREEDY,)))
+        a, b = run(items)
+    drafts = ids(a.tokens[-1], 7, 9)  # a verification: the last token and 2 drafts, sampled after each
+    run([SegmentInput("a", 11, input_ids=drafts, sample=(GREEDY,) * 3)])
+    run([SegmentInput("a", 11, input_ids=drafts)])  # the same positions again (a rewind), every row's logits
+    segment.fork_session("a", "c", 11, reserve=14)
+    run([SegmentInput("c", 11, input_ids=ids(3, 4), sample=(GREEDY,))])
+    segment.close_session("b")
+    run([SegmentInput("b", 0, input_ids=ids(1, 2, 3), sample=(GREEDY,) * 2)])  # reopened: a new prompt
+    segment.reserve("b", 8)
+    run([SegmentInput("b", 3, input_ids=ids(11)), SegmentInput("a", 14, input_ids=ids(12))], last_only=True)
+    return out
+
+
+def _rank(rank: int, world: int, port: int, spec: GlmSpec, state: dict, results: dict) -> None:
+    torch.set_num_threads(1)
+    ranks = init_ranks(rank, world, rendezvous("127.0.0.1", port, world, 30, rank == 0), "gloo", 30)
+    segment = tiny_segment(spec)
+    segment.load_state_dict(state)
+    shard_segment(segment, ranks)
+    if rank == 0:
+        leader = Leader(segment, ranks)
+        results["outputs"] = script(leader)
+        results["kv_heads"] = segment.pool.k.shape[-2]
+        leader.stop()
+    else:
+        results["follower_code"] = follow(segment, ranks)
+
+
+def _replica(world: int, spec: GlmSpec, state: dict) -> dict:
+    """Run ``script`` on a ``world``-rank replica of the segment with these weights: rank 0's results."""
+    with socket.socket() as s:  # a free port for rank 0's store
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    manager = mp.get_context("spawn").Manager()
+    results = manager.dict()
+    mp.spawn(_rank, args=(world, port, spec, state, results), nprocs=world, join=True)
+    return dict(results)
+
+
+def assert_same(whole: list, split: list) -> None:
+    assert len(whole) == len(split)
+    for ours, theirs in zip(whole, split):
+        if isinstance(ours, torch.Tensor):
+            assert ours.shape == theirs.shape and ours.shape[-1] == GLM.vocab_size
+            torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+        else:
+            assert theirs.tokens == ours.tokens
+            torch.testing.assert_close(torch.tensor(theirs.logprobs), torch.tensor(ours.logprobs), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("spec", [GLM, GLM4_ONE_KV], ids=["glm-kv-split", "glm4-kv-replicated"])
+def test_two_ranks_give_one_ranks_tokens_and_logits(spec):
+    whole = tiny_segment(spec)
+    expected = script(whole)
+    results = _replica(2, spec, whole.state_dict())
+    assert results["follower_code"] == 0
+    assert results["kv_heads"] == max(spec.num_kv_heads // 2, 1)  # each rank's pool holds its heads only
+    assert_same(expected, results["outputs"])
+
+
+def test_head_slices_follow_their_kv_heads():
+    assert head_slices(4, 2, 1, 2) == (slice(2, 4), slice(1, 2))
+    assert head_slices(8, 2, 3, 4) == (slice(6, 8), slice(1, 2))  # 4 ranks, 2 KV heads: each on 2 ranks
+    assert head_slices(32, 2, 0, 2) == (slice(0, 16), slice(0, 1))
+    for world in (1, 2, 4, 8):  # GLM-4-9B's shape: every query head once, reading its own KV head
+        seen = []
+        for rank in range(world):
+            q, kv = head_slices(32, 2, rank, world)
+            seen += list(range(q.start, q.stop))
+            assert {h // 16 for h in range(q.start, q.stop)} == set(range(kv.start, kv.stop))
+        assert seen == list(range(32))
+
+
+def test_split_problems_are_named():
+    assert split_problem(32, 2, 13696, 2) is None and split_problem(32, 2, 13696, 8) is None
+    assert "query heads" in split_problem(4, 2, 96, 3)
+    assert "KV heads" in split_problem(12, 4, 96, 6)
+    assert "MLP width" in split_problem(4, 2, 90, 4)
+    assert ">= 1" in split_problem(4, 2, 96, 0)
+    with pytest.raises(ShardError, match="query heads"):
+        shard_segment(tiny_segment(GLM), Ranks(0, 3))
