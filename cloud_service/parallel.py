@@ -45,8 +45,7 @@ def check(settings: CloudSettings) -> None:
         raise SettingsError(f"tensor_parallel {n}: this machine has {torch.cuda.device_count()} GPU(s), and each "
                             "rank needs its own")
     if settings.dtype == "fp8":
-        raise SettingsError("tensor_parallel runs the eager PyTorch layers: fp8 needs the CUDA engine of one GPU; "
-                            "pass --dtype bfloat16")
+        raise SettingsError("tensor_parallel does not take fp8 weights yet: pass --dtype bfloat16")
     try:
         spec = load_spec(Path(settings.plan) / "cloud")
     except CheckpointError:

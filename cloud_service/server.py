@@ -271,7 +271,7 @@ def weights_format(plan: Path, settings: CloudSettings, device: torch.device) ->
 def load_segment(plan: Path, settings: CloudSettings, ranks: Ranks | None = None):
     """The plan's verified cloud tier on the settings' device and dtype, its KV pool sized; and its hidden size.
 
-    With ``ranks`` (tensor parallel), this rank's shard of it (``runtime.tensor_parallel``), eager PyTorch.
+    With ``ranks`` (tensor parallel), this rank's shard of it (``runtime.tensor_parallel``).
     """
     device = resolve_device(settings.device)
     weights = weights_format(plan, settings, device)
@@ -282,18 +282,17 @@ def load_segment(plan: Path, settings: CloudSettings, ranks: Ranks | None = None
         mib = 8192 if device.type == "cuda" else 1024
     if ranks is not None:
         try:
-            segment = shard_segment(segment, ranks).to(device=device, dtype=dtype)
+            segment = shard_segment(segment, ranks)
         except ShardError as e:
             raise SettingsError(f"tensor_parallel {ranks.world}: {e}") from None
-        segment.configure_pool(tokens=settings.kv_pool_tokens, mib=None if settings.kv_pool_tokens else mib)
-    elif device.type == "cuda":
+    if device.type == "cuda":
         from runtime.cuda import CudaEngine
 
         segment = CudaEngine(segment, dtype=dtype, fp8_linears=weights == "fp8", pool_tokens=settings.kv_pool_tokens,
                              pool_mib=mib,
                              prefill_chunk=settings.prefill_chunk, max_batch=settings.max_batch,
                              max_sessions=settings.max_sessions,
-                             max_positions=settings.max_positions, graphs=settings.cuda_graphs)
+                             max_positions=settings.max_positions, graphs=settings.cuda_graphs, ranks=ranks)
     elif isinstance(segment, torch.nn.Module):
         segment = segment.to(dtype=dtype)
         segment.configure_pool(tokens=settings.kv_pool_tokens, mib=None if settings.kv_pool_tokens else mib)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from runtime.checkpoint import GlmSpec
+from runtime.segment import Segment
 from runtime.tp_ranks import Ranks
 
 
@@ -138,6 +139,8 @@ def shard_mlp(mlp: nn.Module, ranks: Ranks) -> None:
 
 def shard_segment(segment, ranks: Ranks):
     """Cut a loaded ``Segment`` (no session yet) into this rank's shard, in place; ShardError if it cannot be."""
+    if not isinstance(segment, Segment):
+        raise ShardError(f"tensor parallelism splits PyTorch segments, not a {type(segment).__name__}")
     if segment.sessions:
         raise ShardError("a segment is sharded before its first session")
     if segment.compiled is not None:

@@ -140,3 +140,25 @@ def test_split_problems_are_named():
     assert ">= 1" in split_problem(4, 2, 96, 0)
     with pytest.raises(ShardError, match="query heads"):
         shard_segment(tiny_segment(GLM), Ranks(0, 3))
+
+
+@pytest.mark.parametrize("spec", [GLM, GLM4_ONE_KV], ids=["glm", "glm4-one-kv"])
+def test_the_cuda_engines_weights_of_a_shard_are_its_slices(spec):
+    """``weights_of`` a shard (what the CUDA engine runs with ranks) takes its slices, in the shape the bench's
+    random shard weights have; rank 1's q|k|v rows are the whole layer's rows of its heads."""
+    from runtime.cuda_weights import random_weights, weights_of
+
+    whole = tiny_segment(spec)
+    shard = shard_segment(tiny_segment(spec), Ranks(1, 2))
+    got, made = weights_of(shard, torch.float32, "cpu"), random_weights(spec, spec.num_layers, False, True,
+                                                                        torch.float32, "cpu", world=2)
+    for ours, theirs in zip(got.layers, made.layers):
+        for name in ("qkv", "o", "gate_up", "down"):
+            assert getattr(ours, name).shape == getattr(theirs, name).shape, name
+    assert got.lm_head.shape == made.lm_head.shape == (-(-spec.vocab_size // 2), spec.hidden_size)
+    q, kv = head_slices(spec.num_heads, spec.num_kv_heads, 1, 2)
+    attn, D = whole.layers["0"].self_attn, spec.head_dim
+    expected = torch.cat([attn.q_proj.weight[q.start * D : q.stop * D], attn.k_proj.weight[kv.start * D : kv.stop * D],
+                          attn.v_proj.weight[kv.start * D : kv.stop * D]])
+    assert torch.equal(got.layers[0].qkv, expected)
+    assert torch.equal(got.layers[0].o, attn.o_proj.weight[:, q.start * D : q.stop * D])
