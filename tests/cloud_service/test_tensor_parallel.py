@@ -74,6 +74,18 @@ def test_a_killed_rank_takes_the_replica_down(tiny_plan):
         proc.stop()
 
 
+def test_a_follower_exits_when_rank_0_is_killed(tiny_plan):
+    proc, _, follower = start_replica(tiny_plan)
+    try:
+        assert not gone(follower, 0.5)
+        os.kill(proc.popen.pid, signal.SIGKILL)  # no clean stop: the follower must notice by itself
+        assert gone(follower, 15), "the follower outlived rank 0"
+    finally:
+        proc.stop()
+        if not gone(follower, 0):
+            os.kill(follower, signal.SIGKILL)
+
+
 def test_bad_tensor_parallel_settings_exit_2(tiny_plan, caplog, monkeypatch):
     assert main(["--plan", tiny_plan, "--tensor-parallel", "0"]) == 2
     assert "tensor-parallel" in caplog.text and "greater than or equal to 1" in caplog.text
