@@ -3,8 +3,8 @@
 The service's own process is rank 0: it spawns ranks 1 .. N-1 (``torch.multiprocessing``, spawn), meets
 them at a TCP store on loopback, loads its shard and serves exactly as one rank does, its scheduler calling
 a ``runtime.tp_ranks.Leader`` that broadcasts each call to the followers. Collectives run over NCCL on
-cuda (rank r on GPU r), over gloo on cpu. Each rank loads only its slices of the plan's cloud tier and holds
-only its KV heads.
+cuda (rank r on GPU r), over gloo on cpu. Each rank keeps only its slices of the plan's cloud tier and only
+its KV heads; it reads the whole tier on the host first, then slices it (host memory: N copies while loading).
 
 Failure: a follower that exits, or a collective that fails or hangs past ``tp_timeout_s``, takes the replica
 down: health NOT_SERVING, the process exits with code 1 (after ``grace_s``), the edge fails over. A follower
