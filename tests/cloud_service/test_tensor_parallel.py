@@ -22,10 +22,10 @@ from .conftest import Run, reference
 FOLLOWER = re.compile(r"rank 1 of 2 runs as pid (\d+)")
 
 
-def start_replica(plan: str) -> tuple[Proc, int, int]:
+def start_replica(plan: str, timeout_s: float = 20) -> tuple[Proc, int, int]:
     """A 2-rank cloud process: it, its gRPC port, its follower's pid."""
     proc = Proc.python("cloud-tp", "cloud_service", "--plan", plan, "--host", "127.0.0.1", "--port", "0",
-                       "--threads", "1", "--grace-s", "1", "--tensor-parallel", "2", "--tp-timeout-s", "20")
+                       "--threads", "1", "--grace-s", "1", "--tensor-parallel", "2", "--tp-timeout-s", str(timeout_s))
     url = proc.ready(60)
     return proc, int(url.rsplit(":", 1)[1]), int(proc.wait_for(FOLLOWER, 5).group(1))
 
@@ -45,13 +45,15 @@ def gone(pid: int, timeout: float) -> bool:
 
 
 def test_two_ranks_serve_one_ranks_tokens_and_stop_cleanly(tiny_plan, edge, tiny_glm):
-    proc, port, follower = start_replica(tiny_plan)
+    proc, port, follower = start_replica(tiny_plan, timeout_s=3)
     try:
         proc.wait_for("each with 1 of 2 KV heads", 5)  # each rank holds one KV head
-        run = Run(edge, port, [4, 8, 15, 16, 23, 42], 6)()
-        tokens, logprobs = reference(tiny_glm, run.prompt, 6)
-        assert run.tokens == tokens
-        torch.testing.assert_close(torch.tensor(run.logprobs), torch.tensor(logprobs), atol=1e-4, rtol=0)
+        tokens, logprobs = reference(tiny_glm, [4, 8, 15, 16, 23, 42], 6)
+        for idle_s in (0, 4):  # idle past --tp-timeout-s: the follower waits for the next step without a limit
+            time.sleep(idle_s)
+            run = Run(edge, port, [4, 8, 15, 16, 23, 42], 6)()
+            assert run.tokens == tokens
+            torch.testing.assert_close(torch.tensor(run.logprobs), torch.tensor(logprobs), atol=1e-4, rtol=0)
         assert proc.stop(timeout=20) == 0, proc.output
         assert gone(follower, 5)
         assert "replica is down" not in proc.output
