@@ -77,6 +77,7 @@ class Replica:
                 logger.warning("%s (pid %d) did not exit: terminated", proc.name, proc.pid)
                 proc.terminate()
                 proc.join(timeout)
+        self.ranks.close()
 
 
 def backend(settings: CloudSettings) -> str:
@@ -141,4 +142,6 @@ def follower_main(settings: CloudSettings, rank: int, port: int) -> None:
         logger.exception("rank %d of %d could not start", rank, n)
         sys.exit(1)
     logger.info("rank %d of %d: ready, %d of %d KV heads", rank, n, shard.kv_heads, shard.spec.num_kv_heads)
-    sys.exit(follow(shard, ranks))
+    code = follow(shard, ranks)
+    ranks.close()
+    sys.exit(code)

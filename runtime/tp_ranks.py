@@ -84,6 +84,16 @@ class Ranks:
         self._collective(dist.broadcast_object_list, box, src=0, group=self.control)
         return box[0]
 
+    def close(self) -> None:
+        """Leave the process groups; call it before the process exits (a group still held then can abort the
+        exit: "terminate called without an active exception")."""
+        if not dist.is_initialized():
+            return
+        try:
+            dist.destroy_process_group()
+        except Exception as e:  # noqa: BLE001 -- a failed replica's groups: the process is leaving anyway
+            logger.warning("rank %d: leaving the process groups failed: %r", self.rank, e)
+
     def _collective(self, fn, *args, **kwargs) -> None:
         self.check()
         try:

@@ -73,6 +73,7 @@ def _follower(rank: int, n: int, port: int, args: argparse.Namespace, spec) -> N
     follow(shard_engine(args, spec, ranks), ranks)
     for batch in (1, 32):
         all_reduce_ms(spec, batch, args.repeats)
+    ranks.close()
 
 
 def run_parallel(args: argparse.Namespace, spec) -> dict:
@@ -108,4 +109,5 @@ def run_parallel(args: argparse.Namespace, spec) -> dict:
     out["graphs"] = dict(engine.stats)
     for proc in procs:
         proc.join(60)
+    ranks.close()
     return out

@@ -85,6 +85,7 @@ def _rank(rank: int, world: int, folder: str, spec: GlmSpec, state: dict) -> Non
         leader.stop()
     else:
         results = {"follower_code": follow(segment, ranks)}
+    ranks.close()
     torch.save(results, f"{folder}/rank{rank}.pt")
 
 
