@@ -1,7 +1,8 @@
 """``python -m cloud_service``: serve a plan's cloud segment over gRPC until SIGTERM or SIGINT.
 
 Exit codes: 0 after a clean shutdown, 1 when the plan folder cannot be
-served (missing, tampered with, not a plan), 2 for invalid settings.
+served (missing, tampered with, not a plan) or the service failed (a rank of
+its tensor-parallel replica died), 2 for invalid settings.
 """
 
 from __future__ import annotations
@@ -31,7 +32,12 @@ def main(argv: list[str] | None = None) -> int:
 
     with stop_on_signals() as stop, tracing.running("splitglm-cloud"):  # (before the gRPC server is made)
         try:
-            server = serve(settings)
+            if settings.tensor_parallel > 1:
+                from .parallel import serve_parallel
+
+                server = serve_parallel(settings, stop.set)
+            else:
+                server = serve(settings)
         except SettingsError as e:
             logger.error("%s", e)
             return 2
@@ -42,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             pass
         logger.info("shutting down: health NOT_SERVING, %.1f s for running streams", settings.grace_s)
         server.stop(settings.grace_s)
-        return 0
+        return 1 if server.failure else 0
 
 
 if __name__ == "__main__":

@@ -34,7 +34,9 @@ from runtime import logs, tracing
 from runtime.artifacts import load_plan, load_tier
 from runtime.checkpoint import load_spec
 from runtime.grammar import tier_grammars
+from runtime.tensor_parallel import ShardError, shard_segment
 from runtime.terminal import StepError, status_of
+from runtime.tp_ranks import Ranks
 
 from .batcher import Batcher, Limits
 from .metrics import CloudMetrics
@@ -182,6 +184,8 @@ class CloudServer:
     port: int
     tls: bool = False
     metrics: CloudMetrics | None = None  # served on metrics_port, when set
+    replica: object = None  # with tensor parallelism: the other ranks (``cloud_service.parallel.Replica``)
+    failure: str = ""  # why the service failed ("" while it works)
 
     @property
     def url(self) -> str:
@@ -203,11 +207,19 @@ class CloudServer:
 
         threading.Thread(target=watch, name="cloud-health", daemon=True).start()
 
+    def fail(self, reason: str) -> None:
+        """The service cannot serve any more (a rank of its replica died): health NOT_SERVING, for good."""
+        self.failure = self.failure or reason
+        logger.error("cannot serve any more (%s): health NOT_SERVING (restart this process)", reason)
+        self.drain()
+
     def stop(self, grace: float | None = 0.0) -> None:
         """Drain, let running streams finish for ``grace`` seconds, cancel the rest, stop the scheduler."""
         self.drain()
         self.server.stop(grace).wait()
         self.batcher.stop()  # after the streams: steps still queued fail (UNAVAILABLE)
+        if self.replica is not None:
+            self.replica.stop()
         self.executor.shutdown(wait=True)  # the streams' threads, woken by the cancellation
         if self.metrics is not None:
             self.metrics.stop()
@@ -256,8 +268,11 @@ def weights_format(plan: Path, settings: CloudSettings, device: torch.device) ->
     return name
 
 
-def load_segment(plan: Path, settings: CloudSettings):
-    """The plan's verified cloud tier on the settings' device and dtype, its KV pool sized; and its hidden size."""
+def load_segment(plan: Path, settings: CloudSettings, ranks: Ranks | None = None):
+    """The plan's verified cloud tier on the settings' device and dtype, its KV pool sized; and its hidden size.
+
+    With ``ranks`` (tensor parallel), this rank's shard of it (``runtime.tensor_parallel``).
+    """
     device = resolve_device(settings.device)
     weights = weights_format(plan, settings, device)
     dtype = resolve_dtype(weights, device)
@@ -265,6 +280,11 @@ def load_segment(plan: Path, settings: CloudSettings):
     mib = settings.kv_pool_mib
     if mib is None and settings.kv_pool_tokens is None:
         mib = 8192 if device.type == "cuda" else 1024
+    if ranks is not None:
+        try:
+            segment = shard_segment(segment, ranks)
+        except ShardError as e:
+            raise SettingsError(f"tensor_parallel {ranks.world}: {e}") from None
     if device.type == "cuda":
         from runtime.cuda import CudaEngine
 
@@ -272,7 +292,7 @@ def load_segment(plan: Path, settings: CloudSettings):
                              pool_mib=mib,
                              prefill_chunk=settings.prefill_chunk, max_batch=settings.max_batch,
                              max_sessions=settings.max_sessions,
-                             max_positions=settings.max_positions, graphs=settings.cuda_graphs)
+                             max_positions=settings.max_positions, graphs=settings.cuda_graphs, ranks=ranks)
     elif isinstance(segment, torch.nn.Module):
         segment = segment.to(dtype=dtype)
         segment.configure_pool(tokens=settings.kv_pool_tokens, mib=None if settings.kv_pool_tokens else mib)
@@ -310,11 +330,15 @@ def bind(server: grpc.Server, settings: CloudSettings) -> int:
         raise OSError(f"cannot listen on {address}:{settings.port}{hint}: {e}") from None
 
 
-def serve(settings: CloudSettings) -> CloudServer:
-    """Load the cloud segment, start the scheduler and the gRPC server; return once it serves."""
+def serve(settings: CloudSettings, segment=None) -> CloudServer:
+    """Load the cloud segment (or take ``segment``: a tensor-parallel ``Leader``), start the scheduler and the
+    gRPC server; return once it serves."""
     torch.set_num_threads(settings.threads)
     device = resolve_device(settings.device)
-    segment, hidden_size = load_segment(settings.plan, settings)
+    if segment is None:
+        segment, hidden_size = load_segment(settings.plan, settings)
+    else:
+        hidden_size = segment.spec.hidden_size
     limits = Limits(settings.max_sessions, settings.max_batch, settings.max_tokens, settings.max_positions,
                     settings.session_ttl_s, settings.prefill_chunk, settings.max_draft)
     grammars = tier_grammars([Path(settings.plan) / "cloud"], segment.spec.vocab_size, settings.grammar_limits())

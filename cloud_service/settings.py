@@ -46,6 +46,10 @@ class CloudSettings(GrammarSettings, LogSettings):
     prefill_chunk: int = Field(
         default=256, ge=1, description="prompt positions per step: a long prompt delays decode steps by one chunk"
     )
+    tensor_parallel: int = Field(default=1, ge=1, le=64, description="processes the cloud segment is split across "
+                                 "by tensor parallelism, ranks (one per GPU on cuda, gloo on cpu); rank 0 serves gRPC")
+    tp_timeout_s: float = Field(default=60.0, gt=0, description="with tensor_parallel > 1: longest wait of one "
+                                "collective between ranks (a rank that hangs takes the replica down), seconds")
     cuda_graphs: bool = Field(default=True, description="on cuda, replay decode and verify steps as CUDA graphs")
     max_draft: int = Field(default=8, ge=0, le=15, description="most drafted tokens a verification frame carries")
     max_sessions: int = Field(default=1024, ge=1, description="sessions held at once, sessions")

@@ -43,6 +43,8 @@ from runtime.layers import inverse_frequencies
 from runtime.sampling import sample_batch, sample_rows
 from runtime.static_sampling import Needs, StaticRows, TooManyPairs, needs, sample_static
 from runtime.step import Sampled, SegmentInput, begin_step, check_items, end_step
+from runtime.tensor_parallel import head_slices
+from runtime.tp_ranks import Ranks
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -95,10 +97,13 @@ class CudaEngine:
         max_sessions: int = 1024,
         max_positions: int = 8192,
         graphs: bool = True,
+        ranks: Ranks | None = None,
     ):
         """From a ``Segment`` (its weights are copied to the GPU), or from ``weights`` + ``spec`` + layout.
         ``dtype``: activations, KV cache, norms and head; ``fp8_linears``: the layers' products in FP8
-        (``runtime.fp8``; a ``Segment``'s weights are quantised here, given ``weights`` must already be)."""
+        (``runtime.fp8``; a ``Segment``'s weights are quantised here, given ``weights`` must already be).
+        ``ranks``: a tensor-parallel shard (``runtime.tensor_parallel``: the segment sharded, or ``weights`` of
+        a shard's shape), its all-reduces and the head's gather captured in the graphs; None: the whole segment."""
         if not ops.AVAILABLE:
             raise RuntimeError("the CUDA engine needs triton (it comes with PyTorch's CUDA builds)")
         self.device, self.dtype = torch.device(device), dtype
@@ -111,12 +116,18 @@ class CudaEngine:
         if segment is not None:
             spec, start, embed, head = segment.spec, segment.start, segment.has_embed, segment.has_head
             weights = weights_of(segment, dtype, self.device, fp8_linears)
-        self.spec, self.weights = spec, weights
+        self.spec, self.weights, self.ranks = spec, weights, ranks
+        self.heads, self.kv_heads = spec.num_heads, spec.num_kv_heads  # of this shard, with ranks
+        self._warming = False  # a capture's warm-up: no collectives (see ``_capture``)
+        if ranks is not None:
+            q, kv = head_slices(spec.num_heads, spec.num_kv_heads, ranks.rank, ranks.world)
+            self.heads, self.kv_heads = q.stop - q.start, kv.stop - kv.start
+            ranks.all_reduce(torch.zeros(1, device=self.device))  # NCCL's communicator set up before any capture
         self.start, self.end = start, start + len(weights.layers)
         self.has_embed, self.has_head = embed, head
         self.prefill_chunk, self.decode_rows, self.max_batch = prefill_chunk, decode_rows, max_batch
         self.max_positions, self.graphs = max_positions, graphs
-        layers, K, D = len(weights.layers), spec.num_kv_heads, spec.head_dim
+        layers, K, D = len(weights.layers), self.kv_heads, spec.head_dim
         per_token = 2 * max(layers, 1) * K * D * dtype.itemsize
         self.pool = KVPool(layers, K, D, tokens=pool_tokens_of(per_token, pool_tokens, pool_mib), page_size=page_size,
                            dtype=dtype, device=self.device, grow="exact")
@@ -361,7 +372,14 @@ class CudaEngine:
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            run(p)  # warm-up: compiles the kernels, sets up the libraries
+            # warm-up: compiles the kernels, sets up the libraries. A shard skips its collectives here (the values
+            # are thrown away), so every call runs each collective once on every rank, whichever passes each has
+            # captured already: a follower's pass keys differ from rank 0's (it samples nothing).
+            self._warming = True
+            try:
+                run(p)
+            finally:
+                self._warming = False
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
@@ -382,7 +400,7 @@ class CudaEngine:
     def _layers(self, p: _Pass) -> tuple[torch.Tensor, ...]:
         """The pass: every layer over the static rows, then the head and sampling. Shapes depend on p only."""
         spec, w = self.spec, self.weights
-        H, K, D, eps = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.rms_norm_eps
+        H, K, D, eps = self.heads, self.kv_heads, spec.head_dim, spec.rms_norm_eps
         x = F.embedding(p.inputs, w.embed) if self.has_embed else p.inputs  # (N, C)
         block_tables = self.page_table.index_select(0, p.rows)  # (B, max_pages)
         h = ops.rms_norm(x, w.layers[0].input_norm, eps) if w.layers else None
@@ -391,9 +409,9 @@ class CudaEngine:
             kc, vc = self.pool.k[i], self.pool.v[i]  # (pages, page_size, K, D)
             q = ops.rotary_kv_write(qkv, self.cos, self.sin, p.positions, p.slots, kc, vc, H, K, D, spec.rotary_dim)
             a = ops.paged_attention(q, kc, vc, block_tables, p.ctx_lens, p.q_starts, p.q_lens, D**-0.5, p.T)
-            o = self._linear(p, a.view(p.N, H * D), lw.o)  # (N, C)
+            o = self._reduce(self._linear(p, a.view(p.N, H * D), lw.o))  # (N, C)
             h, x = ops.add_rms_norm(o, x, lw.post_attention_norm, eps, post_weight=lw.post_self_attn_norm)
-            d = self._linear(p, ops.silu_mul(self._linear(p, h, lw.gate_up)), lw.down)  # (N, C)
+            d = self._reduce(self._linear(p, ops.silu_mul(self._linear(p, h, lw.gate_up)), lw.down))  # (N, C)
             nxt = w.layers[i + 1].input_norm if i + 1 < len(w.layers) else (w.norm if self.has_head else None)
             if nxt is not None:
                 h, x = ops.add_rms_norm(d, x, nxt, eps, post_weight=lw.post_mlp_norm)
@@ -403,9 +421,19 @@ class CudaEngine:
             return (x,)
         if not w.layers:
             h = ops.rms_norm(x, w.norm, eps)
-        logits = self._linear(p, h, w.lm_head)  # (N, V)
+        logits = self._linear(p, h, w.lm_head)  # (N, V); a shard's (N, V') slice
+        if self.ranks is not None:
+            logits = self._gather(logits)[:, : spec.vocab_size].contiguous()  # (N, W V') -> (N, V)
         tokens, logprobs = sample_rows(logits, p.sampling[0], p.sampling[1], p.sampling[2], p.sampled)
         return tokens, logprobs, logits
+
+    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """A row-parallel product's partial sums (N, C), summed over the ranks (a shard); as it is otherwise."""
+        return x if self.ranks is None or self._warming else self.ranks.all_reduce(x)
+
+    def _gather(self, x: torch.Tensor) -> torch.Tensor:
+        """A shard's logits (N, V'), every rank's joined: (N, W V') (a warm-up: the shape only)."""
+        return x.repeat(1, self.ranks.world) if self._warming else self.ranks.all_gather(x)
 
     # ---- answers --------------------------------------------------------------------------------------
 

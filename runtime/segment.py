@@ -49,6 +49,7 @@ class Segment(nn.Module):
         if head:
             self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
             self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.kv_heads = spec.num_kv_heads  # KV heads its pool holds (a tensor-parallel shard: its own)
         self.pool: KVPool | None = None  # made at the first session (``configure_pool`` to size it)
         self._pool_size: dict = {}
         self.stats: Counter[str] = Counter()  # positions (run), forked_positions (taken from another session)
@@ -92,7 +93,7 @@ class Segment(nn.Module):
         if not self.start <= start <= end <= self.end:
             raise ValueError(f"layers [{start}, {end}) are not within this segment's [{self.start}, {self.end})")
         part = Segment(self.spec, start, start)
-        part.end = end
+        part.end, part.kv_heads = end, self.kv_heads
         part.layers = nn.ModuleDict({str(i): self.layers[str(i)] for i in range(start, end)})
         part._pool_size = dict(self._pool_size)
         if self.compiled is not None:
@@ -105,7 +106,7 @@ class Segment(nn.Module):
         spec = self.spec
         self.compiled = CompiledLayers(list(self.layers.values()), self.start, spec.head_dim**-0.5, max_rows)
         if warm_up and self.end > self.start:
-            self.compiled.warm_up(spec.hidden_size, spec.rotary_dim, (spec.num_kv_heads, spec.head_dim), self._dtype())
+            self.compiled.warm_up(spec.hidden_size, spec.rotary_dim, (self.kv_heads, spec.head_dim), self._dtype())
         return self.compiled
 
     def _dtype(self) -> torch.dtype:
@@ -130,9 +131,9 @@ class Segment(nn.Module):
             device, dtype = weight.device if weight is not None else torch.device("cpu"), self._dtype()
             spec, layers = self.spec, self.end - self.start
             size = dict(self._pool_size)
-            per_token = 2 * max(layers, 1) * spec.num_kv_heads * spec.head_dim * dtype.itemsize
+            per_token = 2 * max(layers, 1) * self.kv_heads * spec.head_dim * dtype.itemsize
             tokens = pool_tokens(per_token, size.get("tokens"), size.get("mib"))
-            self.pool = KVPool(layers, spec.num_kv_heads, spec.head_dim, tokens=tokens,
+            self.pool = KVPool(layers, self.kv_heads, spec.head_dim, tokens=tokens,
                                page_size=size.get("page_size", DEFAULT_PAGE_SIZE), dtype=dtype, device=device,
                                grow="double" if device.type == "cpu" else "exact")
         return self.pool

@@ -1,6 +1,7 @@
 """The cloud tier on a GPU: decode speed against the memory-bandwidth bound, and what else a server meets.
 
     splitglm bench cloud-gpu [--json] [--dtype bf16|fp8] [--shape glm4-9b | --model DIR] [--repeats 3]
+                             [--tensor-parallel N]  (N > 1: ``cloud_gpu_tp``, not yet run on GPUs)
 
 Measured in one run, on the CUDA engine (``runtime.cuda``, bf16 activations, bf16 or FP8 weights, CUDA graphs):
 - the card's device-to-device copy bandwidth (bytes read + written), a cold-L2 read of one layer's weights
@@ -29,6 +30,7 @@ import time
 
 import torch
 
+from .gpu_timing import copy_gbps, decode_rate, gpu_seconds, random_rows
 from .options import add_command, print_result
 from .stats import median, percentile, ratio
 
@@ -38,30 +40,9 @@ GLM4_9B = {  # GLM-4-9B-0414's config.json, as far as the shape goes
     "partial_rotary_factor": 0.5, "rope_theta": 10000.0, "rms_norm_eps": 1e-05, "attention_bias": True,
     "tie_word_embeddings": False, "eos_token_id": [151329, 151336, 151338], "max_position_embeddings": 32768,
 }  # fmt: skip
-SHAPES = {"glm4-9b": GLM4_9B}
-
-
-def gpu_seconds(fn, repeats: int, before=None) -> float:
-    """Median GPU time of ``fn()`` in seconds (CUDA events) over ``repeats`` runs after one warm-up run;
-    ``before()`` runs untimed ahead of each (an L2 flush)."""
-    times = []
-    for _ in range(repeats + 1):
-        if before is not None:
-            before()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return median(times[1:])
-
-
-def copy_gbps(gib: float = 4.0, repeats: int = 20) -> float:
-    """Device-to-device copy bandwidth, GB/s, counting bytes read and written (median of ``repeats``)."""
-    src = torch.empty(int(gib * 2**30), dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / gpu_seconds(lambda: dst.copy_(src), repeats) / 1e9
+GLM4_32B = {**GLM4_9B, "hidden_size": 6144, "intermediate_size": 23040, "num_hidden_layers": 61,
+            "num_attention_heads": 48, "attention_bias": False}  # GLM-4-32B-0414's shape (for --tensor-parallel)
+SHAPES = {"glm4-9b": GLM4_9B, "glm4-32b": GLM4_32B}
 
 
 # Dense tensor-core peaks, TFLOPS (NVIDIA's data sheets, without sparsity): (bf16, fp8) by a name's part.
@@ -119,7 +100,7 @@ def ttft_ms(engine, prompt: int = 4096) -> float:
     from runtime.segment import SegmentInput
 
     C = engine.spec.hidden_size
-    rows = _rows(prompt, C)
+    rows = random_rows(prompt, C)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     engine([SegmentInput("ttft", 0, hidden=rows, sample=tuple(SamplingParams().rows(prompt)))])
@@ -137,46 +118,16 @@ def prefill_flops(engine, prompt: int) -> float:
     return 2 * linear * prompt + attention + head
 
 
-def _rows(n: int, width: int) -> torch.Tensor:
-    return torch.randn(n, width)
-
-
-def decode_rate(engine, prompts: list[int], steps: int) -> tuple[float, float]:
-    """(decode tokens/s over all sessions, median step ms): one session per prompt length in ``prompts``, its
-    prompt first, then ``steps`` lockstep steps of them all."""
-    from runtime.sampling import SamplingParams
-    from runtime.segment import SegmentInput
-
-    C, greedy, batch = engine.spec.hidden_size, SamplingParams(), len(prompts)
-    sids = [f"b{batch}-{i}-{time.monotonic_ns()}" for i in range(batch)]
-    for sid, prompt in zip(sids, prompts):
-        engine([SegmentInput(sid, 0, hidden=_rows(prompt, C), sample=tuple(greedy.rows(prompt)))])
-    step_inputs = [_rows(batch, C) for _ in range(4)]
-    times = []
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for s in range(steps):
-        t0 = time.perf_counter()
-        rows = step_inputs[s % 4]
-        engine([SegmentInput(sid, n + s, hidden=rows[i : i + 1], sample=tuple(greedy.rows(n + s + 1)))
-                for i, (sid, n) in enumerate(zip(sids, prompts))])
-        times.append((time.perf_counter() - t0) * 1e3)
-    wall = time.perf_counter() - start
-    for sid in sids:
-        engine.close_session(sid)
-    return batch * steps / wall, median(times)
-
-
 def verify_ratio(engine, prompt: int = 128, repeats: int = 50) -> tuple[float, float, float]:
     """(5-position step ms / 1-position step ms, and both medians), one session, rewound after each step."""
     from runtime.sampling import SamplingParams
     from runtime.segment import SegmentInput
 
     C, greedy = engine.spec.hidden_size, SamplingParams()
-    engine([SegmentInput("verify", 0, hidden=_rows(prompt, C), sample=tuple(greedy.rows(prompt)))])
+    engine([SegmentInput("verify", 0, hidden=random_rows(prompt, C), sample=tuple(greedy.rows(prompt)))])
     medians = []
     for n in (1, 5):
-        rows, times = _rows(n, C), []
+        rows, times = random_rows(n, C), []
         for i in range(repeats + 3):
             t0 = time.perf_counter()
             engine([SegmentInput("verify", prompt, hidden=rows, sample=tuple(greedy.rows(prompt + 1, n)))])
@@ -196,14 +147,14 @@ def prompt_interference(engine, sessions: int = 31, prompt: int = 4096, steps: i
     C, greedy = engine.spec.hidden_size, SamplingParams()
     scheduler = Scheduler(engine, max_batch=32, name="bench").start()
     sids = [f"run-{i}" for i in range(sessions)]
-    scheduler([SegmentInput(s, 0, hidden=_rows(128, C), sample=tuple(greedy.rows(128))) for s in sids])
-    scheduler([SegmentInput("warm", 0, hidden=_rows(300, C), sample=tuple(greedy.rows(300)))])  # chunk graphs
+    scheduler([SegmentInput(s, 0, hidden=random_rows(128, C), sample=tuple(greedy.rows(128))) for s in sids])
+    scheduler([SegmentInput("warm", 0, hidden=random_rows(300, C), sample=tuple(greedy.rows(300)))])  # chunk graphs
     scheduler.close_session("warm")
     pos = {s: 128 for s in sids}
 
     def round_ms() -> float:
         t0 = time.perf_counter()
-        steps = [SegmentInput(s, pos[s], hidden=_rows(1, C), sample=tuple(greedy.rows(pos[s] + 1))) for s in sids]
+        steps = [SegmentInput(s, pos[s], hidden=random_rows(1, C), sample=tuple(greedy.rows(pos[s] + 1))) for s in sids]
         futures = scheduler.submit_all(steps)  # one step takes them all
         for f in futures:
             f.result()
@@ -212,7 +163,8 @@ def prompt_interference(engine, sessions: int = 31, prompt: int = 4096, steps: i
         return (time.perf_counter() - t0) * 1e3
 
     calm = [round_ms() for _ in range(steps)]
-    arriving = scheduler.submit(SegmentInput("long", 0, hidden=_rows(prompt, C), sample=tuple(greedy.rows(prompt))))
+    arriving = scheduler.submit(SegmentInput("long", 0, hidden=random_rows(prompt, C),
+                                             sample=tuple(greedy.rows(prompt))))
     busy = []
     while not arriving.done():
         busy.append(round_ms())
@@ -237,11 +189,11 @@ def kernel_breakdown(engine, batch: int = 1, prompt: int = 128, steps: int = 5) 
     C, greedy, graphs = engine.spec.hidden_size, SamplingParams(), engine.graphs
     sids = [f"prof-{i}" for i in range(batch)]
     for sid in sids:
-        engine([SegmentInput(sid, 0, hidden=_rows(prompt, C), sample=tuple(greedy.rows(prompt)))])
+        engine([SegmentInput(sid, 0, hidden=random_rows(prompt, C), sample=tuple(greedy.rows(prompt)))])
     engine.graphs = False
     try:
         def step(s: int) -> None:
-            engine([SegmentInput(sid, prompt + s, hidden=_rows(1, C), sample=tuple(greedy.rows(prompt + s + 1)))
+            engine([SegmentInput(sid, prompt + s, hidden=random_rows(1, C), sample=tuple(greedy.rows(prompt + s + 1)))
                     for sid in sids])
 
         step(0)
@@ -298,7 +250,7 @@ def hf_rates(config: dict, batches: tuple[int, ...], prompt: int, short: int = 1
 def add_parser(sub) -> None:
     p = add_command(sub, "cloud-gpu", run, "the cloud tier on a GPU: tokens/s against the bandwidth bound, vs generate")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--shape", choices=["glm4-9b"], default="glm4-9b", help="random weights of this shape")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="glm4-9b", help="random weights of this shape")
     p.add_argument("--dtype", choices=["bf16", "fp8"], default="bf16",
                    help="the layers' weights: bf16, or fp8 (E4M3, per-channel scales; runtime.fp8)")
     p.add_argument("--model", help="a GLM checkpoint folder instead (its layers + head)")
@@ -306,6 +258,8 @@ def add_parser(sub) -> None:
     p.add_argument("--pool-mib", type=float, default=8192, help="KV pool size, MiB (default 8192)")
     p.add_argument("--prefill-chunk", type=int, default=128, help="prompt positions per step (default 128)")
     p.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
+    p.add_argument("--tensor-parallel", type=int, default=1, help="GPUs the segment is split across (default 1; "
+                   "above 1: tokens/s, the N-card bound and the all-reduce time only; not yet run on GPUs)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -325,6 +279,8 @@ def run(args: argparse.Namespace) -> int:
         if problem:
             sys.stderr.write(f"splitglm bench cloud-gpu: {problem}\n")
             return 2
+    if args.tensor_parallel != 1:
+        return run_tensor_parallel(args, spec)
     bandwidth = copy_gbps()
     engine = build_engine(args, spec)
     weight_gb = engine.nbytes() / 1e9
@@ -372,3 +328,17 @@ def run(args: argparse.Namespace) -> int:
     print_result(out, args.json)
     return 0
 
+
+
+def run_tensor_parallel(args: argparse.Namespace, spec) -> int:
+    """``--tensor-parallel N`` (``cloud_gpu_tp``; bf16 only)."""
+    from .cloud_gpu_tp import problem, run_parallel
+
+    why = problem(spec, args.tensor_parallel) if args.tensor_parallel > 1 else "--tensor-parallel must be >= 1"
+    if why is None and args.dtype != "bf16":
+        why = "--tensor-parallel runs bf16 weights only"
+    if why:
+        sys.stderr.write(f"splitglm bench cloud-gpu: {why}\n")
+        return 2
+    print_result(run_parallel(args, spec), args.json)
+    return 0
