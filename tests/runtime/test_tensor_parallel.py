@@ -162,3 +162,31 @@ def test_the_cuda_engines_weights_of_a_shard_are_its_slices(spec):
                           attn.v_proj.weight[kv.start * D : kv.stop * D]])
     assert torch.equal(got.layers[0].qkv, expected)
     assert torch.equal(got.layers[0].o, attn.o_proj.weight[:, q.start * D : q.stop * D])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
+def test_a_one_rank_nccl_shard_on_a_gpu_equals_the_plain_engine():
+    """The CUDA engine of a shard (world 1, NCCL: the all-reduces and the head's gather captured in its graphs)
+    gives the plain engine's greedy tokens and logits, bit for bit (a collective over one rank changes no
+    value). What several GPUs add cannot be run here: no multi-GPU machine is lent."""
+    pytest.importorskip("triton")
+    from runtime.cuda import CudaEngine
+    from runtime.tp_ranks import rendezvous
+
+    whole = tiny_segment(GLM)
+    store = rendezvous("127.0.0.1", 0, 1, 60.0, serve=True)
+    ranks = init_ranks(0, 1, store, "nccl", 60.0)
+    try:
+        kw = dict(dtype=torch.bfloat16, device="cuda", pool_tokens=512, max_positions=256, prefill_chunk=4)
+        plain = CudaEngine(whole, **kw)
+        shard = CudaEngine(whole, ranks=ranks, **kw)
+        for engine in (plain, shard):
+            engine.outputs = script(engine)
+        assert shard.stats["captures"] > 0 and shard.stats["eager_passes"] == 0
+        for ours, theirs in zip(plain.outputs, shard.outputs, strict=True):
+            if isinstance(ours, torch.Tensor):
+                assert torch.equal(ours, theirs)
+            else:
+                assert ours.tokens == theirs.tokens and ours.logprobs == theirs.logprobs
+    finally:
+        ranks.close()
