@@ -40,7 +40,7 @@ from runtime.checkpoint import GlmSpec
 from runtime.cuda_weights import Linear, Weights, weights_of
 from runtime.kv_pool import DEFAULT_PAGE_SIZE, KVPool, PoolExhausted, pool_tokens
 from runtime.layers import inverse_frequencies
-from runtime.sampling import sample_batch, sample_rows
+from runtime.sampling import Processed, sample_batch, sample_rows
 from runtime.static_sampling import Needs, StaticRows, TooManyPairs, needs, sample_static
 from runtime.step import Sampled, SegmentInput, begin_step, check_items, end_step
 from runtime.tensor_parallel import head_slices
@@ -72,7 +72,7 @@ class _Pass:
         self.processing = processing
         self.static = StaticRows(N, engine.spec.vocab_size, dev) if processing is not None else None
         self.sample_graph: torch.cuda.CUDAGraph | None = None
-        self.sample_out: tuple[torch.Tensor, ...] = ()
+        self.sample_out: Processed | None = None
 
 
 class CudaEngine:
@@ -323,14 +323,14 @@ class CudaEngine:
             return [rows_out[first : first + item.num_positions] for item, first, _ in layout]
         tokens, logprobs, logits = p.out
         tokens, logprobs = tokens[:end].clone(), logprobs[:end].clone()
-        sampled = tuple(t[:end].clone() for t in p.sample_out) if static else ()
+        drawn = p.sample_out.map(lambda t: t[:end].clone()) if static else None
         out = []
         for item, first, keep in layout:
             rows = slice(first, first + item.num_positions)
             processed = _processed(item)
             if processed and static:  # sampled by the second graph: its rows' answers
                 asked = slice(rows.stop - len(item.sample), rows.stop)
-                out.append(_Drawn(t[asked] for t in sampled))
+                out.append(drawn.map(lambda t, asked=asked: t[asked]))
                 continue
             kept = logits[rows].clone() if keep else None
             if processed:  # the logits of the rows it samples, for ``_answers``
@@ -360,11 +360,8 @@ class CudaEngine:
             p.sample_out = self._sample(p)
         return True
 
-    def _sample(self, p: _Pass) -> tuple[torch.Tensor, ...]:
-        out = sample_static(p.out[2], p.static, p.processing)
-        if out.top_tokens is None:  # (no row asks for alternatives)
-            return out.tokens, out.logprobs
-        return out.tokens, out.logprobs, out.top_tokens, out.top_logprobs
+    def _sample(self, p: _Pass) -> Processed:
+        return sample_static(p.out[2], p.static, p.processing)
 
     def _capture(self, p: _Pass, sampling: bool = False) -> None:
         """Capture the pass's layers (or, ``sampling``, its processed rows' sampling) as a CUDA graph."""
@@ -444,7 +441,7 @@ class CudaEngine:
         def way(i: int) -> str:  # how an item's rows were (or are now) sampled
             if not _processed(items[i]):
                 return "pass"
-            return "static" if isinstance(outputs[i], _Drawn) else "eager"
+            return "static" if isinstance(outputs[i], Processed) else "eager"
 
         for kind in ("eager", "static", "pass"):  # rows sampled now from their logits, then those sampled already
             group = [i for i, item in enumerate(items) if item.sample and way(i) == kind]
@@ -455,12 +452,7 @@ class CudaEngine:
                 tokens, logprobs, top = sample_batch(torch.cat([outputs[i][2] for i in group]), rows)  # host sync
             elif kind == "static":
                 rows = [r for i in group for r in items[i].sample]
-                tokens, logprobs = (torch.cat([outputs[i][j] for i in group]).tolist() for j in (0, 1))  # host sync
-                top = [((), ())] * len(rows)
-                if any(r.top_logprobs for r in rows):
-                    ids, values = (torch.cat([outputs[i][j] for i in group]).tolist() for j in (2, 3))
-                    top = [(tuple(ids[j][: r.top_logprobs]), tuple(values[j][: r.top_logprobs]))
-                           for j, r in enumerate(rows)]
+                tokens, logprobs, top = Processed.cat([outputs[i] for i in group]).on_host(rows)  # host sync
             else:
                 tokens = torch.cat([outputs[i][0][-len(items[i].sample) :] for i in group]).tolist()  # host sync
                 logprobs = torch.cat([outputs[i][1][-len(items[i].sample) :] for i in group]).tolist()
@@ -481,12 +473,9 @@ class CudaEngine:
         return self.weights.nbytes()
 
 
-class _Drawn(tuple):
-    """A processed item's answers from the sampling graph: (tokens, logprobs[, top ids, top log-probs])."""
-
-
 def _processed(item: SegmentInput) -> bool:
-    """Its rows need logit processing, so they are sampled after the pass (``sample_batch``), not inside it."""
+    """Its rows need logit processing, so they are sampled after the pass (by its sampling graph, or eagerly by
+    ``sample_batch``), not inside it."""
     return not item.plain_sampling
 
 

@@ -154,6 +154,28 @@ class Processed:
     top_tokens: torch.Tensor | None = None  # (R, k) int64, k the largest top_logprobs asked (None: none asked)
     top_logprobs: torch.Tensor | None = None  # (R, k) fp32
 
+    def tensors(self) -> tuple[torch.Tensor | None, ...]:
+        return self.tokens, self.logprobs, self.top_tokens, self.top_logprobs
+
+    def map(self, fn) -> Processed:
+        """``fn`` applied to each tensor (a slice, a copy); the absent alternatives stay absent."""
+        return Processed(*(None if t is None else fn(t) for t in self.tensors()))
+
+    @staticmethod
+    def cat(parts: Sequence[Processed]) -> Processed:
+        """Rows of several answers, in order (all with alternatives, or all without)."""
+        return Processed(*(None if ts[0] is None else torch.cat(ts) for ts in zip(*(p.tensors() for p in parts))))
+
+    def on_host(self, rows: Sequence[SampleRow]) -> tuple[list[int], list[float], list]:
+        """(tokens, logprobs, top) of ``rows`` as host lists, after one host sync: ``top`` is per row an
+        (ids, log-probabilities) pair of its ``top_logprobs`` alternatives (empty when it asked none)."""
+        tokens, logprobs = self.tokens.tolist(), self.logprobs.tolist()
+        if self.top_tokens is None or not any(r.top_logprobs for r in rows):
+            return tokens, logprobs, [((), ())] * len(rows)
+        ids, values = self.top_tokens.tolist(), self.top_logprobs.tolist()
+        return tokens, logprobs, [(tuple(ids[i][: r.top_logprobs]), tuple(values[i][: r.top_logprobs]))
+                                  for i, r in enumerate(rows)]
+
 
 def process_logits(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
     """(R, V) logits after each row's penalties and logit_bias (a new tensor, fp32)."""
@@ -268,10 +290,4 @@ def sample_batch(logits: torch.Tensor, rows: Sequence[SampleRow]):
         temperature, top_p, uniform = row_tensors(rows, logits.device)
         tokens, logprobs = sample_rows(logits, temperature, top_p, uniform, any(r.temperature > 0 for r in rows))
         return tokens.tolist(), logprobs.tolist(), [((), ())] * len(rows)
-    out = sample_processed(logits, rows)
-    tokens, logprobs = out.tokens.tolist(), out.logprobs.tolist()
-    if out.top_tokens is None:
-        return tokens, logprobs, [((), ())] * len(rows)
-    ids, values = out.top_tokens.tolist(), out.top_logprobs.tolist()
-    top = [(tuple(ids[i][: r.top_logprobs]), tuple(values[i][: r.top_logprobs])) for i, r in enumerate(rows)]
-    return tokens, logprobs, top
+    return sample_processed(logits, rows).on_host(rows)

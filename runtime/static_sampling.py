@@ -73,6 +73,7 @@ class StaticRows:
         more pairs than the buffers hold."""
         if len(rows) > self.rows:
             raise ValueError(f"{len(rows)} rows for buffers of {self.rows}")
+        rows = [*rows, *[None] * (self.rows - len(rows))]
         pairs = []
         for i, r in enumerate(rows):
             if r is None:
@@ -86,13 +87,10 @@ class StaticRows:
         masks = resolve_masks([r if r is not None else _NO_ROW for r in rows])
         a = self._np
         table = [[_NEUTRAL[k]] * self.rows for k in _SCALARS]
-        for i in range(self.rows):
-            r = rows[i] if i < len(rows) else None
+        for i, (r, (seen, bias), m) in enumerate(zip(rows, pairs, masks)):
             if r is not None:
                 for k, name in enumerate(_SCALARS):
                     table[k][i] = float(getattr(r, name))
-            seen, bias = pairs[i] if i < len(pairs) else ((), ())
-            m = masks[i] if i < len(masks) else None
             had_seen, had_bias, had_mask = self._written[i]
             for pairs_of, ids, values, had in ((seen, "seen_ids", "seen_counts", had_seen),
                                                (bias, "bias_ids", "bias_values", had_bias)):
@@ -113,8 +111,8 @@ class StaticRows:
         self._copy()
 
     def _pairs(self, pairs) -> np.ndarray | tuple:
-        """(id, value) pairs as a (k, 2) float64 array (ids < 2^24 stay exact), those of ids past the head's
-        vocabulary left out."""
+        """(id, value) pairs as a (k, 2) float64 array (ids exact), those of ids past the head's vocabulary left
+        out."""
         if not pairs:
             return ()
         table = np.array(pairs, dtype=np.float64)
