@@ -76,6 +76,8 @@ class _Pass:
 
 
 class CudaEngine:
+    masks_while_running = True  # a step's lazy grammar masks are computed while its layers run (``_replay``)
+
     def __init__(
         self,
         segment=None,

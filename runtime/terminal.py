@@ -44,7 +44,7 @@ import torch
 from protos import splitglm_pb2 as pb
 from protos.errors import CodecError, SizeLimitError
 from protos.status import error_result
-from runtime.generation import TokenState
+from runtime.generation import TokenState, prefetches_masks
 from runtime.grammar import GrammarError, Grammars
 from runtime.kv_pool import PoolExhausted
 from runtime.ledger import Ledger, StepError, idle
@@ -135,9 +135,10 @@ def sampling_params(params: pb.GenerationParams) -> SamplingParams:
         raise StepError("INVALID_ARGUMENT", f"generation parameters: {e}") from None
 
 
-def token_state(params: pb.GenerationParams, grammars: Grammars | None) -> TokenState:
+def token_state(params: pb.GenerationParams, grammars: Grammars | None, prefetch: bool = True) -> TokenState:
     """A new generation's TokenState from its first frame's params (replayed tokens included); StepError
-    INVALID_ARGUMENT for bad parameters or a grammar that cannot be used (the reason named)."""
+    INVALID_ARGUMENT for bad parameters or a grammar that cannot be used (the reason named). ``prefetch``:
+    ``TokenState``'s."""
     sampling = sampling_params(params)
     matcher = None
     if params.HasField("grammar") and params.grammar.kind:
@@ -152,7 +153,7 @@ def token_state(params: pb.GenerationParams, grammars: Grammars | None) -> Token
     if bad is not None:
         raise StepError("INVALID_ARGUMENT", f"token id {bad} is not in the vocabulary")
     try:
-        return TokenState(sampling, matcher, params.generated_tokens)
+        return TokenState(sampling, matcher, params.generated_tokens, prefetch=prefetch)
     except GrammarError as e:
         raise StepError("INVALID_ARGUMENT", f"the replayed tokens do not follow the grammar: {e}") from None
 
@@ -160,8 +161,10 @@ def token_state(params: pb.GenerationParams, grammars: Grammars | None) -> Token
 class TailSessions:
     """Sampling state of the sessions a terminal segment serves."""
 
-    def __init__(self, max_sessions: int = 1024, max_tokens: int = 4096, grammars: Grammars | None = None):
+    def __init__(self, max_sessions: int = 1024, max_tokens: int = 4096, grammars: Grammars | None = None,
+                 prefetch: bool = True):
         self.max_sessions, self.max_tokens, self.grammars = max_sessions, max_tokens, grammars
+        self.prefetch = prefetch  # (``TokenState``'s: ``prefetches_masks`` of the segment)
         self.sessions: dict[str, TailSession] = {}
 
     def accept(self, frame: pb.Frame) -> pb.StepResult | None:
@@ -190,7 +193,7 @@ class TailSessions:
                 "RESOURCE_EXHAUSTED", f"max_tokens {frame.params.max_tokens} exceeds the limit {self.max_tokens}"
             )
         started = time.perf_counter()
-        state = token_state(frame.params, self.grammars)
+        state = token_state(frame.params, self.grammars, self.prefetch)
         compile_ms = (time.perf_counter() - started) * 1e3 if state.matcher is not None else 0.0
         params = pb.GenerationParams()
         params.CopyFrom(frame.params)
@@ -261,7 +264,7 @@ class Terminal:
                  scheduler: Scheduler | None = None, wording: Wording = Wording(), grammars: Grammars | None = None):
         self.segment, self.limits, self.path = segment, limits, path
         self.scheduler, self.wording = scheduler, wording
-        self.tails = TailSessions(limits.max_sessions, limits.max_tokens, grammars)
+        self.tails = TailSessions(limits.max_sessions, limits.max_tokens, grammars, prefetches_masks(segment))
         self.lock = threading.Lock()  # guards tails; in ``step`` and ``draft``, the segment too
         self.counts: Counter[str] = Counter()  # prefill_positions (rows of first frames run), forked_positions
 

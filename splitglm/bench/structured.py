@@ -1,6 +1,7 @@
 """``splitglm bench structured``: the cost of structured output per token, tokens/s with and without a schema.
 
     splitglm bench structured [--model DIR] [--devices cpu cuda] [--batches 1 32] [--steps 128] [--quick]
+                              [--shape glm4-9b]
 
 The demo model split as the demo splits it: the edge part (embedding + layers [0, k2)) makes each step's
 hidden states, untimed; the cloud tier ([k2, L) + norm + head + sampling) is the timed tier. On ``cpu`` it
@@ -27,6 +28,14 @@ tokens/s), the host's mask ms per token (``mask_ms_per_token``: every session's 
 measured apart before each step, untimed) and the commits' ms per token (timed), the ms a step adds, and
 how many schema episodes ended in parseable JSON. ``--out FILE`` writes the JSON
 (``examples/results/structured-<card>.json``).
+
+The demo model's cloud step is short (about 0.5 ms at batch 1 on an H100), so on the GPU the fixed costs of
+a schema weigh far more than they would on the cloud segment splitglm serves on GPUs. ``--shape glm4-9b``
+(GPU only) times instead the cloud segment of ``splitglm bench cloud-gpu``: random bf16 weights of
+GLM-4-9B-0414's shape, every layer, its norm and its 151,552-row head. The grammar is still the demo
+model's vocabulary (49,152 tokens; the masks are 151,552 wide, the rows past the tokenizer never allowed,
+as a GLM-4 head's padding rows are), and the edge part is a random embedding of each token (untimed). The
+weights are random, so only the speed means anything; the grammar still makes every ended episode parse.
 """
 
 from __future__ import annotations
@@ -74,6 +83,36 @@ def prompt_ids(tokenizer, session: int, episode: int) -> list[int]:
                                               tokenize=True, return_dict=False))
 
 
+class RandomEmbedding:
+    """The untimed edge part of ``--shape``: each token's row of a random embedding table, on the GPU."""
+
+    def __init__(self, spec):
+        from runtime.cuda_weights import random_weights
+
+        self.table = random_weights(spec, 0, embed=True, head=False, dtype=torch.bfloat16, device="cuda").embed
+
+    def __call__(self, items) -> list[torch.Tensor]:
+        return [self.table[item.input_ids.to("cuda")] for item in items]
+
+    def close_session(self, session_id: str) -> None:
+        pass
+
+
+def shape_tiers(shape: str):
+    """(edge part, timed cloud tier, sync) for ``--shape``: the cloud segment ``bench cloud-gpu`` times."""
+    from runtime.checkpoint import GlmSpec
+    from runtime.cuda import CudaEngine
+    from runtime.cuda_weights import random_weights
+
+    from .cloud_gpu import SHAPES
+
+    spec = GlmSpec.from_config(SHAPES[shape])
+    weights = random_weights(spec, spec.num_layers, embed=False, head=True, dtype=torch.bfloat16, device="cuda")
+    cloud = CudaEngine(weights=weights, spec=spec, start=0, head=True, dtype=torch.bfloat16, pool_mib=2048,
+                       prefill_chunk=128, max_batch=32, max_positions=1024)
+    return RandomEmbedding(spec), cloud, torch.cuda.synchronize
+
+
 def build_tiers(model: str, device: str):
     """(edge part, timed cloud tier, sync) for the demo's split of ``model`` on ``device``."""
     from partitioner.plan.demo import default_splits
@@ -96,8 +135,12 @@ def build_tiers(model: str, device: str):
 class Lockstep:
     """``batch`` sessions decoding greedily in lockstep on (edge, cloud) in one mode; times the cloud's part."""
 
-    def __init__(self, tiers, tokenizer, grammars, mode: str, batch: int, max_new: int, tag: str):
+    def __init__(self, tiers, tokenizer, grammars, mode: str, batch: int, max_new: int, tag: str,
+                 prefetch: bool | None = None):
+        from runtime.generation import prefetches_masks
+
         self.edge, self.cloud, self.sync = tiers
+        self.prefetch = prefetches_masks(self.cloud) if prefetch is None else prefetch
         self.tokenizer, self.grammars, self.mode, self.max_new, self.tag = tokenizer, grammars, mode, max_new, tag
         self.batch = batch
         self.episodes = [0] * batch
@@ -122,7 +165,7 @@ class Lockstep:
             if self.states[i] is not None:
                 self._finish(i)
             matcher = self.grammars.matcher("json_schema", json.dumps(SCHEMA)) if self.mode == "schema" else None
-            self.states[i] = TokenState(params, matcher)
+            self.states[i] = TokenState(params, matcher, prefetch=self.prefetch)
             ids = torch.tensor(prompt_ids(self.tokenizer, i, self.episodes[i]))
             self.pos[i] = len(ids)
             items.append((i, ids))
@@ -185,10 +228,11 @@ class Lockstep:
 
 
 def decode(tiers, tokenizer, grammars, mode: str, batch: int, steps: int, max_new: int, tag: str,
-           schedule: list[list[int]] | None = None) -> tuple[dict, list[list[int]]]:
+           schedule: list[list[int]] | None = None, prefetch: bool | None = None) -> tuple[dict, list[list[int]]]:
     """One run of ``steps`` lockstep steps; (its figures, the sessions restarted after each step). With a
-    ``schedule``, sessions restart where it says (and at max_new), else where they end."""
-    run = Lockstep(tiers, tokenizer, grammars, mode, batch, max_new, tag)
+    ``schedule``, sessions restart where it says (and at max_new), else where they end. ``prefetch``: the
+    sessions' ``TokenState`` prefetch (None: as the tier serves, ``prefetches_masks``)."""
+    run = Lockstep(tiers, tokenizer, grammars, mode, batch, max_new, tag, prefetch)
     run.start(list(range(batch)))
     restarts = []
     for s in range(steps):
@@ -206,16 +250,17 @@ def decode(tiers, tokenizer, grammars, mode: str, batch: int, steps: int, max_ne
     return figures, restarts
 
 
-def measure(tiers, tokenizer, grammars, batch: int, steps: int, repeats: int, max_new: int, tag: str) -> dict:
+def measure(tiers, tokenizer, grammars, batch: int, steps: int, repeats: int, max_new: int, tag: str,
+            prefetch: bool | None = None) -> dict:
     """Every mode ``repeats`` times, interleaved, at one batch size (after a short warm-up of each)."""
     for mode in MODES:  # warm-up: graphs captured, grammar compiled, caches allocated
-        decode(tiers, tokenizer, grammars, mode, batch, 4, max_new, f"{tag}-warm")
+        decode(tiers, tokenizer, grammars, mode, batch, 4, max_new, f"{tag}-warm", prefetch=prefetch)
     runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
     schedule = None
     for r in range(repeats):
         for mode in MODES:
             figures, restarts = decode(tiers, tokenizer, grammars, mode, batch, steps, max_new, f"{tag}-{r}",
-                                       None if mode == "schema" else schedule)
+                                       None if mode == "schema" else schedule, prefetch)
             if mode == "schema" and schedule is None:
                 schedule = restarts
             runs[mode].append(figures)
@@ -236,28 +281,34 @@ def measure(tiers, tokenizer, grammars, batch: int, steps: int, repeats: int, ma
 
 
 def bench_structured(model: str, devices=("cpu", "cuda"), batches=(1, 32), steps: int = 128, repeats: int = 3,
-                     max_new: int = 96, progress=None) -> dict:
-    """The figures of every device (cuda only where CUDA is available) and batch size, and the setting."""
-    from runtime.checkpoint import load_spec, load_tokenizer
+                     max_new: int = 96, progress=None, shape: str | None = None, prefetch: bool | None = None) -> dict:
+    """The figures of every device (cuda only where CUDA is available) and batch size, and the setting;
+    ``shape``: the GPU cloud tier is that shape's random segment (``shape_tiers``); ``prefetch``: ``decode``'s."""
+    from runtime.checkpoint import GlmSpec, load_spec, load_tokenizer
     from runtime.grammar import Grammars, Vocabulary
 
-    spec = load_spec(model)
+    from .cloud_gpu import SHAPES
+
+    spec = GlmSpec.from_config(SHAPES[shape]) if shape else load_spec(model)
     tokenizer = load_tokenizer(model)
     grammars = Grammars(Vocabulary.load(model, spec.vocab_size))
     grammars.matcher("json_schema", json.dumps(SCHEMA))
-    result: dict = {"date": time.strftime("%Y-%m-%d"), "model": Path(model).name,
+    result: dict = {"date": time.strftime("%Y-%m-%d"), "model": Path(model).name, "shape": shape,
+                    "vocab_size": spec.vocab_size,
                     "schema_compile_ms": round(grammars.last_compile_ms, 2),
                     "torch": torch.__version__, "cpu_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-                    "max_new": max_new, "penalties": PENALTIES, "rows": []}
+                    "max_new": max_new, "penalties": PENALTIES,
+                    "mask_prefetch": "auto" if prefetch is None else ("on" if prefetch else "off"), "rows": []}
     for device in devices:
         if device == "cuda" and not torch.cuda.is_available():
             result["cuda"] = "not available"
             continue
         if device == "cuda":
             result["card"] = torch.cuda.get_device_name()
-        tiers = build_tiers(model, device)
+        tiers = shape_tiers(shape) if shape else build_tiers(model, device)
         for batch in batches:
-            row = {"device": device, **measure(tiers, tokenizer, grammars, batch, steps, repeats, max_new, device)}
+            row = {"device": device, **measure(tiers, tokenizer, grammars, batch, steps, repeats, max_new, device,
+                                               prefetch)}
             result["rows"].append(row)
             if progress is not None:
                 progress(row)
@@ -294,6 +345,11 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=128, help="timed decode steps per run (default 128)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved runs per mode; medians reported (default 3)")
     p.add_argument("--max-new", type=int, default=96, help="tokens after which a session restarts (default 96)")
+    p.add_argument("--shape", choices=["glm4-9b"], help="GPU only: time the random cloud segment of this shape "
+                   "(bench cloud-gpu's) instead of the demo model's cloud tier; the grammar keeps the demo vocabulary")
+    p.add_argument("--mask-prefetch", choices=["auto", "on", "off"], default="auto",
+                   help="compute each session's next mask in the background after its commit: on, off, or as the "
+                   "tier serves (auto: off on the GPU engine, which computes the masks while its layers run)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--quick", action="store_true", help="seconds: CPU, batches 1 and 4, 6 steps, 1 repeat")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -307,9 +363,13 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.devices, args.batches, args.steps, args.repeats = ["cpu"], [1, 4], 6, 1
+    if args.shape and args.devices != ["cuda"]:
+        sys.stderr.write("splitglm bench structured: --shape times the GPU cloud tier only; add --devices cuda\n")
+        return 2
     progress = None if args.json else lambda row: sys.stderr.write(f"measured {row['device']} batch {row['batch']}\n")
     result = bench_structured(args.model or str(demo_model()), tuple(args.devices), tuple(args.batches), args.steps,
-                              args.repeats, args.max_new, progress)
+                              args.repeats, args.max_new, progress, args.shape,
+                              {"auto": None, "on": True, "off": False}[args.mask_prefetch])
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     sys.stdout.write(json.dumps(result) + "\n" if args.json else "\n".join(format_table(result)) + "\n")

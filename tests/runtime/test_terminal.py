@@ -63,3 +63,19 @@ def test_one_report_for_the_device_and_the_edge():
     late = report(gen, 30.0, total_ms=60.0, ttft_ms=2.0)  # an HTTP request counts from its arrival
     assert late["budget_met"] is False and late["timings_ms"]["ttft"] == 2.0 and late["actual_ms"] == 60.0
     assert report(gen, None)["budget_met"] is None
+
+
+def test_sessions_prefetch_their_masks_unless_the_segment_computes_them_while_its_layers_run():
+    from runtime.terminal import Limits, Terminal
+
+    class Layers:  # a stand-in segment: the terminal only asks it what it is
+        masks_while_running = False
+
+    class Engine(Layers):
+        masks_while_running = True
+
+    frame = pb.Frame(session_id="s", seq=0, params=pb.GenerationParams(max_tokens=4))
+    for segment, prefetch in ((Layers(), True), (Engine(), False)):
+        tails = Terminal(segment, Limits()).tails
+        tails.accept(frame)
+        assert tails.prefetch is prefetch and tails.sessions["s"].state.prefetch is prefetch
