@@ -292,7 +292,8 @@ def load_segment(plan: Path, settings: CloudSettings, ranks: Ranks | None = None
                              pool_mib=mib,
                              prefill_chunk=settings.prefill_chunk, max_batch=settings.max_batch,
                              max_sessions=settings.max_sessions,
-                             max_positions=settings.max_positions, graphs=settings.cuda_graphs, ranks=ranks)
+                             max_positions=settings.max_positions, graphs=settings.cuda_graphs,
+                             mixed_passes=settings.mixed_passes, ranks=ranks)
     elif isinstance(segment, torch.nn.Module):
         segment = segment.to(dtype=dtype)
         segment.configure_pool(tokens=settings.kv_pool_tokens, mib=None if settings.kv_pool_tokens else mib)

@@ -10,17 +10,25 @@ qkv product, rotary + KV write, paged attention, o, gate-up, SiLU-gate, down):
   (bucket, T, greedy/sampled) shape is captured once as a CUDA graph and replayed.
 - one **chunk pass** per ``prefill_chunk`` positions of a longer step (a prompt), padded to the chunk: the
   linears are cuBLAS products of exactly ``prefill_chunk`` rows, also captured as a graph.
+- a **mixed pass** (``mixed_passes``, the default) where a call holds both: the first chunk of its first long
+  step, then the short pass's B x T rows, so the weights are read once for both (the scheduler gives a call
+  at most one chunk: its whole step is one pass). Its linears are cuBLAS products of chunk + B x T rows: every
+  row gets what separate passes give it within the rounding of its dtype, not bit for bit (the short rows'
+  batch invariance holds across short passes only). Further chunks of the long step run in chunk passes.
+
+The buffers of each pass shape and how a step's items are laid out in them: ``runtime.cuda_pass``.
 
 ``graphs=False`` runs the very same passes on the very same buffers without capture: the eager reference
 the graphs are tested against. Sampling (``runtime.sampling.sample_rows``) runs inside each pass; the
 tokens are the only thing read back. A session whose rows need logit processing (penalties, logit bias, a
 grammar's mask, top-k / min-p, top log-probs: a row not ``.plain``) is sampled after the pass instead:
 
-- in a short pass, by a second graph (``runtime.static_sampling.sample_static`` over the pass's logits and
-  the rows' parameters in static device buffers), one per pass shape and the processing it needs. The host
-  fills those buffers, computing the grammars' masks, while the GPU runs the layers;
-- in a chunk pass (a prompt's last chunk) and where a row has more penalty or bias pairs than the buffers
-  hold, eagerly by ``runtime.sampling.sample_batch`` on the pass's logits of its rows.
+- in a short pass (and for the short steps' rows of a mixed pass), by a second graph
+  (``runtime.static_sampling.sample_static`` over the pass's logits and the rows' parameters in static device
+  buffers), one per pass shape and the processing it needs. The host fills those buffers, computing the
+  grammars' masks, while the GPU runs the layers;
+- in a chunk pass (a prompt's last chunk, in a mixed pass too) and where a row has more penalty or bias pairs
+  than the buffers hold, eagerly by ``runtime.sampling.sample_batch`` on the pass's logits of its rows.
 
 Both give the tokens, log-probabilities and alternatives of the PyTorch segment's ``sample_processed``; the
 graphs of a step without such rows are unchanged.
@@ -37,42 +45,15 @@ import torch.nn.functional as F
 from runtime import fp8
 from runtime import triton_ops as ops
 from runtime.checkpoint import GlmSpec
+from runtime.cuda_pass import BATCH_BUCKETS, Layout, Pass
 from runtime.cuda_weights import Linear, Weights, weights_of
 from runtime.kv_pool import DEFAULT_PAGE_SIZE, KVPool, PoolExhausted, pool_tokens
 from runtime.layers import inverse_frequencies
 from runtime.sampling import Processed, sample_batch, sample_rows
-from runtime.static_sampling import Needs, StaticRows, TooManyPairs, needs, sample_static
+from runtime.static_sampling import Needs, TooManyPairs, needs, sample_static
 from runtime.step import Sampled, SegmentInput, begin_step, check_items, end_step
 from runtime.tensor_parallel import head_slices
 from runtime.tp_ranks import Ranks
-
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-
-class _Pass:
-    """Static buffers of one pass shape, its captured graph (if any), and how to fill and read them."""
-
-    def __init__(self, engine: CudaEngine, sessions: int, rows_per: int, sampled: bool, short: bool,
-                 processing: Needs | None = None):
-        self.B, self.T, self.sampled, self.short = sessions, rows_per, sampled, short
-        N, dev = sessions * rows_per, engine.device
-        self.N = N
-        if engine.has_embed:
-            self.inputs = torch.zeros(N, dtype=torch.int64, device=dev)
-        else:
-            self.inputs = torch.zeros(N, engine.spec.hidden_size, dtype=engine.dtype, device=dev)
-        self.meta = torch.zeros(2 * N + 4 * sessions, dtype=torch.int32, device=dev)
-        m = self.meta
-        self.positions, self.slots = m[:N], m[N : 2 * N]
-        self.rows, self.ctx_lens, self.q_starts, self.q_lens = m[2 * N :].view(4, sessions)
-        self.sampling = torch.zeros(3, N, dtype=torch.float32, device=dev)  # temperature, top_p, uniform
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.out: tuple[torch.Tensor, ...] = ()
-        # processed rows, sampled after the layers by a second graph: its buffers, what the rows ask
-        self.processing = processing
-        self.static = StaticRows(N, engine.spec.vocab_size, dev) if processing is not None else None
-        self.sample_graph: torch.cuda.CUDAGraph | None = None
-        self.sample_out: Processed | None = None
 
 
 class CudaEngine:
@@ -99,13 +80,16 @@ class CudaEngine:
         max_sessions: int = 1024,
         max_positions: int = 8192,
         graphs: bool = True,
+        mixed_passes: bool = True,
         ranks: Ranks | None = None,
     ):
         """From a ``Segment`` (its weights are copied to the GPU), or from ``weights`` + ``spec`` + layout.
         ``dtype``: activations, KV cache, norms and head; ``fp8_linears``: the layers' products in FP8
         (``runtime.fp8``; a ``Segment``'s weights are quantised here, given ``weights`` must already be).
         ``ranks``: a tensor-parallel shard (``runtime.tensor_parallel``: the segment sharded, or ``weights`` of
-        a shard's shape), its all-reduces and the head's gather captured in the graphs; None: the whole segment."""
+        a shard's shape), its all-reduces and the head's gather captured in the graphs; None: the whole segment.
+        ``mixed_passes``: a call's short steps and the first chunk of its first long step share one pass (False:
+        separate passes, each short step's rows then through the batch-invariant products only)."""
         if not ops.AVAILABLE:
             raise RuntimeError("the CUDA engine needs triton (it comes with PyTorch's CUDA builds)")
         self.device, self.dtype = torch.device(device), dtype
@@ -128,7 +112,7 @@ class CudaEngine:
         self.start, self.end = start, start + len(weights.layers)
         self.has_embed, self.has_head = embed, head
         self.prefill_chunk, self.decode_rows, self.max_batch = prefill_chunk, decode_rows, max_batch
-        self.max_positions, self.graphs = max_positions, graphs
+        self.max_positions, self.graphs, self.mixed_passes = max_positions, graphs, mixed_passes
         layers, K, D = len(weights.layers), self.kv_heads, spec.head_dim
         per_token = 2 * max(layers, 1) * K * D * dtype.itemsize
         self.pool = KVPool(layers, K, D, tokens=pool_tokens_of(per_token, pool_tokens, pool_mib), page_size=page_size,
@@ -141,10 +125,10 @@ class CudaEngine:
         angles = torch.arange(max_positions, device=self.device).float()[:, None] * \
             inverse_frequencies(spec.rotary_dim, spec.rope_theta, self.device)[None]  # (P, R/2)
         self.cos, self.sin = angles.cos().contiguous(), angles.sin().contiguous()
-        self._passes: dict[tuple, _Pass] = {}
+        self._passes: dict[tuple, Pass] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if graphs else None
         self.stats = {"graph_replays": 0, "eager_passes": 0, "captures": 0, "fill_ms": 0.0, "positions": 0,
-                      "forked_positions": 0, "eager_samplings": 0}
+                      "forked_positions": 0, "eager_samplings": 0, "mixed_passes": 0}
 
     # ---- sessions (as Segment) ---------------------------------------------------------------------
 
@@ -237,76 +221,69 @@ class CudaEngine:
         """Every item's raw output: (T, C) rows or, with the head, (tokens, logprobs, logits or None)."""
         outputs: list = [None] * len(items)
         short = [i for i, item in enumerate(items) if item.num_positions <= self.decode_rows]
+        long = [i for i, item in enumerate(items) if item.num_positions > self.decode_rows]
+        rider = long[0] if short and long and self.mixed_passes else None  # its first chunk joins the short pass
         if short:
-            B = next(b for b in BATCH_BUCKETS if b >= len(short))
-            T = max(items[i].num_positions for i in short)
-            sampled = any(r.temperature > 0 for i in short if not _processed(items[i]) for r in items[i].sample)
-            processed = [r for i in short if _processed(items[i]) for r in items[i].sample]
-            processing = needs(processed) if processed and self.has_head else None
-            p = self._pass((B, T, sampled, True, processing), B, T, sampled, True, processing)
-            layout = [(items[i], b * T, not items[i].sample and items[i].keep != 0) for b, i in enumerate(short)]
-            for i, out in zip(short, self._replay(p, layout)):
+            chunk = [self._piece(items[rider], 0, last_only)] if rider is not None else []
+            got = self._short(items, short, chunk)
+            if chunk:
+                outputs[rider], got = got[0], got[1:]
+            for i, out in zip(short, got):
                 outputs[i] = out
-        for i, item in enumerate(items):
-            if item.num_positions > self.decode_rows:
-                outputs[i] = self._chunked(item, last_only)
+        for i in long:
+            outputs[i] = self._chunked(items[i], last_only, first=outputs[i])
         return outputs
 
-    def _chunked(self, item: SegmentInput, last_only: bool):
-        """A long step in ``prefill_chunk`` passes; the rows (no head) or the chunks' answers joined (head)."""
-        chunk, parts = self.prefill_chunk, []
+    def _short(self, items: list[SegmentInput], short: list[int], chunk: Layout) -> list:
+        """One pass of the short items (each padded to T rows, B bucketed), behind ``chunk`` (a long step's
+        chunk as a layout entry, or nothing): a mixed pass or a short pass. Its outputs, in layout order."""
+        B = next(b for b in BATCH_BUCKETS if b >= len(short))
+        T = max(items[i].num_positions for i in short)
+        rows = self.prefill_chunk if chunk else 0
+        processed = [r for i in short if _processed(items[i]) for r in items[i].sample]
+        processing = needs(processed) if processed and self.has_head else None
+        layout = chunk + [(items[i], rows + b * T, not items[i].sample and items[i].keep != 0)
+                          for b, i in enumerate(short)]
+        sampled = any(r.temperature > 0 for item, _, _ in layout if not _processed(item) for r in item.sample)
+        self.stats["mixed_passes"] += bool(chunk)
+        return self._replay(self._pass(rows, B, T, sampled, processing), layout)
+
+    def _chunked(self, item: SegmentInput, last_only: bool, first=None):
+        """A long step in ``prefill_chunk`` passes; the rows (no head) or the chunks' answers joined (head).
+        ``first``: the answer of its first chunk, run already (in a mixed pass)."""
+        chunk, parts = self.prefill_chunk, [] if first is None else [first]
         sampled = not _processed(item) and any(r.temperature > 0 for r in item.sample)
-        p = self._pass((1, chunk, sampled, False, None), 1, chunk, sampled, False)
-        for a in range(0, item.num_positions, chunk):
-            b = min(a + chunk, item.num_positions)
-            rows = {"input_ids": item.input_ids[a:b]} if self.has_embed else {"hidden": item.hidden[a:b]}
-            last = b == item.num_positions
-            part = SegmentInput(item.session_id, item.start_pos + a, sample=item.sample if last else (), **rows)
-            keep = not item.sample and item.keep != 0 and (last or not last_only)  # logits where someone reads them
-            parts.append(self._replay(p, [(part, 0, keep)])[0])
+        for a in range(len(parts) * chunk, item.num_positions, chunk):
+            parts.append(self._replay(self._pass(chunk, 0, 0, sampled), [self._piece(item, a, last_only)])[0])
         if not self.has_head:
             return torch.cat(parts)
         logits = [part[2] for part in parts if part[2] is not None]
         return (torch.cat([q[0] for q in parts]), torch.cat([q[1] for q in parts]),
                 torch.cat(logits) if logits else None)
 
+    def _piece(self, item: SegmentInput, a: int, last_only: bool) -> tuple[SegmentInput, int, bool]:
+        """Positions [a, a + prefill_chunk) of a long step as a pass's first rows: (part, row 0, keep its logits)."""
+        b = min(a + self.prefill_chunk, item.num_positions)
+        rows = {"input_ids": item.input_ids[a:b]} if self.has_embed else {"hidden": item.hidden[a:b]}
+        last = b == item.num_positions
+        part = SegmentInput(item.session_id, item.start_pos + a, sample=item.sample if last else (), **rows)
+        return part, 0, not item.sample and item.keep != 0 and (last or not last_only)  # logits someone reads
+
     # ---- passes --------------------------------------------------------------------------------------
 
-    def _pass(self, key, B, T, sampled, short, processing=None) -> _Pass:
+    def _pass(self, chunk: int, B: int, T: int, sampled: bool, processing: Needs | None = None) -> Pass:
+        """The pass of this shape (``Pass``), made on first use."""
+        key = (chunk, B, T, sampled, processing)
         p = self._passes.get(key)
         if p is None:
-            p = self._passes[key] = _Pass(self, B, T, sampled, short, processing)
+            p = self._passes[key] = Pass(self, *key)
         return p
 
-    def _fill(self, p: _Pass, layout: list[tuple[SegmentInput, int, bool]]) -> None:
-        """Copy a pass's inputs into its static buffers (padding rows write to no slot and attend nothing)."""
-        N, B = p.N, p.B
-        positions, slots, where = [0] * N, [-1] * N, []
-        rows, ctx, starts, lens = [0] * B, [0] * B, [0] * B, [0] * B
-        samp = [[0.0] * N, [1.0] * N, [0.0] * N]
-        for b, (item, first, _) in enumerate(layout):
-            n = item.num_positions
-            positions[first : first + n] = range(item.start_pos, item.start_pos + n)
-            slots[first : first + n] = self.pool.slots(item.session_id, item.start_pos, n)
-            where.extend(range(first, first + n))
-            rows[b], ctx[b], starts[b], lens[b] = self._rows[item.session_id], item.start_pos + n, first, n
-            for j, r in enumerate(item.sample):
-                at = first + n - len(item.sample) + j
-                samp[0][at], samp[1][at], samp[2][at] = r.temperature, r.top_p, r.uniform
-        p.meta.copy_(torch.tensor(positions + slots + rows + ctx + starts + lens, dtype=torch.int32), non_blocking=True)
-        p.sampling.copy_(torch.tensor(samp, dtype=torch.float32), non_blocking=True)
-        src = torch.cat([item.input_ids if self.has_embed else item.hidden for item, _, _ in layout])  # (R, C)
-        src = src.to(device=self.device, dtype=p.inputs.dtype, non_blocking=True)
-        if where == list(range(len(where))):  # every session fills its rows: one copy (padding keeps old rows)
-            p.inputs[: len(where)].copy_(src)
-        else:
-            p.inputs.index_copy_(0, torch.tensor(where, device=self.device), src)
-
-    def _replay(self, p: _Pass, layout) -> list:
+    def _replay(self, p: Pass, layout: Layout) -> list:
         """Run the pass on ``layout`` ((item, its first row, keep its logits)); per item its rows, or (tokens,
         logprobs, logits or None)."""
         started = time.perf_counter()
-        self._fill(p, layout)
+        p.fill(layout, self.pool, self._rows, self.has_embed)
         self.stats["fill_ms"] += (time.perf_counter() - started) * 1e3
         if self.graphs and p.graph is None:
             self._capture(p)
@@ -325,13 +302,13 @@ class CudaEngine:
             return [rows_out[first : first + item.num_positions] for item, first, _ in layout]
         tokens, logprobs, logits = p.out
         tokens, logprobs = tokens[:end].clone(), logprobs[:end].clone()
-        drawn = p.sample_out.map(lambda t: t[:end].clone()) if static else None
+        drawn = p.sample_out.map(lambda t: t[: end - p.chunk].clone()) if static else None  # rows [chunk, end)
         out = []
         for item, first, keep in layout:
             rows = slice(first, first + item.num_positions)
             processed = _processed(item)
-            if processed and static:  # sampled by the second graph: its rows' answers
-                asked = slice(rows.stop - len(item.sample), rows.stop)
+            if processed and static and first >= p.chunk:  # sampled by the second graph: its rows' answers
+                asked = slice(rows.stop - p.chunk - len(item.sample), rows.stop - p.chunk)
                 out.append(drawn.map(lambda t, asked=asked: t[asked]))
                 continue
             kept = logits[rows].clone() if keep else None
@@ -340,13 +317,13 @@ class CudaEngine:
             out.append((tokens[rows], logprobs[rows], kept))
         return out
 
-    def _sample_static(self, p: _Pass, layout) -> bool:
+    def _sample_static(self, p: Pass, layout: Layout) -> bool:
         """Sample the processed rows of the pass just launched by its sampling graph (captured on first use);
         False where a row has more pairs than the buffers hold (then ``_answers`` samples them eagerly)."""
-        rows: list = [None] * p.N
+        rows: list = [None] * (p.N - p.chunk)  # the short steps' rows (a chunk's are sampled eagerly)
         for item, first, _ in layout:
-            if _processed(item):
-                at = first + item.num_positions - len(item.sample)
+            if _processed(item) and first >= p.chunk:
+                at = first - p.chunk + item.num_positions - len(item.sample)
                 rows[at : at + len(item.sample)] = item.sample
         try:
             p.static.fill(rows)
@@ -362,10 +339,10 @@ class CudaEngine:
             p.sample_out = self._sample(p)
         return True
 
-    def _sample(self, p: _Pass) -> Processed:
-        return sample_static(p.out[2], p.static, p.processing)
+    def _sample(self, p: Pass) -> Processed:
+        return sample_static(p.out[2][p.chunk :], p.static, p.processing)  # (N - chunk, V)
 
-    def _capture(self, p: _Pass, sampling: bool = False) -> None:
+    def _capture(self, p: Pass, sampling: bool = False) -> None:
         """Capture the pass's layers (or, ``sampling``, its processed rows' sampling) as a CUDA graph."""
         run = self._sample if sampling else self._layers
         stream = torch.cuda.Stream(self.device)
@@ -389,14 +366,14 @@ class CudaEngine:
             p.graph, p.out = graph, out
         self.stats["captures"] += 1
 
-    def _linear(self, p: _Pass, x: torch.Tensor, w: Linear, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def _linear(self, p: Pass, x: torch.Tensor, w: Linear, bias: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(w, fp8.Fp8Weight):  # weight-only FP8 in short passes, FP8 x FP8 in chunks
             return ops.skinny_linear(x, w.data, bias, scale=w.scale) if p.short else fp8.chunk_linear(x, w, bias)
         if p.short:
             return ops.skinny_linear(x, w, bias)
         return F.linear(x, w, bias)
 
-    def _layers(self, p: _Pass) -> tuple[torch.Tensor, ...]:
+    def _layers(self, p: Pass) -> tuple[torch.Tensor, ...]:
         """The pass: every layer over the static rows, then the head and sampling. Shapes depend on p only."""
         spec, w = self.spec, self.weights
         H, K, D, eps = self.heads, self.kv_heads, spec.head_dim, spec.rms_norm_eps

@@ -139,7 +139,8 @@ def verify_ratio(engine, prompt: int = 128, repeats: int = 50) -> tuple[float, f
 
 
 def prompt_interference(engine, sessions: int = 31, prompt: int = 4096, steps: int = 48) -> dict:
-    """p99 of the running sessions' lockstep decode steps without and while a ``prompt``-token prompt arrives."""
+    """p99 of the running sessions' lockstep decode steps without and while a ``prompt``-token prompt arrives
+    (with the engine's ``mixed_passes`` as set: the steps that hold decode rows and a chunk, counted)."""
     from runtime.sampling import SamplingParams
     from runtime.scheduler import Scheduler
     from runtime.segment import SegmentInput
@@ -162,7 +163,12 @@ def prompt_interference(engine, sessions: int = 31, prompt: int = 4096, steps: i
             pos[s] += 1
         return (time.perf_counter() - t0) * 1e3
 
+    warm = scheduler.submit(SegmentInput("warm", 0, hidden=random_rows(300, C), sample=tuple(greedy.rows(300))))
+    while not warm.done():  # the graphs of the decode rows beside a chunk (mixed passes)
+        round_ms()
+    scheduler.close_session("warm")
     calm = [round_ms() for _ in range(steps)]
+    mixed = engine.stats["mixed_passes"]
     arriving = scheduler.submit(SegmentInput("long", 0, hidden=random_rows(prompt, C),
                                              sample=tuple(greedy.rows(prompt))))
     busy = []
@@ -175,7 +181,8 @@ def prompt_interference(engine, sessions: int = 31, prompt: int = 4096, steps: i
     return {"p99_step_ms_calm": round(p99_calm, 3), "p99_step_ms_prompt": round(p99_busy, 3),
             "p50_step_ms_calm": round(percentile(calm, 0.5), 3),
             "p50_step_ms_prompt": round(percentile(busy, 0.5), 3),
-            "prompt_p99_ratio": ratio(p99_busy, p99_calm, 3), "prompt_steps": len(busy)}
+            "prompt_p99_ratio": ratio(p99_busy, p99_calm, 3), "prompt_steps": len(busy),
+            "prompt_mixed_passes": engine.stats["mixed_passes"] - mixed}
 
 
 def kernel_breakdown(engine, batch: int = 1, prompt: int = 128, steps: int = 5) -> dict:
@@ -312,8 +319,12 @@ def run(args: argparse.Namespace) -> int:
                if peak else None)
     verify, one, five = verify_ratio(engine)
     out.update(verify5_over_step=round(verify, 3), step1_ms=round(one, 3), step5_ms=round(five, 3))
+    engine.mixed_passes = False  # separate passes first: the figure before mixed passes, on the same card
+    separate = prompt_interference(engine)
+    engine.mixed_passes = True
     out.update(prompt_interference(engine))
     out["p99_ratio_long_prompt"] = out["prompt_p99_ratio"]
+    out["p99_ratio_long_prompt_separate"] = separate["prompt_p99_ratio"]
     out["breakdown_b1"] = kernel_breakdown(engine, 1)
     out["breakdown_b32"] = kernel_breakdown(engine, 32)
     out["graphs"] = dict(engine.stats)

@@ -70,7 +70,7 @@ def test_fp32_engine_equals_the_pytorch_segment(tiny_checkpoint):
 
 
 def test_mixed_sessions_equal_sessions_run_alone(tiny_glm):
-    engine = engine_of(cloud_segment(tiny_glm))
+    engine = engine_of(cloud_segment(tiny_glm), mixed_passes=False)  # (a mixed pass's rows: cuBLAS, tested below)
     C = engine.spec.hidden_size
     g = torch.Generator().manual_seed(3)
     prompts = {sid: torch.randn(n, C, generator=g) for sid, n in (("a", 5), ("b", 20), ("c", 1))}
@@ -127,8 +127,9 @@ def test_graphs_replay_what_the_eager_passes_compute(tiny_checkpoint):
 
 @needs_cuda
 def test_sampled_tokens_do_not_depend_on_the_batch(tiny_glm):
-    """A seeded session draws the same tokens alone and beside 7 others (mixed lengths, one joining late)."""
-    engine = engine_of(cloud_segment(tiny_glm), dtype=torch.bfloat16, graphs=True)
+    """A seeded session draws the same tokens alone and beside 7 others (mixed lengths, one joining late): the
+    batch invariance of separate passes (a mixed pass's decode rows go through cuBLAS, not the skinny products)."""
+    engine = engine_of(cloud_segment(tiny_glm), dtype=torch.bfloat16, graphs=True, mixed_passes=False)
     C = engine.spec.hidden_size
     params = SamplingParams(temperature=0.9, top_p=0.95, seed=11)
     table = torch.randn(1000, C, generator=torch.Generator().manual_seed(6))
@@ -149,13 +150,15 @@ def test_sampled_tokens_do_not_depend_on_the_batch(tiny_glm):
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_demo_model_graphs_equal_eager_passes(demo_checkpoint, gpl3_text, temperature):
     """The demo model in bf16 on the GPU: 32+ tokens of CUDA graphs equal the eager passes' at batch 1, and at
-    batch 8 with mixed prompt lengths and a session joining mid-way; every session equals itself run alone."""
+    batch 8 with mixed prompt lengths and a session joining mid-way (mixed passes among them); without mixed
+    passes, every session equals itself run alone (batch invariance)."""
     from runtime.checkpoint import load_spec, load_tokenizer
 
     L = load_spec(demo_checkpoint).num_layers
-    make = lambda graphs: CudaEngine(Segment.from_checkpoint(demo_checkpoint, 0, L, embed=True, head=True),  # noqa: E731
-                                     dtype=torch.bfloat16, graphs=graphs, pool_tokens=1 << 15, prefill_chunk=64)
-    graphed, eager = make(True), make(False)
+    make = lambda graphs, mixed=True: CudaEngine(  # noqa: E731
+        Segment.from_checkpoint(demo_checkpoint, 0, L, embed=True, head=True), dtype=torch.bfloat16, graphs=graphs,
+        pool_tokens=1 << 15, prefill_chunk=64, mixed_passes=mixed)
+    graphed, eager, separate = make(True), make(False), make(True, mixed=False)
     ids = load_tokenizer(demo_checkpoint)(gpl3_text[:20000], return_tensors="pt").input_ids[0]
     prompts = {f"p{i}": ids[300 * i : 300 * i + n] for i, n in enumerate((12, 40, 7, 90, 3, 150, 25))}
     late = {"late": ids[3000:3070]}
@@ -165,10 +168,11 @@ def test_demo_model_graphs_equal_eager_passes(demo_checkpoint, gpl3_text, temper
     assert drive(graphed, one, 40, params, next_id) == drive(eager, one, 40, params, next_id)
     batch_g = drive(graphed, prompts, 40, params, next_id, late, 12)
     batch_e = drive(eager, prompts, 40, params, next_id, late, 12)
-    assert batch_g == batch_e
+    assert batch_g == batch_e and graphed.stats["mixed_passes"] > 0
+    batch_s = drive(separate, prompts, 40, params, next_id, late, 12)
     for sid in ("p1", "p5", "late"):  # a session's tokens do not depend on who shares its steps
-        alone = drive(graphed, {sid: {**prompts, **late}[sid]}, 40 if sid != "late" else 28, params, next_id)
-        assert alone[sid] == batch_g[sid]
+        alone = drive(separate, {sid: {**prompts, **late}[sid]}, 40 if sid != "late" else 28, params, next_id)
+        assert alone[sid] == batch_s[sid]
     assert graphed.stats["graph_replays"] > 0 and eager.stats["graph_replays"] == 0
 
 
@@ -315,3 +319,153 @@ def test_rows_past_the_static_buffers_are_sampled_eagerly_alike(tiny_checkpoint)
         assert got.tokens == want.tokens
         torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs), atol=5e-4, rtol=0)
         assert [ids for ids, _ in got.top] == [ids for ids, _ in want.top]
+
+
+# ---- mixed passes: a prompt's chunk rides in the pass of the steps decoding beside it --------------------------
+
+DECODING = {  # sessions decoding while prompts arrive, and how each samples
+    "greedy": SamplingParams(),
+    "sampled": SamplingParams(temperature=0.9, top_p=0.95, seed=4),
+    "verify": SamplingParams(temperature=0.7, seed=8),  # verifies 2 drafts a step (3 rows), keeps one token
+    "processed": SamplingParams(temperature=0.8, seed=5, presence_penalty=0.5, top_logprobs=3),  # static sampling
+    "logits": None,  # 2 rows a step, their logits kept, nothing sampled
+}
+ARRIVING = (  # per step after the decoding sessions' 3-row prompts: (prompts arriving, last_only)
+    ((("p12", 12, SamplingParams(top_logprobs=2)),), False),  # one chunk, processed rows: sampled eagerly
+    ((("p40", 40, SamplingParams(temperature=0.8, seed=6)), ("p20", 20, None)), False),  # 3 chunks; a 2nd long step
+    ((("p24", 24, None),), True),  # logits, of the last row only
+)
+MIXED_KW = dict(decode_rows=4)  # (prefill_chunk 16): steps of <= 4 rows share a pass, longer ones are chunked
+
+
+def mixed_steps(run, vocab: int, width: int, sessions=tuple(DECODING), arriving=ARRIVING) -> list[dict]:
+    """The ``sessions`` of DECODING stepping together (a 3-row prompt, then a step per ``arriving`` entry, its
+    prompts in the same call); each call's answers by session."""
+    from runtime.generation import TokenState
+
+    states = {sid: TokenState(DECODING[sid]) for sid in sessions if DECODING[sid] is not None}
+    table = torch.randn(vocab, width, generator=torch.Generator().manual_seed(6))  # token -> its next input row
+    rows = {sid: torch.Generator().manual_seed(20 + i) for i, sid in enumerate(DECODING)}  # (alone as together)
+    pos, answers = dict.fromkeys(sessions, 0), []
+    for step, (prompts, last_only) in enumerate((((), False), *arriving)):
+        batch = []
+        for sid in sessions:
+            drafts = ()
+            if step == 0 or sid == "logits":
+                hidden = torch.randn(3 if step == 0 else 2, width, generator=rows[sid])
+            else:
+                states[sid].commit(answers[-1][sid].tokens[:1])
+                last = states[sid].tokens[-1]
+                drafts = ((last * 7 + 1) % vocab, (last * 11 + 2) % vocab) if sid == "verify" else ()
+                hidden = table[[last, *drafts]]
+            n = hidden.shape[0]
+            sample = states[sid].rows(pos[sid] + n - len(drafts), drafts) if sid in states else ()
+            batch.append(SegmentInput(sid, pos[sid], hidden=hidden, sample=sample))
+            pos[sid] += 2 if sid == "logits" else (n if step == 0 else 1)  # a verification keeps one token
+        for name, n, params in prompts:
+            hidden = torch.randn(n, width, generator=torch.Generator().manual_seed(n))
+            batch.append(SegmentInput(name, 0, hidden=hidden, sample=tuple(params.rows(n)) if params else ()))
+        answers.append(dict(zip([item.session_id for item in batch], run(batch, last_only), strict=True)))
+    return answers
+
+
+def assert_same_steps(got: list[dict], want: list[dict], atol: float, sessions=None) -> None:
+    """Each step's answers alike: the same tokens and top ids, log-probabilities and logits within ``atol``."""
+    for step, (g, w) in enumerate(zip(got, want, strict=True)):
+        for sid in sessions or w:
+            if isinstance(w[sid], torch.Tensor):
+                assert g[sid].shape == w[sid].shape, (step, sid)
+                torch.testing.assert_close(g[sid].cpu().float(), w[sid].cpu().float(), atol=atol, rtol=0)
+            else:
+                assert_same_answers([{sid: g[sid]}], [{sid: w[sid]}], atol)
+
+
+def close_all(engine) -> None:
+    for sid in list(engine.sessions):
+        engine.close_session(sid)
+
+
+def test_a_mixed_pass_equals_separate_passes(tiny_glm):
+    """Greedy, sampled, verifying, processed and logits-only sessions decode while prompts arrive (one chunk with
+    processed rows; three chunks beside a second long step; logits with last_only): with mixed passes the engine
+    answers as with separate passes (1e-4) and as the PyTorch segment, and every decoding session gets what it
+    gets alone."""
+    reference = cloud_segment(tiny_glm)
+    mixed = engine_of(cloud_segment(tiny_glm), graphs=True, **MIXED_KW)
+    separate = engine_of(cloud_segment(tiny_glm), graphs=True, mixed_passes=False, **MIXED_KW)
+    V, C = reference.spec.vocab_size, reference.spec.hidden_size
+    got = mixed_steps(mixed, V, C)
+    assert mixed.stats["mixed_passes"] == len(ARRIVING) and mixed.stats["eager_samplings"] == 0
+    assert_same_steps(got, mixed_steps(separate, V, C), atol=1e-4)
+    assert separate.stats["mixed_passes"] == 0
+    assert_same_steps(got, mixed_steps(reference, V, C), atol=5e-4)
+    assert len(got[1]["p12"].top[0][0]) == 2 and got[3]["p24"].shape == (1, V) and got[2]["p20"].shape == (20, V)
+    quiet = tuple(((), last_only) for _, last_only in ARRIVING)
+    for sid in DECODING:
+        alone = mixed_steps(reference, V, C, sessions=(sid,), arriving=quiet)
+        assert_same_steps(got, alone, atol=5e-4, sessions=(sid,))
+
+
+def test_a_mixed_pass_of_an_edge_segment_gives_the_rows_of_separate_passes(tiny_glm):
+    """No head (the edge's layers from the embedding): the rows of decode steps and of a prompt chunk that share
+    a pass equal those of separate passes and the PyTorch segment's."""
+    def segment():
+        return Segment.from_checkpoint(tiny_glm, 0, 2, embed=True)
+
+    reference, mixed = segment(), engine_of(segment(), **MIXED_KW)
+    separate = engine_of(segment(), mixed_passes=False, **MIXED_KW)
+    ids = torch.Generator().manual_seed(30)
+    calls = [[SegmentInput("a", 0, input_ids=torch.randint(96, (3,), generator=ids)),
+              SegmentInput("b", 0, input_ids=torch.randint(96, (2,), generator=ids))],
+             [SegmentInput("a", 3, input_ids=torch.randint(96, (1,), generator=ids)),
+              SegmentInput("b", 2, input_ids=torch.randint(96, (4,), generator=ids)),
+              SegmentInput("long", 0, input_ids=torch.randint(96, (40,), generator=ids))]]
+    for items in calls:
+        want, alike = reference(items), separate(items)
+        for got, ref, sep in zip(mixed(items), want, alike, strict=True):
+            torch.testing.assert_close(got.cpu(), sep.cpu(), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got.cpu(), ref, atol=2e-4, rtol=1e-4)
+    assert mixed.stats["mixed_passes"] == 1 and separate.stats["mixed_passes"] == 0
+
+
+def test_a_scheduler_step_runs_its_decode_rows_and_a_chunk_in_one_pass(tiny_glm):
+    """Through the scheduler: three sessions' decode steps and a 48-position prompt queued together run as three
+    mixed passes (decode rows + one chunk each), with the tokens of separate passes."""
+    from runtime.scheduler import Scheduler
+
+    params = {"s0": SamplingParams(), "s1": SamplingParams(temperature=0.9, seed=1), "s2": SamplingParams(top_k=5)}
+    answers, counted = {}, {}
+    for on in (True, False):
+        engine = engine_of(cloud_segment(tiny_glm), mixed_passes=on, **MIXED_KW)  # (a 16-row chunk is long)
+        C, g = engine.spec.hidden_size, torch.Generator().manual_seed(31)
+        scheduler = Scheduler(engine, max_batch=8, name="mixed-test")  # started once everything is queued
+        futures = [f for step in range(3) for f in scheduler.submit_all(
+            [SegmentInput(sid, step, hidden=torch.randn(1, C, generator=g), sample=tuple(p.rows(step + 1)))
+             for sid, p in params.items()])]
+        futures.append(scheduler.submit(SegmentInput("long", 0, hidden=torch.randn(48, C, generator=g),
+                                                     sample=tuple(SamplingParams(temperature=0.8, seed=3).rows(48)))))
+        scheduler.start()
+        answers[on] = [f.result(timeout=600) for f in futures]
+        scheduler.stop()
+        counted[on] = (engine.stats["mixed_passes"], scheduler.stats["steps"])
+    assert counted == {True: (3, 3), False: (0, 3)}
+    assert_same_steps([dict(enumerate(answers[True]))], [dict(enumerate(answers[False]))], atol=1e-4)
+
+
+@needs_cuda
+def test_mixed_passes_replay_their_graphs_in_bf16(tiny_glm):
+    """bf16 with CUDA graphs: the mixed passes' answers equal their eager passes' bit for bit and, within bf16's
+    rounding, those of separate passes (cuBLAS products for the decode rows instead of the skinny ones: the same
+    tokens, log-probabilities and logits within 0.05); each mixed shape is captured once."""
+    graphed = engine_of(cloud_segment(tiny_glm), dtype=torch.bfloat16, graphs=True, **MIXED_KW)
+    eager = engine_of(cloud_segment(tiny_glm), dtype=torch.bfloat16, graphs=False, **MIXED_KW)
+    separate = engine_of(cloud_segment(tiny_glm), dtype=torch.bfloat16, graphs=True, mixed_passes=False, **MIXED_KW)
+    V, C = graphed.spec.vocab_size, graphed.spec.hidden_size
+    got = mixed_steps(graphed, V, C)
+    assert_same_steps(got, mixed_steps(eager, V, C), atol=0)
+    assert_same_steps(got, mixed_steps(separate, V, C), atol=0.05)
+    close_all(graphed)
+    before = dict(graphed.stats)
+    assert_same_steps(mixed_steps(graphed, V, C), got, atol=0)
+    assert graphed.stats["captures"] == before["captures"] and graphed.stats["eager_passes"] == 0
+    assert graphed.stats["mixed_passes"] == before["mixed_passes"] + len(ARRIVING) == 2 * len(ARRIVING)

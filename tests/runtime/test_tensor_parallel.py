@@ -72,26 +72,32 @@ def script(segment) -> list:
     return out
 
 
-def _rank(rank: int, world: int, folder: str, spec: GlmSpec, state: dict) -> None:
+def _rank(rank: int, world: int, folder: str, spec: GlmSpec, state: dict, engine: dict | None) -> None:
     torch.set_num_threads(1)
     store = dist.FileStore(f"{folder}/store", world)  # (no port to race for on a shared machine)
     ranks = init_ranks(rank, world, store, "gloo", 120)
     segment = tiny_segment(spec)
     segment.load_state_dict(state)
     shard_segment(segment, ranks)
+    if engine is not None:  # the CUDA engine's code over the shard (on CPU: Triton's interpreter)
+        from runtime.cuda import CudaEngine
+
+        segment = CudaEngine(segment, ranks=ranks, **engine)
     if rank == 0:
         leader = Leader(segment, ranks)
         results = {"outputs": script(leader), "kv_heads": segment.pool.k.shape[-2]}
         leader.stop()
     else:
         results = {"follower_code": follow(segment, ranks)}
+    results[f"stats{rank}"] = dict(getattr(segment, "stats", {}))
     ranks.close()
     torch.save(results, f"{folder}/rank{rank}.pt")
 
 
-def _replica(world: int, spec: GlmSpec, state: dict, folder) -> dict:
-    """Run ``script`` on a ``world``-rank replica of the segment with these weights: every rank's results."""
-    mp.spawn(_rank, args=(world, str(folder), spec, state), nprocs=world, join=True)
+def _replica(world: int, spec: GlmSpec, state: dict, folder, engine: dict | None = None) -> dict:
+    """Run ``script`` on a ``world``-rank replica of the segment with these weights (``engine``: the CUDA
+    engine's settings, to run it over each shard): every rank's results."""
+    mp.spawn(_rank, args=(world, str(folder), spec, state, engine), nprocs=world, join=True)
     results = {}
     for rank in range(world):
         results.update(torch.load(folder / f"rank{rank}.pt", weights_only=False))
@@ -190,3 +196,29 @@ def test_a_one_rank_nccl_shard_on_a_gpu_equals_the_plain_engine():
                 assert ours.tokens == theirs.tokens and ours.logprobs == theirs.logprobs
     finally:
         ranks.close()
+
+
+def test_two_ranks_of_the_cuda_engine_build_the_same_mixed_passes(tmp_path):
+    """The CUDA engine over 2 gloo ranks (fp32; Triton's interpreter without a GPU), with a mixed pass (b's
+    prompt chunk beside a's decode step): the follower, which samples nothing, builds the passes rank 0 builds,
+    so their collectives meet; the tokens and logits equal the whole engine's."""
+    if torch.cuda.is_available():
+        pytest.skip("the gloo ranks run the engine on CPU tensors (under Triton's interpreter)")
+    ops = pytest.importorskip("runtime.triton_ops")
+    if not ops.AVAILABLE:
+        pytest.skip("triton is not installed")
+    if type(ops._rms_norm_kernel).__name__ != "InterpretedFunction":
+        pytest.skip("triton was imported before TRITON_INTERPRET was set (see tests/conftest.py)")
+    from runtime.cuda import CudaEngine
+
+    engine = dict(dtype=torch.float32, device="cpu", graphs=False, pool_tokens=512, max_positions=256,
+                  prefill_chunk=4, decode_rows=2)  # b's 5-position prompt: a chunk of 4 beside a's step, then 1
+    whole = tiny_segment(GLM)
+    plain = CudaEngine(tiny_segment(GLM), **engine)
+    expected = script(plain)
+    assert plain.stats["mixed_passes"] == 1
+    results = _replica(2, GLM, whole.state_dict(), tmp_path, engine)
+    assert results["follower_code"] == 0
+    assert results["stats0"]["mixed_passes"] == results["stats1"]["mixed_passes"] == 1
+    assert results["stats0"]["eager_passes"] == results["stats1"]["eager_passes"] == plain.stats["eager_passes"]
+    assert_same(expected, results["outputs"])
