@@ -51,8 +51,9 @@ class CloudSettings(GrammarSettings, LogSettings):
     tp_timeout_s: float = Field(default=60.0, gt=0, description="with tensor_parallel > 1: longest wait of one "
                                 "collective between ranks (a rank that hangs takes the replica down), seconds")
     cuda_graphs: bool = Field(default=True, description="on cuda, replay decode and verify steps as CUDA graphs")
-    mixed_passes: bool = Field(default=True, description="on cuda, run a step's decode rows and its prompt chunk in "
-                               "one pass (false: separate passes, decode rows bit-identical whoever shares a step)")
+    mixed_passes: bool = Field(default=False, description="on cuda, run a step's decode rows and its prompt chunk "
+                               "in one pass: a shorter step while prompts arrive, but the decode rows then round as "
+                               "cuBLAS does, not bit-identically whoever shares a step (false: separate passes)")
     max_draft: int = Field(default=8, ge=0, le=15, description="most drafted tokens a verification frame carries")
     max_sessions: int = Field(default=1024, ge=1, description="sessions held at once, sessions")
     max_batch: int = Field(default=32, ge=1, description="most sessions in one forward pass, sessions")

@@ -10,7 +10,7 @@ qkv product, rotary + KV write, paged attention, o, gate-up, SiLU-gate, down):
   (bucket, T, greedy/sampled) shape is captured once as a CUDA graph and replayed.
 - one **chunk pass** per ``prefill_chunk`` positions of a longer step (a prompt), padded to the chunk: the
   linears are cuBLAS products of exactly ``prefill_chunk`` rows, also captured as a graph.
-- a **mixed pass** (``mixed_passes``, the default) where a call holds both: the first chunk of its first long
+- a **mixed pass** (``mixed_passes``, off by default) where a call holds both: the first chunk of its first long
   step, then the short pass's B x T rows, so the weights are read once for both (the scheduler gives a call
   at most one chunk: its whole step is one pass). Its linears are cuBLAS products of chunk + B x T rows: every
   row gets what separate passes give it within the rounding of its dtype, not bit for bit (the short rows'
@@ -80,7 +80,7 @@ class CudaEngine:
         max_sessions: int = 1024,
         max_positions: int = 8192,
         graphs: bool = True,
-        mixed_passes: bool = True,
+        mixed_passes: bool = False,
         ranks: Ranks | None = None,
     ):
         """From a ``Segment`` (its weights are copied to the GPU), or from ``weights`` + ``spec`` + layout.
@@ -213,7 +213,10 @@ class CudaEngine:
             raise
         end_step(self.pool, items)
         self.stats["positions"] += sum(item.num_positions for item in items)
-        return self._answers(items, outputs, last_only)
+        answers = self._answers(items, outputs, last_only)
+        if self.device.type == "cuda":  # a call returns once its passes ran (a chunk that samples nothing would
+            torch.cuda.current_stream(self.device).synchronize()  # not wait): the scheduler's steps never queue
+        return answers  # up on the GPU, so a decode step waits behind one chunk at most, never a whole prompt
 
     forward = __call__
 

@@ -391,7 +391,7 @@ def test_a_mixed_pass_equals_separate_passes(tiny_glm):
     answers as with separate passes (1e-4) and as the PyTorch segment, and every decoding session gets what it
     gets alone."""
     reference = cloud_segment(tiny_glm)
-    mixed = engine_of(cloud_segment(tiny_glm), graphs=True, **MIXED_KW)
+    mixed = engine_of(cloud_segment(tiny_glm), graphs=True, mixed_passes=True, **MIXED_KW)
     separate = engine_of(cloud_segment(tiny_glm), graphs=True, mixed_passes=False, **MIXED_KW)
     V, C = reference.spec.vocab_size, reference.spec.hidden_size
     got = mixed_steps(mixed, V, C)
@@ -412,7 +412,7 @@ def test_a_mixed_pass_of_an_edge_segment_gives_the_rows_of_separate_passes(tiny_
     def segment():
         return Segment.from_checkpoint(tiny_glm, 0, 2, embed=True)
 
-    reference, mixed = segment(), engine_of(segment(), **MIXED_KW)
+    reference, mixed = segment(), engine_of(segment(), mixed_passes=True, **MIXED_KW)
     separate = engine_of(segment(), mixed_passes=False, **MIXED_KW)
     ids = torch.Generator().manual_seed(30)
     calls = [[SegmentInput("a", 0, input_ids=torch.randint(96, (3,), generator=ids)),
@@ -457,8 +457,8 @@ def test_mixed_passes_replay_their_graphs_in_bf16(tiny_glm):
     """bf16 with CUDA graphs: the mixed passes' answers equal their eager passes' bit for bit and, within bf16's
     rounding, those of separate passes (cuBLAS products for the decode rows instead of the skinny ones: the same
     tokens, log-probabilities and logits within 0.05); each mixed shape is captured once."""
-    graphed = engine_of(cloud_segment(tiny_glm), dtype=torch.bfloat16, graphs=True, **MIXED_KW)
-    eager = engine_of(cloud_segment(tiny_glm), dtype=torch.bfloat16, graphs=False, **MIXED_KW)
+    graphed = engine_of(cloud_segment(tiny_glm), dtype=torch.bfloat16, graphs=True, mixed_passes=True, **MIXED_KW)
+    eager = engine_of(cloud_segment(tiny_glm), dtype=torch.bfloat16, graphs=False, mixed_passes=True, **MIXED_KW)
     separate = engine_of(cloud_segment(tiny_glm), dtype=torch.bfloat16, graphs=True, mixed_passes=False, **MIXED_KW)
     V, C = graphed.spec.vocab_size, graphed.spec.hidden_size
     got = mixed_steps(graphed, V, C)

@@ -212,7 +212,8 @@ def test_two_ranks_of_the_cuda_engine_build_the_same_mixed_passes(tmp_path):
     from runtime.cuda import CudaEngine
 
     engine = dict(dtype=torch.float32, device="cpu", graphs=False, pool_tokens=512, max_positions=256,
-                  prefill_chunk=4, decode_rows=2)  # b's 5-position prompt: a chunk of 4 beside a's step, then 1
+                  prefill_chunk=4, decode_rows=2, mixed_passes=True)  # b's 5-position prompt: a chunk of 4
+    # beside a's step, then 1
     whole = tiny_segment(GLM)
     plain = CudaEngine(tiny_segment(GLM), **engine)
     expected = script(plain)
