@@ -18,7 +18,7 @@ from torch import nn
 
 from runtime.attention import PoolAttention
 from runtime.checkpoint import GlmSpec, load_spec, load_tensors
-from runtime.cpu_decode import DEFAULT_MAX_ROWS, CompiledLayers
+from runtime.cpu_decode import DEFAULT_MAX_ROWS, CompiledHead, CompiledLayers
 from runtime.kv_pool import DEFAULT_PAGE_SIZE, KVPool, PoolExhausted, pool_tokens
 from runtime.layers import DecoderLayer, RMSNorm, rotary_cos_sin
 from runtime.step import (
@@ -100,12 +100,15 @@ class Segment(nn.Module):
             part.compile_decode(self.compiled.max_rows)
         return part.eval()
 
-    def compile_decode(self, max_rows: int = DEFAULT_MAX_ROWS, warm_up: bool = True) -> CompiledLayers:
-        """Run steps of up to ``max_rows`` rows through the compiled layers (``runtime.cpu_decode``); compile now
+    def compile_decode(self, max_rows: int = DEFAULT_MAX_ROWS, warm_up: bool = True, head: bool = True
+                       ) -> CompiledLayers:
+        """Run steps of up to ``max_rows`` rows through the compiled layers, and one row's norm and LM head through
+        the compiled head where the segment has them and ``head`` asks (``runtime.cpu_decode``); compile now
         unless ``warm_up`` is False. Call it after the compression passes."""
         spec = self.spec
-        self.compiled = CompiledLayers(list(self.layers.values()), self.start, spec.head_dim**-0.5, max_rows)
-        if warm_up and self.end > self.start:
+        head = CompiledHead(self.norm, self.lm_head) if head and self.has_head else None
+        self.compiled = CompiledLayers(list(self.layers.values()), self.start, spec.head_dim**-0.5, max_rows, head)
+        if warm_up and (self.end > self.start or head is not None):
             self.compiled.warm_up(spec.hidden_size, spec.rotary_dim, (self.kv_heads, spec.head_dim), self._dtype())
         return self.compiled
 
@@ -210,7 +213,11 @@ class Segment(nn.Module):
         """One pass of the norm and head over the rows wanted; sample those that ask, in one batch."""
         wanted = output_rows(items, offsets, last_only)
         index = torch.tensor([r for rows in wanted for r in rows], dtype=torch.long, device=x.device)
-        logits = self.lm_head(self.norm(x[index]))  # (R, V)
+        picked = x[index]  # (R, C)
+        head = self.compiled.head if self.compiled is not None else None  # one row's head, compiled
+        logits = head.run(picked) if head is not None else None
+        if logits is None:
+            logits = self.lm_head(self.norm(picked))  # (R, V)
         return sample_outputs(items, list(logits.split([len(rows) for rows in wanted])))
 
 

@@ -221,7 +221,8 @@ def step_times(
 
 
 def decode_paths(eager: Segment, compiled: Segment, threads: int, rounds: int = 3, steps: int = 8) -> dict:
-    """One decode step of the same layers eager and compiled (``runtime.cpu_decode``), ms, taking turns:
+    """One decode step of the same layers (and head, where the segments have one: a fast tail's compiled head
+    included) eager and compiled (``runtime.cpu_decode``), ms, taking turns:
     ``{"layers", "threads", "eager_ms", "compiled_ms"}`` (``compiled_ms`` None where it does not compile here).
     ``compiled`` is compiled at ``threads`` threads here (Inductor's kernels keep the thread count they were
     built at)."""

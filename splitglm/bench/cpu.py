@@ -6,8 +6,9 @@ Tiers, at splits K1, K2 of an L-layer model:
 - ``edge-relay``: [K1, K2) on a batch of ``--relay-batch`` sessions' decode rows (one row each a step);
 - ``fast-tail``: [K2, L) + norm + head; ``whole``: the whole model.
 
-Engines: ``eager`` (PyTorch op by op) and ``compiled`` (``runtime.cpu_decode``), on the same compressed
-segment; ``llama.cpp`` on the GGUF (whole model only; rows skipped with the install line when
+Engines: ``eager`` (PyTorch op by op), ``compiled`` (``runtime.cpu_decode``: the layers and one row's head
+compiled) and ``compiled-layers`` (the layers compiled, the head eager; asked for by name), on the same
+compressed segment; ``llama.cpp`` on the GGUF (whole model only; rows skipped with the install line when
 llama-cpp-python is missing). Precisions (``runtime.compress.named.CPU_PRECISIONS``): the tier's layers in fp32,
 weight-only int8 or int4 (group 32), and its LM head, where it has one, in fp32 or int8.
 
@@ -47,7 +48,7 @@ logger = logging.getLogger(__name__)
 GPL3 = "/usr/share/common-licenses/GPL-3"
 APACHE2 = "/usr/share/common-licenses/Apache-2.0"
 TIERS = ("whole", "device", "edge", "edge-relay", "fast-tail")
-ENGINES = ("eager", "compiled")
+ENGINES = ("eager", "compiled", "compiled-layers")
 
 
 def tier_range(tier: str, splits: tuple[int, int], layers: int) -> tuple[int, int, bool, bool]:
@@ -165,9 +166,10 @@ def splitglm_rows(args, spec, quality: Quality, threads: int) -> list[dict]:
                       "perplexity_delta_pct": quality.delta_pct(part, precision, "held_out"),
                       "tuning_perplexity_delta_pct": quality.delta_pct(part, precision, "tuning")}
             for engine in args.engines:
-                compile_s = None
-                if engine == "compiled":
-                    compile_s = round(segment.compile_decode(max(16, batch)).compile_s, 1)
+                segment.compiled, compile_s = None, None
+                if engine != "eager":
+                    compiled = segment.compile_decode(max(16, batch), head=engine == "compiled")
+                    compile_s = round(compiled.compile_s, 1)
                 ms = decode_ms(segment, args.prompt, args.decode, batch)
                 rows.append({"engine": engine, **common, "decode_ms": round(ms, 3), "compile_s": compile_s})
                 logger.info("%s", rows[-1])
@@ -262,7 +264,8 @@ def add_parser(sub) -> None:
     p.add_argument("--gguf-precision", default="Q4_1", help="what to call the GGUF's precision (default Q4_1)")
     p.add_argument("--splits", type=_list(int), default=[10, 20], help="K1,K2 (default 10,20)")
     p.add_argument("--tiers", type=_list(str, TIERS), default=list(TIERS), help=f"of {','.join(TIERS)} (all)")
-    p.add_argument("--engines", type=_list(str, ENGINES), default=list(ENGINES), help="eager,compiled (both)")
+    p.add_argument("--engines", type=_list(str, ENGINES), default=["eager", "compiled"],
+                   help=f"of {','.join(ENGINES)} (default eager,compiled)")
     p.add_argument("--precisions", type=_list(str, tuple(CPU_PRECISIONS)), default=list(CPU_PRECISIONS),
                    help=f"of {','.join(CPU_PRECISIONS)} (all)")
     p.add_argument("--threads", type=_list(int), default=[1, 2], help="torch / llama.cpp threads (default 1,2)")

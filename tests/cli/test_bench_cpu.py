@@ -44,3 +44,21 @@ def test_relay_tier_steps_its_batch(talking_model, monkeypatch):
     result = cpu.bench_cpu(args(talking_model, gguf="", tiers=["edge-relay"], precisions=["fp32"]))
     assert seen == [2] and result["rows"][0]["batch"] == 2 and result["rows"][0]["layers"] == [2, 4]
     assert result["llama_cpp"] == "not asked"
+
+
+def test_engines_run_their_paths(talking_model, monkeypatch):
+    """eager: no graphs; compiled: the layers and the head's row; compiled-layers: the layers, the head eager."""
+    seen = {}
+    real = cpu.decode_ms
+
+    def timed(seg, prompt, steps, batch=1):
+        compiled = seg.compiled
+        seen[len(seen)] = None if compiled is None else ("layers", compiled.head is not None)
+        return real(seg, prompt, steps, batch)
+
+    monkeypatch.setattr(cpu, "decode_ms", timed)
+    engines = ["compiled", "eager", "compiled-layers"]
+    result = cpu.bench_cpu(args(talking_model, gguf="", tiers=["fast-tail"], precisions=["int4"], engines=engines))
+    assert [r["engine"] for r in result["rows"]] == engines
+    assert seen == {0: ("layers", True), 1: None, 2: ("layers", False)}
+    assert result["rows"][1]["compile_s"] is None and result["rows"][2]["compile_s"] is not None

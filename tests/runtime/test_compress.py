@@ -23,7 +23,7 @@ from runtime.compress import (
     quantize_int8_weights,
     smoothquant,
 )
-from runtime.compress.quant import int4_dequantize, int4_groups, int8_per_channel
+from runtime.compress.quant import int4_dequantize, int4_groups, int8_per_channel, int8_row_product
 from runtime.compress.smooth import input_absmax, smooth_block
 from runtime.segment import Segment, SegmentInput
 
@@ -80,6 +80,23 @@ def test_int4_kernel_matches_its_dequantised_weights():
     expected = x @ int4_dequantize(codes, scale, zero, 32).t() + lin.bias.detach()
     torch.testing.assert_close(layer(x), expected, atol=0.02, rtol=0.02)
     assert rel_err(layer(x), lin(x).detach()) < 0.1
+
+
+def test_int8_one_row_is_the_exact_product_of_its_stored_weights():
+    """``Int8Linear.one_row`` (the compiled head's product) against float64 maths on the int8 codes and their
+    scales, eagerly and through Inductor; the eager bf16 kernel is within its roundings of it."""
+    lin = nn.Linear(96, 200, bias=True)
+    layer = Int8Linear.from_linear(lin, "bf16")
+    x = hidden(1, 96, seed=4) * 3
+    want = x.double() @ (layer.weight.double() * layer.scale.double()[:, None]).t() + lin.bias.detach().double()
+    torch.testing.assert_close(layer.one_row(x).double(), want, atol=1e-5, rtol=1e-6)
+    compiled = torch.compile(int8_row_product, dynamic=False)
+    got = compiled(x, layer.weight, layer.scale) + layer.bias
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-6)
+    bf16_rounding = 2 * 2**-8 * (x.abs() @ layer.dequantized_weight().abs().t()) + 1e-6  # row, then result
+    assert ((layer(x) - want.float()).abs() <= bf16_rounding).all()
+    w8a8 = Int8Linear.from_linear(lin, "int8")
+    assert torch.equal(w8a8.one_row(x), w8a8(x))  # W8A8 keeps its int8 activations
 
 
 # ---- quantisation passes --------------------------------------------------------------------------

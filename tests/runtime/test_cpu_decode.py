@@ -7,6 +7,7 @@ import torch
 
 from runtime.compress import apply_compression
 from runtime.compress.named import tier_passes
+from runtime.compress.quant import Int8Linear
 from runtime.segment import Segment, SegmentInput
 
 INT4_EVERYWHERE = [{"pass": "int4", "group_size": 32}, {"pass": "int4", "group_size": 32, "layers": [0, 0],
@@ -90,6 +91,27 @@ def test_steps_take_their_graph(tiny_glm):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
     assert calls == ["_rows", "_one", "_one"]
     assert counters["stats"]["unique_graphs"] == graphs  # the warm-up's graphs serve the real pool: no recompile
+
+
+@pytest.mark.parametrize("compression", [None, INT4_TIER], ids=["fp32-head", "int8-head"])
+def test_compiled_head_is_exact_on_decode_rows(tiny_glm, compression):
+    """One row's logits (a decode step, a prompt's last row) come from the compiled head: the fp32 product of
+    the normed row and the head's stored weights (an int8 head's codes times their scales), within fp32
+    rounding of float64 maths. A step of several rows takes the eager head."""
+    segment = whole(tiny_glm, compression, compiled=True)
+    head, lm_head = segment.compiled.head, segment.lm_head
+    rows = []
+    real = head._one
+    head._one = lambda x: rows.append(x.clone()) or real(x)
+    logits = greedy(segment, torch.arange(5) * 7 % 96, 4)[1]
+    assert len(rows) == 5  # the prompt's last row and each decode row took the graph
+    weight = lm_head.dequantized_weight() if isinstance(lm_head, Int8Linear) else lm_head.weight
+    for row, got in zip(rows, logits):
+        want = segment.norm(row).double() @ weight.double().t()  # (1, V)
+        torch.testing.assert_close(got.double(), want[0], atol=1e-5, rtol=1e-5)
+    segment([SegmentInput("v", 0, input_ids=torch.arange(4))])  # logits of every row: the eager head
+    segment([SegmentInput("v", 4, input_ids=torch.arange(3))])  # a verification's rows: the eager head
+    assert len(rows) == 5
 
 
 @pytest.mark.slow
