@@ -7,17 +7,12 @@ and attend nothing; their outputs are never read. A layout gives each item of th
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from runtime.kv_pool import KVPool
 from runtime.sampling import Processed
 from runtime.static_sampling import Needs, StaticRows
 from runtime.step import SegmentInput
-
-if TYPE_CHECKING:
-    from runtime.cuda import CudaEngine
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 Layout = list[tuple[SegmentInput, int, bool]]  # per item: (the item, its first row, keep its logits)
@@ -30,8 +25,8 @@ class Pass:
     rows of short steps. A pass without a chunk is a short pass (skinny products), one without short steps a
     chunk pass, one with both a mixed pass (cuBLAS products, as a chunk pass)."""
 
-    def __init__(self, engine: CudaEngine, chunk: int, steps: int, rows_per: int, sampled: bool,
-                 processing: Needs | None = None):
+    def __init__(self, engine, chunk: int, steps: int, rows_per: int, sampled: bool,
+                 processing: Needs | None = None):  # engine: the ``runtime.cuda.CudaEngine`` (not imported: a cycle)
         self.chunk, self.sampled, self.short = chunk, sampled, chunk == 0
         self.B = steps + (1 if chunk else 0)  # sessions
         self.T = max(chunk, rows_per)  # the longest session's rows
