@@ -98,15 +98,12 @@ class RandomEmbedding:
         pass
 
 
-def shape_tiers(shape: str):
-    """(edge part, timed cloud tier, sync) for ``--shape``: the cloud segment ``bench cloud-gpu`` times."""
-    from runtime.checkpoint import GlmSpec
+def shape_tiers(spec):
+    """(edge part, timed cloud tier, sync) for ``--shape``'s ``spec``: the cloud segment ``bench cloud-gpu``
+    times."""
     from runtime.cuda import CudaEngine
     from runtime.cuda_weights import random_weights
 
-    from .cloud_gpu import SHAPES
-
-    spec = GlmSpec.from_config(SHAPES[shape])
     weights = random_weights(spec, spec.num_layers, embed=False, head=True, dtype=torch.bfloat16, device="cuda")
     cloud = CudaEngine(weights=weights, spec=spec, start=0, head=True, dtype=torch.bfloat16, pool_mib=2048,
                        prefill_chunk=128, max_batch=32, max_positions=1024)
@@ -305,7 +302,7 @@ def bench_structured(model: str, devices=("cpu", "cuda"), batches=(1, 32), steps
             continue
         if device == "cuda":
             result["card"] = torch.cuda.get_device_name()
-        tiers = shape_tiers(shape) if shape else build_tiers(model, device)
+        tiers = shape_tiers(spec) if shape else build_tiers(model, device)
         for batch in batches:
             row = {"device": device, **measure(tiers, tokenizer, grammars, batch, steps, repeats, max_new, device,
                                                prefetch)}
