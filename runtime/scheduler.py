@@ -15,6 +15,12 @@ thread once the session's earlier steps are done and gives the item, or a final 
 repeated frame); ``finish(output, timings)`` turns the output into the answer; a job ``after`` another
 session (a fork of its cache) is admitted once that session's steps queued before it are done. ``call(fn)``
 runs ``fn`` on the scheduler's thread between steps (closing and forking sessions).
+
+A segment whose short steps and a chunk share one pass (the CUDA engine's ``mixed_passes``) gets more from a
+chunk that waits for the running sessions than from one that runs alone just before they come back: where the
+sessions' next steps usually arrive within ``chunk_hold_ms`` of their answers (the median of their recent
+return gaps), a step that would hold only a chunk waits up to twice that gap for them. Sessions that come back
+later (over a network, say) never hold a chunk: the GPU runs it while they are away.
 """
 
 from __future__ import annotations
@@ -92,15 +98,20 @@ class Scheduler:
         lock=None,
         name: str = "scheduler",
         on_step: Callable[[StepStats], None] | None = None,
+        chunk_hold_ms: float = 5.0,
     ):
         """``lock``: held around each step and call (two schedulers of one process can share the CPU that way);
-        steps queued while it is busy join the next step."""
+        steps queued while it is busy join the next step. ``chunk_hold_ms``: the longest wait of a chunk for the
+        running sessions, with a segment of mixed passes (see the module docstring; 0: never)."""
         if max_batch < 1 or prefill_chunk < 1 or decode_rows < 1:
             raise ValueError("max_batch, prefill_chunk and decode_rows must be >= 1")
         self.segment, self.max_batch, self.max_queue = segment, max_batch, max_queue
         self.prefill_chunk = getattr(segment, "prefill_chunk", prefill_chunk)  # an engine's captured chunk wins
         self.decode_rows = max(decode_rows, 1)
         self.lock, self.on_step = lock, on_step
+        self.chunk_hold_ms = chunk_hold_ms if getattr(segment, "mixed_passes", False) else 0.0
+        self._answered: dict[str, float] = {}  # session -> perf_counter() when its last short step was answered
+        self._gaps: deque[float] = deque(maxlen=64)  # ms from a short step's answer to that session's next step
         self.stats: Counter[str] = Counter()  # steps, rows, items, largest, chunks (of long steps: prompts)
         self._queue: deque[_Entry] = deque()
         self._calls: deque[tuple[Callable, Future]] = deque()
@@ -136,7 +147,11 @@ class Scheduler:
             for entry in entries:
                 entry.trace = origin
         with self._wake:
+            now = time.perf_counter()
             for entry in entries:
+                answered = self._answered.pop(entry.session_id, None)
+                if answered is not None:
+                    self._gaps.append((now - answered) * 1e3)
                 if self._stopping:
                     entry.future.set_exception(SchedulerClosed("the scheduler has stopped"))
                 elif len(self._queue) >= self.max_queue:
@@ -209,6 +224,8 @@ class Scheduler:
                 with self._wake:
                     calls, self._calls = list(self._calls), deque()
                     step = self._take()
+                    if self._hold(step):
+                        step = self._take()
                 for fn, done in calls:
                     _settle(done, fn)
                 if step:
@@ -236,6 +253,29 @@ class Scheduler:
                 taken.append((entry, min(self.prefill_chunk, entry.left)))
                 chunk_taken = True
         return taken
+
+    def _hold(self, step: list[tuple[_Entry, int]]) -> bool:
+        """(Under the queue's lock.) For a step of a chunk alone while sessions answered in the last step or two
+        are likely back soon: wait for their steps (or a call, or the end) up to twice their median return gap;
+        whether it waited."""
+        if not self.chunk_hold_ms or not step or not self._answered or len(self._gaps) < 8:
+            return False
+        if any(entry.done == 0 and entry.item.num_positions <= self.decode_rows for entry, _ in step):
+            return False  # short steps are in it already
+        gap = sorted(self._gaps)[len(self._gaps) // 2] / 1e3
+        now = time.perf_counter()
+        for sid in [sid for sid, t in self._answered.items() if now - t > 4 * self.chunk_hold_ms / 1e3]:
+            del self._answered[sid]  # gone (finished, or slower than the hold): nobody waits for them
+        if gap > self.chunk_hold_ms / 1e3 or not self._answered:
+            return False
+        deadline = now + 2 * gap
+        while self._answered and not (self._calls or self._stopping):
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                break
+            self._wake.wait(left)
+        self.stats["chunk_holds"] += 1
+        return True
 
     def _admit(self, entry: _Entry) -> bool:
         """Run a job's admission (under the queue's lock); False when it answered without a step."""
@@ -275,6 +315,12 @@ class Scheduler:
         compute_ms = (time.perf_counter() - started) * 1e3
         chunks = sum(1 for entry, _ in step if entry.item.num_positions > self.decode_rows)
         self._count(len(step), sum(n for _, n in step), compute_ms, chunks)
+        if self.chunk_hold_ms:
+            answered = time.perf_counter()
+            with self._wake:
+                for entry, _ in step:
+                    if entry.item.num_positions <= self.decode_rows:
+                        self._answered[entry.session_id] = answered
         for (entry, n), out in zip(step, outputs):
             entry.done += n
             entry.compute_ms += compute_ms

@@ -127,6 +127,7 @@ class Leader:
         self.spec, self.has_embed, self.has_head = shard.spec, shard.has_embed, shard.has_head
         self.start, self.end = shard.start, shard.end
         self.masks_while_running = getattr(shard, "masks_while_running", False)
+        self.mixed_passes = getattr(shard, "mixed_passes", False)  # (the scheduler's chunk hold reads it)
         if hasattr(shard, "prefill_chunk"):  # the CUDA engine's captured chunk (the scheduler reads it)
             self.prefill_chunk = shard.prefill_chunk
         self._lock = threading.Lock()  # a call is broadcast and run before the next one starts

@@ -113,3 +113,48 @@ def test_settings_are_checked(tiny_glm):
     _, edge, _ = split_segments(tiny_glm, 1, 3)
     with pytest.raises(ValueError, match="max_batch"):
         Scheduler(edge, max_batch=0)
+
+
+class _Recording:
+    """A segment of mixed passes (``mixed_passes``) that records each call's items and takes a while."""
+
+    def __init__(self, mixed: bool = True):
+        self.mixed_passes, self.calls = mixed, []
+
+    def __call__(self, items, last_only=False):
+        self.calls.append([item.num_positions for item in items])
+        time.sleep(0.004)
+        return [item.hidden for item in items]
+
+    def close_session(self, session_id):
+        pass
+
+
+def _lockstep_with_a_prompt(segment) -> list[list[int]]:
+    """Three sessions decoding in lockstep (each round resubmitted at once) while a 12-chunk prompt arrives."""
+    scheduler = Scheduler(segment, max_batch=8, prefill_chunk=4, decode_rows=2, chunk_hold_ms=50).start()
+    pos = dict.fromkeys("abc", 0)
+
+    def round_():
+        for f in scheduler.submit_all([SegmentInput(s, pos[s], hidden=torch.zeros(1, 4)) for s in pos]):
+            f.result()
+        for s in pos:
+            pos[s] += 1
+
+    for _ in range(12):  # the sessions' return gaps are learnt
+        round_()
+    prompt = scheduler.submit(SegmentInput("p", 0, hidden=torch.zeros(48, 4)))
+    while not prompt.done():
+        round_()
+    scheduler.stop()
+    return [call for call in segment.calls if 4 in call]  # the calls that ran a chunk of the prompt
+
+
+def test_a_chunk_waits_for_sessions_that_come_straight_back_with_mixed_passes():
+    """With mixed passes, the prompt's chunks ride with the running sessions' steps instead of running alone
+    just before those come back; without them (separate passes: nothing to share) the scheduler never waits."""
+    held = _lockstep_with_a_prompt(_Recording(mixed=True))
+    alone = [call for call in held if call == [4]]
+    assert len(held) == 12 and len(alone) <= 2, held
+    plain = _lockstep_with_a_prompt(_Recording(mixed=False))
+    assert len(plain) == 12 and sum(call == [4] for call in plain) > len(alone), plain
