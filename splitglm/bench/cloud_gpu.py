@@ -14,6 +14,8 @@ Measured in one run, on the CUDA engine (``runtime.cuda``, bf16 activations, bf1
   for FP8 weights: the chunk passes multiply FP8 by FP8);
 - the time of a 5-position step (speculative verification) over a 1-position step;
 - transformers' ``generate`` on the same card, shape and batch sizes (eager, its own KV cache), as a ratio;
+- a ``torch.compile`` + CUDA-graph decode step of the same shape and weights (``gpu_reference``) at batch 1
+  and 32, as a ratio (``--no-reference`` skips it);
 - the p99 decode step of 31 sessions while a 4096-token prompt arrives (in chunks, through the runtime's
   scheduler), over the p99 without it.
 
@@ -265,6 +267,8 @@ def add_parser(sub) -> None:
     p.add_argument("--pool-mib", type=float, default=8192, help="KV pool size, MiB (default 8192)")
     p.add_argument("--prefill-chunk", type=int, default=128, help="prompt positions per step (default 128)")
     p.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip the torch.compile + CUDA-graph reference step (splitglm.bench.gpu_reference)")
     p.add_argument("--tensor-parallel", type=int, default=1, help="GPUs the segment is split across (default 1; "
                    "above 1: tokens/s, the N-card bound and the all-reduce time only; not yet run on GPUs)")
 
@@ -326,6 +330,14 @@ def run(args: argparse.Namespace) -> int:
     engine.mixed_passes = False
     out["p99_ratio_long_prompt_mixed"] = mixed["prompt_p99_ratio"]
     out["prompt_mixed"] = mixed
+    if not args.no_reference:  # torch.compile + one CUDA graph per step, the engine's weights, same card
+        from .gpu_reference import reference_rate
+
+        for b in (1, 32):
+            ref = reference_rate(spec, engine.weights, b)
+            out[f"compiled_reference_tokens_per_s_b{b}"] = round(ref["tokens_per_s"], 1)
+            out[f"compiled_reference_ratio_b{b}"] = ratio(out[f"tokens_per_s_b{b}"], ref["tokens_per_s"], 2)
+            out[f"compiled_reference_build_s_b{b}"] = round(ref["build_s"], 1)
     out["breakdown_b1"] = kernel_breakdown(engine, 1)
     out["breakdown_b32"] = kernel_breakdown(engine, 32)
     out["graphs"] = dict(engine.stats)
