@@ -387,7 +387,8 @@ class CudaEngine:
             qkv = self._linear(p, h, lw.qkv, lw.qkv_bias)  # (N, (H + 2K) D)
             kc, vc = self.pool.k[i], self.pool.v[i]  # (pages, page_size, K, D)
             q = ops.rotary_kv_write(qkv, self.cos, self.sin, p.positions, p.slots, kc, vc, H, K, D, spec.rotary_dim)
-            a = ops.paged_attention(q, kc, vc, block_tables, p.ctx_lens, p.q_starts, p.q_lens, D**-0.5, p.T)
+            a = ops.paged_attention(q, kc, vc, block_tables, p.ctx_lens, p.q_starts, p.q_lens, D**-0.5, p.T,
+                                    block_m=ops.ATTN_CHUNK_BLOCK_M if p.chunk else ops.ATTN_BLOCK_M)
             o = self._reduce(self._linear(p, a.view(p.N, H * D), lw.o))  # (N, C)
             h, x = ops.add_rms_norm(o, x, lw.post_attention_norm, eps, post_weight=lw.post_self_attn_norm)
             d = self._reduce(self._linear(p, ops.silu_mul(self._linear(p, h, lw.gate_up)), lw.down))  # (N, C)
