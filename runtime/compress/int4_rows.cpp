@@ -20,7 +20,8 @@
 namespace {
 
 constexpr int kGroup = 32;
-constexpr int kRowsMax = 4;  // rows sharing one unpacking of the weights
+constexpr int kRowsMax = 4;      // rows sharing one unpacking of the weights
+constexpr int kPrefetch = 2048;  // bytes read ahead in the packed weights (a prefetch past the end never faults)
 
 inline __m512 bf16x16_to_fp32(const c10::BFloat16* p) {
   __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -46,6 +47,8 @@ void block_rows(const uint8_t* w, const c10::BFloat16* sz, const uint32_t* xpair
     for (int m = 0; m < MB; ++m) gacc[m] = _mm512_setzero_ps();
     const uint8_t* wg = w + g * (kGroup / 4) * 32;
     const int64_t pair0 = g * (kGroup / 2);
+    for (int line = 0; line < (kGroup / 4) * 32; line += 64)  // this group's 256 bytes, kPrefetch ahead
+      _mm_prefetch(reinterpret_cast<const char*>(wg + kPrefetch + line), _MM_HINT_T0);
 #pragma GCC unroll 8
     for (int q = 0; q < kGroup / 4; ++q) {
       __m512i words = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + q * 32)));
@@ -65,6 +68,25 @@ void block_rows(const uint8_t* w, const c10::BFloat16* sz, const uint32_t* xpair
     }
   }
   for (int m = 0; m < MB; ++m) _mm512_storeu_ps(out + m * ldo, acc[m]);
+}
+
+// One row rounded to bf16 as c10::BFloat16 rounds (nearest even, NaN to 0x7FC0), and its sums per group of 32.
+void round_row(const float* x, int64_t K, uint16_t* xb, float* xs) {
+  const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7FFF);
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)), qnan = _mm512_set1_epi32(0x7FC00000);
+  for (int64_t g = 0; g < K / kGroup; ++g) {
+    __m512 sum = _mm512_setzero_ps();
+    for (int h = 0; h < 2; ++h) {
+      const __m512 v = _mm512_loadu_ps(x + g * kGroup + h * 16);
+      const __m512i u = _mm512_castps_si512(v);
+      __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
+      r = _mm512_mask_mov_epi32(_mm512_and_si512(r, high), _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), qnan);
+      sum = _mm512_add_ps(sum, _mm512_castsi512_ps(r));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xb + g * kGroup + h * 16),
+                          _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+    }
+    xs[g] = _mm512_reduce_add_ps(sum);
+  }
 }
 
 void block_any(int rows, const uint8_t* w, const c10::BFloat16* sz, const uint32_t* xpairs, const float* xsums,
@@ -89,13 +111,9 @@ at::Tensor int4_rows(const at::Tensor& x, const at::Tensor& packed, const at::Te
   const at::Tensor wc = packed.contiguous(), szc = scales_zeros.contiguous();
   at::Tensor out = at::empty({M, NB * 16}, x.options());
   // The rows as bf16 (round to nearest even, as Tensor.to(torch.bfloat16)) and their sums per group.
-  std::vector<c10::BFloat16> xb(M * K);
-  std::vector<float> xs(M * G, 0.0f);
-  const float* xp = xc.data_ptr<float>();
-  for (int64_t i = 0; i < M * K; ++i) {
-    xb[i] = c10::BFloat16(xp[i]);
-    xs[i / kGroup] += static_cast<float>(xb[i]);
-  }
+  std::vector<uint16_t> xb(M * K);
+  std::vector<float> xs(M * G);
+  for (int64_t m = 0; m < M; ++m) round_row(xc.data_ptr<float>() + m * K, K, xb.data() + m * K, xs.data() + m * G);
   const uint32_t* pairs = reinterpret_cast<const uint32_t*>(xb.data());
   const uint8_t* w = wc.data_ptr<uint8_t>();
   const c10::BFloat16* sz = szc.data_ptr<c10::BFloat16>();

@@ -68,3 +68,20 @@ def test_int4_linear_takes_the_kernel_only_when_compiled():
     assert not layer.use_row_kernel(False) and layer.rows_packed is None
     torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(layer, backend="eager")(x), before, atol=0, rtol=0)
+
+
+@needs_kernel
+def test_kernel_rounds_the_row_as_torch_does():
+    """The row is rounded to bf16 inside the kernel exactly as ``Tensor.to(torch.bfloat16)`` rounds it (ties to
+    even, both ways; random bits): the result is bit for bit that of the pre-rounded row."""
+    gen = torch.Generator().manual_seed(7)
+    layer = Int4Linear(nn.Linear(128, 64, bias=False), 32)
+    packed, scales_zeros = rows_kernel.pack_rows(rows_kernel.codes_of_int4pack(layer.weight_packed, 64, 128),
+                                                 layer.scales_and_zeros, 32)
+    base = torch.randn(3, 128, generator=gen).to(torch.bfloat16).float().view(torch.int32)
+    ties = (base | 0x8000).view(torch.float32)  # exactly halfway between two bf16 values: even and odd ones
+    bits = torch.randint(-(2**31), 2**31 - 1, (3, 128), generator=gen, dtype=torch.int32) & ~(0xFF << 23)
+    noise = (bits | (127 << 23)).view(torch.float32)  # random mantissas in [1, 2) and both signs
+    x = torch.cat((ties, noise))  # (6, 128)
+    got = rows_kernel.int4_rows(x, packed, scales_zeros)
+    assert torch.equal(got, rows_kernel.int4_rows(x.to(torch.bfloat16).float(), packed, scales_zeros))
