@@ -10,7 +10,7 @@ Kernels (PyTorch CPU, measured on the demo model's shapes at one token):
 - ``Int4Linear``: asymmetric int4 groups along the input dimension,
   ``torch._weight_int4pack_mm_for_cpu`` with bf16 activations; in the compiled decode graphs, steps of
   1 .. 16 rows take ``runtime.compress.int4_rows`` instead (AVX-512 BF16, the same weights and rounding
-  of the row, fp32 sums; 1.4-1.9x faster on the demo model's 180 products a token).
+  of the row, fp32 sums; 1.6x faster on the demo model's 180 products a token, 1 or 2 threads).
 - ``Int8Linear.one_row``: weight-only int8 on one row in fp32, written as a
   product and a sum for Inductor (``runtime.cpu_decode.CompiledHead``). On
   the demo model's head (49152 x 576) it reads the weights at ~12 GB/s a
