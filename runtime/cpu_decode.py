@@ -3,7 +3,9 @@
 A one-position step of a small model on a CPU is dominated by dispatch, not by bytes: the demo model's 30
 layers are ~2000 small eager ops a token (``docs/benchmarks.md``, "CPU decode"). ``CompiledLayers`` runs the
 same modules through ``torch.compile`` (Inductor's C++ backend): the norms, rotary, residuals and the MLP's
-gate fuse into a few C++ loops per layer, and the linears (fp32, int8 or int4) stay the same ATen kernels.
+gate fuse into a few C++ loops per layer; fp32 and int8 linears stay the same ATen kernels, and int4 ones
+take the row kernel (``runtime.compress.int4_rows``: AVX-512 BF16, where the host has it; exact in fp32 on
+the bf16-rounded row, where ATen's kernel also rounds its result to bf16).
 The KV pool, its pages, forks and rewinds are unchanged: a decode step of one session attends inside the
 graph to a view of its cached keys; a step of several rows calls the eager ``PoolAttention`` from the
 graph, one opaque custom op per layer, so the graph is the same whatever the sessions' lengths.
@@ -164,6 +166,13 @@ def _own_code(method) -> types.FunctionType:
 HEAD_OPTIONS: dict = {"realize_cpu_opcount_threshold": 0}
 
 
+def use_row_kernels(*modules: nn.Module, on: bool = True) -> int:
+    """Let the int4 linears in ``modules`` take the row kernel inside the graphs compiled from now on, or ATen's
+    kernel (``on`` False); how many take the row kernel. (``Int4Linear.use_row_kernel``, found by name:
+    ``runtime.compress`` imports the segment, which imports this module.)"""
+    return sum(m.use_row_kernel(on) for root in modules for m in root.modules() if hasattr(m, "use_row_kernel"))
+
+
 def _compile(method, owner, **options) -> types.MethodType:
     """``method`` of ``owner`` through ``torch.compile``, on code of its own, the guards on modules skipped."""
     options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, **INDUCTOR_OPTIONS, **options}
@@ -177,8 +186,9 @@ class CompiledHead:
     weights, exact in fp32), else its ``forward`` (an fp32 or int4 head: the same ATen kernel as eagerly).
     """
 
-    def __init__(self, norm: nn.Module, head: nn.Module):
+    def __init__(self, norm: nn.Module, head: nn.Module, int4_rows: bool = True):
         self.norm, self.product = norm, getattr(head, "one_row", head)
+        use_row_kernels(head, on=int4_rows)
         self._one = _compile(CompiledHead._run, self, **HEAD_OPTIONS)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
@@ -201,14 +211,18 @@ class CompiledLayers:
       op per layer (N dynamic).
     - Anything else (a session's first row, keys spread over several pool runs) runs eagerly.
     - ``head``: the segment's norm and LM head on one row (``CompiledHead``), where it has them.
+    - ``int4_rows``: int4 linears take the row kernel (``runtime.compress.int4_rows``) where the host runs it;
+      False: ATen's kernel, as eagerly (the A/B of ``splitglm bench cpu``'s ``compiled-aten``).
     """
 
     def __init__(self, layers: list[nn.Module], first_layer: int, scale: float, max_rows: int = DEFAULT_MAX_ROWS,
-                 head: CompiledHead | None = None):
+                 head: CompiledHead | None = None, int4_rows: bool = True):
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         self.layers, self.first_layer, self.scale, self.max_rows = list(layers), first_layer, scale, max_rows
         self.head = head
+        self.int4_rows = int4_rows
+        self.row_kernels = use_row_kernels(*self.layers, on=int4_rows)  # int4 linears on the row kernel
         self._one = _compile(CompiledLayers._run_one, self)
         self._rows = _compile(CompiledLayers._run_rows, self)
         self.compile_s: float | None = None  # what ``warm_up`` took

@@ -97,17 +97,19 @@ class Segment(nn.Module):
         part.layers = nn.ModuleDict({str(i): self.layers[str(i)] for i in range(start, end)})
         part._pool_size = dict(self._pool_size)
         if self.compiled is not None:
-            part.compile_decode(self.compiled.max_rows)
+            part.compile_decode(self.compiled.max_rows, int4_rows=self.compiled.int4_rows)
         return part.eval()
 
-    def compile_decode(self, max_rows: int = DEFAULT_MAX_ROWS, warm_up: bool = True, head: bool = True
-                       ) -> CompiledLayers:
+    def compile_decode(self, max_rows: int = DEFAULT_MAX_ROWS, warm_up: bool = True, head: bool = True,
+                       int4_rows: bool = True) -> CompiledLayers:
         """Run steps of up to ``max_rows`` rows through the compiled layers, and one row's norm and LM head through
         the compiled head where the segment has them and ``head`` asks (``runtime.cpu_decode``); compile now
-        unless ``warm_up`` is False. Call it after the compression passes."""
+        unless ``warm_up`` is False. Int4 linears take the row kernel in the graphs unless ``int4_rows`` is
+        False. Call it after the compression passes."""
         spec = self.spec
-        head = CompiledHead(self.norm, self.lm_head) if head and self.has_head else None
-        self.compiled = CompiledLayers(list(self.layers.values()), self.start, spec.head_dim**-0.5, max_rows, head)
+        head = CompiledHead(self.norm, self.lm_head, int4_rows) if head and self.has_head else None
+        self.compiled = CompiledLayers(list(self.layers.values()), self.start, spec.head_dim**-0.5, max_rows, head,
+                                       int4_rows)
         if warm_up and (self.end > self.start or head is not None):
             self.compiled.warm_up(spec.hidden_size, spec.rotary_dim, (self.kv_heads, spec.head_dim), self._dtype())
         return self.compiled

@@ -7,7 +7,8 @@ Tiers, at splits K1, K2 of an L-layer model:
 - ``fast-tail``: [K2, L) + norm + head; ``whole``: the whole model.
 
 Engines: ``eager`` (PyTorch op by op), ``compiled`` (``runtime.cpu_decode``: the layers and one row's head
-compiled) and ``compiled-layers`` (the layers compiled, the head eager; asked for by name), on the same
+compiled), ``compiled-layers`` (the layers compiled, the head eager) and ``compiled-aten`` (compiled, int4
+products through ATen's kernel, not ``runtime.compress.int4_rows``), the last two asked for by name, on the same
 compressed segment; ``llama.cpp`` on the GGUF (whole model only; rows skipped with the install line when
 llama-cpp-python is missing). Precisions (``runtime.compress.named.CPU_PRECISIONS``): the tier's layers in fp32,
 weight-only int8 or int4 (group 32), and its LM head, where it has one, in fp32 or int8.
@@ -48,7 +49,7 @@ logger = logging.getLogger(__name__)
 GPL3 = "/usr/share/common-licenses/GPL-3"
 APACHE2 = "/usr/share/common-licenses/Apache-2.0"
 TIERS = ("whole", "device", "edge", "edge-relay", "fast-tail")
-ENGINES = ("eager", "compiled", "compiled-layers")
+ENGINES = ("eager", "compiled", "compiled-layers", "compiled-aten")
 
 
 def tier_range(tier: str, splits: tuple[int, int], layers: int) -> tuple[int, int, bool, bool]:
@@ -168,7 +169,8 @@ def splitglm_rows(args, spec, quality: Quality, threads: int) -> list[dict]:
             for engine in args.engines:
                 segment.compiled, compile_s = None, None
                 if engine != "eager":
-                    compiled = segment.compile_decode(max(16, batch), head=engine == "compiled")
+                    compiled = segment.compile_decode(max(16, batch), head=engine != "compiled-layers",
+                                                      int4_rows=engine != "compiled-aten")
                     compile_s = round(compiled.compile_s, 1)
                 ms = decode_ms(segment, args.prompt, args.decode, batch)
                 rows.append({"engine": engine, **common, "decode_ms": round(ms, 3), "compile_s": compile_s})

@@ -47,18 +47,22 @@ def test_relay_tier_steps_its_batch(talking_model, monkeypatch):
 
 
 def test_engines_run_their_paths(talking_model, monkeypatch):
-    """eager: no graphs; compiled: the layers and the head's row; compiled-layers: the layers, the head eager."""
+    """eager: no graphs; compiled: the layers and the head's row; compiled-layers: the layers, the head eager;
+    compiled-aten: both, the int4 products on ATen's kernel (the others on the row kernel, where it runs)."""
+    from runtime.compress import int4_rows
+
     seen = {}
     real = cpu.decode_ms
 
     def timed(seg, prompt, steps, batch=1):
         compiled = seg.compiled
-        seen[len(seen)] = None if compiled is None else ("layers", compiled.head is not None)
+        seen[len(seen)] = None if compiled is None else ("layers", compiled.head is not None, compiled.row_kernels)
         return real(seg, prompt, steps, batch)
 
     monkeypatch.setattr(cpu, "decode_ms", timed)
-    engines = ["compiled", "eager", "compiled-layers"]
+    engines = ["compiled", "eager", "compiled-layers", "compiled-aten"]
     result = cpu.bench_cpu(args(talking_model, gguf="", tiers=["fast-tail"], precisions=["int4"], engines=engines))
     assert [r["engine"] for r in result["rows"]] == engines
-    assert seen == {0: ("layers", True), 1: None, 2: ("layers", False)}
+    rows = 2 * 6 if int4_rows.available() else 0  # the fast tail's 2 layers x 6 int4 linears
+    assert seen == {0: ("layers", True, rows), 1: None, 2: ("layers", False, rows), 3: ("layers", True, 0)}
     assert result["rows"][1]["compile_s"] is None and result["rows"][2]["compile_s"] is not None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime.compress import apply_compression
+from runtime.compress import apply_compression, int4_rows
 from runtime.compress.named import tier_passes
 from runtime.compress.quant import Int8Linear
 from runtime.segment import Segment, SegmentInput
@@ -114,6 +114,27 @@ def test_compiled_head_is_exact_on_decode_rows(tiny_glm, compression):
     assert len(rows) == 5
 
 
+@pytest.mark.skipif(not int4_rows.available(), reason="no AVX-512 BF16 or no C++ compiler")
+@pytest.mark.parametrize("rows_kernel", [True, False], ids=["int4-rows", "aten"])
+def test_compiled_int4_steps_take_the_row_kernel(tiny_glm, rows_kernel):
+    """The graphs' int4 products run ``splitglm_int4::int4_rows`` (ATen's kernel where asked: the bench's
+    A/B), a decode row and a step of several rows alike; the eager prompt keeps ATen's kernel."""
+    from torch.profiler import profile
+
+    segment = whole(tiny_glm, INT4_TIER)  # int4 layers, int8 head
+    compiled = segment.compile_decode(max_rows=4, int4_rows=rows_kernel)
+    assert compiled.row_kernels == (6 * 6 if rows_kernel else 0)  # 6 layers x 6 linears
+    ops = {True: "splitglm_int4::int4_rows", False: "aten::_weight_int4pack_mm_for_cpu"}
+    steps = [(0, torch.arange(9)), (9, torch.tensor([5])), (10, torch.arange(3))]  # prompt, decode row, 3 rows
+    for start, ids in steps:
+        with profile() as prof:
+            segment([SegmentInput("p", start, input_ids=ids)])
+        names = {e.key for e in prof.key_averages()}
+        in_graph = start > 0
+        assert (ops[True] in names) == (in_graph and rows_kernel)
+        assert (ops[False] in names) == (not in_graph or not rows_kernel)
+
+
 @pytest.mark.slow
 def test_demo_model_int4_greedy_tokens_equal_eager(demo_checkpoint):
     """The demo model in the precision the CPU tiers run (int4 layers, int8 head): the same 24 greedy tokens.
@@ -127,7 +148,9 @@ def test_demo_model_int4_greedy_tokens_equal_eager(demo_checkpoint):
     text = "The GNU General Public License is a free, copyleft license for software and other kinds of works."
     prompt = load_tokenizer(demo_checkpoint)(text, return_tensors="pt").input_ids[0]
     eager_tokens, eager_logits = greedy(whole(demo_checkpoint, INT4_TIER), prompt, 24)
-    tokens, logits = greedy(whole(demo_checkpoint, INT4_TIER, compiled=True, max_rows=1), prompt, 24)
+    compiled = whole(demo_checkpoint, INT4_TIER, compiled=True, max_rows=1)
+    assert compiled.compiled.row_kernels == (180 if int4_rows.available() else 0)  # 30 layers x 6 linears
+    tokens, logits = greedy(compiled, prompt, 24)
     assert tokens == eager_tokens
     for got, want in zip(logits, eager_logits):
         torch.testing.assert_close(got, want, atol=1.0, rtol=0)
