@@ -223,6 +223,18 @@ def test_paged_attention_matches_reference(dtype, d, page_size, kh, g):
     _close(out, ref_paged_attention(q, k_cache, v_cache, *meta, d**-0.5), dtype)
 
 
+@pytest.mark.parametrize("block_m", [64, 128])
+def test_taller_attention_tiles_match_the_reference(block_m):
+    """Chunk passes' taller tiles (SPLITGLM_ATTN_CHUNK_ROWS): rows of several query positions in one program,
+    a chunk's partial tile at the end, sessions whose rows start and end inside a tile."""
+    ctx_lens, q_lens = [150, 40, 97], [61, 40, 1]
+    dtype = torch.bfloat16 if ON_CUDA else torch.float16
+    q, k_cache, v_cache, *meta = _paged_setup(ctx_lens, q_lens, 2, 4, 64, 16, dtype)
+    out = _nan(*q.shape, dtype=q.dtype)
+    ops.paged_attention(q, k_cache, v_cache, *meta, 64**-0.5, max(q_lens), out=out, block_m=block_m)
+    _close(out, ref_paged_attention(q, k_cache, v_cache, *meta, 64**-0.5), dtype)
+
+
 @pytest.fixture
 def rowwise_dot(monkeypatch):
     """Under the interpreter, tl.dot row by row, so a row's result does not depend on where it sits in the tile."""
