@@ -1,7 +1,10 @@
 """A few rows through int4 weights on AVX-512 BF16 CPUs: ``splitglm_int4::int4_rows`` (``int4_rows.cpp``).
 
 The compiled CPU decode path's int4 product (``Int4Linear`` inside ``runtime.cpu_decode`` graphs), for steps of
-1 .. 16 rows. ATen's ``_weight_int4pack_mm_for_cpu`` stays the eager reference and the prefill kernel.
+1 .. 16 rows. ATen's ``_weight_int4pack_mm_for_cpu`` stays the eager reference of a step's few rows. A
+prompt's many rows (``quant.INT4_WIDE_ROWS``) take ``splitglm_int4::int4_widen_t`` instead: the weights widened
+to two bf16 halves (hi + lo hold the stored weights to ~2^-17), then one bf16 product of [x, x] with them
+(oneDNN: AMX or AVX-512 BF16), fp32 sums.
 - Numerics: the row is rounded to bf16 as the eager kernel rounds it; the codes minus 8 are exact in bf16, so
   each product is exact (``vdpbf16ps``) and the sums are fp32: ``sum_g scale * sum (code - 8) x + zero * sum x``
   with the eager kernel's bf16 scales and zeros. The result stays fp32 (the eager kernel rounds it to bf16).
@@ -79,6 +82,20 @@ def reference(x: torch.Tensor, codes: torch.Tensor, scales_zeros: torch.Tensor, 
 def int4_rows(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
     """x (M, K) fp32 through the packed weights -> (M, N) fp32 (``available()`` must be True)."""
     return torch.ops.splitglm_int4.int4_rows(x, packed, scales_zeros)
+
+
+def widen_t(packed: torch.Tensor, scales_zeros: torch.Tensor, n: int, k: int, group_size: int) -> torch.Tensor:
+    """ATen's CPU int4 packing (N % 64 == 0) and its bf16 (K/g, N, 2) scales and zeros -> W^T as two bf16
+    halves stacked, (2K, N): hi = bf16(w), then lo = bf16(w - hi), w = ``(code - 8) * scale + zero`` in fp32,
+    each rounded to nearest even (``available()`` must be True)."""
+    return torch.ops.splitglm_int4.int4_widen_t(packed, scales_zeros, n, k, group_size)
+
+
+def wide_product(x: torch.Tensor, widened: torch.Tensor) -> torch.Tensor:
+    """x (M, K) rounded to bf16 through ``widen_t``'s (2K, N): [x, x] @ [hi; lo], one bf16 product with fp32
+    sums, its result rounded to bf16 (as the int4 kernel rounds its own) -> (M, N) fp32."""
+    xb = x.to(torch.bfloat16)
+    return torch.mm(torch.cat((xb, xb), dim=1), widened).float()
 
 
 @functools.cache

@@ -10,7 +10,10 @@ Kernels (PyTorch CPU, measured on the demo model's shapes at one token):
 - ``Int4Linear``: asymmetric int4 groups along the input dimension,
   ``torch._weight_int4pack_mm_for_cpu`` with bf16 activations; in the compiled decode graphs, steps of
   1 .. 16 rows take ``runtime.compress.int4_rows`` instead (AVX-512 BF16, the same weights and rounding
-  of the row, fp32 sums; 1.6x faster on the demo model's 180 products a token, 1 or 2 threads).
+  of the row, fp32 sums; 1.6x faster on the demo model's 180 products a token, 1 or 2 threads). Eager
+  passes of ``INT4_WIDE_ROWS`` rows or more (prompts) widen the weights to two bf16 halves
+  (``int4_rows.widen_t``: hi + lo hold them to ~2^-17) and take one bf16 product (oneDNN: AMX or AVX-512
+  BF16, fp32 sums), several times faster than the int4 kernel there.
 - ``Int8Linear.one_row``: weight-only int8 on one row in fp32, written as a
   product and a sum for Inductor (``runtime.cpu_decode.CompiledHead``). On
   the demo model's head (49152 x 576) it reads the weights at ~12 GB/s a
@@ -21,6 +24,8 @@ Off the CPU, ``Int8Linear`` dequantises and uses F.linear; ``Int4Linear`` is CPU
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +43,10 @@ from runtime.compress.common import (
 
 INT8_ACTIVATIONS = ("int8", "bf16")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
+# Rows from which an eager int4 product widens its weights to bf16 for one bf16 product (a prompt's pass);
+# below it, ATen's int4 kernel. Above every decode, verification and relay step of the agents (at most 16
+# rows in the compiled graphs, 8 sessions a relay step by default). SPLITGLM_INT4_WIDE_ROWS=0 turns it off.
+INT4_WIDE_ROWS = int(os.environ.get("SPLITGLM_INT4_WIDE_ROWS", "64"))
 
 
 # ---- pure maths -----------------------------------------------------------------------------------
@@ -184,6 +193,10 @@ class Int4Linear(nn.Module):
         rows = x.reshape(-1, self.in_features)  # (M, K)
         if self.rows_packed is not None and torch.compiler.is_compiling():
             out = int4_rows.int4_rows(rows.float(), self.rows_packed, self.rows_scales_zeros)  # (M, N)
+        elif self._widens(rows):  # many rows: the weights widened to bf16 halves, one bf16 product
+            wide = int4_rows.widen_t(self.weight_packed, self.scales_and_zeros, self.out_features, self.in_features,
+                                     self.group_size)  # (2K, N) bf16
+            out = int4_rows.wide_product(rows, wide)
         else:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 rows.to(torch.bfloat16), self.weight_packed, self.group_size, self.scales_and_zeros
@@ -191,6 +204,12 @@ class Int4Linear(nn.Module):
         if self.bias is not None:
             out = out + self.bias
         return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def _widens(self, rows: torch.Tensor) -> bool:
+        """Whether this eager product takes the widened bf16 weights: INT4_WIDE_ROWS rows or more, on a CPU that
+        runs ``int4_rows`` (AVX-512 BF16), weights ATen packs in blocks of 64 outputs."""
+        return (0 < INT4_WIDE_ROWS <= rows.shape[0] and self.out_features % 64 == 0
+                and rows.device.type == "cpu" and not torch.compiler.is_compiling() and int4_rows.available())
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"

@@ -85,3 +85,50 @@ def test_kernel_rounds_the_row_as_torch_does():
     x = torch.cat((ties, noise))  # (6, 128)
     got = rows_kernel.int4_rows(x, packed, scales_zeros)
     assert torch.equal(got, rows_kernel.int4_rows(x.to(torch.bfloat16).float(), packed, scales_zeros))
+
+
+@needs_kernel
+@pytest.mark.parametrize("n, k, group_size", [(64, 256, 128), (192, 576, 32), (128, 1536, 64)])
+def test_widened_weights_are_the_stored_weights_rounded_to_bf16(n, k, group_size):
+    """``widen_t`` reads ATen's packing: W^T in two bf16 halves, hi = w rounded to bf16 and lo = (w - hi) rounded,
+    w = (code - 8) * scale + zero in fp32; together they hold w to 2^-16 of its size."""
+    layer = Int4Linear(nn.Linear(k, n, bias=False), group_size)
+    codes = rows_kernel.codes_of_int4pack(layer.weight_packed, n, k)
+    scale, zero = (t.t().float().repeat_interleave(group_size, 1) for t in layer.scales_and_zeros.unbind(-1))
+    w = ((codes.float() - 8) * scale + zero).t()  # (K, N) fp32
+    hi = w.to(torch.bfloat16)
+    got = rows_kernel.widen_t(layer.weight_packed, layer.scales_and_zeros, n, k, group_size)
+    assert got.dtype == torch.bfloat16 and got.shape == (2 * k, n)
+    assert torch.equal(got[:k], hi) and torch.equal(got[k:], (w - hi.float()).to(torch.bfloat16))
+    assert ((got[:k].float() + got[k:].float() - w).abs() <= 2.0**-16 * w.abs()).all()
+
+
+@needs_kernel
+def test_a_prompts_rows_take_the_widened_weights(monkeypatch):
+    """From INT4_WIDE_ROWS rows an eager product widens the weights once (a step's rows below it, and shapes
+    ATen does not pack in blocks of 64, keep ATen's kernel); its result is the stored weights' product to
+    within the rounding of its bf16 result (2^-8) and fp32 sums (the weights' hi half alone would be off by
+    ~2^-13.6 of the sum of |x| |w|), tighter than ATen's kernel is."""
+    from runtime.compress import quant
+
+    widened, wide = [], quant.INT4_WIDE_ROWS
+    real = rows_kernel.widen_t
+    monkeypatch.setattr(rows_kernel, "widen_t", lambda *a: widened.append(a[2:]) or real(*a))
+    lin = nn.Linear(576, 192, bias=True).requires_grad_(False)
+    layer = Int4Linear(lin, 32)
+    codes = int4_groups(lin.weight.detach(), 32)[0]
+    gen = torch.Generator().manual_seed(3)
+    for m in (quant.INT4_WIDE_ROWS - 1, quant.INT4_WIDE_ROWS, 256):
+        x = torch.randn(m, 576, generator=gen)
+        product = rows_kernel.reference(x, codes, layer.scales_and_zeros, 32)  # the bias is added after rounding
+        magnitude = x.to(torch.bfloat16).double().abs() @ rows_kernel.reference(
+            torch.eye(576), codes, layer.scales_and_zeros, 32).abs()
+        error = (layer(x).double() - product - lin.bias.double()).abs()
+        if m >= wide:  # the widened weights: the bf16 result's rounding and fp32 sums
+            assert (error <= 2.0**-8 * product.abs() + 2.0**-14 * magnitude).all()
+        else:  # ATen's kernel (as in the test above)
+            assert (error <= 2.0**-7 * magnitude).all()
+    assert widened == [(192, 576, 32), (192, 576, 32)]
+    narrow = Int4Linear(nn.Linear(64, 48), 32)  # 48 outputs: ATen packs them otherwise
+    narrow(torch.randn(256, 64))
+    assert len(widened) == 2
