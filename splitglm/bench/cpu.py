@@ -186,6 +186,7 @@ def llama_rows(args, quality: Quality, threads: int, fp32_ppl: float) -> list[di
         llm = llama_cpp.load(args.gguf, threads, max(args.prompt + args.decode + 8, args.prefill))
     except llama_cpp.LlamaCppMissing as e:
         logger.warning("%s", e)
+        args.llama_problem = str(e)
         return []
     prompt = quality.ids["held_out"][: args.prompt].tolist()
     row = {"engine": "llama.cpp", "tier": "whole", "layers": [0, quality.spec.num_layers],
@@ -200,11 +201,13 @@ def llama_rows(args, quality: Quality, threads: int, fp32_ppl: float) -> list[di
     return [row]
 
 
-def llama_status(gguf: str, rows: list[dict]) -> str:
-    """"ok", "not asked" (no GGUF given) or how to install llama-cpp-python."""
+def llama_status(gguf: str, rows: list[dict], problem: str | None = None) -> str:
+    """"ok", "not asked" (no GGUF given), or what kept llama.cpp out (how to install or rebuild it)."""
     if not gguf:
         return "not asked"
-    return "ok" if any(r["engine"] == "llama.cpp" for r in rows) else llama_cpp.INSTALL
+    if any(r["engine"] == "llama.cpp" for r in rows):
+        return "ok"
+    return llama_cpp.INSTALL if problem is None or "need llama-cpp-python" in problem else problem
 
 
 def bench_cpu(args) -> dict:
@@ -227,7 +230,7 @@ def bench_cpu(args) -> dict:
     return {"model": args.model, "gguf": args.gguf, "splits": list(args.splits), "held_out_text": args.text,
             "tuning_text": args.tuning_text, "tokens": args.tokens, "fp32_perplexity": round(fp32_ppl, 4),
             "prompt": args.prompt, "decode_steps": args.decode, "prefill": args.prefill,
-            "llama_cpp": llama_status(args.gguf, rows),
+            "llama_cpp": llama_status(args.gguf, rows, getattr(args, "llama_problem", None)),
             "rows": rows}
 
 

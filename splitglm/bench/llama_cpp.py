@@ -1,13 +1,17 @@
 """llama.cpp (llama-cpp-python) on a GGUF, timed and judged the way ``bench cpu`` times splitglm's tiers.
 
 An optional benchmark dependency, never a test one: ``pip install '.[bench-llama]'`` (llama-cpp-python,
-which compiles llama.cpp: about 8 minutes on 2 cores). ``load`` raises ``LlamaCppMissing`` with that line.
+which compiles llama.cpp: about 8 minutes on 2 cores). ``load`` raises ``LlamaCppMissing`` with that line, or,
+where the build dies on this CPU (``probe``: a child process decodes two tokens first), with how to rebuild it.
 Token ids go in as they are: the demo model and its GGUF share the vocabulary.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -15,6 +19,16 @@ import numpy as np
 from .stats import median
 
 INSTALL = "pip install '.[bench-llama]'  (llama-cpp-python; it compiles llama.cpp, about 8 minutes on 2 cores)"
+
+
+# A native build on a CPU with AMX can die in ggml's AMX kernel (a general protection fault at ldtilecfg was seen
+# on a 2-core Xeon VM whose AMX oneDNN uses); this build keeps AVX-512 (VNNI, BF16) and leaves AMX out.
+REBUILD = ("CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON "
+           "-DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF' "
+           "pip install --force-reinstall --no-deps --no-cache-dir llama-cpp-python==0.3.36")
+PROBE = ("import sys\nfrom llama_cpp import Llama\n"
+         "llm = Llama(model_path=sys.argv[1], n_threads=1, n_ctx=64, n_batch=64, verbose=False)\n"
+         "llm.eval([1, 2])\nllm.eval([3])\n")
 
 
 class LlamaCppMissing(RuntimeError):
@@ -27,8 +41,27 @@ def load(gguf: str, threads: int, context: int, logits_all: bool = False):
         from llama_cpp import Llama
     except ImportError as e:
         raise LlamaCppMissing(f"llama.cpp rows need llama-cpp-python: {INSTALL}") from e
+    problem = probe(gguf)
+    if problem:
+        raise LlamaCppMissing(problem)
     return Llama(model_path=gguf, n_threads=threads, n_threads_batch=threads, n_ctx=context, n_batch=context,
                  logits_all=logits_all, verbose=False)
+
+
+@functools.cache
+def probe(gguf: str) -> str | None:
+    """Why llama-cpp-python cannot decode ``gguf`` here, found in a child process (a crash there does not take
+    the bench's rows with it), or None."""
+    try:
+        done = subprocess.run([sys.executable, "-c", PROBE, gguf], capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        return "llama-cpp-python did not decode two tokens in 10 minutes"
+    if done.returncode == 0:
+        return None
+    if done.returncode < 0:
+        return (f"llama-cpp-python died of signal {-done.returncode} decoding two tokens on this CPU; "
+                f"rebuild it: {REBUILD}")
+    return f"llama-cpp-python failed ({done.returncode}): {done.stderr.strip()[-500:]}"
 
 
 def decode_ms(llm, prompt: list[int], steps: int, warm: int = 4) -> float:

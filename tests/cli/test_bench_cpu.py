@@ -36,6 +36,18 @@ def test_rows_without_llama_cpp(talking_model, monkeypatch):
     assert "no llama.cpp rows" in "\n".join(cpu.format_report(result))
 
 
+def test_a_llama_cpp_that_crashes_is_found_in_a_child_and_named(monkeypatch):
+    """The probe runs llama.cpp in a child process: a crash there (a native build's AMX kernel on some CPUs)
+    becomes a line with the rebuild command, not the death of the bench; a clean exit is no problem."""
+    monkeypatch.setattr(llama_cpp, "PROBE", "import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n")
+    problem = llama_cpp.probe.__wrapped__("model.gguf")
+    assert "signal 11" in problem and llama_cpp.REBUILD in problem
+    monkeypatch.setattr(llama_cpp, "PROBE", "import sys\nassert sys.argv[1] == 'model.gguf'\n")
+    assert llama_cpp.probe.__wrapped__("model.gguf") is None
+    assert "failed (1)" in llama_cpp.probe.__wrapped__("other.gguf")
+    assert cpu.llama_status("model.gguf", [], problem) == problem
+
+
 def test_relay_tier_steps_its_batch(talking_model, monkeypatch):
     seen = []
     real = cpu.decode_ms
