@@ -4,7 +4,8 @@ PyTorch, each layer compiled by ``torch.compile`` (Inductor) and the whole step 
 It is what one gets from the framework's own tools, gpt-fast style: the same weights as the engine (bf16; an FP8
 engine's are widened for it), GLM-4's layers (fused qkv with bias, interleaved partial rotary, sandwich norms),
 cuBLAS products, and ``scaled_dot_product_attention`` over a static KV cache of ``context`` positions per
-session. Every session of a batch decodes at the same position. On CPU (the tests) the step runs without the
+session; with the engine's head, the final norm, the LM head and a greedy token per session, as the engine's
+step samples one. Every session of a batch decodes at the same position. On CPU (the tests) the step runs without the
 graph, and ``compiled=False`` runs it eagerly: the test holds it to the PyTorch segment.
 """
 
@@ -52,6 +53,12 @@ def _attention_out(q, kc, vc, mask, x, o_w, post_attn, post_self_attn, gate_up_w
     return _norm(x, next_norm, eps), x
 
 
+def _head(x, norm, lm_head, eps: float):
+    """The final norm, the LM head and the greedy token: -> (logits (B, V), tokens (B,))."""
+    logits = F.linear(_norm(x, norm, eps), lm_head)
+    return logits, logits.argmax(-1)
+
+
 class ReferenceStep:
     """``batch`` sessions' decode step through every layer of ``weights`` (``runtime.cuda_weights.Weights``)."""
 
@@ -59,6 +66,8 @@ class ReferenceStep:
                  compiled: bool = True):
         self.spec, self.batch, self.context, self.device = spec, batch, context, torch.device(device)
         self.layers = [_plain(lw) for lw in weights.layers]
+        self.norm, self.lm_head = weights.norm, weights.lm_head  # the head, where the engine has one
+        self.logits = self.tokens = None
         dtype = self.layers[0]["qkv"].dtype
         K, D = spec.num_kv_heads, spec.head_dim
         self.k = [torch.zeros(batch, K, context, D, dtype=dtype, device=self.device) for _ in self.layers]
@@ -67,7 +76,7 @@ class ReferenceStep:
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.freqs = inverse_frequencies(spec.rotary_dim, spec.rope_theta, self.device)
         compile_ = (lambda fn: torch.compile(fn, fullgraph=True, dynamic=False)) if compiled else (lambda fn: fn)
-        self._in, self._out = compile_(_attention_in), compile_(_attention_out)
+        self._in, self._out, self._head = compile_(_attention_in), compile_(_attention_out), compile_(_head)
         self.graph = None
         if graph and self.device.type == "cuda":
             stream = torch.cuda.Stream(self.device)
@@ -95,6 +104,8 @@ class ReferenceStep:
             nxt = self.layers[i + 1]["input_norm"] if i + 1 < len(self.layers) else lw["input_norm"]
             h, x = self._out(q, self.k[i], self.v[i], mask, x, lw["o"], lw["post_attention_norm"],
                              lw["post_self_attn_norm"], lw["gate_up"], lw["down"], lw["post_mlp_norm"], nxt, eps)
+        if self.lm_head is not None:
+            self.logits, self.tokens = self._head(x, self.norm, self.lm_head, eps)
         return x
 
     def __call__(self) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from runtime.checkpoint import GlmSpec
@@ -14,9 +15,12 @@ SPEC = GlmSpec(model_type="glm4", vocab_size=97, hidden_size=64, intermediate_si
                tie_word_embeddings=False, eos_token_ids=())
 
 
-def test_reference_step_equals_the_segments_decode_steps():
+@pytest.mark.parametrize("head", [False, True])
+def test_reference_step_equals_the_segments_decode_steps(head):
+    """Hidden rows of a segment without a head; with the head (as bench cloud-gpu's engine has it), its logits
+    and their greedy tokens."""
     torch.manual_seed(0)
-    segment = Segment(SPEC, 0, SPEC.num_layers).eval()
+    segment = Segment(SPEC, 0, SPEC.num_layers, head=head).eval()
     with torch.no_grad():
         for name, p in segment.named_parameters():
             if name.endswith("bias") or "norm" in name:
@@ -27,7 +31,9 @@ def test_reference_step_equals_the_segments_decode_steps():
         rows = torch.randn(2, SPEC.hidden_size)
         ref.x.copy_(rows)
         with torch.no_grad():
-            got = ref()
+            got = ref() if not head else (ref(), ref.logits)[1]
             want = torch.cat([segment([SegmentInput(f"s{b}", pos, hidden=rows[b : b + 1])])[0] for b in range(2)])
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        if head:
+            assert torch.equal(ref.tokens, want.argmax(-1))
     assert int(ref.pos) == 3
