@@ -264,8 +264,7 @@ class Scheduler:
             return False  # short steps are in it already
         gap = sorted(self._gaps)[len(self._gaps) // 2] / 1e3
         now = time.perf_counter()
-        for sid in [sid for sid, t in self._answered.items() if now - t > 4 * self.chunk_hold_ms / 1e3]:
-            del self._answered[sid]  # gone (finished, or slower than the hold): nobody waits for them
+        self._forget_answered(now)
         if gap > self.chunk_hold_ms / 1e3 or not self._answered:
             return False
         deadline = now + 2 * gap
@@ -276,6 +275,13 @@ class Scheduler:
             self._wake.wait(left)
         self.stats["chunk_holds"] += 1
         return True
+
+    def _forget_answered(self, now: float) -> None:
+        """(Under the queue's lock.) Drop the sessions answered more than 4 holds ago: gone (finished, or slower
+        than the hold), nobody waits for them, and finished sessions do not pile up."""
+        stale = now - 4 * self.chunk_hold_ms / 1e3
+        for sid in [sid for sid, t in self._answered.items() if t < stale]:
+            del self._answered[sid]
 
     def _admit(self, entry: _Entry) -> bool:
         """Run a job's admission (under the queue's lock); False when it answered without a step."""
@@ -318,6 +324,7 @@ class Scheduler:
         if self.chunk_hold_ms:
             answered = time.perf_counter()
             with self._wake:
+                self._forget_answered(answered)
                 for entry, _ in step:
                     if entry.item.num_positions <= self.decode_rows:
                         self._answered[entry.session_id] = answered

@@ -186,7 +186,7 @@ def llama_rows(args, quality: Quality, threads: int, fp32_ppl: float) -> list[di
         llm = llama_cpp.load(args.gguf, threads, max(args.prompt + args.decode + 8, args.prefill))
     except llama_cpp.LlamaCppMissing as e:
         logger.warning("%s", e)
-        args.llama_problem = str(e)
+        args.llama_problem = e.hint
         return []
     prompt = quality.ids["held_out"][: args.prompt].tolist()
     row = {"engine": "llama.cpp", "tier": "whole", "layers": [0, quality.spec.num_layers],
@@ -207,7 +207,7 @@ def llama_status(gguf: str, rows: list[dict], problem: str | None = None) -> str
         return "not asked"
     if any(r["engine"] == "llama.cpp" for r in rows):
         return "ok"
-    return llama_cpp.INSTALL if problem is None or "need llama-cpp-python" in problem else problem
+    return problem or llama_cpp.INSTALL
 
 
 def bench_cpu(args) -> dict:

@@ -16,14 +16,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from runtime.layers import apply_rotary, inverse_frequencies
+from runtime.layers import apply_rotary, rms_norm, rotary_cos_sin
 
 from .stats import median
-
-
-def _norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
 
 
 def _attention_in(h, qkv_w, qkv_b, cos, sin, H: int, K: int, D: int):
@@ -43,19 +38,19 @@ def _attention_out(q, kc, vc, mask, x, o_w, post_attn, post_self_attn, gate_up_w
     a = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=True)  # (B, H, 1, D)
     o = F.linear(a.reshape(B, -1), o_w)
     if post_self_attn is not None:
-        o = _norm(o, post_self_attn, eps)
+        o = rms_norm(o, post_self_attn, eps)
     x = x + o
-    gate, up = F.linear(_norm(x, post_attn, eps), gate_up_w).chunk(2, dim=-1)
+    gate, up = F.linear(rms_norm(x, post_attn, eps), gate_up_w).chunk(2, dim=-1)
     d = F.linear(F.silu(gate) * up, down_w)
     if post_mlp is not None:
-        d = _norm(d, post_mlp, eps)
+        d = rms_norm(d, post_mlp, eps)
     x = x + d
-    return _norm(x, next_norm, eps), x
+    return rms_norm(x, next_norm, eps), x
 
 
 def _head(x, norm, lm_head, eps: float):
     """The final norm, the LM head and the greedy token: -> (logits (B, V), tokens (B,))."""
-    logits = F.linear(_norm(x, norm, eps), lm_head)
+    logits = F.linear(rms_norm(x, norm, eps), lm_head)
     return logits, logits.argmax(-1)
 
 
@@ -74,7 +69,6 @@ class ReferenceStep:
         self.v = [torch.zeros_like(t) for t in self.k]
         self.x = torch.randn(batch, spec.hidden_size, dtype=dtype, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
-        self.freqs = inverse_frequencies(spec.rotary_dim, spec.rope_theta, self.device)
         compile_ = (lambda fn: torch.compile(fn, fullgraph=True, dynamic=False)) if compiled else (lambda fn: fn)
         self._in, self._out, self._head = compile_(_attention_in), compile_(_attention_out), compile_(_head)
         self.graph = None
@@ -92,11 +86,10 @@ class ReferenceStep:
     def _step(self) -> torch.Tensor:
         spec, eps = self.spec, self.spec.rms_norm_eps
         H, K, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
-        angles = self.pos.float()[:, None] * self.freqs  # (1, R/2)
-        cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]  # (1, 1, R/2)
+        cos, sin = rotary_cos_sin(self.pos, spec.rotary_dim, spec.rope_theta)  # (1, 1, R/2)
         mask = (torch.arange(self.context, device=self.device) <= self.pos)[None, None, None, :]  # (1, 1, 1, P)
         x = self.x
-        h = _norm(x, self.layers[0]["input_norm"], eps)
+        h = rms_norm(x, self.layers[0]["input_norm"], eps)
         for i, lw in enumerate(self.layers):
             q, k, v = self._in(h, lw["qkv"], lw["qkv_bias"], cos, sin, H, K, D)
             self.k[i].index_copy_(2, self.pos, k)

@@ -32,7 +32,11 @@ PROBE = ("import sys\nfrom llama_cpp import Llama\n"
 
 
 class LlamaCppMissing(RuntimeError):
-    """llama-cpp-python does not import."""
+    """llama-cpp-python does not import, or dies on this CPU; ``hint`` says what to do (install or rebuild it)."""
+
+    def __init__(self, message: str, hint: str = INSTALL):
+        super().__init__(message)
+        self.hint = hint
 
 
 def load(gguf: str, threads: int, context: int, logits_all: bool = False):
@@ -43,7 +47,7 @@ def load(gguf: str, threads: int, context: int, logits_all: bool = False):
         raise LlamaCppMissing(f"llama.cpp rows need llama-cpp-python: {INSTALL}") from e
     problem = probe(gguf)
     if problem:
-        raise LlamaCppMissing(problem)
+        raise LlamaCppMissing(problem, hint=problem)
     return Llama(model_path=gguf, n_threads=threads, n_threads_batch=threads, n_ctx=context, n_batch=context,
                  logits_all=logits_all, verbose=False)
 
